@@ -1,0 +1,26 @@
+"""zerograph: DeepSpeed ZeRO as PyTorch compiler passes.
+
+    model = zerograph.compile(model, "ds_config.json")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)   # this rank's shards
+    loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
+"""
+
+from zerograph.api import Inspection, compile, full_state_dict, inspect
+from zerograph.config import Config, ConfigError
+from zerograph.passes import GraphPass, PassContext, PassList, PassResult, default_passes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "GraphPass",
+    "Inspection",
+    "PassContext",
+    "PassList",
+    "PassResult",
+    "compile",
+    "default_passes",
+    "full_state_dict",
+    "inspect",
+]

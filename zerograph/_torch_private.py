@@ -1,0 +1,60 @@
+"""The one module of zerograph that touches private PyTorch APIs.
+
+Every name that PyTorch does not promise to keep stable is imported here and
+re-exported under a zerograph name, so a PyTorch upgrade breaks exactly one
+file. Supported: torch 2.11 through the newest release. Version differences are
+handled here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import default_partition
+from torch._guards import detect_fake_mode
+from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+__all__ = [
+    "aot_autograd",
+    "make_boxed_func",
+    "default_partition",
+    "detect_fake_mode",
+    "FakeTensorProp",
+    "resolve_process_group",
+    "c10d_functional",
+    "queue_backward_callback",
+    "fake_store",
+    "TORCH_VERSION",
+]
+
+TORCH_VERSION: tuple[int, int] = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # type: ignore[assignment]
+
+# Functional collectives live in an underscore op namespace.
+c10d_functional = torch.ops._c10d_functional
+
+
+def resolve_process_group(group_name: str):
+    """The ProcessGroup registered under ``group_name``."""
+    return _resolve_process_group(group_name)
+
+
+def queue_backward_callback(fn) -> None:
+    """Run ``fn`` once the current autograd backward pass has finished
+    (after every gradient has been accumulated into ``.grad``)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def fake_store():
+    """A store for the single-process fake process group (pass-level tests)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
+
+
+def inductor_compile(gm, example_inputs):
+    """Compile a partitioned ATen graph with Inductor (returns a boxed callable)."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    return compile_fx_inner(gm, example_inputs)

@@ -1,0 +1,105 @@
+"""The user-facing entry points: ``compile``, ``inspect``, ``full_state_dict``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from zerograph.backend import ZerographBackend
+from zerograph.config import Config
+from zerograph.passes import PassList, PassRecord
+from zerograph.runtime.context import ShardingContext
+from zerograph.runtime.dist import data_parallel_group
+from zerograph.runtime.training import TrainingRuntime
+from zerograph.sharding import full_state_dict, shard_parameters
+
+log = logging.getLogger(__name__)
+
+__all__ = ["compile", "inspect", "full_state_dict", "Inspection"]
+
+
+def _zerograph_call(self, *args, **kwargs):
+    return self._zg_runtime(*args, **kwargs)
+
+
+def compile(
+    model: nn.Module,
+    config: Config | dict | str | os.PathLike | None = None,
+    *,
+    passes: PassList | None = None,
+    dynamic: bool | None = None,
+    fullgraph: bool = False,
+) -> nn.Module:
+    """Shard ``model`` for ZeRO and compile it with zerograph's passes.
+
+    Returns the same module object, whose parameters are now this rank's
+    shards (DTensors) and whose calls run the compiled graphs. Collective:
+    call it on every rank.
+    """
+    cfg = Config.load(config)
+    for line in cfg.inactive_settings():
+        log.warning("zerograph: %s", line)
+    dp = data_parallel_group(cfg.zerograph.collective_timeout_s)
+    cfg.resolve_batch(dp.world_size)
+    ctx = ShardingContext(cfg, dp)
+    shard_parameters(model, ctx)
+    backend = ZerographBackend(ctx, passes=passes.copy() if passes is not None else None)
+    ctx.extra["backend"] = backend
+    ctx.passes = backend.passes
+    compiled = torch.compile(model._call_impl, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    params = list(dict.fromkeys(model.parameters()))
+    model._zg_runtime = TrainingRuntime(ctx, compiled, params)
+    base = type(model)
+    model.__class__ = type(base.__name__, (base,), {
+        "__call__": _zerograph_call,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+    })
+    log.info("zerograph: compiled %s with ZeRO stage %d on %d rank(s)", base.__name__, cfg.stage, dp.world_size)
+    return model
+
+
+@dataclasses.dataclass
+class Inspection:
+    """What zerograph did to a model: one entry per compiled region (Dynamo graph)."""
+
+    regions: list[dict[str, Any]]
+    passes: list[PassRecord]
+    comm_bytes_last_step: dict[str, int]
+
+    @property
+    def forward(self) -> list[torch.fx.GraphModule]:
+        return [r["graphs"]["forward"] for r in self.regions if "forward" in r["graphs"]]
+
+    @property
+    def backward(self) -> list[torch.fx.GraphModule]:
+        return [r["graphs"]["backward"] for r in self.regions if "backward" in r["graphs"]]
+
+    def summary(self) -> str:
+        lines = [f"{len(self.regions)} compiled region(s)"]
+        lines += [r.summary() for r in self.passes]
+        lines.append("communication last step (bytes): " + ", ".join(f"{k}={v}" for k, v in self.comm_bytes_last_step.items()))
+        return "\n".join(lines)
+
+
+def _context(model: nn.Module) -> ShardingContext:
+    runtime = getattr(model, "_zg_runtime", None)
+    if runtime is None:
+        raise TypeError(f"{type(model).__name__} was not compiled by zerograph.compile; call zerograph.compile(model, config) first")
+    return runtime.ctx
+
+
+def inspect(model: nn.Module) -> Inspection:
+    """The final forward/backward graphs, the passes applied (time, nodes
+    added/removed) and this rank's communication bytes in the last step."""
+    ctx = _context(model)
+    regions = [
+        {"index": r.index, "graphs": dict(r.graphs), "comm_bytes": dict(r.comm_bytes)} for r in ctx.regions
+    ]
+    records = [rec for r in ctx.regions for recs in r.pass_records.values() for rec in recs]
+    return Inspection(regions=regions, passes=records, comm_bytes_last_step=dict(ctx.stats.last_step))

@@ -1,0 +1,115 @@
+"""The Dynamo backend: AOTAutograd with zerograph's passes at every stage.
+
+``torch.compile(model, backend="zerograph")`` finds this through the
+``torch_dynamo_backends`` entry point. On a model prepared by
+:func:`zerograph.compile` the marker ops name the model's context, so the
+backend applies that model's config and pass list. On any other model it runs
+the pipeline without ZeRO (there are no markers to lower).
+
+For each Dynamo graph::
+
+    joint graph --(passes for "joint")--> default_partition --> forward, backward
+    forward  --(passes for "forward")-->  executor
+    backward --(passes for "backward")--> executor
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch.fx as fx
+
+from zerograph._torch_private import aot_autograd, default_partition, inductor_compile, make_boxed_func
+from zerograph.config import Config
+from zerograph.ops import REDUCE_GRAD, UNSHARD
+from zerograph.passes import PassContext, default_passes, run_passes
+from zerograph.passes.analysis import comm_bytes
+from zerograph.passes.verify import verify_graph
+from zerograph.runtime import registry
+from zerograph.runtime.context import CompiledRegion
+
+log = logging.getLogger(__name__)
+
+
+class ZerographBackend:
+    """A Dynamo backend bound to one model's context (or to none)."""
+
+    def __init__(self, sharding=None, config: Config | None = None, passes=None):
+        self.sharding = sharding
+        self.config = config or (sharding.config if sharding is not None else Config())
+        self.passes = passes if passes is not None else default_passes()
+        for name in self.config.zerograph.disabled_passes:
+            self.passes.disable(name)
+
+    def _run(self, gm: fx.GraphModule, phase: str, region: CompiledRegion) -> None:
+        opts = self.config.zerograph
+        ctx = PassContext(phase=phase, sharding=self.sharding, config=self.config)
+        records = run_passes(
+            self.passes.enabled(phase),
+            gm,
+            ctx,
+            phase=phase,
+            debug=opts.debug,
+            verify=verify_graph if opts.verify_graphs else None,
+        )
+        region.pass_records[phase] = records
+        region.graphs[phase] = gm
+
+    def _partition(self, region, joint, joint_inputs, **kwargs):
+        self._run(joint, "joint", region)
+        return default_partition(joint, joint_inputs, **kwargs)
+
+    def _compile(self, region, phase, gm, example_inputs):
+        self._run(gm, phase, region)
+        static = comm_bytes(gm)
+        region.comm_bytes[phase] = static
+        if self.config.zerograph.compiler == "inductor":
+            executable = inductor_compile(gm, example_inputs)
+        else:
+            executable = make_boxed_func(gm.forward)
+        stats = self.sharding.stats if self.sharding is not None else None
+        if stats is None or not static:
+            return executable
+
+        def run(args):
+            stats.add_all(static)
+            return executable(args)
+
+        run._boxed_call = True
+        return run
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        region = self.sharding.new_region() if self.sharding is not None else CompiledRegion(index=0)
+        region.graphs["dynamo"] = gm
+        compile_for = functools.partial(self._compile, region)
+        return aot_autograd(
+            fw_compiler=functools.partial(compile_for, "forward"),
+            bw_compiler=functools.partial(compile_for, "backward"),
+            inference_compiler=functools.partial(compile_for, "inference"),
+            partition_fn=functools.partial(self._partition, region),
+            keep_inference_input_mutations=True,
+        )(gm, example_inputs)
+
+
+def _context_of(gm: fx.GraphModule):
+    for node in gm.graph.nodes:
+        if node.target is UNSHARD or node.target is REDUCE_GRAD:
+            return registry.lookup(node.args[1])
+    return None
+
+
+def zerograph_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
+    """Entry point of ``torch.compile(..., backend="zerograph")``.
+
+    ``options={"config": <path | dict>}`` sets the config for a model that
+    :func:`zerograph.compile` did not prepare.
+    """
+    sharding = _context_of(gm)
+    if sharding is not None:
+        backend = sharding.extra.get("backend") or ZerographBackend(sharding)
+    else:
+        config = Config.load((options or {}).get("config"))
+        log.info("zerograph backend: model has no sharded parameters; running passes without ZeRO")
+        backend = ZerographBackend(None, config)
+    return backend(gm, example_inputs)

@@ -1,0 +1,94 @@
+"""The op sequences that move parameters and gradients between ranks.
+
+Each function here is written with explicit ATen and functional-collective
+ops so that the *same* code runs eagerly on tensors (inside the marker ops'
+implementations, for code outside compiled regions) and symbolically on
+``torch.fx.Proxy`` objects (inside the lowering passes, which emit exactly
+these nodes into the graph).
+
+``gather_param`` emits, for a sharded parameter of ``R`` rows on ``W`` ranks::
+
+    cast   = aten._to_copy(shard, dtype=compute)        # only if dtypes differ
+    padded = aten.constant_pad_nd(cast, [0, 0, 0, p])   # only if R % W != 0
+    ag     = _c10d_functional.all_gather_into_tensor(padded, W, group)
+    full   = _c10d_functional.wait_tensor(ag)
+    full   = aten.slice(full, 0, 0, R)                  # only if padded
+
+``reduce_param_grad`` emits, for ``reduce_scatter``::
+
+    g32    = aten._to_copy(grad, dtype=master)          # only if dtypes differ
+    padded = aten.constant_pad_nd(g32, [0, 0, 0, p])    # only if padded
+    rs     = _c10d_functional.reduce_scatter_tensor(padded, "sum", W, group)
+    shard  = _c10d_functional.wait_tensor(rs)
+    shard  = aten.slice(shard, 0, 0, local_rows)        # only if padded
+    shard  = aten.mul(shard, 1 / (W * accumulation))
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from zerograph._torch_private import c10d_functional
+from zerograph.runtime.specs import ParamSpec
+
+aten = torch.ops.aten
+
+# Called with (kind, op_name, node_or_tensor) for every emitted op, so the
+# lowering passes can tag the nodes they insert. ``kind`` is a metadata role.
+Emit = Callable[[str, object], object]
+
+
+def _noop_emit(_role: str, value: object) -> object:
+    return value
+
+
+def _cast(x, dtype: torch.dtype, src: torch.dtype, emit: Emit):
+    if dtype == src:
+        return x
+    return emit("comm_prep", aten._to_copy.default(x, dtype=dtype))
+
+
+def _pad_dim0(x, spec: ParamSpec, pad: int, emit: Emit):
+    if pad == 0:
+        return x
+    widths = [0, 0] * (len(spec.full_shape) - 1) + [0, pad]
+    return emit("comm_prep", aten.constant_pad_nd.default(x, widths, 0.0))
+
+
+def gather_param(shard, spec: ParamSpec, emit: Emit = _noop_emit):
+    """The full parameter in ``spec.compute_dtype`` from this rank's shard."""
+    x = _cast(shard, spec.compute_dtype, spec.master_dtype, emit)
+    if spec.storage == "replicated" or spec.world_size == 1:
+        return x
+    x = _pad_dim0(x, spec, spec.chunk_rows - spec.local_rows, emit)
+    x = emit("all_gather", c10d_functional.all_gather_into_tensor.default(x, spec.world_size, spec.group_name))
+    x = emit("wait", c10d_functional.wait_tensor.default(x))
+    if spec.chunk_rows * spec.world_size != spec.full_rows:
+        x = emit("comm_prep", aten.slice.Tensor(x, 0, 0, spec.full_rows))
+    return x
+
+
+def reduce_param_grad(grad, spec: ParamSpec, emit: Emit = _noop_emit):
+    """This rank's shard of the data-parallel average of ``grad`` (full size)."""
+    x = _cast(grad, spec.master_dtype, spec.compute_dtype, emit)
+    if spec.world_size == 1:
+        pass
+    elif spec.grad_reduce == "reduce_scatter":
+        x = _pad_dim0(x, spec, spec.chunk_rows * spec.world_size - spec.full_rows, emit)
+        x = emit(
+            "reduce_scatter",
+            c10d_functional.reduce_scatter_tensor.default(x, "sum", spec.world_size, spec.group_name),
+        )
+        x = emit("wait", c10d_functional.wait_tensor.default(x))
+        if spec.local_rows != spec.chunk_rows:
+            x = emit("comm_prep", aten.slice.Tensor(x, 0, 0, spec.local_rows))
+    else:
+        x = emit("all_reduce", c10d_functional.all_reduce.default(x, "sum", spec.group_name))
+        x = emit("wait", c10d_functional.wait_tensor.default(x))
+        if spec.grad_reduce == "all_reduce_slice" and spec.local_rows != spec.full_rows:
+            x = emit("comm_prep", aten.slice.Tensor(x, 0, spec.row_start, spec.row_start + spec.local_rows))
+    if spec.grad_scale != 1.0:
+        x = emit("comm_prep", aten.mul.Tensor(x, spec.grad_scale))
+    return x

@@ -1,0 +1,709 @@
+"""zerograph's configuration: the DeepSpeed ds_config.json keys that carry over.
+
+A config is loaded with :meth:`Config.load` from a JSON file path, a dict, an
+existing :class:`Config`, or ``None`` (all defaults). Every section rejects
+unknown keys, and every problem is reported as a :class:`ConfigError` with one
+line per problem that names the dotted key. (Constructing the models directly,
+e.g. ``Config(**kwargs)``, validates the same way but raises pydantic's
+``ValidationError``.)
+
+Some keys are accepted only so that existing DeepSpeed configs load; they have
+no effect yet. :meth:`Config.inactive_settings` lists the ones a config changes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import annotated_types
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "FP16Config",
+    "BF16Config",
+    "ZeroConfig",
+    "OffloadConfig",
+    "ZerographOptions",
+    "reference_markdown",
+]
+
+class ConfigError(ValueError):
+    """An invalid zerograph config; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: str | Iterable[str], source: str | None = None) -> None:
+        self.problems: tuple[str, ...] = (problems,) if isinstance(problems, str) else tuple(problems)
+        self.source = source
+        header = [f"invalid zerograph config file {source}:"] if source else []
+        super().__init__("\n".join(header + list(self.problems)))
+
+
+# ---------------------------------------------------------------------------
+# Value types. pydantic's lax mode would accept "10" for an int and "yes" for a
+# bool; a config file should say what it means, so these are stricter. Whole
+# floats (JSON ``5e8``) are accepted for integers because DeepSpeed configs
+# write sizes that way.
+
+_EXPECTED = "zerograph_expected"  # error type: "<key>: got <value>; expected <what>"
+_PROBLEM = "zerograph_problem"  # error type: a full sentence; "{key}" is the dotted key
+
+
+def _expected(what: str) -> PydanticCustomError:
+    return PydanticCustomError(_EXPECTED, "expected {expected}", {"expected": what})
+
+
+def _problem(template: str) -> PydanticCustomError:
+    return PydanticCustomError(_PROBLEM, "{template}", {"template": template})
+
+
+def _whole_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _expected("an integer")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise _expected("a whole number")
+        return int(value)
+    return value
+
+
+def _finite_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _expected("a number")
+    if not math.isfinite(value):
+        raise _expected("a finite number")
+    return float(value)
+
+
+_Int = Annotated[int, BeforeValidator(_whole_number)]
+_PositiveInt = Annotated[int, BeforeValidator(_whole_number), annotated_types.Ge(1)]
+_Size = Annotated[int, BeforeValidator(_whole_number), annotated_types.Ge(0)]
+_Float = Annotated[float, BeforeValidator(_finite_number)]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+def _no_effect(reason: str) -> dict[str, str]:
+    """Field metadata for keys that are accepted but not implemented yet."""
+    return {"no_effect_yet": reason}
+
+
+_SCHEDULING = _no_effect("scheduling passes are not implemented")
+_BUCKETING = _no_effect("bucketing passes are not implemented")
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+
+class FP16Config(BaseModel):
+    """The ``fp16`` section: float16 mixed precision with loss scaling."""
+
+    model_config = _FROZEN
+
+    enabled: StrictBool = Field(
+        False, description="Compute in float16 with loss scaling. DeepSpeed: `fp16.enabled`."
+    )
+    loss_scale: Annotated[_Float, annotated_types.Ge(0)] = Field(
+        0.0,
+        description="0 selects dynamic loss scaling; a positive value is a fixed (static) scale. "
+        "DeepSpeed: same key.",
+    )
+    initial_scale_power: Annotated[_Int, annotated_types.Ge(0), annotated_types.Le(64)] = Field(
+        16, description="Dynamic scaling starts at 2**initial_scale_power. DeepSpeed: same key."
+    )
+    loss_scale_window: _PositiveInt = Field(
+        1000,
+        description="Overflow-free steps before the dynamic scale is raised. DeepSpeed: same key.",
+    )
+    hysteresis: _PositiveInt = Field(
+        2,
+        description="Overflows tolerated before the dynamic scale is lowered (delayed shift). "
+        "DeepSpeed: same key.",
+    )
+    min_loss_scale: Annotated[_Float, annotated_types.Gt(0)] = Field(
+        1.0, description="Lower bound of the dynamic scale. DeepSpeed: same key."
+    )
+
+
+class BF16Config(BaseModel):
+    """The ``bf16`` section: bfloat16 mixed precision."""
+
+    model_config = _FROZEN
+
+    enabled: StrictBool = Field(
+        False,
+        description="Compute in bfloat16 (no loss scaling needed). DeepSpeed: `bf16.enabled`.",
+    )
+
+
+class OffloadConfig(BaseModel):
+    """``zero_optimization.offload_optimizer`` / ``offload_param`` (ZeRO-Offload)."""
+
+    model_config = _FROZEN
+
+    device: Literal["none", "cpu", "nvme"] = Field(
+        "none",
+        description="Where to offload to. Only \"none\" is supported yet (ZeRO-Offload is planned). "
+        "DeepSpeed: same key.",
+    )
+    pin_memory: StrictBool = Field(
+        False, description="Use pinned host memory for offloaded buffers. DeepSpeed: same key."
+    )
+    nvme_path: Optional[StrictStr] = Field(
+        None, description="Directory for NVMe offload files. DeepSpeed: same key."
+    )
+    buffer_count: _PositiveInt = Field(
+        4, description="Number of staging buffers for NVMe offload. DeepSpeed: same key."
+    )
+    fast_init: StrictBool = Field(
+        False, description="Fast optimizer initialization for NVMe offload. DeepSpeed: same key."
+    )
+
+
+class ZeroConfig(BaseModel):
+    """The ``zero_optimization`` section: what is sharded and how."""
+
+    model_config = _FROZEN
+
+    stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_whole_number)] = Field(
+        0,
+        description="0: plain data parallel; 1: shard optimizer state; 2: also shard gradients; "
+        "3: also shard parameters. DeepSpeed: same key.",
+    )
+    overlap_comm: StrictBool = Field(
+        True,
+        description="Overlap collectives with computation. DeepSpeed: same key.",
+        json_schema_extra=_SCHEDULING,
+    )
+    contiguous_gradients: StrictBool = Field(
+        True,
+        description="Copy gradients into one contiguous buffer as they are produced. "
+        "DeepSpeed: same key.",
+        json_schema_extra=_BUCKETING,
+    )
+    reduce_scatter: StrictBool = Field(
+        True,
+        description="Reduce gradients with reduce-scatter rather than all-reduce. "
+        "DeepSpeed: same key.",
+        json_schema_extra=_BUCKETING,
+    )
+    reduce_bucket_size: _Size = Field(
+        500_000_000,
+        description="Elements reduced per gradient bucket. DeepSpeed: same key.",
+        json_schema_extra=_BUCKETING,
+    )
+    allgather_bucket_size: _Size = Field(
+        500_000_000,
+        description="Elements all-gathered per bucket after the optimizer step (stages 1 and 2). "
+        "DeepSpeed: same key.",
+        json_schema_extra=_BUCKETING,
+    )
+    stage3_max_live_parameters: _Size = Field(
+        1_000_000_000,
+        description="Most gathered (unsharded) parameter elements held at once in stage 3. "
+        "DeepSpeed: same key.",
+        json_schema_extra=_SCHEDULING,
+    )
+    stage3_max_reuse_distance: _Size = Field(
+        1_000_000_000,
+        description="Keep a gathered parameter when it is used again within this many elements. "
+        "DeepSpeed: same key.",
+        json_schema_extra=_SCHEDULING,
+    )
+    stage3_prefetch_bucket_size: _Size = Field(
+        50_000_000,
+        description="Parameter elements gathered ahead of use in stage 3. DeepSpeed: same key.",
+        json_schema_extra=_SCHEDULING,
+    )
+    stage3_param_persistence_threshold: _Size = Field(
+        0,
+        description="Parameters this small or smaller stay unsharded in stage 3. zerograph's "
+        "default is 0, so every parameter is sharded (like FSDP2); DeepSpeed's default is 1e5.",
+        json_schema_extra=_no_effect("every parameter is sharded; persistence is not implemented"),
+    )
+    offload_optimizer: OffloadConfig = Field(
+        default_factory=OffloadConfig,
+        description="ZeRO-Offload of optimizer state; null means no offload. "
+        "Not supported yet: only device \"none\" is accepted. DeepSpeed: same key.",
+    )
+    offload_param: OffloadConfig = Field(
+        default_factory=OffloadConfig,
+        description="ZeRO-Offload of parameters (stage 3); null means no offload. "
+        "Not supported yet: only device \"none\" is accepted. DeepSpeed: same key.",
+    )
+
+    @field_validator("offload_optimizer", "offload_param", mode="before")
+    @classmethod
+    def _null_is_no_offload(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("offload_optimizer", "offload_param", mode="after")
+    @classmethod
+    def _offload_not_supported(cls, value: OffloadConfig, info: Any) -> OffloadConfig:
+        if value.device != "none":
+            raise _problem(
+                f"{{key}}.device={value.device!r} is not supported yet; "
+                f"remove {info.field_name} (ZeRO-Offload is planned)"
+            )
+        return value
+
+
+class ZerographOptions(BaseModel):
+    """The ``zerograph`` section: options of zerograph itself (not in DeepSpeed)."""
+
+    model_config = _FROZEN
+
+    compiler: Literal["eager", "inductor"] = Field(
+        "eager",
+        description="What executes the final FX graphs: \"eager\" runs them as plain PyTorch ops, "
+        "\"inductor\" compiles them with TorchInductor.",
+    )
+    disabled_passes: tuple[StrictStr, ...] = Field(
+        (), description="Names of graph passes to skip (for debugging)."
+    )
+    debug: StrictBool = Field(False, description="Log per-pass timing and node diffs.")
+    verify_graphs: StrictBool = Field(
+        False, description="Run graph verification after every pass (slow; for debugging)."
+    )
+    collective_timeout_s: Annotated[_Float, annotated_types.Gt(0)] = Field(
+        300.0, description="Timeout in seconds for collective operations."
+    )
+    seed_from_rank0: StrictBool = Field(
+        True,
+        description="Broadcast the initial parameters from rank 0 so all ranks start identical.",
+    )
+
+
+class Config(BaseModel):
+    """A whole zerograph config: the carried-over DeepSpeed keys plus ``zerograph``."""
+
+    model_config = _FROZEN
+
+    train_batch_size: Optional[_PositiveInt] = Field(
+        None,
+        description="Samples per optimizer step over all ranks; must equal micro batch * "
+        "gradient accumulation steps * world size. DeepSpeed: same key.",
+    )
+    train_micro_batch_size_per_gpu: Optional[_PositiveInt] = Field(
+        None, description="Samples per rank per forward/backward. DeepSpeed: same key."
+    )
+    gradient_accumulation_steps: _PositiveInt = Field(
+        1,
+        description="Micro-batches per optimizer step; derived from the two batch sizes when "
+        "only they are given. DeepSpeed: same key.",
+    )
+    gradient_clipping: Annotated[_Float, annotated_types.Ge(0)] = Field(
+        0.0,
+        description="Clip the global gradient norm to this value; 0 disables clipping. "
+        "DeepSpeed: same key.",
+    )
+    steps_per_print: Optional[_PositiveInt] = Field(
+        None,
+        description="Logging only: log progress every this many steps. DeepSpeed: same key.",
+    )
+    wall_clock_breakdown: StrictBool = Field(
+        False, description="Logging only: log a timing breakdown. DeepSpeed: same key."
+    )
+    fp16: FP16Config = Field(
+        default_factory=FP16Config, description="float16 mixed precision. DeepSpeed: same section."
+    )
+    bf16: BF16Config = Field(
+        default_factory=BF16Config, description="bfloat16 mixed precision. DeepSpeed: same section."
+    )
+    zero_optimization: ZeroConfig = Field(
+        default_factory=ZeroConfig, description="ZeRO sharding. DeepSpeed: same section."
+    )
+    zerograph: ZerographOptions = Field(
+        default_factory=ZerographOptions,
+        description="zerograph's own options; not in DeepSpeed.",
+    )
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> Config:
+        if self.fp16.enabled and self.bf16.enabled:
+            raise _problem("fp16.enabled and bf16.enabled are both true; enable at most one")
+        return self
+
+    # -- loading ------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None) -> Config:
+        """A Config from a Config (returned as is), a dict, a JSON file path, or None."""
+        if isinstance(source, Config):
+            return source
+        if source is None:
+            return cls()
+        if isinstance(source, Mapping):
+            return _validate(dict(source), None)
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                raise ConfigError(f"config file not found: {path}") from None
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"line {e.lineno} column {e.colno}: invalid JSON: {e.msg}", str(path)) from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"expected a JSON object at the top level; got {type(data).__name__}", str(path))
+            return _validate(data, str(path))
+        raise ConfigError(
+            f"cannot load a config from {type(source).__name__}; "
+            "pass a JSON file path, a dict, a Config, or None"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, defaults included, as a JSON-compatible dict."""
+        return self.model_dump(mode="json")
+
+    # -- derived values -----------------------------------------------------
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage (0-3)."""
+        return self.zero_optimization.stage
+
+    @property
+    def compute_dtype(self) -> Any:
+        """torch.float16, torch.bfloat16 or torch.float32, from the fp16/bf16 sections."""
+        import torch
+
+        if self.fp16.enabled:
+            return torch.float16
+        if self.bf16.enabled:
+            return torch.bfloat16
+        return torch.float32
+
+    @property
+    def dynamic_loss_scale(self) -> bool:
+        """True when fp16 is enabled with dynamic loss scaling (loss_scale == 0)."""
+        return self.fp16.enabled and self.fp16.loss_scale == 0
+
+    def resolve_batch(self, world_size: int) -> tuple[Optional[int], Optional[int], int]:
+        """(train_batch_size, micro_batch, grad_accum) for ``world_size`` ranks.
+
+        Follows DeepSpeed's rule ``train_batch_size == micro * gas * world_size``:
+        values that are given are checked, a missing one is derived. The gradient
+        accumulation steps count as given only when set explicitly, so a config
+        with both batch sizes derives them. With no batch size at all the two
+        batch sizes are None.
+        """
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ConfigError(f"world_size must be a positive integer; got {world_size!r}")
+        train = self.train_batch_size
+        micro = self.train_micro_batch_size_per_gpu
+        gas = self.gradient_accumulation_steps
+        gas_given = "gradient_accumulation_steps" in self.model_fields_set
+
+        if train is not None and micro is not None:
+            if gas_given:
+                if train != micro * gas * world_size:
+                    raise ConfigError(
+                        f"train_batch_size ({train}) != train_micro_batch_size_per_gpu ({micro}) * "
+                        f"gradient_accumulation_steps ({gas}) * world_size ({world_size}) = "
+                        f"{micro * gas * world_size}; the batch sizes must satisfy "
+                        "train_batch_size == train_micro_batch_size_per_gpu * "
+                        "gradient_accumulation_steps * world_size"
+                    )
+                return train, micro, gas
+            per_step = micro * world_size
+            if train % per_step:
+                raise ConfigError(
+                    f"cannot derive gradient_accumulation_steps: train_batch_size ({train}) is not "
+                    f"divisible by train_micro_batch_size_per_gpu ({micro}) * world_size "
+                    f"({world_size}) = {per_step}"
+                )
+            return train, micro, train // per_step
+        if train is not None:
+            per_micro = gas * world_size
+            if train % per_micro:
+                raise ConfigError(
+                    f"cannot derive train_micro_batch_size_per_gpu: train_batch_size ({train}) is "
+                    f"not divisible by gradient_accumulation_steps ({gas}) * world_size "
+                    f"({world_size}) = {per_micro}"
+                )
+            return train, train // per_micro, gas
+        if micro is not None:
+            return micro * gas * world_size, micro, gas
+        return None, None, gas
+
+    def inactive_settings(self) -> list[str]:
+        """One line for each changed setting that has no effect yet."""
+        lines: list[str] = []
+        _collect_inactive(self, "", lines)
+        return lines
+
+
+# ---------------------------------------------------------------------------
+# Error messages
+
+
+_REMOVED_SECTIONS = {
+    "optimizer": "zerograph does not build the optimizer: create a plain torch optimizer yourself "
+    "from model.parameters(), and delete the 'optimizer' section",
+    "scheduler": "zerograph does not build the LR scheduler: create a plain torch scheduler "
+    "yourself on your optimizer, and delete the 'scheduler' section",
+}
+
+
+def _validate(data: dict[str, Any], source: str | None) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([_describe(err) for err in e.errors()], source) from None
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel class inside ``annotation`` (unwrapping Optional/Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        if field is None:
+            return None
+        model = _section_model(field.annotation)
+    return model
+
+
+def _literal_values(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    for arg in typing.get_args(annotation):
+        found = _literal_values(arg)
+        if found:
+            return found
+    return ()
+
+
+def _allowed(loc: tuple[Any, ...], ctx: dict[str, Any]) -> str:
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(loc[-1]) if model is not None and loc else None
+    values = _literal_values(field.annotation) if field is not None else ()
+    if not values:
+        return f"allowed: {ctx.get('expected', '?')}"
+    return "allowed: " + ", ".join(json.dumps(v) for v in values)
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    key, section = loc[-1], loc[:-1]
+    if not section and key in _REMOVED_SECTIONS:
+        return f"unknown config key '{key}': {_REMOVED_SECTIONS[key]}"
+    model = _model_at(section)
+    valid = list(model.model_fields) if model is not None else []
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(valid)
+    return f"unknown config key '{_dotted(loc)}'; {hint}"
+
+
+def _requirement(err: Any) -> str:
+    """What the value should have been, e.g. ``must be >= 1`` or ``expected a boolean``."""
+    kind, ctx, loc = err["type"], err.get("ctx") or {}, err["loc"]
+    bounds = {
+        "greater_than_equal": ">=",
+        "greater_than": ">",
+        "less_than_equal": "<=",
+        "less_than": "<",
+    }
+    if kind in bounds:
+        op = bounds[kind]
+        return f"must be {op} {next(iter(ctx.values()))}"
+    if kind == _EXPECTED:
+        return f"expected {ctx['expected']}"
+    if kind == "literal_error":
+        return _allowed(loc, ctx)
+    if kind.startswith("bool_"):
+        return "expected a boolean (true or false)"
+    if kind.startswith("string_"):
+        return "expected a string"
+    if kind.startswith(("tuple_", "list_")):
+        return "expected a list"
+    if kind.startswith(("model_", "dict_")):
+        return "expected a section (a JSON object)"
+    if kind.startswith("int_"):
+        return "expected an integer"
+    if kind.startswith("float_"):
+        return "expected a number"
+    return err["msg"]
+
+
+def _describe(err: Any) -> str:
+    """One line for one pydantic error."""
+    kind, loc = err["type"], tuple(err["loc"])
+    key = _dotted(loc)
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind == _PROBLEM:
+        return err["ctx"]["template"].replace("{key}", key)
+    value = err.get("input")
+    requirement = _requirement(err)
+    if isinstance(value, str) and value == "auto":
+        if kind.startswith("bool_"):
+            need = "true or false"
+        elif kind == "literal_error":
+            need = "an explicit value (" + requirement + ")"
+        else:
+            need = "the number"
+        return (
+            f'{key}: got "auto"; "auto" is filled in by the Hugging Face Trainer, '
+            f"and zerograph needs {need}"
+        )
+    prefix = f"{key}: " if key else ""
+    if kind.startswith("value_error") or kind == "assertion_error":
+        return prefix + err["msg"]
+    return f"{prefix}got {_show(value)}; {requirement}"
+
+
+# ---------------------------------------------------------------------------
+# Settings that have no effect yet
+
+
+def _collect_inactive(model: BaseModel, prefix: str, lines: list[str]) -> None:
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = prefix + name
+        if isinstance(value, BaseModel):
+            _collect_inactive(value, key + ".", lines)
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        reason = extra.get("no_effect_yet")
+        if reason and value != field.get_default(call_default_factory=True):
+            lines.append(
+                f"{key}={json.dumps(value)} has no effect yet ({reason}); "
+                "it is accepted so DeepSpeed configs load"
+            )
+
+
+# ---------------------------------------------------------------------------
+# Markdown reference
+
+
+def _constraint_text(metadata: Iterable[Any]) -> str:
+    parts = []
+    for m in metadata:
+        for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if isinstance(m, getattr(annotated_types, attr.capitalize())):
+                parts.append(f"{op} {getattr(m, attr)}")
+    return " and ".join(parts)
+
+
+def _type_text(annotation: Any, metadata: Iterable[Any] = ()) -> str:
+    metadata = list(metadata)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_text(args[0], list(annotation.__metadata__) + metadata)
+    if origin is Union or origin is types.UnionType:
+        inner = [a for a in args if a is not type(None)]
+        text = " or ".join(_type_text(a, metadata) for a in inner)
+        return text + (", or null" if len(inner) < len(args) else "")
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in args)
+    if origin is tuple:
+        return f"list of {_type_text(args[0])}s"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    names = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    text = names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    constraint = _constraint_text(metadata)
+    return f"{text} {constraint}" if constraint else text
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _sections() -> list[tuple[list[str], type[BaseModel]]]:
+    """(dotted paths, model) for every section, depth first; a shared model once."""
+    found: list[tuple[list[str], type[BaseModel]]] = []
+
+    def visit(path: str, model: type[BaseModel]) -> None:
+        for paths, seen in found:
+            if seen is model:
+                paths.append(path)
+                return
+        found.append(([path] if path else [], model))
+        for name, field in model.model_fields.items():
+            sub = _section_model(field.annotation)
+            if sub is not None:
+                visit(f"{path}.{name}" if path else name, sub)
+
+    visit("", Config)
+    return found
+
+
+def reference_markdown() -> str:
+    """A markdown reference of every config key, generated from the models."""
+    out = [
+        '<!-- Generated by `python -c "import zerograph.config as c; print(c.reference_markdown())"`;'
+        " do not edit by hand. -->",
+        "",
+        "## Reference",
+    ]
+    for paths, model in _sections():
+        title = " / ".join(f"`{p}`" for p in paths) if paths else "Top level"
+        doc = (model.__doc__ or "").strip().splitlines()[0]
+        out += ["", f"### {title}", "", doc, ""]
+        out.append("| key | type | default | DeepSpeed equivalent / notes |")
+        out.append("| --- | --- | --- | --- |")
+        for name, field in model.model_fields.items():
+            sub = _section_model(field.annotation)
+            notes = field.description or ""
+            if sub is not None:
+                first = ".".join(filter(None, [paths[0] if paths else "", name]))
+                notes += f" See the `{first}` table."
+                default = "see table"
+            else:
+                default = f"`{json.dumps(_jsonable(field.get_default(call_default_factory=True)))}`"
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("no_effect_yet"):
+                notes += f" **No effect yet** ({extra['no_effect_yet']})."
+            type_text = _type_text(field.annotation, field.metadata)
+            out.append(f"| `{name}` | {_cell(type_text)} | {_cell(default)} | {_cell(notes)} |")
+    return "\n".join(out)
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

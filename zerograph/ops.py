@@ -1,0 +1,87 @@
+"""zerograph's marker ops: ``unshard`` and ``reduce_grad``.
+
+Reading a sharded parameter from its module returns
+``zerograph::unshard(local_shard, tag, name)``. Its autograd backward is
+``zerograph::reduce_grad(grad, tag, name)``.
+
+* Eager implementations really communicate (through the same op sequences the
+  passes emit, see :mod:`zerograph.collectives`), so code that Dynamo leaves
+  outside compiled regions sees full parameters and produces correct shards
+  of gradients.
+* Fake implementations give the full (resp. shard) shape, so tracing sees
+  full-size parameters.
+* Under Dynamo + AOTAutograd each marker stays a single node; the ZeRO passes
+  decide per stage whether to save or recompute the gathered parameter and
+  then lower the markers into functional collectives.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zerograph import collectives
+from zerograph.runtime import registry
+from zerograph.runtime.specs import ParamSpec
+from zerograph.runtime.stats import KINDS, collective_buffer_bytes
+
+
+def spec_of(tag: str, name: str) -> ParamSpec:
+    return registry.lookup(tag).specs[name]
+
+
+def _counting_emit(tag: str):
+    stats = registry.lookup(tag).stats
+
+    def emit(role: str, value):
+        if role in KINDS:
+            # The output of a collective start is its result buffer.
+            out_bytes = value.numel() * value.element_size()
+            in_bytes = out_bytes
+            if role == "reduce_scatter":
+                in_bytes = out_bytes * registry.lookup(tag).world_size
+            stats.add(role, collective_buffer_bytes(role, in_bytes, out_bytes))
+        return value
+
+    return emit
+
+
+@torch.library.custom_op("zerograph::unshard", mutates_args=())
+def unshard(shard: torch.Tensor, tag: str, name: str) -> torch.Tensor:
+    """The full parameter ``name`` gathered from every rank's shard."""
+    spec = spec_of(tag, name)
+    full = collectives.gather_param(shard, spec, _counting_emit(tag))
+    return full.clone() if full is shard else full.contiguous()
+
+
+@unshard.register_fake
+def _unshard_fake(shard: torch.Tensor, tag: str, name: str) -> torch.Tensor:
+    spec = spec_of(tag, name)
+    return shard.new_empty(spec.full_shape, dtype=spec.compute_dtype)
+
+
+@torch.library.custom_op("zerograph::reduce_grad", mutates_args=())
+def reduce_grad(grad: torch.Tensor, tag: str, name: str) -> torch.Tensor:
+    """This rank's shard of the data-parallel mean of ``grad``."""
+    spec = spec_of(tag, name)
+    out = collectives.reduce_param_grad(grad, spec, _counting_emit(tag))
+    return out.clone() if out is grad else out.contiguous()
+
+
+@reduce_grad.register_fake
+def _reduce_grad_fake(grad: torch.Tensor, tag: str, name: str) -> torch.Tensor:
+    spec = spec_of(tag, name)
+    return grad.new_empty(spec.local_shape, dtype=spec.master_dtype)
+
+
+def _unshard_setup(ctx, inputs, output):
+    _shard, ctx.tag, ctx.name = inputs
+
+
+def _unshard_backward(ctx, grad):
+    return torch.ops.zerograph.reduce_grad(grad, ctx.tag, ctx.name), None, None
+
+
+unshard.register_autograd(_unshard_backward, setup_context=_unshard_setup)
+
+UNSHARD = torch.ops.zerograph.unshard.default
+REDUCE_GRAD = torch.ops.zerograph.reduce_grad.default

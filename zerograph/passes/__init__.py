@@ -1,0 +1,39 @@
+"""zerograph's graph passes and the default pipeline (order is data)."""
+
+from __future__ import annotations
+
+from zerograph.passes.analysis import comm_analysis
+from zerograph.passes.manager import GraphPass, PassContext, PassList, PassRecord, PassResult, run_passes
+from zerograph.passes.tagging import tag_nodes
+from zerograph.passes.zero import lower_markers, zero_policy
+
+__all__ = [
+    "GraphPass",
+    "PassContext",
+    "PassList",
+    "PassRecord",
+    "PassResult",
+    "default_passes",
+    "run_passes",
+]
+
+
+def dce(gm, ctx) -> PassResult:
+    """Remove nodes whose results nobody uses."""
+    changed = gm.graph.eliminate_dead_code()
+    if changed:
+        gm.recompile()
+    return PassResult(changed=changed)
+
+
+def default_passes() -> PassList:
+    """The built-in pipeline, in order."""
+    return PassList(
+        [
+            GraphPass("tag_nodes", tag_nodes, phases=("joint", "forward", "backward", "inference")),
+            GraphPass("zero_policy", zero_policy, phases=("joint",)),
+            GraphPass("lower_markers", lower_markers),
+            GraphPass("dce", dce),
+            GraphPass("comm_analysis", comm_analysis, analysis=True),
+        ]
+    )

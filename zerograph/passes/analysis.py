@@ -1,0 +1,45 @@
+"""Analyses: read the graph, never change it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch.fx as fx
+
+from zerograph.metadata import COLLECTIVE_ROLES, get_tag
+from zerograph.passes.manager import PassContext, PassResult
+from zerograph.runtime.stats import collective_buffer_bytes
+
+
+def _nbytes(val) -> int:
+    return val.numel() * val.element_size() if val is not None and hasattr(val, "numel") else 0
+
+
+def comm_bytes(gm: fx.GraphModule) -> dict[str, int]:
+    """Bytes of the full buffer of every collective in ``gm``, by kind."""
+    out: Counter = Counter()
+    for node in gm.graph.nodes:
+        tag = get_tag(node)
+        if tag is None or tag.role not in COLLECTIVE_ROLES:
+            continue
+        in_val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        out[tag.role] += collective_buffer_bytes(tag.role, _nbytes(in_val), _nbytes(node.meta.get("val")))
+    return dict(out)
+
+
+def saved_gathered_params(fw_gm: fx.GraphModule) -> list[str]:
+    """Forward outputs (values saved for backward among them) that are a
+    gathered parameter or a view/cast of one."""
+    out_node = next(n for n in fw_gm.graph.nodes if n.op == "output")
+    found = []
+    for arg in fx.node.map_arg(out_node.args[0], lambda n: n) or ():
+        if not isinstance(arg, fx.Node):
+            continue
+        tag = get_tag(arg)
+        if tag is not None and tag.param is not None and tag.role != "reduce_grad" and arg.op != "placeholder":
+            found.append(f"{arg.name} ({tag.param})")
+    return found
+
+
+def comm_analysis(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    return PassResult(details={"comm_bytes": comm_bytes(gm)})

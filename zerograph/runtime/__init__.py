@@ -1,0 +1,1 @@
+"""The small runtime on torch.distributed that executes zerograph's graphs."""

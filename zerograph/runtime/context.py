@@ -1,0 +1,59 @@
+"""Per-model state of a compiled model: its config, ranks, parameter specs,
+communication counters, compiled regions and micro-batch position.
+
+One :class:`ShardingContext` belongs to one compiled model; nothing here is
+shared between models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from zerograph.config import Config
+from zerograph.runtime import registry
+from zerograph.runtime.dist import DataParallelGroup
+from zerograph.runtime.specs import ParamSpec
+from zerograph.runtime.stats import CommStats
+
+
+@dataclasses.dataclass
+class CompiledRegion:
+    """One Dynamo graph of the model and what zerograph made of it."""
+
+    index: int
+    graphs: dict[str, torch.fx.GraphModule] = dataclasses.field(default_factory=dict)
+    pass_records: dict[str, list] = dataclasses.field(default_factory=dict)
+    comm_bytes: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(eq=False)
+class ShardingContext:
+    config: Config
+    dp: DataParallelGroup
+    tag: str = dataclasses.field(default_factory=registry.new_tag)
+    specs: dict[str, ParamSpec] = dataclasses.field(default_factory=dict)
+    stats: CommStats = dataclasses.field(default_factory=CommStats)
+    regions: list[CompiledRegion] = dataclasses.field(default_factory=list)
+    passes: Any = None  # zerograph.passes.manager.PassList
+    micro_step: int = 0  # micro-batches run since the start of training
+    step: int = 0  # optimizer steps (accumulation boundaries) reached
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        registry.register(self)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.dp.rank
+
+    def new_region(self) -> CompiledRegion:
+        region = CompiledRegion(index=len(self.regions))
+        self.regions.append(region)
+        return region

@@ -1,0 +1,37 @@
+"""Lookup of a compiled model's sharding context by its tag.
+
+Marker ops carry a ``tag`` string that names the context of the model they
+belong to; their implementations and the passes find the context here. Each
+model has its own tag, so two compiled models never share state. Entries are
+weak: a context lives exactly as long as its model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zerograph.runtime.context import ShardingContext
+
+_contexts: "weakref.WeakValueDictionary[str, ShardingContext]" = weakref.WeakValueDictionary()
+_counter = itertools.count()
+
+
+def new_tag() -> str:
+    return f"zg{next(_counter)}"
+
+
+def register(ctx: "ShardingContext") -> None:
+    _contexts[ctx.tag] = ctx
+
+
+def lookup(tag: str) -> "ShardingContext":
+    try:
+        return _contexts[tag]
+    except KeyError:
+        raise RuntimeError(
+            f"zerograph context {tag!r} is gone: the model it belongs to was garbage-collected; "
+            "keep a reference to the model returned by zerograph.compile"
+        ) from None

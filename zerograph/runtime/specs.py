@@ -1,0 +1,70 @@
+"""How one parameter is stored and communicated (a frozen, per-rank record)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+
+Storage = Literal["replicated", "sharded"]
+GradReduce = Literal["all_reduce", "all_reduce_slice", "reduce_scatter"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """Storage and communication of one parameter on this rank.
+
+    A sharded parameter is split along dim 0 in ``torch.chunk`` order (the
+    layout of DTensor ``Shard(0)``): rank ``r`` holds rows
+    ``[r * chunk_rows, r * chunk_rows + local_rows)``. Collectives pad the
+    local rows to ``chunk_rows`` so every rank sends the same size.
+    """
+
+    name: str  # parameter FQN in the user's model
+    full_shape: tuple[int, ...]
+    storage: Storage
+    grad_reduce: GradReduce
+    rank: int
+    world_size: int
+    group_name: str
+    master_dtype: torch.dtype  # dtype of the stored shard (fp32 master)
+    compute_dtype: torch.dtype  # dtype of the gathered parameter
+    grad_scale: float  # multiplies the reduced gradient: 1 / (world * accumulation steps)
+
+    @property
+    def full_rows(self) -> int:
+        return self.full_shape[0] if self.full_shape else 1
+
+    @property
+    def chunk_rows(self) -> int:
+        if self.storage == "replicated":
+            return self.full_rows
+        return math.ceil(self.full_rows / self.world_size)
+
+    @property
+    def row_start(self) -> int:
+        if self.storage == "replicated":
+            return 0
+        return min(self.rank * self.chunk_rows, self.full_rows)
+
+    @property
+    def local_rows(self) -> int:
+        if self.storage == "replicated":
+            return self.full_rows
+        return max(0, min(self.chunk_rows, self.full_rows - self.row_start))
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        if self.storage == "replicated" or not self.full_shape:
+            return self.full_shape
+        return (self.local_rows, *self.full_shape[1:])
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.full_shape[1:]) if self.full_shape else 1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.full_shape)

@@ -1,0 +1,162 @@
+"""What happens around each compiled call: micro-batch bookkeeping, input
+casts, and the end-of-backward work at an accumulation boundary
+(fp16 unscale and overflow skip, gradient clipping, step statistics)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from zerograph._torch_private import queue_backward_callback
+from zerograph.runtime.context import ShardingContext
+from zerograph.runtime.precision import LossScaler
+
+log = logging.getLogger(__name__)
+
+
+def _map_tensors(obj, fn):
+    """Apply ``fn`` to every tensor in nested tuples/lists/dicts, keeping
+    container types (a Hugging Face ``ModelOutput`` is updated in place)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_map_tensors(o, fn) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        for key in list(obj.keys()):
+            obj[key] = _map_tensors(obj[key], fn)
+        return obj
+    return obj
+
+
+class _BackwardEntry(torch.autograd.Function):
+    """Identity on the outputs; in backward, scales the incoming gradient by
+    the fp16 loss scale and queues the end-of-backward work once."""
+
+    @staticmethod
+    def forward(ctx, runtime, boundary, *tensors):
+        ctx.runtime, ctx.boundary = runtime, boundary
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        runtime = ctx.runtime
+        scale = runtime.scaler.scale if runtime.scaler is not None else 1.0
+        if ctx.boundary:
+            runtime.queue_finish()
+        out = tuple(None if g is None else (g * scale if scale != 1.0 else g) for g in grads)
+        return (None, None, *out)
+
+
+class TrainingRuntime:
+    """Calls the compiled model and runs what surrounds each step."""
+
+    def __init__(self, ctx: ShardingContext, compiled, params: list[torch.nn.Parameter]):
+        self.ctx = ctx
+        self.compiled = compiled
+        self.params = params
+        cfg = ctx.config
+        self.scaler = LossScaler.from_config(cfg.fp16) if cfg.fp16.enabled else None
+        self.clip = cfg.gradient_clipping
+        self._finish_queued = False
+
+    # -- forward -----------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        ctx = self.ctx
+        dtype = ctx.config.compute_dtype
+        if dtype != torch.float32:
+
+            def cast(t):
+                return t.to(dtype) if t.is_floating_point() else t
+
+            args, kwargs = _map_tensors(args, cast), _map_tensors(kwargs, cast)
+        out = self.compiled(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return out
+        ctx.micro_step += 1
+        boundary = ctx.micro_step % ctx.config.gradient_accumulation_steps == 0
+        return self._attach(out, boundary)
+
+    def _attach(self, out, boundary: bool):
+        tensors: list[torch.Tensor] = []
+        _map_tensors(out, lambda t: tensors.append(t) or t)
+        needs = [t for t in tensors if t.requires_grad and t.is_floating_point()]
+        if not needs:
+            return out
+        entered = dict(zip(map(id, needs), _BackwardEntry.apply(self, boundary, *needs)))
+        return _map_tensors(out, lambda t: entered.get(id(t), t))
+
+    # -- end of backward -----------------------------------------------------
+    def queue_finish(self) -> None:
+        if not self._finish_queued:
+            self._finish_queued = True
+            queue_backward_callback(self._finish)
+
+    def _local_grads(self) -> list[tuple[torch.Tensor, bool]]:
+        """(local gradient, is_sharded) for every parameter with a gradient."""
+        out = []
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                continue
+            if isinstance(g, DTensor):
+                out.append((g.to_local(), g.placements[0].is_shard()))
+            else:
+                out.append((g, False))
+        return out
+
+    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        if self.ctx.world_size > 1:
+            dist.all_reduce(t, op=op, group=self.ctx.dp.group)
+        return t
+
+    def _finish(self) -> None:
+        self._finish_queued = False
+        grads = self._local_grads()
+        if self.scaler is not None and not self._unscale(grads):
+            self.ctx.stats.end_step()
+            return
+        if self.clip > 0:
+            self._clip(grads)
+        self.ctx.step += 1
+        self.ctx.stats.end_step()
+
+    def _unscale(self, grads) -> bool:
+        """Unscale fp16 gradients; on overflow on any rank drop them (the
+        optimizer then skips the step) and return False."""
+        device = self.ctx.dp.device
+        found = torch.zeros((), device=device)
+        for g, _ in grads:
+            if g.numel():
+                found = torch.maximum(found, (~torch.isfinite(g)).any().to(found.dtype))
+        overflow = bool(self._all_reduce(found, dist.ReduceOp.MAX).item())
+        self.scaler.update(overflow)
+        if overflow:
+            for p in self.params:
+                p.grad = None
+            return False
+        inv = 1.0 / self.scaler.scale
+        for g, _ in grads:
+            g.mul_(inv)
+        return True
+
+    def _clip(self, grads) -> None:
+        """Clip by global L2 norm over all ranks' shards, as
+        ``torch.nn.utils.clip_grad_norm_`` would on the full gradients."""
+        device = self.ctx.dp.device
+        world = self.ctx.world_size
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for g, sharded in grads:
+            sq = g.detach().float().pow(2).sum()
+            total = total + (sq if sharded else sq / world)
+        norm = math.sqrt(self._all_reduce(total, dist.ReduceOp.SUM).item())
+        self.ctx.extra["last_grad_norm"] = norm
+        coef = self.clip / (norm + 1e-6)
+        if coef < 1.0:
+            for g, _ in grads:
+                g.mul_(coef)

@@ -1,0 +1,124 @@
+"""Parameter storage: shards as DTensors, reads through the ``unshard`` marker.
+
+After :func:`shard_parameters`, each parameter of the model is stored as a
+DTensor ``Shard(0)`` on the data-parallel mesh (ZeRO stages 1-3) or kept
+replicated (stage 0, or a 0-dim parameter). The optimizer, ``clip_grad_norm_``
+and ``torch.distributed.checkpoint`` see these. State-dict keys stay the
+original ones.
+
+Reading ``module.weight`` returns ``zerograph::unshard(shard, tag, fqn)``:
+each module with parameters gets a subclass of its own class whose
+properties route parameter reads through the marker. Only the user's module
+instances change class; nothing in PyTorch is patched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from zerograph import ops  # noqa: F401  (registers the marker ops)
+from zerograph.runtime.context import ShardingContext
+from zerograph.runtime.specs import ParamSpec
+
+log = logging.getLogger(__name__)
+
+_GRAD_REDUCE_BY_STAGE = {0: "all_reduce", 1: "all_reduce_slice", 2: "reduce_scatter", 3: "reduce_scatter"}
+
+
+def _make_getter(local_name: str):
+    def read_parameter(module: nn.Module) -> torch.Tensor:
+        param = module._parameters[local_name]
+        local = param.to_local() if isinstance(param, DTensor) else param
+        return torch.ops.zerograph.unshard(local, module._zg_tag, module._zg_fqns[local_name])
+
+    read_parameter.__name__ = f"read_{local_name}"
+    return read_parameter
+
+
+def _spec_for(fqn: str, param: nn.Parameter, ctx: ShardingContext) -> ParamSpec:
+    cfg = ctx.config
+    stage = cfg.zero_optimization.stage
+    world = ctx.world_size
+    sharded = world > 1 and stage >= 1 and param.dim() >= 1
+    compute = cfg.compute_dtype if param.is_floating_point() else param.dtype
+    return ParamSpec(
+        name=fqn,
+        full_shape=tuple(param.shape),
+        storage="sharded" if sharded else "replicated",
+        grad_reduce=_GRAD_REDUCE_BY_STAGE[stage] if sharded else "all_reduce",
+        rank=ctx.rank,
+        world_size=world,
+        group_name=ctx.dp.group_name,
+        master_dtype=param.dtype,
+        compute_dtype=compute,
+        grad_scale=1.0 / (world * cfg.gradient_accumulation_steps),
+    )
+
+
+def _stored(param: nn.Parameter, spec: ParamSpec, ctx: ShardingContext) -> nn.Parameter:
+    if ctx.world_size == 1 and param.device == ctx.dp.device:
+        return param
+    data = param.detach().to(ctx.dp.device)
+    if ctx.world_size == 1:
+        return nn.Parameter(data, requires_grad=param.requires_grad)
+    src = 0 if ctx.config.zerograph.seed_from_rank0 else None
+    if spec.storage == "sharded":
+        stored = distribute_tensor(data, ctx.dp.mesh, [Shard(0)], src_data_rank=src)
+    elif ctx.config.zero_optimization.stage >= 1:
+        stored = distribute_tensor(data, ctx.dp.mesh, [Replicate()], src_data_rank=src)
+    else:
+        if src is not None:
+            dist.broadcast(data, src=0, group=ctx.dp.group)
+        stored = data
+    return nn.Parameter(stored, requires_grad=param.requires_grad)
+
+
+def shard_parameters(model: nn.Module, ctx: ShardingContext) -> None:
+    """Replace every parameter by its stored form and route reads through ``unshard``."""
+    new_params: dict[int, tuple[nn.Parameter, str]] = {}
+    subclasses: dict[tuple[type, tuple[str, ...]], type] = {}
+    for mod_name, module in model.named_modules():
+        names = [n for n, p in module._parameters.items() if p is not None]
+        if not names:
+            continue
+        fqns = {}
+        for local_name in names:
+            param = module._parameters[local_name]
+            if id(param) not in new_params:
+                fqn = f"{mod_name}.{local_name}" if mod_name else local_name
+                spec = _spec_for(fqn, param, ctx)
+                ctx.specs[fqn] = spec
+                new_params[id(param)] = (_stored(param, spec, ctx), fqn)
+            stored, fqn = new_params[id(param)]
+            module._parameters[local_name] = stored
+            fqns[local_name] = fqn
+        module._zg_tag = ctx.tag
+        module._zg_fqns = fqns
+        key = (type(module), tuple(names))
+        if key not in subclasses:
+            base = type(module)
+            attrs = {n: property(_make_getter(n)) for n in names}
+            attrs.update(__module__=base.__module__, __qualname__=base.__qualname__, _zg_base_class=base)
+            subclasses[key] = type(base.__name__, (base,), attrs)
+        module.__class__ = subclasses[key]
+    log.info(
+        "zerograph: %d parameters (%d sharded) on %d rank(s)",
+        len(ctx.specs),
+        sum(s.storage == "sharded" for s in ctx.specs.values()),
+        ctx.world_size,
+    )
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every sharded tensor gathered (collective:
+    call it on every rank). Keys are the original model's keys."""
+    model = getattr(model, "_orig_mod", model)
+    out = {}
+    for key, value in model.state_dict().items():
+        out[key] = value.full_tensor() if isinstance(value, DTensor) else value
+    return out
