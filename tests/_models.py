@@ -1,0 +1,58 @@
+"""Model and data factories for the equivalence tests (module-level so that
+spawned ranks can build them)."""
+
+from __future__ import annotations
+
+import torch
+
+from zerograph.models import GPT, GPTConfig
+
+VOCAB = 97  # odd sizes exercise uneven shards and padding
+SEQ = 16
+
+
+def make_gpt(dropout: float = 0.0):
+    torch.manual_seed(1234)
+    return GPT(GPTConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=30, dropout=dropout))
+
+
+def make_gpt_untied():
+    torch.manual_seed(1234)
+    return GPT(GPTConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=30, tie_weights=False))
+
+
+def make_hf_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1234)
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def make_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+MODELS = {"gpt": make_gpt, "gpt_untied": make_gpt_untied, "hf_gpt2": make_hf_gpt2, "llama": make_llama}
+
+
+def global_batch(step: int, batch: int):
+    g = torch.Generator().manual_seed(10_000 + step)
+    idx = torch.randint(0, VOCAB, (batch, SEQ + 1), generator=g)
+    return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+
+
+def loss_of(model_name: str, model, idx, targets):
+    if model_name.startswith("gpt"):
+        return model(idx, targets).loss
+    return model(input_ids=idx, labels=idx).loss
