@@ -21,8 +21,8 @@ EPS = 1e-4
 PER_RANK_BATCH = 4
 
 
-def _optimizer(params):
-    return torch.optim.AdamW(params, lr=LR, eps=EPS, foreach=False)
+def _optimizer(params, lr=LR):
+    return torch.optim.AdamW(params, lr=lr, eps=EPS, foreach=False)
 
 
 def _compute_params(model, dtype):
@@ -32,13 +32,13 @@ def _compute_params(model, dtype):
 
 
 def reference_run(model_name: str, world: int, *, accumulation: int = 1, clip: float = 0.0,
-                  dtype: torch.dtype = torch.float32, steps: int = STEPS):
+                  dtype: torch.dtype = torch.float32, steps: int = STEPS, lr: float = LR):
     """Single-process eager training on the whole global batch of each step.
 
     For bf16/fp16 the parameters are cast to the compute dtype inside the
     forward (``functional_call``), the same math zerograph's gather does."""
     model = _models.MODELS[model_name]()
-    opt = _optimizer(model.parameters())
+    opt = _optimizer(model.parameters(), lr)
     losses = []
     for step in range(steps):
         idx, targets = _models.global_batch(step, PER_RANK_BATCH * world)
@@ -89,7 +89,7 @@ def model_state_bytes(model, opt) -> int:
     return total
 
 
-def zerograph_run(model_name: str, configs: list[dict], steps: int = STEPS):
+def zerograph_run(model_name: str, configs: list[dict], steps: int = STEPS, lr: float = LR):
     """On each spawned rank: train one fresh model per config; return per
     config (mean loss per step, full state dict, bytes, comm, regions)."""
     import torch.distributed as dist
@@ -100,7 +100,7 @@ def zerograph_run(model_name: str, configs: list[dict], steps: int = STEPS):
         torch._dynamo.reset()
         accumulation = config.get("gradient_accumulation_steps", 1)
         model = zerograph.compile(_models.MODELS[model_name](), config)
-        opt = _optimizer(model.parameters())
+        opt = _optimizer(model.parameters(), lr)
         losses = []
         state_bytes = 0
         for step in range(steps):

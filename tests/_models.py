@@ -43,7 +43,46 @@ def make_llama():
     return LlamaForCausalLM(cfg)
 
 
-MODELS = {"gpt": make_gpt, "gpt_untied": make_gpt_untied, "hf_gpt2": make_hf_gpt2, "llama": make_llama}
+class _EagerLinear(torch.nn.Linear):
+    """A layer Dynamo never compiles: its parameters are read by eager code."""
+
+    @torch.compiler.disable
+    def forward(self, x):
+        return super().forward(x)
+
+
+class BreakyNet(torch.nn.Module):
+    """A forward with graph breaks: a print, a data-dependent branch, and a
+    layer that runs outside compiled regions."""
+
+    def __init__(self):
+        super().__init__()
+        import io
+
+        self.emb = torch.nn.Embedding(VOCAB, 24)
+        self.fc1 = torch.nn.Linear(24, 40)
+        self.eager_part = _EagerLinear(40, 40)
+        self.fc2 = torch.nn.Linear(40, VOCAB)
+        self._sink = io.StringIO()
+
+    def forward(self, idx, targets):
+        h = torch.relu(self.fc1(self.emb(idx)))
+        print("graph break", file=self._sink)
+        if h.mean() > 0.2:  # data-dependent branch
+            h = h * 1.5
+        else:
+            h = h * 0.5
+        h = torch.tanh(self.eager_part(h))
+        logits = self.fc2(h)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def make_breaky():
+    torch.manual_seed(1234)
+    return BreakyNet()
+
+
+MODELS = {"gpt": make_gpt, "gpt_untied": make_gpt_untied, "breaky": make_breaky, "hf_gpt2": make_hf_gpt2, "llama": make_llama}
 
 
 def global_batch(step: int, batch: int):
@@ -55,4 +94,6 @@ def global_batch(step: int, batch: int):
 def loss_of(model_name: str, model, idx, targets):
     if model_name.startswith("gpt"):
         return model(idx, targets).loss
+    if model_name == "breaky":
+        return model(idx, targets)
     return model(input_ids=idx, labels=idx).loss

@@ -1,0 +1,107 @@
+"""Gradient accumulation, clipping, mixed precision and graph breaks, each
+against a single-process eager reference on real gloo ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import _harness
+from zerograph.runtime.launch import spawn
+
+TIMEOUT = 300
+
+
+def _check(model_name, world, configs, *, ref_kwargs=None, rtol=1e-5, atol=1e-6, lr=_harness.LR):
+    ref_losses, ref_params = _harness.reference_run(model_name, world, lr=lr, **(ref_kwargs or {}))
+    results = spawn(_harness.zerograph_run, world, model_name, configs, _harness.STEPS, lr, timeout=TIMEOUT)
+    for config, result in zip(configs, results[0]):
+        try:
+            _harness.assert_same_training(result, ref_losses, ref_params, rtol=rtol, atol=atol)
+        except AssertionError as exc:
+            raise AssertionError(f"config {config}: {exc}") from None
+    return results[0]
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_gradient_accumulation_matches_one_big_batch():
+    configs = [
+        {"zero_optimization": {"stage": s}, "gradient_accumulation_steps": 2,
+         "train_micro_batch_size_per_gpu": 2, "train_batch_size": 8}
+        for s in (0, 2, 3)
+    ]
+    _check("gpt", 2, configs)
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_gradient_clipping_matches_clip_grad_norm():
+    configs = [{"zero_optimization": {"stage": s}, "gradient_clipping": 0.05} for s in (0, 1, 3)]
+    _check("gpt", 2, configs, ref_kwargs={"clip": 0.05})
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_graph_breaks_and_eager_parameters_train_correctly():
+    configs = [{"zero_optimization": {"stage": s}} for s in (2, 3)]
+    results = _check("breaky", 2, configs)
+    assert all(r["regions"] >= 2 for r in results), [r["regions"] for r in results]
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_bf16_stage3_matches_bf16_eager():
+    # bf16 keeps 8 mantissa bits: each rank's partial gradient is rounded to
+    # bf16 before the fp32 reduction, where the reference rounds the sum once,
+    # so the tolerance is a few bf16 ulps. Adam turns a rounding difference in
+    # a tiny gradient into a step difference of up to lr, so lr is 1e-3 here.
+    configs = [{"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}]
+    _check("gpt", 2, configs, ref_kwargs={"dtype": torch.bfloat16}, rtol=2e-2, atol=2e-3, lr=1e-3)
+
+
+def _fp16_overflow_run():
+    """Start from a loss scale that overflows fp16, check steps are skipped
+    (parameters and optimizer untouched) until the scale is small enough."""
+    import torch.distributed as dist
+
+    import zerograph
+    from tests import _models
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = zerograph.compile(
+        _models.make_gpt(),
+        {"zero_optimization": {"stage": 3},
+         "fp16": {"enabled": True, "initial_scale_power": 32, "hysteresis": 1, "loss_scale_window": 1000}},
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in zerograph.full_state_dict(model).items()}
+    scaler = model._zg_runtime.scaler
+    scales, skipped, losses = [], [], []
+    for step in range(20):
+        idx, targets = _models.global_batch(step, 4 * world)
+        loss = model(idx.chunk(world)[rank], targets.chunk(world)[rank]).loss
+        loss.backward()
+        skipped.append(all(p.grad is None for p in model.parameters()))
+        opt.step()
+        opt.zero_grad()
+        scales.append(scaler.scale)
+        losses.append(loss.item())
+        if step == 0:
+            after_first = {k: v.clone() for k, v in zerograph.full_state_dict(model).items()}
+            state_after_first = len(opt.state)
+    return {"scales": scales, "skipped": skipped, "before": before, "after_first": after_first,
+            "state_after_first": state_after_first, "final": zerograph.full_state_dict(model), "losses": losses}
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_fp16_overflow_skips_step_and_lowers_scale():
+    results = spawn(_fp16_overflow_run, 2, timeout=TIMEOUT)
+    r = results[0]
+    assert r["skipped"][0], "a 2**32 loss scale must overflow fp16 on the first step"
+    assert r["state_after_first"] == 0, "the optimizer must not step on an overflow"
+    for key in r["before"]:
+        assert torch.equal(r["before"][key], r["after_first"][key]), key
+    # the scale halves on every overflow, then stays once gradients are finite
+    n_skipped = sum(r["skipped"])
+    assert r["skipped"] == [True] * n_skipped + [False] * (20 - n_skipped)
+    assert r["scales"][:n_skipped] == [2.0 ** (31 - i) for i in range(n_skipped)]
+    assert n_skipped < 20 and r["scales"][-1] == r["scales"][n_skipped - 1]
+    assert any(not torch.equal(r["before"][k], r["final"][k]) for k in r["before"]), "training must resume"
+    assert results[1]["skipped"] == r["skipped"], "all ranks agree on skipping"
