@@ -1,0 +1,197 @@
+"""Golden output of the ZeRO passes on a tiny MLP, traced in one process
+with the fake process group (world size 2)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.distributed as dist
+from expecttest import assert_expected_inline
+from torch import nn
+
+import zerograph
+from zerograph._torch_private import fake_store
+from zerograph.graph_format import format_graph
+
+
+class TinyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))).sum()
+
+
+@pytest.fixture
+def fake_world():
+    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=2)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    dist.destroy_process_group()
+
+
+def _compiled_graphs(stage, **compile_kwargs):
+    torch.manual_seed(0)
+    model = zerograph.compile(TinyMLP(), {"zero_optimization": {"stage": stage}, "zerograph": {"verify_graphs": True}},
+                              **compile_kwargs)
+    model(torch.randn(5, 4)).backward()
+    info = zerograph.inspect(model)
+    assert len(info.forward) == 1 and len(info.backward) == 1
+    return model, info
+
+
+def test_stage3_forward_gathers_and_saves_only_shards(fake_world):
+    _, info = _compiled_graphs(3)
+    assert_expected_inline(format_graph(info.forward[0]), """\
+primals_1: f32[3, 4]
+primals_2: 
+primals_3: f32[3]
+primals_4: 
+primals_5: f32[5, 4]
+primals_6: f32[2, 6]
+primals_7: 
+view: f32[3, 4] = aten.view(primals_1, [3, 4])
+all_gather_into_tensor_default: f32[6, 4] = _c10d_functional.all_gather_into_tensor(view, 2, '0')  # all_gather fc1.weight
+wait_tensor_default: f32[6, 4] = _c10d_functional.wait_tensor(all_gather_into_tensor_default)  # wait fc1.weight
+view_1: f32[3] = aten.view(primals_3, [3])
+all_gather_into_tensor_default_1: f32[6] = _c10d_functional.all_gather_into_tensor(view_1, 2, '0')  # all_gather fc1.bias
+wait_tensor_default_1: f32[6] = _c10d_functional.wait_tensor(all_gather_into_tensor_default_1)  # wait fc1.bias
+t: f32[4, 6] = aten.t(wait_tensor_default)
+addmm: f32[5, 6] = aten.addmm(wait_tensor_default_1, primals_5, t)
+relu: f32[5, 6] = aten.relu(addmm)
+detach: f32[5, 6] = aten.detach(relu)
+view_2: f32[2, 6] = aten.view(primals_6, [2, 6])
+all_gather_into_tensor_default_2: f32[4, 6] = _c10d_functional.all_gather_into_tensor(view_2, 2, '0')  # all_gather fc2.weight
+wait_tensor_default_2: f32[4, 6] = _c10d_functional.wait_tensor(all_gather_into_tensor_default_2)  # wait fc2.weight
+slice_tensor: f32[3, 6] = aten.slice.Tensor(wait_tensor_default_2, 0, 0, 3)  # comm_prep fc2.weight
+t_1: f32[6, 3] = aten.t(slice_tensor)
+mm: f32[5, 3] = aten.mm(relu, t_1)
+sum_1: f32[] = aten.sum(mm)
+return [sum_1, primals_5, relu, detach, view_2, primals_2]""")
+
+
+def test_stage3_backward_regathers_and_reduce_scatters(fake_world):
+    _, info = _compiled_graphs(3)
+    assert_expected_inline(format_graph(info.backward[0]), """\
+primals_5: f32[5, 4]
+relu: f32[5, 6]
+detach: f32[5, 6]
+view_2: f32[2, 6]
+primals_2: 
+tangents_1: f32[]
+expand: f32[5, 3] = aten.expand(tangents_1, [5, 3])
+t_2: f32[3, 5] = aten.t(expand)
+mm_1: f32[3, 6] = aten.mm(t_2, relu)
+t_3: f32[6, 3] = aten.t(mm_1)
+all_gather_into_tensor_default: f32[4, 6] = _c10d_functional.all_gather_into_tensor(view_2, 2, '0')  # all_gather fc2.weight
+wait_tensor_default: f32[4, 6] = _c10d_functional.wait_tensor(all_gather_into_tensor_default)  # wait fc2.weight
+slice_tensor: f32[3, 6] = aten.slice.Tensor(wait_tensor_default, 0, 0, 3)  # comm_prep fc2.weight
+t_1: f32[6, 3] = aten.t(slice_tensor)
+t_4: f32[3, 6] = aten.t(t_1)
+mm_2: f32[5, 6] = aten.mm(expand, t_4)
+t_5: f32[3, 6] = aten.t(t_3)
+constant_pad_nd_default: f32[4, 6] = aten.constant_pad_nd(t_5, [0, 0, 0, 1], 0.0)  # comm_prep fc2.weight
+reduce_scatter_tensor_default: f32[2, 6] = _c10d_functional.reduce_scatter_tensor(constant_pad_nd_default, 'sum', 2, '0')  # reduce_scatter fc2.weight
+wait_tensor_default_1: f32[2, 6] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default)  # wait fc2.weight
+mul_tensor: f32[2, 6] = aten.mul.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc2.weight
+view_3: f32[2, 6] = aten.view(mul_tensor, [2, 6])
+detach_1: f32[5, 6] = aten.detach(detach)
+threshold_backward: f32[5, 6] = aten.threshold_backward(mm_2, detach_1, 0)
+t_6: f32[6, 5] = aten.t(threshold_backward)
+mm_3: f32[6, 4] = aten.mm(t_6, primals_5)
+t_7: f32[4, 6] = aten.t(mm_3)
+sum_2: f32[1, 6] = aten.sum.dim_IntList(threshold_backward, [0], True)
+view_4: f32[6] = aten.view(sum_2, [6])
+t_8: f32[6, 4] = aten.t(t_7)
+reduce_scatter_tensor_default_1: f32[3] = _c10d_functional.reduce_scatter_tensor(view_4, 'sum', 2, '0')  # reduce_scatter fc1.bias
+wait_tensor_default_2: f32[3] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_1)  # wait fc1.bias
+mul_tensor_1: f32[3] = aten.mul.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.bias
+view_5: f32[3] = aten.view(mul_tensor_1, [3])
+reduce_scatter_tensor_default_2: f32[3, 4] = _c10d_functional.reduce_scatter_tensor(t_8, 'sum', 2, '0')  # reduce_scatter fc1.weight
+wait_tensor_default_3: f32[3, 4] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_2)  # wait fc1.weight
+mul_tensor_2: f32[3, 4] = aten.mul.Tensor(wait_tensor_default_3, 0.5)  # comm_prep fc1.weight
+view_6: f32[3, 4] = aten.view(mul_tensor_2, [3, 4])
+return [view_6, primals_2, view_5, primals_2, None, view_3, primals_2]""")
+
+
+def test_stage2_keeps_gathered_parameters_for_backward(fake_world):
+    _, info = _compiled_graphs(2)
+    assert_expected_inline(format_graph(info.backward[0]), """\
+primals_5: f32[5, 4]
+relu: f32[5, 6]
+detach: f32[5, 6]
+t_1: f32[6, 3]
+primals_2: 
+tangents_1: f32[]
+expand: f32[5, 3] = aten.expand(tangents_1, [5, 3])
+t_2: f32[3, 5] = aten.t(expand)
+mm_1: f32[3, 6] = aten.mm(t_2, relu)
+t_3: f32[6, 3] = aten.t(mm_1)
+t_4: f32[3, 6] = aten.t(t_1)
+mm_2: f32[5, 6] = aten.mm(expand, t_4)
+t_5: f32[3, 6] = aten.t(t_3)
+constant_pad_nd_default: f32[4, 6] = aten.constant_pad_nd(t_5, [0, 0, 0, 1], 0.0)  # comm_prep fc2.weight
+reduce_scatter_tensor_default: f32[2, 6] = _c10d_functional.reduce_scatter_tensor(constant_pad_nd_default, 'sum', 2, '0')  # reduce_scatter fc2.weight
+wait_tensor_default: f32[2, 6] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default)  # wait fc2.weight
+mul_tensor: f32[2, 6] = aten.mul.Tensor(wait_tensor_default, 0.5)  # comm_prep fc2.weight
+view_3: f32[2, 6] = aten.view(mul_tensor, [2, 6])
+detach_1: f32[5, 6] = aten.detach(detach)
+threshold_backward: f32[5, 6] = aten.threshold_backward(mm_2, detach_1, 0)
+t_6: f32[6, 5] = aten.t(threshold_backward)
+mm_3: f32[6, 4] = aten.mm(t_6, primals_5)
+t_7: f32[4, 6] = aten.t(mm_3)
+sum_2: f32[1, 6] = aten.sum.dim_IntList(threshold_backward, [0], True)
+view_4: f32[6] = aten.view(sum_2, [6])
+t_8: f32[6, 4] = aten.t(t_7)
+reduce_scatter_tensor_default_1: f32[3] = _c10d_functional.reduce_scatter_tensor(view_4, 'sum', 2, '0')  # reduce_scatter fc1.bias
+wait_tensor_default_1: f32[3] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_1)  # wait fc1.bias
+mul_tensor_1: f32[3] = aten.mul.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc1.bias
+view_5: f32[3] = aten.view(mul_tensor_1, [3])
+reduce_scatter_tensor_default_2: f32[3, 4] = _c10d_functional.reduce_scatter_tensor(t_8, 'sum', 2, '0')  # reduce_scatter fc1.weight
+wait_tensor_default_2: f32[3, 4] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_2)  # wait fc1.weight
+mul_tensor_2: f32[3, 4] = aten.mul.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.weight
+view_6: f32[3, 4] = aten.view(mul_tensor_2, [3, 4])
+return [view_6, primals_2, view_5, primals_2, None, view_3, primals_2]""")
+
+
+def test_custom_pass_inserted_after_builtin_runs_on_lowered_graph(fake_world):
+    seen = []
+
+    def count_waits(gm, ctx):
+        waits = [n for n in gm.graph.nodes if getattr(n.target, "__name__", "").startswith("wait_tensor")]
+        seen.append((ctx.phase, len(waits)))
+        return zerograph.PassResult(details={"waits": len(waits)})
+
+    passes = zerograph.default_passes().insert_after(
+        "lower_markers", zerograph.GraphPass("count_waits", count_waits, phases=("forward", "backward"))
+    )
+    _, info = _compiled_graphs(3, passes=passes)
+    assert seen == [("forward", 3), ("backward", 4)]
+    names = [(r.phase, r.name) for r in info.passes]
+    assert names.index(("forward", "count_waits")) == names.index(("forward", "lower_markers")) + 1
+    record = next(r for r in info.passes if r.name == "count_waits" and r.phase == "backward")
+    assert record.details == {"waits": 4}
+
+
+def test_disabling_lowering_leaves_markers_visible(fake_world):
+    passes = zerograph.default_passes().disable("lower_markers")
+    _, info = _compiled_graphs(3, passes=passes)
+    text = format_graph(info.forward[0])
+    # the markers stay single nodes (their eager implementations communicate)
+    assert text.count("= zerograph.unshard(") == 3 and "all_gather" not in text
+
+
+def test_debug_mode_logs_pass_times_and_node_diffs(fake_world, caplog):
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="zerograph.passes.manager"):
+        model = zerograph.compile(TinyMLP(), {"zero_optimization": {"stage": 3}, "zerograph": {"debug": True}})
+        model(torch.randn(5, 4)).backward()
+    text = caplog.text
+    assert "lower_markers" in text and " ms " in text
+    assert "+ all_gather_into_tensor_default=call_function:all_gather_into_tensor.default" in text
+    assert "- unshard=call_function:unshard.default" in text
