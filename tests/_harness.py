@@ -89,7 +89,17 @@ def model_state_bytes(model, opt) -> int:
     return total
 
 
-def zerograph_run(model_name: str, configs: list[dict], steps: int = STEPS, lr: float = LR):
+def _prepare(model, config, entry: str):
+    if entry == "compile":
+        return zerograph.compile(model, config)
+    model = zerograph.shard(model, config)
+    if entry == "torch_compile":
+        return torch.compile(model, backend="zerograph")
+    assert entry == "eager", entry
+    return model
+
+
+def zerograph_run(model_name: str, configs: list[dict], steps: int = STEPS, lr: float = LR, entry: str = "compile"):
     """On each spawned rank: train one fresh model per config; return per
     config (mean loss per step, full state dict, bytes, comm, regions)."""
     import torch.distributed as dist
@@ -99,7 +109,7 @@ def zerograph_run(model_name: str, configs: list[dict], steps: int = STEPS, lr: 
     for config in configs:
         torch._dynamo.reset()
         accumulation = config.get("gradient_accumulation_steps", 1)
-        model = zerograph.compile(_models.MODELS[model_name](), config)
+        model = _prepare(_models.MODELS[model_name](), config, entry)
         opt = _optimizer(model.parameters(), lr)
         losses = []
         state_bytes = 0

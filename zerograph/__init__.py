@@ -5,7 +5,7 @@
     loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
 """
 
-from zerograph.api import Inspection, compile, full_state_dict, inspect
+from zerograph.api import Inspection, compile, full_state_dict, inspect, shard
 from zerograph.config import Config, ConfigError
 from zerograph.passes import GraphPass, PassContext, PassList, PassResult, default_passes
 
@@ -23,4 +23,5 @@ __all__ = [
     "default_passes",
     "full_state_dict",
     "inspect",
+    "shard",
 ]

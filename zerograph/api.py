@@ -20,11 +20,45 @@ from zerograph.sharding import full_state_dict, shard_parameters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compile", "inspect", "full_state_dict", "Inspection"]
+__all__ = ["compile", "shard", "inspect", "full_state_dict", "Inspection"]
 
 
 def _zerograph_call(self, *args, **kwargs):
     return self._zg_runtime(*args, **kwargs)
+
+
+def shard(
+    model: nn.Module,
+    config: Config | dict | str | os.PathLike | None = None,
+    *,
+    passes: PassList | None = None,
+) -> nn.Module:
+    """Shard ``model`` for ZeRO without compiling it (collective: call on every rank).
+
+    The returned module (the same object) is correct when run eagerly: its
+    marker ops communicate. ``torch.compile(model, backend="zerograph")``
+    then compiles it with this config and pass list.
+    """
+    cfg = Config.load(config)
+    for line in cfg.inactive_settings():
+        log.warning("zerograph: %s", line)
+    dp = data_parallel_group(cfg.zerograph.collective_timeout_s)
+    cfg.resolve_batch(dp.world_size)
+    ctx = ShardingContext(cfg, dp)
+    shard_parameters(model, ctx)
+    backend = ZerographBackend(ctx, passes=passes.copy() if passes is not None else None)
+    ctx.extra["backend"] = backend
+    ctx.passes = backend.passes
+    params = list(dict.fromkeys(model.parameters()))
+    model._zg_runtime = TrainingRuntime(ctx, model._call_impl, params)
+    base = type(model)
+    model.__class__ = type(base.__name__, (base,), {
+        "__call__": _zerograph_call,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+    })
+    log.info("zerograph: sharded %s with ZeRO stage %d on %d rank(s)", base.__name__, cfg.stage, dp.world_size)
+    return model
 
 
 def compile(
@@ -41,26 +75,10 @@ def compile(
     shards (DTensors) and whose calls run the compiled graphs. Collective:
     call it on every rank.
     """
-    cfg = Config.load(config)
-    for line in cfg.inactive_settings():
-        log.warning("zerograph: %s", line)
-    dp = data_parallel_group(cfg.zerograph.collective_timeout_s)
-    cfg.resolve_batch(dp.world_size)
-    ctx = ShardingContext(cfg, dp)
-    shard_parameters(model, ctx)
-    backend = ZerographBackend(ctx, passes=passes.copy() if passes is not None else None)
-    ctx.extra["backend"] = backend
-    ctx.passes = backend.passes
-    compiled = torch.compile(model._call_impl, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
-    params = list(dict.fromkeys(model.parameters()))
-    model._zg_runtime = TrainingRuntime(ctx, compiled, params)
-    base = type(model)
-    model.__class__ = type(base.__name__, (base,), {
-        "__call__": _zerograph_call,
-        "__module__": base.__module__,
-        "__qualname__": base.__qualname__,
-    })
-    log.info("zerograph: compiled %s with ZeRO stage %d on %d rank(s)", base.__name__, cfg.stage, dp.world_size)
+    model = shard(model, config, passes=passes)
+    runtime = model._zg_runtime
+    backend = runtime.ctx.extra["backend"]
+    runtime.compiled = torch.compile(model._call_impl, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     return model
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import torch
 import torch.fx as fx
 
 from zerograph._torch_private import aot_autograd, default_partition, inductor_compile, make_boxed_func
@@ -92,9 +93,14 @@ class ZerographBackend:
         )(gm, example_inputs)
 
 
+_MARKERS = (UNSHARD, REDUCE_GRAD, torch.ops.zerograph.unshard, torch.ops.zerograph.reduce_grad)
+
+
 def _context_of(gm: fx.GraphModule):
+    """The sharding context named by the first marker op in a Dynamo graph
+    (Dynamo records the op packet, AOTAutograd the overload)."""
     for node in gm.graph.nodes:
-        if node.target is UNSHARD or node.target is REDUCE_GRAD:
+        if node.op == "call_function" and node.target in _MARKERS:
             return registry.lookup(node.args[1])
     return None
 

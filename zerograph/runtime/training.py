@@ -66,7 +66,17 @@ class TrainingRuntime:
         self._finish_queued = False
 
     # -- forward -----------------------------------------------------------
+    # ``before`` and ``after`` are kept out of Dynamo (graph breaks), so the
+    # call in between can be traced by an outer ``torch.compile(model,
+    # backend="zerograph")`` as well as by ``zerograph.compile``.
     def __call__(self, *args, **kwargs):
+        args, kwargs, boundary = self.before(args, kwargs)
+        out = self.compiled(*args, **kwargs)
+        return self.after(out, boundary)
+
+    @torch.compiler.disable
+    def before(self, args, kwargs):
+        """Cast floating inputs to the compute dtype; count the micro-batch."""
         ctx = self.ctx
         dtype = ctx.config.compute_dtype
         if dtype != torch.float32:
@@ -75,11 +85,16 @@ class TrainingRuntime:
                 return t.to(dtype) if t.is_floating_point() else t
 
             args, kwargs = _map_tensors(args, cast), _map_tensors(kwargs, cast)
-        out = self.compiled(*args, **kwargs)
-        if not torch.is_grad_enabled():
+        boundary = None
+        if torch.is_grad_enabled():
+            ctx.micro_step += 1
+            boundary = ctx.micro_step % ctx.config.gradient_accumulation_steps == 0
+        return args, kwargs, boundary
+
+    @torch.compiler.disable
+    def after(self, out, boundary):
+        if boundary is None:
             return out
-        ctx.micro_step += 1
-        boundary = ctx.micro_step % ctx.config.gradient_accumulation_steps == 0
         return self._attach(out, boundary)
 
     def _attach(self, out, boundary: bool):
