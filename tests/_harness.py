@@ -82,7 +82,7 @@ def model_state_bytes(model, opt) -> int:
         tensors += [v for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
     for t in tensors:
         t = local(t)
-        key = (t.untyped_storage().data_ptr(), t.numel())
+        key = (t.data_ptr(), t.numel())  # views into one bucket buffer are distinct tensors
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()

@@ -35,9 +35,13 @@ def fake_world():
     dist.destroy_process_group()
 
 
-def _compiled_graphs(stage, **compile_kwargs):
+UNBUCKETED = {"allgather_bucket_size": 0, "reduce_bucket_size": 0}
+
+
+def _compiled_graphs(stage, bucketed=False, **compile_kwargs):
     torch.manual_seed(0)
-    model = zerograph.compile(TinyMLP(), {"zero_optimization": {"stage": stage}, "zerograph": {"verify_graphs": True}},
+    zero = {"stage": stage, **({} if bucketed else UNBUCKETED)}
+    model = zerograph.compile(TinyMLP(), {"zero_optimization": zero, "zerograph": {"verify_graphs": True}},
                               **compile_kwargs)
     model(torch.randn(5, 4)).backward()
     info = zerograph.inspect(model)
@@ -156,6 +160,93 @@ reduce_scatter_tensor_default_2: f32[3, 4] = _c10d_functional.reduce_scatter_ten
 wait_tensor_default_2: f32[3, 4] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_2)  # wait fc1.weight
 mul_tensor_2: f32[3, 4] = aten.mul.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.weight
 view_6: f32[3, 4] = aten.view(mul_tensor_2, [3, 4])
+return [view_6, primals_2, view_5, primals_2, None, view_3, primals_2]""")
+
+
+def test_stage3_bucketed_forward_gathers_one_module_at_once(fake_world):
+    _, info = _compiled_graphs(3, bucketed=True)
+    assert_expected_inline(format_graph(info.forward[0]), """\
+primals_1: f32[3, 4]
+primals_2: 
+primals_3: f32[3]
+primals_4: 
+primals_5: f32[5, 4]
+primals_6: f32[2, 6]
+primals_7: 
+view: f32[3, 4] = aten.view(primals_1, [3, 4])
+view_1: f32[3] = aten.view(primals_3, [3])
+view_default: f32[12] = aten.view(view, [12])  # comm_prep fc1.weight,fc1.bias
+view_default_1: f32[3] = aten.view(view_1, [3])  # comm_prep fc1.weight,fc1.bias
+cat_default: f32[15] = aten.cat([view_default, view_default_1])  # comm_prep fc1.weight,fc1.bias
+all_gather_into_tensor_default: f32[30] = _c10d_functional.all_gather_into_tensor(cat_default, 2, '0')  # all_gather fc1.weight,fc1.bias
+wait_tensor_default: f32[30] = _c10d_functional.wait_tensor(all_gather_into_tensor_default)  # wait fc1.weight,fc1.bias
+view_default_2: f32[2, 15] = aten.view(wait_tensor_default, [2, 15])  # comm_prep fc1.weight,fc1.bias
+slice_tensor: f32[2, 12] = aten.slice.Tensor(view_default_2, 1, 0, 12)  # comm_prep fc1.weight,fc1.bias
+clone_default: f32[2, 12] = aten.clone(slice_tensor, memory_format=torch.contiguous_format)  # comm_prep fc1.weight,fc1.bias
+view_default_3: f32[6, 4] = aten.view(clone_default, [6, 4])  # comm_prep fc1.weight,fc1.bias
+slice_tensor_1: f32[2, 3] = aten.slice.Tensor(view_default_2, 1, 12, 15)  # comm_prep fc1.weight,fc1.bias
+clone_default_1: f32[2, 3] = aten.clone(slice_tensor_1, memory_format=torch.contiguous_format)  # comm_prep fc1.weight,fc1.bias
+view_default_4: f32[6] = aten.view(clone_default_1, [6])  # comm_prep fc1.weight,fc1.bias
+t: f32[4, 6] = aten.t(view_default_3)
+addmm: f32[5, 6] = aten.addmm(view_default_4, primals_5, t)
+relu: f32[5, 6] = aten.relu(addmm)
+detach: f32[5, 6] = aten.detach(relu)
+view_2: f32[2, 6] = aten.view(primals_6, [2, 6])
+all_gather_into_tensor_default_1: f32[4, 6] = _c10d_functional.all_gather_into_tensor(view_2, 2, '0')  # all_gather fc2.weight
+wait_tensor_default_1: f32[4, 6] = _c10d_functional.wait_tensor(all_gather_into_tensor_default_1)  # wait fc2.weight
+slice_tensor_2: f32[3, 6] = aten.slice.Tensor(wait_tensor_default_1, 0, 0, 3)  # comm_prep fc2.weight
+t_1: f32[6, 3] = aten.t(slice_tensor_2)
+mm: f32[5, 3] = aten.mm(relu, t_1)
+sum_1: f32[] = aten.sum(mm)
+return [sum_1, primals_5, relu, detach, view_2, primals_2]""")
+
+
+def test_stage3_bucketed_backward_reduce_scatters_one_module_at_once(fake_world):
+    _, info = _compiled_graphs(3, bucketed=True)
+    assert_expected_inline(format_graph(info.backward[0]), """\
+primals_5: f32[5, 4]
+relu: f32[5, 6]
+detach: f32[5, 6]
+view_2: f32[2, 6]
+primals_2: 
+tangents_1: f32[]
+expand: f32[5, 3] = aten.expand(tangents_1, [5, 3])
+t_2: f32[3, 5] = aten.t(expand)
+mm_1: f32[3, 6] = aten.mm(t_2, relu)
+t_3: f32[6, 3] = aten.t(mm_1)
+all_gather_into_tensor_default: f32[4, 6] = _c10d_functional.all_gather_into_tensor(view_2, 2, '0')  # all_gather fc2.weight
+wait_tensor_default: f32[4, 6] = _c10d_functional.wait_tensor(all_gather_into_tensor_default)  # wait fc2.weight
+slice_tensor: f32[3, 6] = aten.slice.Tensor(wait_tensor_default, 0, 0, 3)  # comm_prep fc2.weight
+t_1: f32[6, 3] = aten.t(slice_tensor)
+t_4: f32[3, 6] = aten.t(t_1)
+mm_2: f32[5, 6] = aten.mm(expand, t_4)
+t_5: f32[3, 6] = aten.t(t_3)
+constant_pad_nd_default: f32[4, 6] = aten.constant_pad_nd(t_5, [0, 0, 0, 1], 0.0)  # comm_prep fc2.weight
+reduce_scatter_tensor_default: f32[2, 6] = _c10d_functional.reduce_scatter_tensor(constant_pad_nd_default, 'sum', 2, '0')  # reduce_scatter fc2.weight
+wait_tensor_default_1: f32[2, 6] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default)  # wait fc2.weight
+mul_tensor: f32[2, 6] = aten.mul.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc2.weight
+view_3: f32[2, 6] = aten.view(mul_tensor, [2, 6])
+detach_1: f32[5, 6] = aten.detach(detach)
+threshold_backward: f32[5, 6] = aten.threshold_backward(mm_2, detach_1, 0)
+t_6: f32[6, 5] = aten.t(threshold_backward)
+mm_3: f32[6, 4] = aten.mm(t_6, primals_5)
+t_7: f32[4, 6] = aten.t(mm_3)
+sum_2: f32[1, 6] = aten.sum.dim_IntList(threshold_backward, [0], True)
+view_4: f32[6] = aten.view(sum_2, [6])
+t_8: f32[6, 4] = aten.t(t_7)
+view_default: f32[2, 3] = aten.view(view_4, [2, 3])  # comm_prep fc1.bias,fc1.weight
+view_default_1: f32[2, 12] = aten.view(t_8, [2, 12])  # comm_prep fc1.bias,fc1.weight
+cat_default: f32[2, 15] = aten.cat([view_default, view_default_1], 1)  # comm_prep fc1.bias,fc1.weight
+view_default_2: f32[30] = aten.view(cat_default, [30])  # comm_prep fc1.bias,fc1.weight
+reduce_scatter_tensor_default_1: f32[15] = _c10d_functional.reduce_scatter_tensor(view_default_2, 'sum', 2, '0')  # reduce_scatter fc1.bias,fc1.weight
+wait_tensor_default_2: f32[15] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_1)  # wait fc1.bias,fc1.weight
+mul_tensor_1: f32[15] = aten.mul.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.bias,fc1.weight
+slice_tensor_1: f32[3] = aten.slice.Tensor(mul_tensor_1, 0, 0, 3)  # comm_prep fc1.bias,fc1.weight
+view_default_3: f32[3] = aten.view(slice_tensor_1, [3])  # comm_prep fc1.bias,fc1.weight
+slice_tensor_2: f32[12] = aten.slice.Tensor(mul_tensor_1, 0, 3, 15)  # comm_prep fc1.bias,fc1.weight
+view_default_4: f32[3, 4] = aten.view(slice_tensor_2, [3, 4])  # comm_prep fc1.bias,fc1.weight
+view_5: f32[3] = aten.view(view_default_3, [3])
+view_6: f32[3, 4] = aten.view(view_default_4, [3, 4])
 return [view_6, primals_2, view_5, primals_2, None, view_3, primals_2]""")
 
 

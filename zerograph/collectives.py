@@ -92,3 +92,98 @@ def reduce_param_grad(grad, spec: ParamSpec, emit: Emit = _noop_emit):
     if spec.grad_scale != 1.0:
         x = emit("comm_prep", aten.mul.Tensor(x, spec.grad_scale))
     return x
+
+
+def _flat(x, numel: int):
+    return aten.view.default(x, [numel])
+
+
+def gather_bucket(shards, specs: list[ParamSpec], emit: Emit = _noop_emit) -> list:
+    """Full parameters for several sharded parameters with one all-gather.
+
+    Each rank packs its padded shards into one flat buffer of ``S`` elements
+    (the same layout on every rank); the gathered ``[W * S]`` buffer is viewed
+    as ``[W, S]`` and each parameter's ``[W, chunk]`` column block is copied
+    out into its full shape::
+
+        buf  = aten.cat([view(pad(cast(shard_i)), [chunk_i]) ...])
+        ag   = _c10d_functional.all_gather_into_tensor(buf, W, group)
+        full = aten.view(wait_tensor(ag), [W, S])
+        p_i  = aten.slice(view(clone(aten.slice(full, 1, off_i, off_i + chunk_i)), [W * rows_i, ...]), 0, 0, R_i)
+    """
+    world = specs[0].world_size
+    flats = []
+    for x, spec in zip(shards, specs):
+        x = _cast(x, spec.compute_dtype, spec.master_dtype, emit)
+        x = _pad_dim0(x, spec, spec.chunk_rows - spec.local_rows, emit)
+        flats.append(emit("comm_prep", _flat(x, spec.chunk_rows * spec.row_numel)))
+    total = sum(s.chunk_rows * s.row_numel for s in specs)
+    buf = emit("comm_prep", aten.cat.default(flats))
+    x = emit("all_gather", c10d_functional.all_gather_into_tensor.default(buf, world, specs[0].group_name))
+    x = emit("wait", c10d_functional.wait_tensor.default(x))
+    full = emit("comm_prep", aten.view.default(x, [world, total]))
+    outs, offset = [], 0
+    for spec in specs:
+        chunk = spec.chunk_rows * spec.row_numel
+        part = emit("comm_prep", aten.slice.Tensor(full, 1, offset, offset + chunk))
+        part = emit("comm_prep", aten.clone.default(part, memory_format=torch.contiguous_format))
+        part = emit("comm_prep", aten.view.default(part, [world * spec.chunk_rows, *spec.full_shape[1:]]))
+        if world * spec.chunk_rows != spec.full_rows:
+            part = emit("comm_prep", aten.slice.Tensor(part, 0, 0, spec.full_rows))
+        outs.append(part)
+        offset += chunk
+    return outs
+
+
+def reduce_bucket(grads, specs: list[ParamSpec], emit: Emit = _noop_emit) -> list:
+    """Gradient shards for several parameters with one collective.
+
+    ``reduce_scatter``: each full gradient, padded to ``W * chunk_rows`` rows,
+    is viewed as ``[W, chunk]``; the blocks are concatenated along dim 1 so
+    rank ``r``'s slice of the flat buffer holds its rows of every parameter::
+
+        buf  = aten.cat([view(pad(cast(g_i)), [W, chunk_i]) ...], 1)
+        rs   = _c10d_functional.reduce_scatter_tensor(view(buf, [W * S]), "sum", W, group)
+        out  = aten.mul(wait_tensor(rs), 1 / (W * accumulation))
+        g'_i = aten.slice(view(aten.slice(out, 0, off_i, off_i + chunk_i), [rows_i, ...]), 0, 0, local_rows_i)
+
+    ``all_reduce`` / ``all_reduce_slice`` (stages 0-1): the flat full
+    gradients are concatenated, all-reduced once and split again.
+    """
+    first = specs[0]
+    world = first.world_size
+    scatter = first.grad_reduce == "reduce_scatter"
+    parts = []
+    for g, spec in zip(grads, specs):
+        g = _cast(g, spec.master_dtype, spec.compute_dtype, emit)
+        if scatter:
+            g = _pad_dim0(g, spec, spec.chunk_rows * world - spec.full_rows, emit)
+            parts.append(emit("comm_prep", aten.view.default(g, [world, spec.chunk_rows * spec.row_numel])))
+        else:
+            parts.append(emit("comm_prep", _flat(g, spec.numel)))
+    if scatter:
+        total = sum(s.chunk_rows * s.row_numel for s in specs)
+        buf = emit("comm_prep", aten.cat.default(parts, 1))
+        buf = emit("comm_prep", _flat(buf, world * total))
+        x = emit("reduce_scatter", c10d_functional.reduce_scatter_tensor.default(buf, "sum", world, first.group_name))
+    else:
+        buf = emit("comm_prep", aten.cat.default(parts))
+        x = emit("all_reduce", c10d_functional.all_reduce.default(buf, "sum", first.group_name))
+    x = emit("wait", c10d_functional.wait_tensor.default(x))
+    if first.grad_scale != 1.0:
+        x = emit("comm_prep", aten.mul.Tensor(x, first.grad_scale))
+    outs, offset = [], 0
+    for spec in specs:
+        size = spec.chunk_rows * spec.row_numel if scatter else spec.numel
+        part = emit("comm_prep", aten.slice.Tensor(x, 0, offset, offset + size))
+        if scatter:
+            part = emit("comm_prep", aten.view.default(part, [spec.chunk_rows, *spec.full_shape[1:]]))
+            if spec.local_rows != spec.chunk_rows:
+                part = emit("comm_prep", aten.slice.Tensor(part, 0, 0, spec.local_rows))
+        else:
+            part = emit("comm_prep", aten.view.default(part, list(spec.full_shape)))
+            if spec.grad_reduce == "all_reduce_slice" and spec.local_rows != spec.full_rows:
+                part = emit("comm_prep", aten.slice.Tensor(part, 0, spec.row_start, spec.row_start + spec.local_rows))
+        outs.append(part)
+        offset += size
+    return outs

@@ -57,6 +57,7 @@ def format_graph(gm: fx.GraphModule, *, tags: bool = True) -> str:
         line = f"{node.name}: {_shape(node)} = {_target_name(node)}({', '.join(args)})"
         tag = get_tag(node)
         if tags and tag is not None and tag.role != "compute":
-            line += f"  # {tag.role} {tag.param or ''}".rstrip()
+            names = tag.param or ",".join(tag.bucket)
+            line += f"  # {tag.role} {names}".rstrip()
         lines.append(line)
     return "\n".join(lines)

@@ -41,6 +41,7 @@ class NodeTag:
     module_path: str | None = None  # e.g. "transformer.h.3.attn"
     layer: int | None = None  # first integer in module_path (block index), if any
     param: str | None = None  # parameter FQN for markers and collectives
+    bucket: tuple[str, ...] = ()  # parameters sharing this node's collective
     pass_name: str | None = None  # the pass that inserted the node, if any
 
     def replace(self, **changes) -> "NodeTag":

@@ -1,0 +1,72 @@
+"""Bucketing policy: which markers share one collective.
+
+An analysis (it never mutates the graph): it walks the ``unshard`` and
+``reduce_grad`` markers in graph order and groups consecutive markers of the
+same kind that belong to the same block (the ``layer`` tag; outside blocks,
+the same module), up to ``allgather_bucket_size`` / ``reduce_bucket_size``
+elements. Inside a bucket parameters keep graph order, which for a block is
+registration order in the forward. This gives one all-gather and one
+reduce-scatter per transformer block, like FSDP2 with one group per block.
+A bucket size of 0 turns bucketing off. The lowering pass is the mechanism
+that turns each bucket into collectives.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from zerograph.metadata import get_tag
+from zerograph.ops import REDUCE_GRAD, UNSHARD
+from zerograph.runtime.specs import ParamSpec
+
+
+def _group_key(node: fx.Node, spec: ParamSpec):
+    tag = get_tag(node)
+    where = None
+    if tag is not None:
+        where = ("layer", tag.layer) if tag.layer is not None else ("module", tag.module_path)
+    if node.target is UNSHARD:
+        return ("gather", where, spec.compute_dtype)
+    return ("reduce", where, spec.grad_reduce, spec.master_dtype)
+
+
+def _bucketable(node: fx.Node, spec: ParamSpec) -> bool:
+    if spec.world_size == 1:
+        return False
+    if node.target is UNSHARD:
+        return spec.storage == "sharded"
+    return True
+
+
+def plan_buckets(
+    gm: fx.GraphModule, specs: dict[str, ParamSpec], *, gather_cap: int, reduce_cap: int
+) -> list[list[fx.Node]]:
+    """Markers of ``gm`` in graph order, grouped into buckets (lists of one or more)."""
+    buckets: list[list[fx.Node]] = []
+    current: list[fx.Node] = []
+    current_key = None
+    current_size = 0
+
+    def flush():
+        nonlocal current, current_key, current_size
+        if current:
+            buckets.append(current)
+        current, current_key, current_size = [], None, 0
+
+    for node in gm.graph.nodes:
+        if node.target is not UNSHARD and node.target is not REDUCE_GRAD:
+            continue
+        spec = specs[node.args[2]]
+        cap = gather_cap if node.target is UNSHARD else reduce_cap
+        if cap <= 0 or not _bucketable(node, spec):
+            flush()
+            buckets.append([node])
+            continue
+        key = _group_key(node, spec)
+        if current and (key != current_key or current_size + spec.numel > cap):
+            flush()
+        current.append(node)
+        current_key = key
+        current_size += spec.numel
+    flush()
+    return buckets
