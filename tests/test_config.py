@@ -380,7 +380,7 @@ def test_inactive_settings():
         }
     )
     assert cfg.inactive_settings() == [
-        "zero_optimization.reduce_scatter=false has no effect yet (bucketing passes are not implemented); "
+        "zero_optimization.reduce_scatter=false has no effect yet (zerograph picks the reduction per stage and lays gradients out in its bucket buffers); "
         "it is accepted so DeepSpeed configs load",
         "zero_optimization.stage3_prefetch_bucket_size=1000 has no effect yet (scheduling passes are not "
         "implemented); it is accepted so DeepSpeed configs load",

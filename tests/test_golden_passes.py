@@ -286,3 +286,33 @@ def test_debug_mode_logs_pass_times_and_node_diffs(fake_world, caplog):
     assert "lower_markers" in text and " ms " in text
     assert "+ all_gather_into_tensor_default=call_function:all_gather_into_tensor.default" in text
     assert "- unshard=call_function:unshard.default" in text
+
+
+class TiedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(self.emb(idx)).sum()
+
+
+def test_tied_parameter_is_gathered_and_reduced_once(fake_world):
+    from zerograph.metadata import get_tag
+
+    model = zerograph.compile(TiedEmbedding(), {"zero_optimization": {"stage": 3}})
+    model(torch.tensor([[1, 2, 3]])).backward()
+    info = zerograph.inspect(model)
+
+    def count(graphs, role):
+        return sum(
+            1 for g in graphs for n in g.graph.nodes
+            if (t := get_tag(n)) is not None and t.role == role and "emb.weight" in (t.param, *t.bucket)
+        )
+
+    assert count(info.forward, "all_gather") == 1
+    assert count(info.backward, "reduce_scatter") == 1
+    dedupe = next(r for r in info.passes if r.name == "dedupe_markers")
+    assert dedupe.details == {"removed": 1}

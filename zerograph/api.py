@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from zerograph.backend import ZerographBackend
-from zerograph.config import Config
-from zerograph.passes import PassList, PassRecord
+from zerograph.config import Config, ConfigError
+from zerograph.passes import PassList, PassRecord, default_passes
 from zerograph.runtime.context import ShardingContext
 from zerograph.runtime.dist import data_parallel_group
 from zerograph.runtime.training import TrainingRuntime
@@ -42,11 +42,17 @@ def shard(
     cfg = Config.load(config)
     for line in cfg.inactive_settings():
         log.warning("zerograph: %s", line)
+    pass_list = passes.copy() if passes is not None else default_passes()
+    for name in cfg.zerograph.disabled_passes:
+        if name not in pass_list.names:
+            raise ConfigError(
+                f"zerograph.disabled_passes: no pass named {name!r}; passes are: {', '.join(pass_list.names)}"
+            )
     dp = data_parallel_group(cfg.zerograph.collective_timeout_s)
     cfg.resolve_batch(dp.world_size)
     ctx = ShardingContext(cfg, dp)
     shard_parameters(model, ctx)
-    backend = ZerographBackend(ctx, passes=passes.copy() if passes is not None else None)
+    backend = ZerographBackend(ctx, passes=pass_list)
     ctx.extra["backend"] = backend
     ctx.passes = backend.passes
     params = list(dict.fromkeys(model.parameters()))
@@ -78,7 +84,14 @@ def compile(
     model = shard(model, config, passes=passes)
     runtime = model._zg_runtime
     backend = runtime.ctx.extra["backend"]
-    runtime.compiled = torch.compile(model._call_impl, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    call_impl = model._call_impl
+
+    def call_model(*args, **kwargs):
+        # A frame of zerograph's own, so Dynamo traces the module call even
+        # when the model's forward is a torch.nn class (nn.Sequential).
+        return call_impl(*args, **kwargs)
+
+    runtime.compiled = torch.compile(call_model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     return model
 
 

@@ -82,7 +82,7 @@ class ZerographBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         region = self.sharding.new_region() if self.sharding is not None else CompiledRegion(index=0)
-        region.graphs["dynamo"] = gm
+        self._run(gm, "dynamo", region)
         compile_for = functools.partial(self._compile, region)
         return aot_autograd(
             fw_compiler=functools.partial(compile_for, "forward"),

@@ -108,7 +108,7 @@ def _no_effect(reason: str) -> dict[str, str]:
 
 
 _SCHEDULING = _no_effect("scheduling passes are not implemented")
-_BUCKETING = _no_effect("bucketing passes are not implemented")
+_BUCKETING = _no_effect("zerograph picks the reduction per stage and lays gradients out in its bucket buffers")
 
 
 # ---------------------------------------------------------------------------
@@ -209,14 +209,13 @@ class ZeroConfig(BaseModel):
     )
     reduce_bucket_size: _Size = Field(
         500_000_000,
-        description="Elements reduced per gradient bucket. DeepSpeed: same key.",
-        json_schema_extra=_BUCKETING,
+        description="At most this many elements per fused gradient reduction. Buckets never span "
+        "two blocks (one reduction per transformer block); 0 turns bucketing off. DeepSpeed: same key.",
     )
     allgather_bucket_size: _Size = Field(
         500_000_000,
-        description="Elements all-gathered per bucket after the optimizer step (stages 1 and 2). "
-        "DeepSpeed: same key.",
-        json_schema_extra=_BUCKETING,
+        description="At most this many elements per fused parameter all-gather. Buckets never span "
+        "two blocks (one gather per transformer block); 0 turns bucketing off. DeepSpeed: same key.",
     )
     stage3_max_live_parameters: _Size = Field(
         1_000_000_000,

@@ -83,6 +83,9 @@ def shard_parameters(model: nn.Module, ctx: ShardingContext) -> None:
     new_params: dict[int, tuple[nn.Parameter, str]] = {}
     subclasses: dict[tuple[type, tuple[str, ...]], type] = {}
     for mod_name, module in model.named_modules():
+        for buf_name, buf in module._buffers.items():
+            if buf is not None and buf.device != ctx.dp.device:
+                module._buffers[buf_name] = buf.to(ctx.dp.device)
         names = [n for n, p in module._parameters.items() if p is not None]
         if not names:
             continue

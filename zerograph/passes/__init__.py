@@ -5,7 +5,7 @@ from __future__ import annotations
 from zerograph.passes.analysis import comm_analysis
 from zerograph.passes.manager import GraphPass, PassContext, PassList, PassRecord, PassResult, run_passes
 from zerograph.passes.tagging import tag_nodes
-from zerograph.passes.zero import lower_markers, zero_policy
+from zerograph.passes.zero import dedupe_markers, lower_markers, zero_policy
 
 __all__ = [
     "GraphPass",
@@ -30,6 +30,7 @@ def default_passes() -> PassList:
     """The built-in pipeline, in order."""
     return PassList(
         [
+            GraphPass("dedupe_markers", dedupe_markers, phases=("dynamo",)),
             GraphPass("tag_nodes", tag_nodes, phases=("joint", "forward", "backward", "inference")),
             GraphPass("zero_policy", zero_policy, phases=("joint",)),
             GraphPass("lower_markers", lower_markers),

@@ -4,6 +4,7 @@ A pass is a small function ``fn(gm, ctx) -> PassResult | None`` on a
 ``torch.fx.GraphModule``. Options are bound by keyword with
 ``functools.partial``. Each pass names the graphs it applies to:
 
+* ``"dynamo"``: the graph Dynamo captured, before AOTAutograd traces it;
 * ``"joint"``: AOTAutograd's joint forward+backward graph, before partitioning
   (where save/recompute decisions are made);
 * ``"forward"``, ``"backward"``, ``"inference"``: the partitioned graphs
@@ -12,7 +13,7 @@ A pass is a small function ``fn(gm, ctx) -> PassResult | None`` on a
 Users change the pipeline as data::
 
     passes = zerograph.default_passes()
-    passes.insert_after("lower_reduce_grad", GraphPass("count_waits", my_fn, phases=("backward",)))
+    passes.insert_after("lower_markers", GraphPass("count_waits", my_fn, phases=("backward",)))
     passes.disable("dce")
     model = zerograph.compile(model, config, passes=passes)
 """
@@ -29,7 +30,7 @@ import torch.fx as fx
 
 log = logging.getLogger(__name__)
 
-PHASES = ("joint", "forward", "backward", "inference")
+PHASES = ("dynamo", "joint", "forward", "backward", "inference")
 
 
 @dataclasses.dataclass
