@@ -72,6 +72,10 @@ def clean_module_path(raw: str) -> str:
     path = _DYNAMO_PREFIX.sub("", raw)
     path = re.sub(r"\[(?:'|\")?([^\]'\"]+)(?:'|\")?\]", r".\1", path)
     path = re.sub(r"\._modules\.", ".", path)
+    # a module reached through a bound method (``L['call_impl'].__self__.h.0``)
+    path = re.sub(r"^.*__self__(\.|$)", "", path)
+    if path.startswith("L.") or path == "L":
+        path = path[2:]
     return path.strip(".")
 
 

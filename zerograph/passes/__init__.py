@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from zerograph.passes.analysis import comm_analysis
 from zerograph.passes.manager import GraphPass, PassContext, PassList, PassRecord, PassResult, run_passes
+from zerograph.passes.scheduling import schedule_collectives
 from zerograph.passes.tagging import tag_nodes
 from zerograph.passes.zero import dedupe_markers, lower_markers, zero_policy
 
@@ -34,6 +35,7 @@ def default_passes() -> PassList:
             GraphPass("tag_nodes", tag_nodes, phases=("joint", "forward", "backward", "inference")),
             GraphPass("zero_policy", zero_policy, phases=("joint",)),
             GraphPass("lower_markers", lower_markers),
+            GraphPass("schedule_collectives", schedule_collectives),
             GraphPass("dce", dce),
             GraphPass("comm_analysis", comm_analysis, analysis=True),
         ]
