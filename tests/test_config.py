@@ -374,7 +374,7 @@ def test_inactive_settings():
             "zero_optimization": {
                 "stage": 3,
                 "reduce_scatter": False,
-                "stage3_prefetch_bucket_size": 1000,
+                "stage3_max_reuse_distance": 1000,
                 "reduce_bucket_size": 5e8,  # equal to the default: not listed
             }
         }
@@ -382,7 +382,7 @@ def test_inactive_settings():
     assert cfg.inactive_settings() == [
         "zero_optimization.reduce_scatter=false has no effect yet (zerograph picks the reduction per stage and lays gradients out in its bucket buffers); "
         "it is accepted so DeepSpeed configs load",
-        "zero_optimization.stage3_prefetch_bucket_size=1000 has no effect yet (scheduling passes are not "
+        "zero_optimization.stage3_max_reuse_distance=1000 has no effect yet (scheduling passes are not "
         "implemented); it is accepted so DeepSpeed configs load",
     ]
     assert Config().inactive_settings() == []

@@ -192,8 +192,9 @@ class ZeroConfig(BaseModel):
     )
     overlap_comm: StrictBool = Field(
         True,
-        description="Overlap collectives with computation. DeepSpeed: same key.",
-        json_schema_extra=_SCHEDULING,
+        description="Overlap collectives with computation (the schedule_collectives pass: "
+        "prefetch the next gather, defer reduction waits); false runs every collective on demand. "
+        "DeepSpeed: same key.",
     )
     contiguous_gradients: StrictBool = Field(
         True,
@@ -231,8 +232,8 @@ class ZeroConfig(BaseModel):
     )
     stage3_prefetch_bucket_size: _Size = Field(
         50_000_000,
-        description="Parameter elements gathered ahead of use in stage 3. DeepSpeed: same key.",
-        json_schema_extra=_SCHEDULING,
+        description="A gather bucket of at most this many elements is started one bucket ahead of "
+        "its use; larger buckets are gathered on demand. DeepSpeed: same key.",
     )
     stage3_param_persistence_threshold: _Size = Field(
         0,

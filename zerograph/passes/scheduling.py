@@ -86,7 +86,7 @@ def _tail(wait: fx.Node) -> list[fx.Node]:
 
 
 def schedule_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    if ctx.sharding is None:
+    if ctx.sharding is None or not ctx.config.zero_optimization.overlap_comm:
         return PassResult()
     limit = ctx.config.zero_optimization.stage3_prefetch_bucket_size
     nodes = list(gm.graph.nodes)
