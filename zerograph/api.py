@@ -54,7 +54,6 @@ def shard(
     shard_parameters(model, ctx)
     backend = ZerographBackend(ctx, passes=pass_list)
     ctx.extra["backend"] = backend
-    ctx.passes = backend.passes
     params = list(dict.fromkeys(model.parameters()))
     model._zg_runtime = TrainingRuntime(ctx, model._call_impl, params)
     base = type(model)

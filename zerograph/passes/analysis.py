@@ -27,19 +27,5 @@ def comm_bytes(gm: fx.GraphModule) -> dict[str, int]:
     return dict(out)
 
 
-def saved_gathered_params(fw_gm: fx.GraphModule) -> list[str]:
-    """Forward outputs (values saved for backward among them) that are a
-    gathered parameter or a view/cast of one."""
-    out_node = next(n for n in fw_gm.graph.nodes if n.op == "output")
-    found = []
-    for arg in fx.node.map_arg(out_node.args[0], lambda n: n) or ():
-        if not isinstance(arg, fx.Node):
-            continue
-        tag = get_tag(arg)
-        if tag is not None and tag.param is not None and tag.role != "reduce_grad" and arg.op != "placeholder":
-            found.append(f"{arg.name} ({tag.param})")
-    return found
-
-
 def comm_analysis(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(details={"comm_bytes": comm_bytes(gm)})

@@ -37,7 +37,6 @@ class ShardingContext:
     specs: dict[str, ParamSpec] = dataclasses.field(default_factory=dict)
     stats: CommStats = dataclasses.field(default_factory=CommStats)
     regions: list[CompiledRegion] = dataclasses.field(default_factory=list)
-    passes: Any = None  # zerograph.passes.manager.PassList
     micro_step: int = 0  # micro-batches run since the start of training
     step: int = 0  # optimizer steps (accumulation boundaries) reached
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
