@@ -36,9 +36,19 @@ class DataParallelGroup:
 
 
 def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where this rank's shards live: follows the process group's backend.
+
+    An initialized group whose backend cannot move CUDA tensors (gloo, the fake
+    test backend) keeps everything on the CPU even on a GPU machine; NCCL, or no
+    group at all, uses the current CUDA device when there is one.
+    """
+    cuda = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    if cuda is None:
+        return torch.device("cpu")
+    if dist.is_initialized():
+        backend = str(dist.get_backend()).lower()
+        return cuda if "nccl" in backend else torch.device("cpu")
+    return cuda
 
 
 def ensure_process_group(timeout_s: float) -> None:
