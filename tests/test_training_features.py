@@ -25,12 +25,25 @@ def _check(model_name, world, configs, *, ref_kwargs=None, rtol=1e-5, atol=1e-6,
 
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_gradient_accumulation_matches_one_big_batch():
-    configs = [
-        {"zero_optimization": {"stage": s}, "gradient_accumulation_steps": 2,
-         "train_micro_batch_size_per_gpu": 2, "train_batch_size": 8}
-        for s in (0, 2, 3)
-    ]
-    _check("gpt", 2, configs)
+    def config(stage, accumulation):
+        return {"zero_optimization": {"stage": stage}, "gradient_accumulation_steps": accumulation,
+                "train_micro_batch_size_per_gpu": 4 // accumulation, "train_batch_size": 8}
+
+    configs = [config(s, 2) for s in (0, 1, 2, 3)] + [config(s, 1) for s in (0, 1)]
+    results = _check("gpt", 2, configs)
+    by_config = {(c["zero_optimization"]["stage"], c["gradient_accumulation_steps"]): r
+                 for c, r in zip(configs, results)}
+    # Stages 0/1 reduce gradients once per optimizer step, however many
+    # micro-batches: the same gradient traffic as without accumulation.
+    # (Stage 1 stores parameter shards, so each forward still gathers them.)
+    def grad_traffic(result):
+        return {k: v for k, v in result["comm"].items() if k in ("all_reduce", "reduce_scatter")}
+
+    for stage in (0, 1):
+        assert grad_traffic(by_config[stage, 2]) == grad_traffic(by_config[stage, 1]), stage
+        assert grad_traffic(by_config[stage, 2]).get("all_reduce", 0) > 0
+    # Stages 2/3 keep only gradient shards and reduce every micro-batch.
+    assert by_config[3, 2]["comm"]["reduce_scatter"] > 0
 
 
 @pytest.mark.timeout(TIMEOUT + 30)

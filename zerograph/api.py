@@ -56,6 +56,7 @@ def shard(
     ctx.extra["backend"] = backend
     params = list(dict.fromkeys(model.parameters()))
     model._zg_runtime = TrainingRuntime(ctx, model._call_impl, params)
+    model._zg_runtime.named_params = dict(model.named_parameters())
     base = type(model)
     model.__class__ = type(base.__name__, (base,), {
         "__call__": _zerograph_call,

@@ -61,8 +61,17 @@ def _unshard_fake(shard: torch.Tensor, tag: str, name: str) -> torch.Tensor:
 
 @torch.library.custom_op("zerograph::reduce_grad", mutates_args=())
 def reduce_grad(grad: torch.Tensor, tag: str, name: str) -> torch.Tensor:
-    """This rank's shard of the data-parallel mean of ``grad``."""
-    spec = spec_of(tag, name)
+    """This rank's shard of the data-parallel mean of ``grad``.
+
+    Under the no-sync tag (a micro-batch before the accumulation boundary, at
+    stages 0/1) the gradient is stashed instead, and the next reduction of
+    ``name`` adds the stash first."""
+    ctx = registry.lookup(tag)
+    if tag == ctx.nosync_tag:
+        return stash_grad(grad, tag, name)
+    if name in ctx.grad_stash:
+        grad = unstash_grad(grad, tag, name)
+    spec = ctx.specs[name]
     out = collectives.reduce_param_grad(grad, spec, _counting_emit(tag))
     return out.clone() if out is grad else out.contiguous()
 
@@ -71,6 +80,41 @@ def reduce_grad(grad: torch.Tensor, tag: str, name: str) -> torch.Tensor:
 def _reduce_grad_fake(grad: torch.Tensor, tag: str, name: str) -> torch.Tensor:
     spec = spec_of(tag, name)
     return grad.new_empty(spec.local_shape, dtype=spec.master_dtype)
+
+
+@torch.library.custom_op("zerograph::stash_grad", mutates_args=())
+def stash_grad(grad: torch.Tensor, tag: str, name: str) -> torch.Tensor:
+    """Add ``grad`` to the model's stash for ``name`` (in the master dtype)
+    and return zeros shaped like this rank's gradient shard.
+
+    Side effect on zerograph's per-model state, invisible to the compiler: its
+    output is the parameter's gradient, so it is never dead code."""
+    ctx = registry.lookup(tag)
+    spec = ctx.specs[name]
+    g = grad.detach().to(spec.master_dtype)
+    held = ctx.grad_stash.get(name)
+    ctx.grad_stash[name] = g.clone() if held is None else held.add_(g)
+    return grad.new_zeros(spec.local_shape, dtype=spec.master_dtype)
+
+
+@stash_grad.register_fake
+def _stash_grad_fake(grad: torch.Tensor, tag: str, name: str) -> torch.Tensor:
+    spec = spec_of(tag, name)
+    return grad.new_empty(spec.local_shape, dtype=spec.master_dtype)
+
+
+@torch.library.custom_op("zerograph::unstash_grad", mutates_args=())
+def unstash_grad(grad: torch.Tensor, tag: str, name: str) -> torch.Tensor:
+    """``grad`` plus what was stashed for ``name`` (the stash is emptied)."""
+    held = registry.lookup(tag).grad_stash.pop(name, None)
+    if held is None:
+        return grad.clone()
+    return (held + grad).to(grad.dtype)
+
+
+@unstash_grad.register_fake
+def _unstash_grad_fake(grad: torch.Tensor, tag: str, name: str) -> torch.Tensor:
+    return torch.empty_like(grad)
 
 
 def _unshard_setup(ctx, inputs, output):
@@ -85,3 +129,5 @@ unshard.register_autograd(_unshard_backward, setup_context=_unshard_setup)
 
 UNSHARD = torch.ops.zerograph.unshard.default
 REDUCE_GRAD = torch.ops.zerograph.reduce_grad.default
+STASH_GRAD = torch.ops.zerograph.stash_grad.default
+UNSTASH_GRAD = torch.ops.zerograph.unstash_grad.default

@@ -34,7 +34,7 @@ def _make_getter(local_name: str):
     def read_parameter(module: nn.Module) -> torch.Tensor:
         param = module._parameters[local_name]
         local = param.to_local() if isinstance(param, DTensor) else param
-        return torch.ops.zerograph.unshard(local, module._zg_tag, module._zg_fqns[local_name])
+        return torch.ops.zerograph.unshard(local, module._zg_read.tag, module._zg_fqns[local_name])
 
     read_parameter.__name__ = f"read_{local_name}"
     return read_parameter
@@ -101,6 +101,7 @@ def shard_parameters(model: nn.Module, ctx: ShardingContext) -> None:
             module._parameters[local_name] = stored
             fqns[local_name] = fqn
         module._zg_tag = ctx.tag
+        module._zg_read = ctx.read_state
         module._zg_fqns = fqns
         key = (type(module), tuple(names))
         if key not in subclasses:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from zerograph.passes.accumulation import defer_grad_sync
 from zerograph.passes.analysis import comm_analysis
 from zerograph.passes.manager import GraphPass, PassContext, PassList, PassRecord, PassResult, run_passes
 from zerograph.passes.scheduling import schedule_collectives
@@ -34,6 +35,7 @@ def default_passes() -> PassList:
             GraphPass("dedupe_markers", dedupe_markers, phases=("dynamo",)),
             GraphPass("tag_nodes", tag_nodes, phases=("joint", "forward", "backward", "inference")),
             GraphPass("zero_policy", zero_policy, phases=("joint",)),
+            GraphPass("defer_grad_sync", defer_grad_sync, phases=("backward",)),
             GraphPass("lower_markers", lower_markers),
             GraphPass("schedule_collectives", schedule_collectives),
             GraphPass("dce", dce),

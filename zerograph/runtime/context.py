@@ -30,6 +30,13 @@ class CompiledRegion:
 
 
 @dataclasses.dataclass(eq=False)
+class ReadState:
+    """What parameter reads of one model pass to ``unshard`` right now."""
+
+    tag: str
+
+
+@dataclasses.dataclass(eq=False)
 class ShardingContext:
     config: Config
     dp: DataParallelGroup
@@ -40,9 +47,28 @@ class ShardingContext:
     micro_step: int = 0  # micro-batches run since the start of training
     step: int = 0  # optimizer steps (accumulation boundaries) reached
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Gradient accumulation without a collective per micro-batch (stages 0/1):
+    # parameter reads pass ``read_state.tag``, which is ``nosync_tag`` on
+    # micro-batches before the boundary, so Dynamo compiles one graph variant
+    # whose backward stashes local gradients here instead of reducing them.
+    grad_stash: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    read_state: "ReadState" = dataclasses.field(default=None)
 
     def __post_init__(self) -> None:
         registry.register(self)
+        registry.register(self, self.nosync_tag)
+        self.read_state = ReadState(self.tag)
+
+    @property
+    def nosync_tag(self) -> str:
+        return self.tag + "/nosync"
+
+    @property
+    def defers_grad_sync(self) -> bool:
+        """Stages 0 and 1 keep full local gradients, so with accumulation they
+        reduce once per optimizer step instead of once per micro-batch."""
+        cfg = self.config
+        return cfg.zero_optimization.stage <= 1 and cfg.gradient_accumulation_steps > 1 and self.world_size > 1
 
     @property
     def world_size(self) -> int:

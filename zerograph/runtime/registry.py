@@ -23,8 +23,10 @@ def new_tag() -> str:
     return f"zg{next(_counter)}"
 
 
-def register(ctx: "ShardingContext") -> None:
-    _contexts[ctx.tag] = ctx
+def register(ctx: "ShardingContext", tag: str | None = None) -> None:
+    """Register ``ctx`` under its tag (or an alias of it: one context may be
+    named by several tags, e.g. its no-sync variant)."""
+    _contexts[tag or ctx.tag] = ctx
 
 
 def lookup(tag: str) -> "ShardingContext":

@@ -63,6 +63,7 @@ class TrainingRuntime:
         cfg = ctx.config
         self.scaler = LossScaler.from_config(cfg.fp16) if cfg.fp16.enabled else None
         self.clip = cfg.gradient_clipping
+        self.named_params: dict[str, torch.nn.Parameter] | None = None
         self._finish_queued = False
 
     # -- forward -----------------------------------------------------------
@@ -89,6 +90,8 @@ class TrainingRuntime:
         if torch.is_grad_enabled():
             ctx.micro_step += 1
             boundary = ctx.micro_step % ctx.config.gradient_accumulation_steps == 0
+        deferring = boundary is False and ctx.defers_grad_sync
+        ctx.read_state.tag = ctx.nosync_tag if deferring else ctx.tag
         return args, kwargs, boundary
 
     @torch.compiler.disable
@@ -130,8 +133,23 @@ class TrainingRuntime:
             dist.all_reduce(t, op=op, group=self.ctx.dp.group)
         return t
 
+    def _flush_stash(self) -> None:
+        """Reduce gradients stashed on earlier micro-batches whose parameter
+        the boundary micro-batch did not use (collective; every rank runs
+        the same graphs, so every rank has the same names left)."""
+        named = self.named_params or {}
+        for name in sorted(self.ctx.grad_stash):
+            held = self.ctx.grad_stash[name]
+            reduced = torch.ops.zerograph.reduce_grad(torch.zeros_like(held), self.ctx.tag, name)
+            param = named[name]
+            if isinstance(param, DTensor):
+                reduced = DTensor.from_local(reduced, param.device_mesh, param.placements, run_check=False)
+            param.grad = reduced if param.grad is None else param.grad + reduced
+
     def _finish(self) -> None:
         self._finish_queued = False
+        if self.ctx.grad_stash:
+            self._flush_stash()
         grads = self._local_grads()
         if self.scaler is not None and not self._unscale(grads):
             self.ctx.stats.end_step()
