@@ -219,6 +219,7 @@ zerograph.disabled_passes[1]: got 3; expected a string""",
         load_error({"fp16": True}),
         """fp16: got True; expected a section (a JSON object)""",
     )
+    assert_expected_inline(load_error({"zerograph": {"device": "gpu0"}}), """zerograph.device: got 'gpu0'; expected a torch device such as "cpu", "cuda" or "cuda:0\"""")
 
 
 def test_bad_types():

@@ -48,7 +48,7 @@ def shard(
             raise ConfigError(
                 f"zerograph.disabled_passes: no pass named {name!r}; passes are: {', '.join(pass_list.names)}"
             )
-    dp = data_parallel_group(cfg.zerograph.collective_timeout_s)
+    dp = data_parallel_group(cfg.zerograph.collective_timeout_s, cfg.zerograph.device)
     cfg.resolve_batch(dp.world_size)
     ctx = ShardingContext(cfg, dp)
     shard_parameters(model, ctx)

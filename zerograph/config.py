@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import annotated_types
+import torch
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -45,6 +46,7 @@ __all__ = [
     "ZeroConfig",
     "OffloadConfig",
     "ZerographOptions",
+    "PipelineConfig",
     "reference_markdown",
 ]
 
@@ -292,6 +294,51 @@ class ZerographOptions(BaseModel):
         True,
         description="Broadcast the initial parameters from rank 0 so all ranks start identical.",
     )
+    device: Optional[Annotated[StrictStr, annotated_types.MinLen(3)]] = Field(
+        None,
+        description="Where parameter shards and compute live (\"cpu\", \"cuda\", \"cuda:1\"). Default: "
+        "the process group's device (gloo: cpu, NCCL: the current CUDA device), or the current CUDA "
+        "device when there is no group or it is another backend.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value):
+        if value is None:
+            return value
+        try:
+            torch.device(value)
+        except RuntimeError:
+            raise _expected('a torch device such as "cpu", "cuda" or "cuda:0"') from None
+        return value
+
+
+class PipelineConfig(BaseModel):
+    """The ``pipeline`` section: pipeline parallelism (zerograph's own; see docs/pipeline.md)."""
+
+    model_config = _FROZEN
+
+    stages: _PositiveInt = Field(
+        1,
+        description="Pipeline stages p; 1 turns pipelining off. The world size must be p x the "
+        "data-parallel size; each stage is ZeRO-sharded over its own data-parallel group.",
+    )
+    micro_batches: Optional[_PositiveInt] = Field(
+        None,
+        description="Micro-batches per train_step; null uses gradient_accumulation_steps. The batch "
+        "given to train_step must split evenly into them.",
+    )
+    schedule: Literal["1f1b", "gpipe"] = Field(
+        "1f1b",
+        description="\"1f1b\": at most p micro-batches in flight per stage; \"gpipe\": all forwards, "
+        "then all backwards. (Interleaved 1F1B with virtual stages is not implemented.)",
+    )
+    split_points: tuple[StrictStr, ...] = Field(
+        (),
+        description="Module names that start stages 1..p-1 (e.g. [\"transformer.h.2\"]); empty: "
+        "balance the stages by a cost model (FLOPs + parameter bytes). The loss is always computed "
+        "on the last stage.",
+    )
 
 
 class Config(BaseModel):
@@ -336,6 +383,10 @@ class Config(BaseModel):
     zerograph: ZerographOptions = Field(
         default_factory=ZerographOptions,
         description="zerograph's own options; not in DeepSpeed.",
+    )
+    pipeline: PipelineConfig = Field(
+        default_factory=PipelineConfig,
+        description="Pipeline parallelism; zerograph's own (DeepSpeed configures it in code).",
     )
 
     @model_validator(mode="after")
@@ -396,6 +447,11 @@ class Config(BaseModel):
         if self.bf16.enabled:
             return torch.bfloat16
         return torch.float32
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per pipeline step: ``pipeline.micro_batches`` or ``gradient_accumulation_steps``."""
+        return self.pipeline.micro_batches or self.gradient_accumulation_steps
 
     @property
     def dynamic_loss_scale(self) -> bool:

@@ -35,20 +35,24 @@ class DataParallelGroup:
         return None if self.mesh is None else self.mesh.get_group()
 
 
-def default_device() -> torch.device:
-    """Where this rank's shards live: follows the process group's backend.
+def default_device(requested: str | None = None) -> torch.device:
+    """Where this rank's shards live: ``requested`` (config ``zerograph.device``)
+    if given, else the process group's device.
 
-    An initialized group whose backend cannot move CUDA tensors (gloo, the fake
-    test backend) keeps everything on the CPU even on a GPU machine; NCCL, or no
-    group at all, uses the current CUDA device when there is one.
+    A gloo group keeps everything on the CPU even on a GPU machine (gloo cannot
+    reduce-scatter CUDA tensors); NCCL, another backend (the fake test
+    backend), or no group at all uses the current CUDA device when there is one.
     """
-    cuda = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    if cuda is None:
+    if requested is not None:
+        device = torch.device(requested)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    if not torch.cuda.is_available():
         return torch.device("cpu")
-    if dist.is_initialized():
-        backend = str(dist.get_backend()).lower()
-        return cuda if "nccl" in backend else torch.device("cpu")
-    return cuda
+    if dist.is_initialized() and str(dist.get_backend()).lower() == "gloo":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def ensure_process_group(timeout_s: float) -> None:
@@ -62,9 +66,9 @@ def ensure_process_group(timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def data_parallel_group(timeout_s: float = 300.0) -> DataParallelGroup:
+def data_parallel_group(timeout_s: float = 300.0, device: str | None = None) -> DataParallelGroup:
     ensure_process_group(timeout_s)
-    device = default_device()
+    device = default_device(device)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return DataParallelGroup(rank=0, world_size=1, device=device, mesh=None, group_name="")
     from torch.distributed.device_mesh import init_device_mesh
@@ -78,3 +82,45 @@ def data_parallel_group(timeout_s: float = 300.0) -> DataParallelGroup:
         mesh=mesh,
         group_name=mesh.get_group().group_name,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineGroups:
+    """This rank's place on the 2-D (pipeline x data-parallel) mesh.
+
+    Global rank ``r`` is stage ``r // dp`` and data-parallel rank ``r % dp``;
+    each stage's ``dp`` ranks form its data-parallel group (ZeRO shards
+    there), and the ranks with the same data-parallel index form one pipeline.
+    """
+
+    stage: int
+    stages: int
+    dp: DataParallelGroup
+
+    def rank_of(self, stage: int) -> int:
+        """The global rank of ``stage`` in this rank's pipeline."""
+        return stage * self.dp.world_size + self.dp.rank
+
+
+def pipeline_groups(stages: int, timeout_s: float = 300.0, device: str | None = None) -> PipelineGroups:
+    ensure_process_group(timeout_s)
+    dev = default_device(device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world % stages or world < stages:
+        raise ValueError(
+            f"pipeline.stages={stages} needs a world size that is a multiple of it; this run has "
+            f"{world} rank(s): launch stages x data-parallel ranks"
+        )
+    dp = world // stages
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    stage, dp_rank = divmod(rank, dp)
+    if dp == 1:
+        group = DataParallelGroup(rank=0, world_size=1, device=dev, mesh=None, group_name="")
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(dev.type, (stages, dp), mesh_dim_names=("pp", "dp"))
+        sub = mesh["dp"]
+        group = DataParallelGroup(rank=dp_rank, world_size=dp, device=dev, mesh=sub, group_name=sub.get_group().group_name)
+    log.info("pipeline mesh: %d stage(s) x %d data-parallel rank(s); this rank is stage %d", stages, dp, stage)
+    return PipelineGroups(stage=stage, stages=stages, dp=group)

@@ -1,0 +1,152 @@
+"""Peak GPU memory per rank of ZeRO-3 (zerograph) vs FSDP2 and DDP, on ONE GPU.
+
+A W-rank job is simulated in one process with PyTorch's fake process group:
+collectives allocate and return correctly shaped buffers but move no data,
+so every allocation a real rank makes happens here too, and
+``torch.cuda.max_memory_allocated`` is the per-rank peak of a real W-GPU run
+(the values computed are garbage; the losses are not reported). Step times
+exclude communication: they show each system's compute-side overhead only.
+
+    python benchmarks/bench_gpu_memory.py                     # 12-layer d=768 GPT, W=8, fp32
+    python benchmarks/bench_gpu_memory.py --world 4 --layers 24 --out /tmp/mem.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from zerograph._torch_private import fake_store
+from zerograph.models.gpt import GPT, GPTConfig
+
+
+def _model(args) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=args.vocab, block_size=args.seq, n_layer=args.layers, n_head=args.heads,
+                    n_embd=args.dim, tie_weights=True)
+    return GPT(cfg)
+
+
+def _zerograph(args, compiler):
+    import zerograph
+
+    model = zerograph.compile(_model(args), {"zero_optimization": {"stage": 3},
+                                             "zerograph": {"compiler": compiler}})
+    return model
+
+
+def _fsdp2(args):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(args).cuda()
+    for block in model.blocks if hasattr(model, "blocks") else model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _ddp(args):
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(_model(args).cuda())
+
+
+def _run(name, build, args) -> dict:
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    idx = torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda")
+    times, peaks = [], []
+    for step in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = model(idx, idx)
+        loss = out.loss if hasattr(out, "loss") else out[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+    states = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters()
+    )
+    states += sum(
+        (t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size()
+        for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
+    )
+    del model, opt, out, loss
+    return {"name": name, "ms": 1e3 * statistics.median(times), "peak": max(peaks), "states": states}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=int, default=8)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--systems", default="zerograph-eager,zerograph-inductor,FSDP2,DDP")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu_memory.py needs a CUDA GPU; nothing measured.")
+        return 0
+    torch.cuda.set_device(0)
+    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=args.world)
+    builders = {
+        "zerograph-eager": lambda: _zerograph(args, "eager"),
+        "zerograph-inductor": lambda: _zerograph(args, "inductor"),
+        "FSDP2": lambda: _fsdp2(args),
+        "DDP": lambda: _ddp(args),
+    }
+    rows = []
+    for name in args.systems.split(","):
+        try:
+            rows.append(_run(name, builders[name], args))
+        except Exception as exc:  # one failing system must not hide the others
+            rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
+        print(rows[-1], flush=True)
+    ref = next((r for r in rows if r["name"] == "FSDP2" and "peak" in r), None)
+    params = sum(p.numel() for p in _model(args).parameters())
+    lines = [
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; simulated world {args.world} "
+        f"(fake process group, one GPU); GPT {args.layers} layers d={args.dim} vocab {args.vocab} "
+        f"({params / 1e6:.1f}M params), seq {args.seq}, batch {args.batch} per rank, fp32, AdamW",
+        "",
+        "| system | peak allocated per rank (MiB) | vs FSDP2 | model states per rank (MiB) | step ms (no comm) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | error: {r['error']} | | | |")
+            continue
+        ratio = f"{r['peak'] / ref['peak']:.2f}x" if ref else "-"
+        lines.append(f"| {r['name']} | {r['peak'] / 2**20:.0f} | {ratio} | {r['states'] / 2**20:.0f} | {r['ms']:.1f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
