@@ -118,3 +118,48 @@ def test_fp16_overflow_skips_step_and_lowers_scale():
     assert n_skipped < 20 and r["scales"][-1] == r["scales"][n_skipped - 1]
     assert any(not torch.equal(r["before"][k], r["final"][k]) for k in r["before"]), "training must resume"
     assert results[1]["skipped"] == r["skipped"], "all ranks agree on skipping"
+
+
+def _nonfinite_run(mode):
+    """fp32 stage 3: rank 1's loss turns nan at step 3 (index 2)."""
+    import torch.distributed as dist
+
+    import zerograph
+    from tests import _models
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = zerograph.compile(_models.make_gpt(), {"zero_optimization": {"stage": 3},
+                                                   "zerograph": {"nonfinite_grads": mode}})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = {"error": None, "skipped_unchanged": None}
+    for step in range(4):
+        idx, targets = _models.global_batch(step, 4 * world)
+        loss = model(idx.chunk(world)[rank], targets.chunk(world)[rank]).loss
+        if step == 2 and rank == 1:
+            loss = loss * float("nan")
+        before = {k: v.clone() for k, v in zerograph.full_state_dict(model).items()}
+        try:
+            loss.backward()
+        except FloatingPointError as exc:
+            out["error"] = str(exc)
+            return out
+        opt.step()
+        opt.zero_grad()
+        if step == 2:
+            after = zerograph.full_state_dict(model)
+            out["skipped_unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+    out["finite_at_end"] = all(torch.isfinite(v).all().item() for v in zerograph.full_state_dict(model).values())
+    return out
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_nonfinite_gradients_raise_with_step_or_skip():
+    raised = spawn(_nonfinite_run, 2, "raise", timeout=TIMEOUT)
+    for rank_result in raised:
+        assert rank_result["error"] is not None
+        assert "optimizer step 3" in rank_result["error"] and "nonfinite_grads" in rank_result["error"]
+    skipped = spawn(_nonfinite_run, 2, "skip", timeout=TIMEOUT)
+    for rank_result in skipped:
+        assert rank_result["error"] is None
+        assert rank_result["skipped_unchanged"] is True
+        assert rank_result["finite_at_end"] is True

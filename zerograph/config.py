@@ -294,6 +294,12 @@ class ZerographOptions(BaseModel):
         True,
         description="Broadcast the initial parameters from rank 0 so all ranks start identical.",
     )
+    nonfinite_grads: Literal["raise", "skip", "ignore"] = Field(
+        "raise",
+        description="bf16/fp32 gradients with nan/inf at an optimizer step: \"raise\" a FloatingPointError "
+        "naming the step and parameters, \"skip\" the step (gradients dropped, as fp16 overflow does), or "
+        "\"ignore\" (no check, no per-step synchronization). fp16 always skips and lowers the loss scale.",
+    )
     device: Optional[Annotated[StrictStr, annotated_types.MinLen(3)]] = Field(
         None,
         description="Where parameter shards and compute live (\"cpu\", \"cuda\", \"cuda:1\"). Default: "

@@ -154,10 +154,50 @@ class TrainingRuntime:
         if self.scaler is not None and not self._unscale(grads):
             self.ctx.stats.end_step()
             return
+        if self.scaler is None and self.ctx.config.zerograph.nonfinite_grads != "ignore" and not self._check_finite():
+            self.ctx.stats.end_step()
+            return
         if self.clip > 0:
             self._clip(grads)
         self.ctx.step += 1
         self.ctx.stats.end_step()
+
+    def _nonfinite_names(self) -> list[str]:
+        named = self.named_params or {}
+        bad = []
+        for name, p in named.items():
+            g = p.grad
+            if g is None:
+                continue
+            local = g.to_local() if isinstance(g, DTensor) else g
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                bad.append(name)
+        return bad
+
+    def _check_finite(self) -> bool:
+        """bf16/fp32: nan/inf in any rank's gradients raises (naming the step
+        and this rank's offending parameters) or, with ``nonfinite_grads:
+        skip``, drops the gradients so the optimizer skips the step."""
+        device = self.ctx.dp.device
+        found = torch.zeros((), device=device)
+        for g, _ in self._local_grads():
+            if g.numel():
+                found = torch.maximum(found, (~torch.isfinite(g)).any().to(found.dtype))
+        if not bool(self._all_reduce(found, dist.ReduceOp.MAX).item()):
+            return True
+        step = self.ctx.step + 1
+        names = self._nonfinite_names()
+        where = f"on this rank in {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}" if names else "on another rank"
+        if self.ctx.config.zerograph.nonfinite_grads == "skip":
+            log.warning("zerograph: optimizer step %d skipped: non-finite gradients %s", step, where)
+            for p in self.params:
+                p.grad = None
+            return False
+        raise FloatingPointError(
+            f"zerograph: non-finite gradients (nan/inf) at optimizer step {step}, {where}. "
+            "Lower the learning rate, check the inputs and loss, or set "
+            "zerograph.nonfinite_grads to \"skip\" to drop such steps"
+        )
 
     def _unscale(self, grads) -> bool:
         """Unscale fp16 gradients; on overflow on any rank drop them (the
