@@ -7,6 +7,7 @@
 
 from zerograph.api import Inspection, compile, full_state_dict, inspect, shard
 from zerograph.config import Config, ConfigError
+from zerograph.runtime.errors import TraceError
 from zerograph.passes import GraphPass, PassContext, PassList, PassResult, default_passes
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "PassContext",
     "PassList",
     "PassResult",
+    "TraceError",
     "compile",
     "default_passes",
     "full_state_dict",

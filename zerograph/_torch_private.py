@@ -26,6 +26,7 @@ __all__ = [
     "c10d_functional",
     "queue_backward_callback",
     "fake_store",
+    "dynamo_exception_types",
     "TORCH_VERSION",
 ]
 
@@ -44,6 +45,13 @@ def queue_backward_callback(fn) -> None:
     """Run ``fn`` once the current autograd backward pass has finished
     (after every gradient has been accumulated into ``.grad``)."""
     torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def dynamo_exception_types() -> tuple[type[BaseException], ...]:
+    """The exception classes Dynamo raises when it cannot trace or compile."""
+    from torch._dynamo import exc
+
+    return (exc.TorchDynamoException,)
 
 
 def fake_store():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -14,9 +15,11 @@ from zerograph.backend import ZerographBackend
 from zerograph.config import Config, ConfigError
 from zerograph.passes import PassList, PassRecord, default_passes
 from zerograph.runtime.context import ShardingContext
-from zerograph.runtime.dist import data_parallel_group
+from zerograph.pipeline.step import eager_train_step
+from zerograph.runtime.dist import DataParallelGroup, data_parallel_group
 from zerograph.runtime.training import TrainingRuntime
-from zerograph.sharding import full_state_dict, shard_parameters
+from zerograph.sharding import full_state_dict as _full_state_dict
+from zerograph.sharding import shard_parameters
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +30,29 @@ def _zerograph_call(self, *args, **kwargs):
     return self._zg_runtime(*args, **kwargs)
 
 
+def _zerograph_train_step(self, batch) -> float:
+    """One optimizer step's forward and backward passes over ``batch`` (this
+    rank's rows), split into ``gradient_accumulation_steps`` micro-batches;
+    returns the mean loss over micro-batches and data-parallel ranks. Then
+    call ``opt.step()`` and ``opt.zero_grad()`` (the same loop as a pipeline)."""
+    ctx = self._zg_runtime.ctx
+    return eager_train_step(self, batch, ctx.extra.get("loss_fn"), ctx.config.gradient_accumulation_steps,
+                            ctx.dp.group, ctx.world_size, ctx.dp.device)
+
+
 def shard(
     model: nn.Module,
     config: Config | dict | str | os.PathLike | None = None,
     *,
     passes: PassList | None = None,
+    loss_fn=None,
+    group: DataParallelGroup | None = None,
 ) -> nn.Module:
     """Shard ``model`` for ZeRO without compiling it (collective: call on every rank).
+
+    ``loss_fn(outputs, batch)`` is what ``model.train_step(batch)`` minimises
+    (default: the output's ``.loss``). ``group``: the data-parallel ranks to
+    shard over (default: every rank; pipeline stages pass their own).
 
     The returned module (the same object) is correct when run eagerly: its
     marker ops communicate. ``torch.compile(model, backend="zerograph")``
@@ -48,18 +67,26 @@ def shard(
             raise ConfigError(
                 f"zerograph.disabled_passes: no pass named {name!r}; passes are: {', '.join(pass_list.names)}"
             )
-    dp = data_parallel_group(cfg.zerograph.collective_timeout_s, cfg.zerograph.device)
+    if cfg.pipeline.stages > 1:
+        raise ConfigError(
+            f"pipeline.stages={cfg.pipeline.stages}: zerograph.shard cannot split a model into pipeline stages; "
+            "use zerograph.compile(model, config, example_batch=batch)"
+        )
+    dp = group if group is not None else data_parallel_group(cfg.zerograph.collective_timeout_s, cfg.zerograph.device)
     cfg.resolve_batch(dp.world_size)
     ctx = ShardingContext(cfg, dp)
     shard_parameters(model, ctx)
     backend = ZerographBackend(ctx, passes=pass_list)
     ctx.extra["backend"] = backend
+    ctx.extra["loss_fn"] = loss_fn
     params = list(dict.fromkeys(model.parameters()))
     model._zg_runtime = TrainingRuntime(ctx, model._call_impl, params)
     model._zg_runtime.named_params = dict(model.named_parameters())
+    model._zg_runtime.model_ref = weakref.ref(model)
     base = type(model)
     model.__class__ = type(base.__name__, (base,), {
         "__call__": _zerograph_call,
+        "train_step": _zerograph_train_step,
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
     })
@@ -74,14 +101,30 @@ def compile(
     passes: PassList | None = None,
     dynamic: bool | None = None,
     fullgraph: bool = False,
+    loss_fn=None,
+    example_batch=None,
+    group: DataParallelGroup | None = None,
 ) -> nn.Module:
     """Shard ``model`` for ZeRO and compile it with zerograph's passes.
 
     Returns the same module object, whose parameters are now this rank's
     shards (DTensors) and whose calls run the compiled graphs. Collective:
     call it on every rank.
+
+    With ``pipeline.stages > 1`` it returns a
+    :class:`~zerograph.pipeline.PipelineModel` holding this rank's stage
+    instead: the model is traced on ``example_batch`` (required) and split
+    (docs/pipeline.md); train it with ``model.train_step(batch)``.
     """
-    model = shard(model, config, passes=passes)
+    cfg = Config.load(config)
+    if cfg.pipeline.stages > 1:
+        from zerograph.pipeline.build import compile_pipeline
+
+        def compile_stage(stage, stage_cfg, group):
+            return compile(stage, stage_cfg, passes=passes, dynamic=dynamic, fullgraph=fullgraph, group=group)
+
+        return compile_pipeline(model, cfg, example_batch=example_batch, loss_fn=loss_fn, compile_stage=compile_stage)
+    model = shard(model, cfg, passes=passes, loss_fn=loss_fn, group=group)
     runtime = model._zg_runtime
     backend = runtime.ctx.extra["backend"]
     call_impl = model._call_impl
@@ -93,6 +136,15 @@ def compile(
 
     runtime.compiled = torch.compile(call_model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every sharded tensor gathered (collective:
+    call it on every rank). Keys are the original model's keys; a pipeline
+    model's state dict covers every stage."""
+    if hasattr(model, "_split") and hasattr(model, "full_state_dict"):
+        return model.full_state_dict()
+    return _full_state_dict(model)
 
 
 @dataclasses.dataclass

@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from zerograph._torch_private import queue_backward_callback
+from zerograph._torch_private import dynamo_exception_types, queue_backward_callback
 from zerograph.runtime.context import ShardingContext
+from zerograph.runtime.errors import explain_trace_failure
 from zerograph.runtime.precision import LossScaler
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class TrainingRuntime:
         self.scaler = LossScaler.from_config(cfg.fp16) if cfg.fp16.enabled else None
         self.clip = cfg.gradient_clipping
         self.named_params: dict[str, torch.nn.Parameter] | None = None
+        self.model_ref = None  # weakref.ref to the model, for error messages
         self._finish_queued = False
 
     # -- forward -----------------------------------------------------------
@@ -72,7 +74,13 @@ class TrainingRuntime:
     # backend="zerograph")`` as well as by ``zerograph.compile``.
     def __call__(self, *args, **kwargs):
         args, kwargs, boundary = self.before(args, kwargs)
-        out = self.compiled(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except dynamo_exception_types() as exc:
+            model = self.model_ref() if self.model_ref is not None else None
+            if model is None:
+                raise
+            raise explain_trace_failure(model, exc) from exc
         return self.after(out, boundary)
 
     @torch.compiler.disable
