@@ -9,6 +9,7 @@ from zerograph.api import Inspection, compile, full_state_dict, inspect, shard
 from zerograph.config import Config, ConfigError
 from zerograph.runtime.errors import TraceError
 from zerograph.passes import GraphPass, PassContext, PassList, PassResult, default_passes
+from zerograph import pipeline  # noqa: F401  (zerograph.pipeline.PipelineModeError, schedules)
 
 __version__ = "0.1.0"
 

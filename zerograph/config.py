@@ -346,6 +346,13 @@ class PipelineConfig(BaseModel):
         "on the last stage.",
     )
 
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _interleaved_not_implemented(cls, value: Any) -> Any:
+        if value == "interleaved_1f1b":
+            raise _problem('{key}="interleaved_1f1b" (virtual stages) is not implemented yet; use "1f1b" or "gpipe"')
+        return value
+
 
 class Config(BaseModel):
     """A whole zerograph config: the carried-over DeepSpeed keys plus ``zerograph``."""

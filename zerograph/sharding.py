@@ -73,7 +73,7 @@ def _stored(param: nn.Parameter, spec: ParamSpec, ctx: ShardingContext) -> nn.Pa
         stored = distribute_tensor(data, ctx.dp.mesh, [Replicate()], src_data_rank=src)
     else:
         if src is not None:
-            dist.broadcast(data, src=0, group=ctx.dp.group)
+            dist.broadcast(data, src=dist.get_global_rank(ctx.dp.group, 0), group=ctx.dp.group)
         stored = data
     return nn.Parameter(stored, requires_grad=param.requires_grad)
 

@@ -1,0 +1,125 @@
+"""``zerograph.compile`` with ``pipeline.stages > 1``: trace, split, shard, schedule."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zerograph.config import Config, ConfigError, PipelineConfig
+from zerograph.pipeline import step as step_mod
+from zerograph.pipeline.runtime import PipelineModel
+from zerograph.pipeline.schedule import build
+from zerograph.pipeline.simulate import format_grid, simulate
+from zerograph.pipeline.split import split_graph
+from zerograph.runtime.dist import pipeline_groups
+
+log = logging.getLogger(__name__)
+
+_DROPPED = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def trace(model: nn.Module, micro_batch, loss_fn) -> torch.fx.GraphModule:
+    """The model's forward plus loss on one micro-batch, as an unlifted
+    ``torch.export`` graph ``forward(*batch_tensors) -> (loss,)``.
+
+    ``aten._assert_tensor_metadata`` checks are dropped (they pin the traced
+    dtypes, which mixed precision changes), and so is export's input-guard
+    call, which would make the first stage read every batch tensor; the
+    runtime checks micro-batch shapes itself."""
+    flat = tuple(step_mod.flat_tensors(micro_batch))
+    wrapper = step_mod.LossModule(model, micro_batch, loss_fn)
+    try:
+        exported = torch.export.export(wrapper, flat, strict=False)
+    except Exception as exc:
+        raise RuntimeError(
+            f"pipeline parallelism could not trace {type(model).__name__} with torch.export: {exc}. "
+            "Make the forward export-compatible (no data-dependent Python control flow on tensor values), "
+            "or pass loss_fn if the loss is computed outside the model"
+        ) from exc
+    gm = exported.module()
+    for sub in gm.modules():  # the root and the bodies of higher-order ops
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        for node in list(sub.graph.nodes):
+            dropped = node.op == "call_function" and node.target in _DROPPED
+            guards = node.op == "call_module" and node.target == "_guards_fn"  # export's input checks
+            if (dropped or guards) and not node.users:
+                sub.graph.erase_node(node)
+        sub.recompile()
+    return gm
+
+
+def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
+                     compile_stage: Callable[..., nn.Module]) -> PipelineModel:
+    p = cfg.pipeline.stages
+    if example_batch is None:
+        raise ConfigError(
+            f"pipeline.stages={p}: zerograph.compile traces the model to split it, so it needs one batch: "
+            "zerograph.compile(model, config, example_batch=batch) with a batch like those given to train_step"
+        )
+    if cfg.fp16.enabled:
+        raise ConfigError("fp16 loss scaling is not supported with pipeline parallelism yet; use bf16 or fp32")
+    groups = pipeline_groups(p, cfg.zerograph.collective_timeout_s, getattr(cfg.zerograph, "device", None))
+    m = cfg.micro_batches
+    cfg.resolve_batch(groups.dp.world_size)
+    schedule = build(cfg.pipeline.schedule, p, m)
+    timeline = simulate(schedule)  # raises ScheduleError before anything runs
+    log.info("pipeline schedule %s (bubble %.3f):\n%s", schedule.name, timeline.bubble_fraction, format_grid(timeline))
+    device = groups.dp.device
+    fallback = {k: v.detach() for k, v in model.state_dict().items()}
+    model.to(device)
+    micro = step_mod.split_batch(example_batch, m)[0]
+    micro = step_mod.with_tensors(micro, [t.to(device) for t in step_mod.flat_tensors(micro)])
+    gm = trace(model, micro, loss_fn)
+    split = split_graph(gm, p, cfg.pipeline.split_points)
+    log.info("pipeline split of %s:\n%s", type(model).__name__, split.describe())
+    zg = cfg.zerograph
+    if zg.seed_from_rank0:
+        _seed_from_first_rank(split.stages[groups.stage].module, groups)
+    stage_cfg = cfg.model_copy(update={
+        "zerograph": zg.model_copy(update={"seed_from_rank0": False}),  # done above, per stage group
+        "gradient_accumulation_steps": m,
+        "gradient_clipping": 0.0,  # clipped over all stages by the pipeline runtime
+        "train_batch_size": None,
+        "train_micro_batch_size_per_gpu": None,
+        "pipeline": PipelineConfig(),
+    })
+    keys = [_original_keys(model, st.module) for st in split.stages]
+    covered = {k for stage_keys in keys for names in stage_keys.values() for k in names}
+    fallback = {k: v for k, v in fallback.items() if k not in covered}  # read by no stage: never changes
+    module = split.stages[groups.stage].module
+    for st in split.stages:  # other stages' parameters are not this rank's to keep
+        if st.index != groups.stage:
+            st.module = None
+    stage = compile_stage(module, stage_cfg, group=groups.dp)
+    shapes = [tuple(t.shape) for t in step_mod.flat_tensors(micro)]
+    return PipelineModel(stage, split, schedule, groups, cfg.gradient_clipping, shapes, fallback, keys[groups.stage])
+
+
+@torch.no_grad()
+def _seed_from_first_rank(module: nn.Module, groups) -> None:
+    """Every data-parallel rank of a stage starts from its first rank's values."""
+    if groups.dp.world_size == 1:
+        return
+    group = groups.dp.group
+    src = dist.get_global_rank(group, 0)
+    for tensor in module.state_dict(keep_vars=True).values():
+        dist.broadcast(tensor.data, src=src, group=group)
+
+
+def _original_keys(model: nn.Module, stage: nn.Module) -> dict[str, list[str]]:
+    """Stage state-dict key -> every key of the user's model holding the same
+    tensor. ``torch.export`` names a tied parameter once (GPT's embedding may
+    read ``lm_head.weight``), so one stage tensor can stand for several keys."""
+    by_id: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        by_id.setdefault(id(value), []).append(key)
+    out = {}
+    for key, value in stage.state_dict(keep_vars=True).items():
+        if id(value) in by_id:
+            out[key] = by_id[id(value)]
+    return out

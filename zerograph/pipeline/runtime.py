@@ -1,0 +1,281 @@
+"""Run a pipeline stage: execute this rank's schedule with point-to-point ops.
+
+:class:`PipelineModel` holds this rank's stage (a zerograph-compiled
+``GraphModule``, ZeRO-sharded over the stage's data-parallel group) and runs
+its action list of the :class:`~zerograph.pipeline.schedule.Schedule`:
+
+* ``RECV_*`` posts ``irecv`` into buffers of the traced shape and dtype one
+  compute action ahead, so receiving the next input overlaps the current
+  forward or backward; the compute action waits for it.
+* ``SEND_*`` is an ``isend``; sends are waited for at the end of the step.
+* ``F``: stage forward on micro-batch ``i``; received floating values become
+  leaves that require grad. ``B``: ``autograd.backward`` from the received
+  output gradients (the loss on the last stage), then the inputs' gradients
+  go back.
+
+After the last backward: gradients of tied parameters are summed over the
+stages that read them, then clipped by the global norm over every stage.
+Micro-batch gradients are averaged by zerograph's gradient scale
+(``gradient_accumulation_steps`` of the stage's config is the number of
+micro-batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from zerograph.pipeline import step as step_mod
+from zerograph.pipeline.schedule import Schedule
+from zerograph.pipeline.split import PipelineSplit, StagePlan
+from zerograph.runtime.dist import PipelineGroups
+
+log = logging.getLogger(__name__)
+
+
+class PipelineModeError(RuntimeError):
+    """A pipeline-parallel model was used like a plain one."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _parameter(module: nn.Module, target: str) -> nn.Parameter:
+    *path, name = target.split(".")
+    for part in path:
+        module = module._modules[part]
+    return module._parameters[name]
+
+
+class PipelineModel(nn.Module):
+    """This rank's pipeline stage; train it with :meth:`train_step`."""
+
+    def __init__(self, stage: nn.Module, split: PipelineSplit, schedule: Schedule, groups: PipelineGroups,
+                 clip: float, example_shapes: list[tuple[int, ...]], fallback_state: dict[str, torch.Tensor],
+                 original_keys: dict[str, list[str]]):
+        super().__init__()
+        self.stage = stage
+        self._zg_runtime = stage._zg_runtime  # zerograph.inspect(model) shows this rank's stage
+        self._split = split
+        self._plan: StagePlan = split.stages[groups.stage]
+        self.schedule = schedule
+        self.groups = groups
+        self._clip = clip
+        self._example_shapes = example_shapes
+        self._fallback_state = fallback_state  # the user's state dict, for keys no stage reads
+        self._original_keys = original_keys  # stage state-dict key -> the user's keys for that tensor
+        self._actions = schedule.actions[groups.stage]
+        self.last_stats: dict[str, float] = {}
+        self._tie_groups = self._make_tie_groups()
+        self._sync_tied()
+
+    # -- misuse ---------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        raise PipelineModeError(
+            "this model is split into pipeline stages (pipeline.stages > 1): a forward call cannot return "
+            "a loss for loss.backward(); call loss = model.train_step(batch) instead, which runs the "
+            "forward and backward of every micro-batch through the schedule"
+        )
+
+    # -- tied parameters --------------------------------------------------------
+    def _make_tie_groups(self):
+        """(parameter, group, global ranks) for each tied parameter on this stage.
+        ``new_group`` is collective: every rank creates every group, in the same order."""
+        out = []
+        dp = self.groups.dp.world_size
+        if not dist.is_initialized():
+            return out
+        for name in sorted(self._split.tied):
+            stages = self._split.tied[name]
+            for d in range(dp):
+                ranks = [s * dp + d for s in stages]
+                group = dist.new_group(ranks)
+                if self.groups.stage in stages and d == self.groups.dp.rank:
+                    target = self._split.tied_names[name][self.groups.stage]
+                    out.append((name, _parameter(self.stage, target), group, ranks))
+        return out
+
+    @torch.no_grad()
+    def _sync_tied(self) -> None:
+        """Tied copies start equal: the first stage's value wins."""
+        for _, param, group, ranks in self._tie_groups:
+            dist.broadcast(_local(param), src=ranks[0], group=group)
+
+    def _sum_tied_grads(self) -> None:
+        for name, param, group, _ in self._tie_groups:
+            if param.grad is None:
+                raise RuntimeError(f"tied parameter {name} has no gradient on stage {self.groups.stage}")
+            dist.all_reduce(_local(param.grad), group=group)
+
+    # -- the step ---------------------------------------------------------------
+    def train_step(self, batch) -> float:
+        """Forward and backward of one batch (this data-parallel rank's rows)
+        through the schedule; returns the mean loss over the micro-batches and
+        data-parallel ranks. Then call ``opt.step()`` and ``opt.zero_grad()``."""
+        t0 = time.perf_counter()
+        device = self.groups.dp.device
+        micro = step_mod.split_batch(batch, self.schedule.micro_batches)
+        inputs = []
+        for i, mb in enumerate(micro):
+            flat = step_mod.flat_tensors(mb)
+            shapes = [tuple(t.shape) for t in flat]
+            if shapes != self._example_shapes:
+                raise ValueError(
+                    f"micro-batch {i} has tensor shapes {shapes}, but the pipeline was traced with {self._example_shapes}; "
+                    "every train_step batch must have the shape of compile's example_batch (drop a last, smaller batch)"
+                )
+            inputs.append([flat[j].to(device) for j in self._plan.batch_inputs])
+        compute_s, losses = self._run(inputs, device)
+        self._sum_tied_grads()
+        if self._clip > 0:
+            self._clip_grads(device)
+        loss = self._mean_loss(losses, device)
+        wall = time.perf_counter() - t0
+        self.last_stats = {"wall_s": wall, "compute_s": compute_s, "bubble": 1.0 - compute_s / wall if wall else 0.0,
+                           "peak_in_flight": self._peak}
+        return loss
+
+    def _run(self, inputs, device):
+        plan, groups = self._plan, self.groups
+        prev_rank = groups.rank_of(groups.stage - 1) if groups.stage > 0 else None
+        next_rank = groups.rank_of(groups.stage + 1) if groups.stage < groups.stages - 1 else None
+        pending: dict[tuple[str, int], tuple[list, list[torch.Tensor]]] = {}
+        saved: dict[int, tuple[list[torch.Tensor], tuple]] = {}
+        grads_out: dict[int, list[torch.Tensor]] = {}
+        sends: list = []
+        losses: list[torch.Tensor] = []
+        compute_s, in_flight, self._peak = 0.0, 0, 0
+        acts = self._actions
+        compute_at = [k for k, a in enumerate(acts) if a.kind in ("F", "B")]
+
+        def post(k: int) -> None:
+            a = acts[k]
+            if (a.kind, a.micro) in pending:
+                return
+            if a.kind == "RECV_ACT":
+                specs, src = plan.incoming, prev_rank
+            else:
+                specs, src = [v for v in plan.outgoing if v.has_grad], next_rank
+            bufs = [torch.empty(v.shape, dtype=v.dtype, device=device) for v in specs]
+            pending[(a.kind, a.micro)] = ([dist.irecv(b, src) for b in bufs], bufs)
+
+        def take(kind: str, i: int) -> list[torch.Tensor]:
+            works, bufs = pending.pop((kind, i))
+            for w in works:
+                w.wait()
+            return bufs
+
+        for n, k in enumerate(compute_at):
+            # post this compute's receives and the next one's (overlap with this compute)
+            stop = compute_at[n + 2] if n + 2 < len(compute_at) else len(acts)
+            start = compute_at[n - 1] + 1 if n > 0 else 0
+            for j in range(start, stop):
+                if acts[j].kind.startswith("RECV"):
+                    post(j)
+            a = acts[k]
+            if a.kind == "F":
+                received = take("RECV_ACT", a.micro) if plan.incoming else []
+                tc = time.perf_counter()  # compute time excludes waiting for the input
+                for t, v in zip(received, plan.incoming):
+                    if v.has_grad:
+                        t.requires_grad_(True)
+                out = self.stage(*inputs[a.micro], *received)
+                if next_rank is None:
+                    losses.append(out[0].detach())
+                saved[a.micro] = (received, tuple(out))
+                in_flight += 1
+                self._peak = max(self._peak, in_flight)
+            else:
+                received, out = saved.pop(a.micro)
+                grads = take("RECV_GRAD", a.micro) if next_rank is not None else []
+                tc = time.perf_counter()
+                if next_rank is None:
+                    torch.autograd.backward(out[0])
+                else:
+                    outs = [o for o, v in zip(out, plan.outgoing) if v.has_grad]
+                    pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+                    if pairs:
+                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                grads_out[a.micro] = [
+                    (t.grad if t.grad is not None else torch.zeros_like(t)) for t, v in zip(received, plan.incoming)
+                    if v.has_grad
+                ]
+                in_flight -= 1
+            compute_s += time.perf_counter() - tc
+            # the sends that follow this compute action
+            j = k + 1
+            while j < len(acts) and acts[j].kind not in ("F", "B"):
+                b = acts[j]
+                if b.kind == "SEND_ACT":
+                    _, out = saved[b.micro]
+                    for t in out:
+                        sends.append(dist.isend(t.detach().contiguous(), next_rank))
+                elif b.kind == "SEND_GRAD":
+                    for t in grads_out.pop(b.micro):
+                        sends.append(dist.isend(t.contiguous(), prev_rank))
+                j += 1
+        for w in sends:
+            w.wait()
+        return compute_s, losses
+
+    def _mean_loss(self, losses, device) -> float:
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        if losses:
+            total += torch.stack([x.float() for x in losses]).mean() / self.groups.dp.world_size
+        if dist.is_initialized():
+            dist.all_reduce(total)  # the last stage's ranks hold the loss; every rank gets it
+        return float(total)
+
+    def _clip_grads(self, device) -> None:
+        """Clip by the global L2 norm over every stage's gradients (a tied
+        parameter counts once), as ``clip_grad_norm_`` on the whole model would."""
+        dp = self.groups.dp.world_size
+        skip = {id(p) for name, p, _, _ in self._tie_groups if self._split.tied[name][0] != self.groups.stage}
+        grads = []
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for p in dict.fromkeys(self.stage.parameters()):
+            if p.grad is None:
+                continue
+            g = _local(p.grad)
+            grads.append(g)
+            if id(p) in skip:
+                continue
+            sharded = isinstance(p.grad, DTensor) and p.grad.placements[0].is_shard()
+            sq = g.detach().float().pow(2).sum()
+            total += sq if sharded else sq / dp
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        norm = math.sqrt(float(total))
+        self.stage._zg_runtime.ctx.extra["last_grad_norm"] = norm
+        coef = self._clip / (norm + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+
+    # -- checkpoints ----------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict (original keys), gathered from every
+        stage and data-parallel rank. Collective; meant for small models and tests
+        (it moves every tensor through ``all_gather_object``)."""
+        from zerograph.sharding import full_state_dict
+
+        mine = {}
+        for key, value in full_state_dict(self.stage).items():
+            for name in self._original_keys.get(key, ()):
+                mine[name] = value.detach().cpu()
+        out = {k: v.detach().cpu().clone() for k, v in self._fallback_state.items()}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mine)
+            for part in gathered:
+                out.update(part)
+        else:
+            out.update(mine)
+        return out
