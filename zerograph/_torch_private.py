@@ -15,6 +15,7 @@ from torch._functorch.partitioners import default_partition
 from torch._guards import detect_fake_mode
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "aot_autograd",
@@ -28,6 +29,7 @@ __all__ = [
     "fake_store",
     "dynamo_exception_types",
     "TORCH_VERSION",
+    "TorchDispatchMode",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # type: ignore[assignment]
