@@ -37,7 +37,7 @@ def _zerograph(args, compiler):
     import zerograph
 
     model = zerograph.compile(_model(args), {"zero_optimization": {"stage": 3},
-                                             "zerograph": {"compiler": compiler}})
+                                             "zerograph": {"compiler": compiler, "device": "cuda"}})
     return model
 
 

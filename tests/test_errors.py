@@ -71,3 +71,23 @@ def test_disabling_the_module_trains():
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_inputs_on_another_device_name_the_devices_and_the_fix():
+    # The message Dynamo raised on a GPU machine for CPU inputs and CUDA
+    # parameters (this CPU-only machine cannot produce it for real).
+    from zerograph.runtime.errors import explain_trace_failure
+
+    message = (
+        "RuntimeError when making fake tensor call\n"
+        "  Explanation: Dynamo failed to run FX node with fake tensors: call_function <function embedding at "
+        "0x7fcbd29fc4a0>(*(FakeTensor(..., size=(2, 7), dtype=torch.int64), FakeTensor(..., device='cuda:0', "
+        "size=(41, 16)), None, None, 2.0, False, False), **{}): got RuntimeError('Unhandled FakeTensor Device "
+        "Propagation for aten.embedding.default, found two different devices cuda:0, cpu')\n"
+        "from user code:\n"
+        f'   File "{__file__}", line {Inner.forward.__code__.co_firstlineno + 1}, in forward\n'
+    )
+    error = explain_trace_failure(Outer(), RuntimeError(message))
+    text = str(error)
+    assert "op embedding" in text and "module 'Outer.blocks.1'" in text
+    assert "cuda:0 and cpu" in text and "zerograph.device" in text

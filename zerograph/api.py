@@ -72,7 +72,10 @@ def shard(
             f"pipeline.stages={cfg.pipeline.stages}: zerograph.shard cannot split a model into pipeline stages; "
             "use zerograph.compile(model, config, example_batch=batch)"
         )
-    dp = group if group is not None else data_parallel_group(cfg.zerograph.collective_timeout_s, cfg.zerograph.device)
+    model_device = next(iter(model.parameters()), torch.empty(0)).device
+    dp = group if group is not None else data_parallel_group(
+        cfg.zerograph.collective_timeout_s, cfg.zerograph.device, model_device
+    )
     cfg.resolve_batch(dp.world_size)
     ctx = ShardingContext(cfg, dp)
     shard_parameters(model, ctx)

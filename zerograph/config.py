@@ -303,8 +303,8 @@ class ZerographOptions(BaseModel):
     device: Optional[Annotated[StrictStr, annotated_types.MinLen(3)]] = Field(
         None,
         description="Where parameter shards and compute live (\"cpu\", \"cuda\", \"cuda:1\"). Default: "
-        "the process group's device (gloo: cpu, NCCL: the current CUDA device), or the current CUDA "
-        "device when there is no group or it is another backend.",
+        "the process group's device (NCCL: the current CUDA device, gloo: cpu); without a group, or with "
+        "another backend, the device the model's parameters are on.",
     )
 
     @field_validator("device")

@@ -274,8 +274,11 @@ def test_linear_public_matches_f_cross_entropy(reduction, bias):
     loss_ref, grads_ref = _linear_oracle(hidden, weight, b, t, reduction, go)
     assert loss.dtype == torch.float32 and loss.shape == loss_ref.shape
     torch.testing.assert_close(loss, loss_ref.float(), **FP32)
+    # On CUDA, cuBLAS sums the chunked matmuls in another order than the
+    # oracle's single matmul; gradients with cancellation differ by ~1e-6.
+    grad_tol = FP32 if hidden.device.type == "cpu" else {"rtol": 1e-5, "atol": 3e-6}
     for got, want in zip(grads, grads_ref):
-        torch.testing.assert_close(got, want.float(), **FP32)
+        torch.testing.assert_close(got, want.float(), **grad_tol)
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])

@@ -35,24 +35,26 @@ class DataParallelGroup:
         return None if self.mesh is None else self.mesh.get_group()
 
 
-def default_device(requested: str | None = None) -> torch.device:
-    """Where this rank's shards live: ``requested`` (config ``zerograph.device``)
-    if given, else the process group's device.
+def default_device(requested: str | None = None, model_device: torch.device | None = None) -> torch.device:
+    """Where this rank's shards live.
 
-    A gloo group keeps everything on the CPU even on a GPU machine (gloo cannot
-    reduce-scatter CUDA tensors); NCCL, another backend (the fake test
-    backend), or no group at all uses the current CUDA device when there is one.
+    ``requested`` (config ``zerograph.device``) wins. Otherwise the process
+    group decides: NCCL uses the current CUDA device, gloo the CPU (gloo
+    cannot reduce-scatter CUDA tensors). Without a group, or with another
+    backend (the fake test backend), the model stays where it is.
     """
     if requested is not None:
         device = torch.device(requested)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return device
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if dist.is_initialized() and str(dist.get_backend()).lower() == "gloo":
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    if dist.is_initialized():
+        backend = str(dist.get_backend()).lower()
+        if backend == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if backend == "gloo":
+            return torch.device("cpu")
+    return model_device if model_device is not None else torch.device("cpu")
 
 
 def ensure_process_group(timeout_s: float) -> None:
@@ -66,9 +68,11 @@ def ensure_process_group(timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def data_parallel_group(timeout_s: float = 300.0, device: str | None = None) -> DataParallelGroup:
+def data_parallel_group(
+    timeout_s: float = 300.0, device: str | None = None, model_device: torch.device | None = None
+) -> DataParallelGroup:
     ensure_process_group(timeout_s)
-    device = default_device(device)
+    device = default_device(device, model_device)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return DataParallelGroup(rank=0, world_size=1, device=device, mesh=None, group_name="")
     from torch.distributed.device_mesh import init_device_mesh

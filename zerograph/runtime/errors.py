@@ -12,7 +12,8 @@ from torch import nn
 import zerograph
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
-_OP = re.compile(r"call_(?:function|method|module) (?P<op>[^\s(]+)")
+_OP = re.compile(r"call_(?:function|method|module) (?:<(?:built-in )?function (?P<fn>[\w.]+)[^>]*>|(?P<op>[^\s(]+))")
+_DEVICES = re.compile(r"found two different devices (?P<a>[\w:]+), (?P<b>[\w:]+)")
 _OWN_DIRS = (os.path.dirname(zerograph.__file__), os.path.dirname(nn.__file__).rsplit(os.sep, 1)[0])
 
 
@@ -58,7 +59,16 @@ def explain_trace_failure(model: nn.Module, exc: BaseException) -> TraceError:
         where = f" at {file}:{line}"
     root = type(model).__qualname__
     target = f"{root}.{module_path}" if module_path else root
-    op_text = f"op {op['op']}" if op else "an operation"
+    op_text = f"op {op['fn'] or op['op']}" if op else "an operation"
+    devices = _DEVICES.search(message)
+    if devices:
+        return TraceError(
+            f"zerograph could not trace {op_text} in module {target!r}{where}: its inputs are on "
+            f"{devices['a']} and {devices['b']}. zerograph keeps parameters on the process group's device "
+            "(NCCL: CUDA, gloo: CPU) or where the model was; move the inputs to the parameters' device "
+            "(next(model.parameters()).device), or choose it with the config key zerograph.device. "
+            "The original error is attached as __cause__."
+        )
     return TraceError(
         f"zerograph could not trace {op_text} in module {target!r}{where}: {reason}\n"
         "What to do: if it is a custom op, give it a fake implementation (torch.library.register_fake) "
