@@ -8,10 +8,14 @@ exits. Run::
     python benchmarks/kernels.py                 # all ops, bf16
     python benchmarks/kernels.py --ops rms_norm,swiglu --out /tmp/kernels.md
 
-Timing: ``triton.testing.do_bench`` (median of repeated runs after warm-up,
-L2 cache flushed between runs). Peak memory: ``torch.cuda.max_memory_allocated``
-over one forward+backward, minus what was allocated before it (inputs
-included in neither).
+Timing, two ways: **GPU ms** is the summed duration of the kernels one
+forward+backward launches (profiler; CPU launch overhead excluded: what a
+training step pays when the CPU runs ahead of the GPU, as it does in real
+models); **wall ms** is ``triton.testing.do_bench`` (median, L2 flushed),
+which for small shapes is dominated by Python/dispatcher launch overhead.
+Backward uses fixed random output gradients. Peak memory:
+``torch.cuda.max_memory_allocated`` over one forward+backward, minus what was
+allocated before it (inputs excluded).
 """
 
 from __future__ import annotations
@@ -157,34 +161,63 @@ def _liger() -> dict[str, Callable]:
     }
 
 
-def _fwd_bwd(fn, inputs):
+def _output_grads(fn, inputs) -> list[torch.Tensor]:
+    """Fixed random gradients for fn's outputs (so backward adds no extra kernels)."""
+    with torch.no_grad():
+        out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    return [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outs]
+
+
+def _fwd_bwd(fn, inputs, grads):
     out = fn(*inputs)
     outs = out if isinstance(out, tuple) else (out,)
-    loss = sum(o.float().sum() if o.dim() else o.float() for o in outs)
-    loss.backward()
+    torch.autograd.backward(outs, grads)
 
 
-def _measure(fn, inputs) -> tuple[float, int]:
-    from triton.testing import do_bench
-
-    def run():
-        for t in inputs:
-            if isinstance(t, torch.Tensor) and t.grad is not None:
-                t.grad = None
-        _fwd_bwd(fn, inputs)
-
-    run()
-    torch.cuda.synchronize()
+def _clear(inputs):
     for t in inputs:
         if isinstance(t, torch.Tensor):
             t.grad = None
+
+
+def _gpu_busy_ms(run, iters: int = 20) -> float:
+    """GPU time per call: the sum of the kernels' durations (CPU launch
+    overhead excluded), from the profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            run()
+        torch.cuda.synchronize()
+    total = 0.0
+    for evt in prof.key_averages():
+        if evt.device_type == DeviceType.CUDA:
+            total += getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
+    return total / iters / 1e3
+
+
+def _measure(fn, inputs) -> tuple[float, float, int]:
+    """(wall ms per fwd+bwd incl. launch overhead, GPU-busy ms, peak bytes)."""
+    from triton.testing import do_bench
+
+    grads = _output_grads(fn, inputs)
+
+    def run():
+        _clear(inputs)
+        _fwd_bwd(fn, inputs, grads)
+
+    run()
+    torch.cuda.synchronize()
+    _clear(inputs)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    _fwd_bwd(fn, inputs)
+    _fwd_bwd(fn, inputs, grads)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     ms = do_bench(run, warmup=10, rep=50)
-    return ms, peak
+    return ms, _gpu_busy_ms(run), peak
 
 
 def _check(case: Case, inputs) -> float:
@@ -214,21 +247,22 @@ def main(argv=None) -> int:
     lines = [
         f"device: {device}, torch {torch.__version__}, dtype {args.dtype}",
         "",
-        "| op | shape | eager ms | zerograph ms | speedup | eager peak MiB | zerograph peak MiB | peak ratio | "
-        "Liger ms | max rel diff |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| op | shape | eager GPU ms | zerograph GPU ms | GPU speedup | eager wall ms | zerograph wall ms | "
+        "eager peak MiB | zerograph peak MiB | peak ratio | Liger GPU ms | max rel diff |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     print("\n".join(lines), flush=True)
     for case in _cases(dtype, ops):
         try:
             inputs = case.make()
             diff = _check(case, inputs)
-            e_ms, e_peak = _measure(case.eager, inputs)
-            z_ms, z_peak = _measure(case.fused, inputs)
-            l_ms = _measure(case.liger, inputs)[0] if case.liger is not None else math.nan
-            row = (f"| {case.op} | {case.shape} | {e_ms:.3f} | {z_ms:.3f} | {e_ms / z_ms:.2f}x | "
+            e_ms, e_gpu, e_peak = _measure(case.eager, inputs)
+            z_ms, z_gpu, z_peak = _measure(case.fused, inputs)
+            l_gpu = _measure(case.liger, inputs)[1] if case.liger is not None else math.nan
+            row = (f"| {case.op} | {case.shape} | {e_gpu:.3f} | {z_gpu:.3f} | {e_gpu / z_gpu:.2f}x | "
+                   f"{e_ms:.3f} | {z_ms:.3f} | "
                    f"{e_peak / 2**20:.0f} | {z_peak / 2**20:.0f} | {z_peak / max(e_peak, 1):.2f} | "
-                   f"{'-' if math.isnan(l_ms) else f'{l_ms:.3f}'} | {diff:.1e} |")
+                   f"{'-' if math.isnan(l_gpu) else f'{l_gpu:.3f}'} | {diff:.1e} |")
         except Exception as exc:  # report and go on: one broken op must not hide the others
             row = f"| {case.op} | {case.shape} | error: {type(exc).__name__}: {str(exc)[:120]} |"
         finally:
