@@ -45,7 +45,7 @@ def _fsdp2(args):
     from torch.distributed.fsdp import fully_shard
 
     model = _model(args).cuda()
-    for block in model.blocks if hasattr(model, "blocks") else model.transformer.h:
+    for block in model.h:
         fully_shard(block)
     fully_shard(model)
     return model
@@ -54,7 +54,7 @@ def _fsdp2(args):
 def _ddp(args):
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(_model(args).cuda())
+    return DistributedDataParallel(_model(args).cuda(), init_sync=False)
 
 
 def _run(name, build, args) -> dict:

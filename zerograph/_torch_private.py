@@ -28,6 +28,7 @@ __all__ = [
     "queue_backward_callback",
     "fake_store",
     "dynamo_exception_types",
+    "inductor_decompositions",
     "TORCH_VERSION",
     "TorchDispatchMode",
 ]
@@ -61,6 +62,13 @@ def fake_store():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     return FakeStore()
+
+
+def inductor_decompositions() -> dict:
+    """The decompositions Inductor expects AOTAutograd to have applied."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()
 
 
 def inductor_compile(gm, example_inputs):

@@ -21,7 +21,13 @@ import logging
 import torch
 import torch.fx as fx
 
-from zerograph._torch_private import aot_autograd, default_partition, inductor_compile, make_boxed_func
+from zerograph._torch_private import (
+    aot_autograd,
+    default_partition,
+    inductor_compile,
+    inductor_decompositions,
+    make_boxed_func,
+)
 from zerograph.config import Config
 from zerograph.ops import REDUCE_GRAD, UNSHARD
 from zerograph.passes import PassContext, default_passes, run_passes
@@ -90,6 +96,8 @@ class ZerographBackend:
             inference_compiler=functools.partial(compile_for, "inference"),
             partition_fn=functools.partial(self._partition, region),
             keep_inference_input_mutations=True,
+            # Inductor lowers only decomposed ATen: trace with its table.
+            decompositions=inductor_decompositions() if self.config.zerograph.compiler == "inductor" else None,
         )(gm, example_inputs)
 
 

@@ -60,6 +60,13 @@ def explain_trace_failure(model: nn.Module, exc: BaseException) -> TraceError:
     root = type(model).__qualname__
     target = f"{root}.{module_path}" if module_path else root
     op_text = f"op {op['fn'] or op['op']}" if op else "an operation"
+    if type(exc).__name__ == "BackendCompilerFailed":
+        return TraceError(
+            f"zerograph's backend failed to compile a graph of {target!r}{where}: {reason}\n"
+            "What to do: retry with the config key zerograph.compiler set to \"eager\" (runs the same passes "
+            "without Inductor), or zerograph.debug / zerograph.verify_graphs to find the pass at fault. "
+            "The original error is attached as __cause__."
+        )
     devices = _DEVICES.search(message)
     if devices:
         return TraceError(
