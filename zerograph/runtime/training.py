@@ -42,6 +42,9 @@ class _BackwardEntry(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runtime, boundary, *tensors):
         ctx.runtime, ctx.boundary = runtime, boundary
+        # An output the loss does not use (logits next to the loss) gets no
+        # gradient; do not turn that None into a zeros tensor of its size.
+        ctx.set_materialize_grads(False)
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
