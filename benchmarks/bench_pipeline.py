@@ -1,6 +1,7 @@
-"""zerograph's 1F1B pipeline vs torch.distributed.pipelining's Schedule1F1B.
+"""zerograph's 1F1B and interleaved 1F1B pipelines vs torch.distributed.pipelining's
+Schedule1F1B and ScheduleInterleaved1F1B.
 
-    python benchmarks/bench_pipeline.py [--stages P] [--micro M[,M...]] [--steps N] [--warmup K] [--out FILE.md]
+    python benchmarks/bench_pipeline.py [--stages P] [--virtual V] [--micro M[,M...]] [--steps N] [--warmup K] [--out FILE.md]
 
 Same model (nanoGPT-style, untied embedding so that the hand-split torch
 stages need no weight sharing), same batches, same AdamW, one launch of P
@@ -14,14 +15,22 @@ stage). For each micro-batch count M:
   (stage 0: embeddings + first blocks; last: remaining blocks + ln_f +
   lm_head), ``PipelineStage`` + ``Schedule1F1B``.
 
+* **interleaved** (``--virtual V``, default 2; 1 turns it off): both systems
+  again with the model cut into P·V stages of whole blocks, rank r holding
+  stages r, r+P, …: zerograph's ``"schedule": "interleaved_1f1b"`` with
+  ``split_points`` at the same blocks, and ``ScheduleInterleaved1F1B`` over
+  V ``PipelineStage`` objects per rank (when this torch has it). M must be a
+  multiple of P.
+
 Reported per system: median step time (with the optimizer step); the
 measured bubble fraction, i.e. the share of the pipelined part of a step
 (``train_step`` / ``schedule.step``, without the optimizer) that a stage does
-not spend in its own forward/backward compute, per stage, against the
-formula (P-1)/(M+P-1), which assumes equal stages and free communication
+not spend in its own forward/backward compute, per rank, against the
+formula (P-1)/(M+P-1) (interleaved: (P-1)/(V·M+P-1)), which assumes equal stages and free communication
 (the ratio line uses the busiest stage, the one the formula describes); and the peak number of
 micro-batches whose forward is done and backward not yet (activations in
-flight) per stage. zerograph's runtime times each stage forward/backward
+flight) per rank (interleaved: a (stage, micro-batch) pair counts once; it
+holds 1/V of a micro-batch's activations). zerograph's runtime times each stage forward/backward
 itself (``model.last_stats``, waits for inputs excluded); for the torch
 stages, an identity autograd function at the stage's float input and at its
 output marks the start and end of each forward and each backward.
@@ -128,36 +137,47 @@ class TimedBlocks(nn.Module):
         return _Mark.apply(self.clock, False, x)
 
 
-def _cut(p: int, n_layer: int) -> list[int]:
-    per = n_layer // p
-    return [per * s for s in range(p)] + [n_layer]
+def _cut(stages: int, n_layer: int) -> list[int]:
+    if stages > n_layer:
+        raise SystemExit(f"{stages} pipeline stages need at least as many blocks; the model has {n_layer}")
+    per = n_layer // stages
+    return [per * s for s in range(stages)] + [n_layer]
 
 
-def _setup_torch(p, m):
-    """A step function for torch.distributed.pipelining on hand-split stages."""
+def _setup_torch(p, m, v=1):
+    """A step function for torch.distributed.pipelining on hand-split stages
+    (``v > 1``: ``v`` stages per rank and ScheduleInterleaved1F1B)."""
     import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    from torch.distributed import pipelining
 
     rank = dist.get_rank()
     gpt = _model()
-    cuts = _cut(p, MODEL["n_layer"])
-    clock = StageClock()
-    mod = TimedBlocks(gpt, cuts[rank], cuts[rank + 1], rank == 0, rank == p - 1, clock)
-    stage = PipelineStage(mod, rank, p, torch.device("cpu"))
+    n = p * v
+    cuts = _cut(n, MODEL["n_layer"])
+    clock = StageClock()  # one per rank: its stages run one at a time
+    mine = [rank + c * p for c in range(v)]
+    mods = [TimedBlocks(gpt, cuts[k], cuts[k + 1], k == 0, k == n - 1, clock) for k in mine]
+    stages = [pipelining.PipelineStage(mod, k, n, torch.device("cpu")) for k, mod in zip(mine, mods)]
 
     def loss_fn(logits, targets):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-    schedule = Schedule1F1B(stage, n_microbatches=m, loss_fn=loss_fn)
-    opt = torch.optim.AdamW(mod.parameters(), lr=LR)
+    if v == 1:
+        schedule = pipelining.Schedule1F1B(stages[0], n_microbatches=m, loss_fn=loss_fn)
+    else:
+        schedule = pipelining.ScheduleInterleaved1F1B(stages, n_microbatches=m, loss_fn=loss_fn)
+    opt = torch.optim.AdamW([q for mod in mods for q in mod.parameters()], lr=LR)
 
     def step(batch):
         idx, targets = batch
         clock.reset()
         t0 = time.perf_counter()
-        if rank == 0:
+        first, last = rank == 0, rank == (n - 1) % p
+        if first and last:
+            schedule.step(idx, target=targets, losses=[])
+        elif first:
             schedule.step(idx)
-        elif rank == p - 1:
+        elif last:
             schedule.step(target=targets, losses=[])
         else:
             schedule.step()
@@ -169,12 +189,15 @@ def _setup_torch(p, m):
     return step
 
 
-def _setup_zerograph(p, m, example):
+def _setup_zerograph(p, m, example, v=1):
     """A step function for zerograph's pipeline, split at the same blocks."""
     import zerograph
 
-    cuts = _cut(p, MODEL["n_layer"])
-    config = {"pipeline": {"stages": p, "micro_batches": m, "split_points": [f"h.{c}" for c in cuts[1:-1]]}}
+    cuts = _cut(p * v, MODEL["n_layer"])
+    pipeline = {"stages": p, "micro_batches": m, "split_points": [f"h.{c}" for c in cuts[1:-1]]}
+    if v > 1:
+        pipeline.update(schedule="interleaved_1f1b", virtual_stages=v)
+    config = {"pipeline": pipeline}
     if "nonfinite_grads" in zerograph.config.ZerographOptions.model_fields:
         config["zerograph"] = {"nonfinite_grads": "ignore"}  # torch's schedule does not check either
     model = zerograph.compile(_model(), config, example_batch=example)
@@ -192,20 +215,37 @@ def _setup_zerograph(p, m, example):
 
 
 SYSTEMS = ("zerograph 1F1B", "torch.distributed.pipelining Schedule1F1B")
+INTERLEAVED = ("zerograph interleaved 1F1B", "torch.distributed.pipelining ScheduleInterleaved1F1B")
 
 
-def _worker(p, micro, steps, warmup, model_cfg):
-    """Both systems live side by side and take turns step by step, so that
-    load from other processes on the machine hits both alike."""
+def _systems(virtual: int) -> tuple[str, ...]:
+    if virtual < 2:
+        return SYSTEMS
+    from torch.distributed import pipelining
+
+    torch_has = hasattr(pipelining, "ScheduleInterleaved1F1B")
+    return SYSTEMS + (INTERLEAVED if torch_has else INTERLEAVED[:1])
+
+
+def _worker(p, micro, steps, warmup, model_cfg, virtual=1):
+    """All systems live side by side and take turns step by step, so that
+    load from other processes on the machine hits them alike."""
     import torch.distributed as dist
 
     MODEL.update(model_cfg)  # spawned ranks re-import this module
     batches = _batches(warmup + steps)
     out = {}
+    setups = {
+        SYSTEMS[0]: lambda m: _setup_zerograph(p, m, batches[0]),
+        SYSTEMS[1]: lambda m: _setup_torch(p, m),
+        INTERLEAVED[0]: lambda m: _setup_zerograph(p, m, batches[0], virtual),
+        INTERLEAVED[1]: lambda m: _setup_torch(p, m, virtual),
+    }
+    names = _systems(virtual)
     for m in micro:
         torch._dynamo.reset()
-        runners = {SYSTEMS[0]: _setup_zerograph(p, m, batches[0]), SYSTEMS[1]: _setup_torch(p, m)}
-        samples = {name: [] for name in SYSTEMS}
+        runners = {name: setups[name](m) for name in names}
+        samples = {name: [] for name in names}
         for i, batch in enumerate(batches):
             for name, step in runners.items():
                 dist.barrier()
@@ -222,51 +262,66 @@ def _worker(p, micro, steps, warmup, model_cfg):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--virtual", type=int, default=2, help="stages per rank for the interleaved runs; 1: none")
     ap.add_argument("--micro", default="4,8")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--large", action="store_true", help="d=256, seq 128 (the foundation benchmark GPT, untied)")
+    ap.add_argument("--layers", type=int, help="blocks of the GPT (default 4)")
     ap.add_argument("--out")
     args = ap.parse_args()
     micro = [int(x) for x in args.micro.split(",")]
     if args.large:
         MODEL.update(block_size=128, n_embd=256)
+    if args.layers:
+        MODEL.update(n_layer=args.layers)
+    p, v = args.stages, args.virtual
+    _cut(p * max(v, 1), MODEL["n_layer"])
+    if v > 1 and any(m % p for m in micro):
+        raise SystemExit(f"--micro {args.micro}: interleaved 1F1B needs micro-batch counts that are multiples of --stages {p}")
     from zerograph.runtime.launch import spawn
 
     load_before = os.getloadavg()[0]
-    results = spawn(_worker, args.stages, args.stages, micro, args.steps, args.warmup, dict(MODEL), timeout=args.timeout)
+    results = spawn(_worker, p, p, micro, args.steps, args.warmup, dict(MODEL), v, timeout=args.timeout)
     load_after = os.getloadavg()[0]
-    p = args.stages
+    names = _systems(v)
     params = sum(x.numel() for x in _model().parameters())
     lines = [
         f"Pipeline benchmark: GPT {MODEL['n_layer']} layers, d={MODEL['n_embd']}, vocab {MODEL['vocab_size']}, "
         f"seq {MODEL['block_size']}, {params / 1e6:.2f}M parameters, batch {ROWS}; p={p} gloo ranks on "
         f"{platform.node()} ({os.cpu_count()} CPUs, torch {torch.__version__}); median of {args.steps} steps "
-        f"after {args.warmup} warmup; 1-minute load average {load_before:.2f} before, {load_after:.2f} after.",
+        f"after {args.warmup} warmup; 1-minute load average {load_before:.2f} before, {load_after:.2f} after."
+        + (f" Interleaved: v={v} stages per rank." if v > 1 else ""),
         "",
-        "| system | m | step ms | bubble per stage | (p-1)/(m+p-1) | peak in flight per stage |",
+        "| system | m | step ms | bubble per rank | formula | peak in flight per rank |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+
+    def formula(name, m):
+        vv = v if name in INTERLEAVED else 1
+        return (p - 1) / (vv * m + p - 1)
+
     for m in micro:
-        formula = (p - 1) / (m + p - 1)
-        for name in SYSTEMS:
+        for name in names:
             per_rank = [r[(name, m)] for r in results]
             step = max(t for t, _, _ in per_rank)
             bubbles = ", ".join(f"{b:.3f}" for _, b, _ in per_rank)
             peaks = ", ".join(str(pk) for _, _, pk in per_rank)
-            lines.append(f"| {name} | {m} | {step * 1e3:.1f} | {bubbles} | {formula:.3f} | {peaks} |")
+            lines.append(f"| {name} | {m} | {step * 1e3:.1f} | {bubbles} | {formula(name, m):.3f} | {peaks} |")
     lines.append("")
+    pairs = [pair for pair in (SYSTEMS, INTERLEAVED) if all(n in names for n in pair)]
     for m in micro:
-        z = max(r[("zerograph 1F1B", m)][0] for r in results)
-        t = max(r[("torch.distributed.pipelining Schedule1F1B", m)][0] for r in results)
-        zb = min(r[("zerograph 1F1B", m)][1] for r in results)
-        tb = min(r[("torch.distributed.pipelining Schedule1F1B", m)][1] for r in results)
-        formula = (p - 1) / (m + p - 1)
-        lines.append(
-            f"m={m}: step time zerograph / torch.distributed.pipelining = {z / t:.2f}x; "
-            f"bubble of the busiest stage / formula: zerograph {zb / formula:.2f}x, torch {tb / formula:.2f}x"
-        )
+        for ours, theirs in pairs:
+            z = max(r[(ours, m)][0] for r in results)
+            t = max(r[(theirs, m)][0] for r in results)
+            zb = min(r[(ours, m)][1] for r in results)
+            tb = min(r[(theirs, m)][1] for r in results)
+            f = formula(ours, m)
+            lines.append(
+                f"m={m}: step time {ours} / {theirs} = {z / t:.2f}x; "
+                f"bubble of the busiest rank / formula: zerograph {zb / f:.2f}x, torch {tb / f:.2f}x"
+            )
     report = "\n".join(lines)
     print(report)
     if args.out:

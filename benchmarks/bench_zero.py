@@ -1,13 +1,17 @@
 """Benchmark zerograph's ZeRO stages against DDP and FSDP2 on CPU (gloo).
 
-    python benchmarks/bench_zero.py [--steps N] [--warmup K] [--world W] [--large] [--out FILE.md]
+    python benchmarks/bench_zero.py [--steps N] [--warmup K] [--world W] [--large] [--model M] [--out FILE.md]
 
 Default: the 3.70M-parameter GPT (4 layers, d=256, vocab 1000, seq 128),
 batch 8 per rank. In ONE launch of ``--world`` ranks, every rank trains each
 system in turn on the same initial weights and the same token batches:
-zerograph stage 0, 1, 2, 3; DDP; FSDP2 (``fully_shard`` on each block, then
+zerograph stage 0, 1, 2, 3, stage 3 without prefetch (``schedule_collectives``
+disabled) and/or without bucketing (bucket sizes 0); DDP; FSDP2 (``fully_shard`` on each block, then
 the root). Per system: median step time (forward + backward + optimizer step
 + zero_grad), model-state bytes per rank, communication per step.
+
+``--model gpt-12x768``: the ``--large`` shape for the stage-3 variants, DDP
+and FSDP2, without RSS sampling.
 
 ``--large``: a ~98M-parameter GPT (12 layers, d=768, vocab 16384, seq 128),
 batch 2 per rank, for zerograph stage 3, DDP and FSDP2 only, also measuring
@@ -36,8 +40,20 @@ import torch
 SMALL = dict(vocab_size=1000, block_size=128, n_layer=4, n_head=4, n_embd=256, batch=8)
 LARGE = dict(vocab_size=16384, block_size=128, n_layer=12, n_head=12, n_embd=768, batch=2)
 
-SMALL_SYSTEMS = ["zerograph stage 0", "zerograph stage 1", "zerograph stage 2", "zerograph stage 3", "DDP", "FSDP2"]
+SMALL_SYSTEMS = ["zerograph stage 0", "zerograph stage 1", "zerograph stage 2", "zerograph stage 3",
+                 "zerograph stage 3 no-prefetch", "zerograph stage 3 unbucketed", "zerograph stage 3 no-prefetch unbucketed",
+                 "DDP", "FSDP2"]
 LARGE_SYSTEMS = ["zerograph stage 3", "DDP", "FSDP2"]
+# --model gpt-12x768: the large model's shape without the RSS sampling, with
+# the stage-3 schedule variants next to DDP and FSDP2 (default prefetching)
+MODELS = {"gpt-4x256": SMALL, "gpt-12x768": LARGE}
+STAGE3_SYSTEMS = ["zerograph stage 3", "zerograph stage 3 no-prefetch", "zerograph stage 3 unbucketed",
+                  "zerograph stage 3 no-prefetch unbucketed", "DDP", "FSDP2"]
+# stage-3 variants: "no-prefetch" disables the schedule_collectives pass (every
+# collective on demand), "unbucketed" sets both bucket sizes to 0 (one
+# collective per parameter)
+_VARIANTS = {"no-prefetch": {"zerograph": {"disabled_passes": ["schedule_collectives"]}},
+             "unbucketed": {"zero_optimization": {"allgather_bucket_size": 0, "reduce_bucket_size": 0}}}
 
 LR = 1e-4
 SEED = 0
@@ -142,8 +158,14 @@ def _prepare(name: str, model: torch.nn.Module) -> torch.nn.Module:
     if name.startswith("zerograph stage "):
         import zerograph
 
-        stage = int(name.rsplit(" ", 1)[1])
-        return zerograph.compile(model, {"zero_optimization": {"stage": stage}})
+        words = name.split()
+        config: dict = {"zero_optimization": {"stage": int(words[2])}, "zerograph": {}}
+        for word in words[3:]:
+            if word not in _VARIANTS:
+                raise ValueError(f"unknown variant {word!r} in {name!r}; choose from {sorted(_VARIANTS)}")
+            for section, values in _VARIANTS[word].items():
+                config[section].update(values)
+        return zerograph.compile(model, config)
     if name == "DDP":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -366,6 +388,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed first steps, compilation included (default 3; 2 with --large)")
     ap.add_argument("--world", type=int, default=2, help="number of ranks (default 2)")
     ap.add_argument("--large", action="store_true", help="~98M-parameter model with peak-RSS measurement")
+    ap.add_argument("--model", choices=sorted(MODELS), default=None,
+                    help="gpt-4x256 (the default model) or gpt-12x768 (the --large shape, stage-3 variants, "
+                         "DDP and FSDP2, no RSS sampling)")
     ap.add_argument("--systems", default=None, help="comma-separated subset of the systems to run")
     ap.add_argument("--out", default=None, help="also write the markdown report to this file")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before the launch is killed")
@@ -373,6 +398,9 @@ def main(argv=None) -> int:
 
     spec = LARGE if args.large else SMALL
     systems = LARGE_SYSTEMS if args.large else SMALL_SYSTEMS
+    if args.model is not None and not args.large:
+        spec = MODELS[args.model]
+        systems = STAGE3_SYSTEMS if args.model == "gpt-12x768" else SMALL_SYSTEMS
     if args.systems:
         systems = [s.strip() for s in args.systems.split(",")]
     steps = args.steps if args.steps is not None else (3 if args.large else 10)

@@ -48,7 +48,7 @@ def test_defaults():
     zero = cfg.zero_optimization
     assert (zero.stage, zero.overlap_comm, zero.contiguous_gradients, zero.reduce_scatter) == (0, True, True, True)
     assert (zero.reduce_bucket_size, zero.allgather_bucket_size) == (500_000_000, 500_000_000)
-    assert (zero.stage3_max_live_parameters, zero.stage3_max_reuse_distance) == (1_000_000_000, 1_000_000_000)
+    assert (zero.stage3_max_live_parameters, zero.stage3_max_reuse_distance) == (1_000_000_000, 0)  # DeepSpeed: 1e9, 1e9
     assert zero.stage3_prefetch_bucket_size == 50_000_000
     assert zero.stage3_param_persistence_threshold == 0  # unlike DeepSpeed's 1e5
     assert zero.offload_optimizer == zero.offload_param == OffloadConfig()
@@ -276,16 +276,21 @@ def test_fp16_and_bf16_together():
 
 def test_offload_rejected():
     assert_expected_inline(
-        load_error({"zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": True}}}),
-        """zero_optimization.offload_optimizer.device='cpu' is not supported yet; remove offload_optimizer (ZeRO-Offload is planned)""",
+        load_error({"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}}),
+        """zero_optimization.offload_optimizer.device="nvme" (ZeRO-Infinity) is not supported; use device "cpu" (host memory)""",
     )
     assert_expected_inline(
         load_error({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}}),
-        """zero_optimization.offload_param.device='nvme' is not supported yet; remove offload_param (ZeRO-Offload is planned)""",
+        """zero_optimization.offload_param.device="nvme" (ZeRO-Infinity) is not supported; remove offload_param (parameter offload is not implemented; offload_optimizer.device "cpu" is)""",
+    )
+    assert_expected_inline(
+        load_error({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}),
+        """zero_optimization.offload_param.device="cpu" is not supported yet; remove offload_param (supported: offload_optimizer.device "cpu", and activation_checkpointing.offload_activations)""",
     )
     # the same check applies when models are built directly
     with pytest.raises(pydantic.ValidationError, match="not supported yet"):
-        ZeroConfig(offload_optimizer=OffloadConfig(device="cpu"))
+        ZeroConfig(offload_param=OffloadConfig(device="cpu"))
+    assert ZeroConfig(offload_optimizer=OffloadConfig(device="cpu")).offload_optimizer.device == "cpu"
 
 
 def test_optimizer_and_scheduler_sections_rejected():
@@ -383,9 +388,7 @@ def test_inactive_settings():
     assert cfg.inactive_settings() == [
         "zero_optimization.reduce_scatter=false has no effect yet (zerograph picks the reduction per stage and lays gradients out in its bucket buffers); "
         "it is accepted so DeepSpeed configs load",
-        "zero_optimization.stage3_max_reuse_distance=1000 has no effect yet (scheduling passes are not "
-        "implemented); it is accepted so DeepSpeed configs load",
-    ]
+    ]  # stage3_max_reuse_distance takes effect (zero_policy)
     assert Config().inactive_settings() == []
     assert Config.load({"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}).inactive_settings() == []
 

@@ -97,6 +97,15 @@ def test_demo_report_compares_with_ddp(tiny_run):
     assert result.sample.startswith(demo.DEFAULT_PROMPT)
 
 
+@pytest.mark.timeout(300)
+def test_demo_writes_and_reports_the_chrome_trace(tiny_run):
+    result, out = tiny_run
+    trace = json.loads((out / "trace.json").read_text())
+    assert any(e.get("ph") == "X" for e in trace["traceEvents"]), "no timed events in the trace"
+    assert "Chrome trace of one step's graphs (zerograph.explain): " in result.report
+    assert "trace.json" in result.report.splitlines()[-1]
+
+
 def test_global_batch_is_the_same_for_every_world_size():
     data = torch.arange(1000) % 256
     for step in range(3):

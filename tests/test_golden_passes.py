@@ -57,10 +57,10 @@ primals_2: f32[3]
 primals_3: f32[5, 4]
 primals_4: f32[2, 6]
 all_gather_into_tensor_default: f32[6, 4] = _c10d_functional.all_gather_into_tensor(primals_1, 2, '0')  # all_gather fc1.weight
-all_gather_into_tensor_default_1: f32[6] = _c10d_functional.all_gather_into_tensor(primals_2, 2, '0')  # all_gather fc1.bias
 wait_tensor_default: f32[6, 4] = _c10d_functional.wait_tensor(all_gather_into_tensor_default)  # wait fc1.weight
-all_gather_into_tensor_default_2: f32[4, 6] = _c10d_functional.all_gather_into_tensor(primals_4, 2, '0')  # all_gather fc2.weight
+all_gather_into_tensor_default_1: f32[6] = _c10d_functional.all_gather_into_tensor(primals_2, 2, '0')  # all_gather fc1.bias
 wait_tensor_default_1: f32[6] = _c10d_functional.wait_tensor(all_gather_into_tensor_default_1)  # wait fc1.bias
+all_gather_into_tensor_default_2: f32[4, 6] = _c10d_functional.all_gather_into_tensor(primals_4, 2, '0')  # all_gather fc2.weight
 t: f32[4, 6] = aten.t(wait_tensor_default)
 addmm: f32[5, 6] = aten.addmm(wait_tensor_default_1, primals_3, t)
 relu: f32[5, 6] = aten.relu(addmm)
@@ -113,6 +113,84 @@ mul_tensor_2: f32[3, 4] = aten.mul.Tensor(wait_tensor_default_3, 0.5)  # comm_pr
 return [mul_tensor_2, mul_tensor_1, None, mul_tensor]""")
 
 
+def _reuse_graphs(distance):
+    torch.manual_seed(0)
+    zero = {"stage": 3, "stage3_max_reuse_distance": distance, **UNBUCKETED}
+    model = zerograph.compile(TinyMLP(), {"zero_optimization": zero, "zerograph": {"verify_graphs": True, "device": "cpu"}})
+    model(torch.randn(5, 4)).backward()
+    info = zerograph.inspect(model)
+    policy = next(r.details for r in info.passes if r.name == "zero_policy")
+    return info, policy
+
+
+def test_stage3_reuse_distance_zero_regathers_in_backward(fake_world):
+    info, policy = _reuse_graphs(0)
+    assert policy == {"must_recompute": 6}
+    # the default (0): the same graphs as test_stage3_*: the backward gathers fc2.weight again
+    assert info.memory.regions[0].comm_bytes == {"all_gather": 312, "reduce_scatter": 216, "all_reduce": 0}
+    saved = [n.name for n in info.backward[0].graph.nodes if n.op == "placeholder"]
+    assert_expected_inline(" ".join(saved), """primals_5 relu detach view_2 primals_2 tangents_1""")
+
+
+def test_stage3_reuse_distance_infinite_keeps_last_layer(fake_world):
+    info, policy = _reuse_graphs(10**9)
+    # nothing is used between fc2.weight's forward use and its backward use: distance 0 < 1e9
+    assert policy == {"must_recompute": 3, "kept": ["fc2.weight"], "kept_gather_elements": 24}
+    assert info.memory.regions[0].comm_bytes == {"all_gather": 216, "reduce_scatter": 216, "all_reduce": 0}
+    assert_expected_inline(format_graph(info.forward[0], canonical=True), """\
+primals_1: f32[3, 4]
+primals_2: f32[3]
+primals_3: f32[5, 4]
+primals_4: f32[2, 6]
+all_gather_into_tensor_default: f32[6, 4] = _c10d_functional.all_gather_into_tensor(primals_1, 2, '0')  # all_gather fc1.weight
+wait_tensor_default: f32[6, 4] = _c10d_functional.wait_tensor(all_gather_into_tensor_default)  # wait fc1.weight
+all_gather_into_tensor_default_1: f32[6] = _c10d_functional.all_gather_into_tensor(primals_2, 2, '0')  # all_gather fc1.bias
+wait_tensor_default_1: f32[6] = _c10d_functional.wait_tensor(all_gather_into_tensor_default_1)  # wait fc1.bias
+all_gather_into_tensor_default_2: f32[4, 6] = _c10d_functional.all_gather_into_tensor(primals_4, 2, '0')  # all_gather fc2.weight
+t: f32[4, 6] = aten.t(wait_tensor_default)
+addmm: f32[5, 6] = aten.addmm(wait_tensor_default_1, primals_3, t)
+relu: f32[5, 6] = aten.relu(addmm)
+detach: f32[5, 6] = aten.detach(relu)
+wait_tensor_default_2: f32[4, 6] = _c10d_functional.wait_tensor(all_gather_into_tensor_default_2)  # wait fc2.weight
+slice_tensor: f32[3, 6] = aten.slice.Tensor(wait_tensor_default_2, 0, 0, 3)  # comm_prep fc2.weight
+t_1: f32[6, 3] = aten.t(slice_tensor)
+mm: f32[5, 3] = aten.mm(relu, t_1)
+sum: f32[] = aten.sum(mm)
+return [sum, primals_3, relu, detach, t_1]""")
+    assert_expected_inline(format_graph(info.backward[0], canonical=True), """\
+primals_1: f32[5, 4]
+relu: f32[5, 6]
+detach: f32[5, 6]
+t: f32[6, 3]
+tangents_1: f32[]
+expand: f32[5, 3] = aten.expand(tangents_1, [5, 3])
+t_1: f32[3, 5] = aten.t(expand)
+mm: f32[3, 6] = aten.mm(t_1, relu)
+t_2: f32[6, 3] = aten.t(mm)
+t_3: f32[3, 6] = aten.t(t)
+mm_1: f32[5, 6] = aten.mm(expand, t_3)
+t_4: f32[3, 6] = aten.t(t_2)
+constant_pad_nd_default: f32[4, 6] = aten.constant_pad_nd(t_4, [0, 0, 0, 1], 0.0)  # comm_prep fc2.weight
+reduce_scatter_tensor_default: f32[2, 6] = _c10d_functional.reduce_scatter_tensor(constant_pad_nd_default, 'sum', 2, '0')  # reduce_scatter fc2.weight
+detach_1: f32[5, 6] = aten.detach(detach)
+threshold_backward: f32[5, 6] = aten.threshold_backward(mm_1, detach_1, 0)
+t_5: f32[6, 5] = aten.t(threshold_backward)
+mm_2: f32[6, 4] = aten.mm(t_5, primals_1)
+t_6: f32[4, 6] = aten.t(mm_2)
+sum: f32[1, 6] = aten.sum.dim_IntList(threshold_backward, [0], True)
+view: f32[6] = aten.view(sum, [6])
+t_7: f32[6, 4] = aten.t(t_6)
+wait_tensor_default: f32[2, 6] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default)  # wait fc2.weight
+mul_tensor: f32[2, 6] = aten.mul.Tensor(wait_tensor_default, 0.5)  # comm_prep fc2.weight
+reduce_scatter_tensor_default_1: f32[3] = _c10d_functional.reduce_scatter_tensor(view, 'sum', 2, '0')  # reduce_scatter fc1.bias
+wait_tensor_default_1: f32[3] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_1)  # wait fc1.bias
+mul_tensor_1: f32[3] = aten.mul.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc1.bias
+reduce_scatter_tensor_default_2: f32[3, 4] = _c10d_functional.reduce_scatter_tensor(t_7, 'sum', 2, '0')  # reduce_scatter fc1.weight
+wait_tensor_default_2: f32[3, 4] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_2)  # wait fc1.weight
+mul_tensor_2: f32[3, 4] = aten.mul.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.weight
+return [mul_tensor_2, mul_tensor_1, None, mul_tensor]""")
+
+
 def test_stage2_keeps_gathered_parameters_for_backward(fake_world):
     _, info = _compiled_graphs(2)
     assert_expected_inline(format_graph(info.backward[0], canonical=True), """\
@@ -160,7 +238,6 @@ view_default: f32[12] = aten.view(primals_1, [12])  # comm_prep fc1.weight,fc1.b
 view_default_1: f32[3] = aten.view(primals_2, [3])  # comm_prep fc1.weight,fc1.bias
 cat_default: f32[15] = aten.cat([view_default, view_default_1])  # comm_prep fc1.weight,fc1.bias
 all_gather_into_tensor_default: f32[30] = _c10d_functional.all_gather_into_tensor(cat_default, 2, '0')  # all_gather fc1.weight,fc1.bias
-all_gather_into_tensor_default_1: f32[4, 6] = _c10d_functional.all_gather_into_tensor(primals_4, 2, '0')  # all_gather fc2.weight
 wait_tensor_default: f32[30] = _c10d_functional.wait_tensor(all_gather_into_tensor_default)  # wait fc1.weight,fc1.bias
 view_default_2: f32[2, 15] = aten.view(wait_tensor_default, [2, 15])  # comm_prep fc1.weight,fc1.bias
 slice_tensor: f32[2, 12] = aten.slice.Tensor(view_default_2, 1, 0, 12)  # comm_prep fc1.weight,fc1.bias
@@ -169,6 +246,7 @@ view_default_3: f32[6, 4] = aten.view(clone_default, [6, 4])  # comm_prep fc1.we
 slice_tensor_1: f32[2, 3] = aten.slice.Tensor(view_default_2, 1, 12, 15)  # comm_prep fc1.weight,fc1.bias
 clone_default_1: f32[2, 3] = aten.clone(slice_tensor_1, memory_format=torch.contiguous_format)  # comm_prep fc1.weight,fc1.bias
 view_default_4: f32[6] = aten.view(clone_default_1, [6])  # comm_prep fc1.weight,fc1.bias
+all_gather_into_tensor_default_1: f32[4, 6] = _c10d_functional.all_gather_into_tensor(primals_4, 2, '0')  # all_gather fc2.weight
 t: f32[4, 6] = aten.t(view_default_3)
 addmm: f32[5, 6] = aten.addmm(view_default_4, primals_3, t)
 relu: f32[5, 6] = aten.relu(addmm)

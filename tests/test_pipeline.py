@@ -3,13 +3,15 @@ and training equivalence with single-process eager PyTorch.
 
 The distributed tests spawn real gloo ranks: p=2 stages (world 2) on the
 nanoGPT model, Hugging Face GPT-2 and Llama, and p=2 x dp=2 with ZeRO-3
-(world 4) on the nanoGPT model; losses of 5 AdamW steps and every parameter
-afterwards must match the eager reference (fp32, rtol 1e-5).
+(world 4) on the nanoGPT model, each also with interleaved 1F1B (p=2, v=2:
+four model stages, on 4-block models); losses of 5 AdamW steps and every
+parameter afterwards must match the eager reference (fp32, rtol 1e-5).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -26,11 +28,12 @@ from zerograph.pipeline import (
     SplitError,
     format_grid,
     gpipe,
+    interleaved_one_f_one_b,
     one_f_one_b,
     simulate,
     split_graph,
 )
-from zerograph.pipeline.build import trace
+from zerograph.pipeline.build import _check_ties_on_distinct_ranks, trace
 from zerograph.pipeline.step import split_batch
 from zerograph.runtime.launch import spawn
 
@@ -140,12 +143,84 @@ def test_bubble_and_in_flight_follow_the_formulas(name, p, m):
         assert timeline.peak_in_flight == (m,) * p
 
 
+def test_interleaved_grid_p2_v2_m4():
+    """Rank 0 holds stages 0 and 2, rank 1 stages 1 and 3; ``2F0`` is micro-batch 0's forward on stage 2."""
+    assert_expected_inline(format_grid(simulate(interleaved_one_f_one_b(2, 4, 2))), """\
+step   rank0   rank1
+   0     0F0       .
+   1     0F1     1F0
+   2     2F0     1F1
+   3     2F1     3F0
+   4     0F2     3B0
+   5     2B0     3F1
+   6     0F3     3B1
+   7     2B1     1F2
+   8     2F2     1B0
+   9     0B0     1F3
+  10     2F3     1B1
+  11     0B1     3F2
+  12       .     3B2
+  13     2B2     3F3
+  14       .     3B3
+  15     2B3     1B2
+  16     0B2     1B3
+  17     0B3       .""")
+
+
+def test_interleaved_action_lists_include_transfers_and_the_wrap():
+    # stage 1 (rank 1) sends to stage 2 on rank 0: the wrap from the last rank to the first
+    assert_expected_inline(str(interleaved_one_f_one_b(2, 2, 2)), """\
+interleaved_1f1b: 2 ranks x 2 virtual stages = 4 stages, 2 micro-batches
+  rank 0: 0F0 0SEND_ACT(0) 0F1 0SEND_ACT(1) 2RECV_ACT(0) 2F0 2SEND_ACT(0) 2RECV_ACT(1) 2F1 2SEND_ACT(1) 2RECV_GRAD(0) 2B0 2SEND_GRAD(0) 2RECV_GRAD(1) 2B1 2SEND_GRAD(1) 0RECV_GRAD(0) 0B0 0RECV_GRAD(1) 0B1
+  rank 1: 1RECV_ACT(0) 1F0 1SEND_ACT(0) 1RECV_ACT(1) 1F1 1SEND_ACT(1) 3RECV_ACT(0) 3F0 3B0 3SEND_GRAD(0) 3RECV_ACT(1) 3F1 3B1 3SEND_GRAD(1) 1RECV_GRAD(0) 1B0 1SEND_GRAD(0) 1RECV_GRAD(1) 1B1 1SEND_GRAD(1)""")
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("v", [2, 3, 4])
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_interleaved_bubble_and_in_flight_follow_the_formulas(p, v, groups):
+    m = groups * p
+    timeline = simulate(interleaved_one_f_one_b(p, m, v))
+    assert timeline.bubble_fraction == pytest.approx((p - 1) / (v * m + p - 1))
+    assert len(timeline.grid) == 2 * (v * m + p - 1)
+    # in flight counts (stage, micro-batch) pairs: each holds 1/v of a micro-batch's activations
+    assert timeline.peak_in_flight == tuple(min((p - r - 1) * 2 + (v - 1) * p + 1, m * v) for r in range(p))
+    # every rank runs exactly its own stages r, r + p, ...
+    for r, acts in enumerate(timeline.schedule.actions):
+        assert {a.stage for a in acts} == set(range(r, p * v, p))
+
+
+def test_interleaved_schedule_errors():
+    with pytest.raises(ValueError, match="needs micro_batches to be a multiple of the pipeline stages: 3 micro-batches, 2 stages; set pipeline.micro_batches to 4"):
+        interleaved_one_f_one_b(2, 3, 2)
+    with pytest.raises(ValueError, match="needs virtual_stages >= 2"):
+        interleaved_one_f_one_b(2, 4, 1)
+    with pytest.raises(ValueError, match="needs at least 2 pipeline stages"):
+        interleaved_one_f_one_b(1, 4, 2)
+
+
+def test_simulator_rejects_interleaved_receives_out_of_send_order():
+    """Between two ranks, activations and gradients of different stages share one
+    ordered channel: rank 1 may not take stage 2's gradient before rank 0's earlier activation."""
+    good = interleaved_one_f_one_b(2, 4, 2).actions[1]
+    text = [str(a) for a in good]
+    i, j = text.index("1RECV_ACT(2)"), text.index("1RECV_GRAD(0)")
+    text.insert(i, text.pop(j))
+    with pytest.raises(ScheduleError, match=r"rank 1: 1RECV_GRAD\(0\) would receive rank 0's 0SEND_ACT\(2\)"):
+        simulate(_edit(interleaved_one_f_one_b(2, 4, 2), 1, text))
+    wrong_rank = _edit(interleaved_one_f_one_b(2, 2, 2), 0, ["1F0"])
+    with pytest.raises(ScheduleError, match="rank 0: 1F0 runs on stage 1, which rank 0 does not hold"):
+        simulate(wrong_rank)
+
+
 def _edit(schedule: Schedule, stage: int, actions: list[str]) -> Schedule:
     def parse(text):
+        prefix = re.match(r"\d*", text).group()
+        stage_of, text = (int(prefix) if prefix else None), text[len(prefix):]
         if "(" in text:
             kind, micro = text.rstrip(")").split("(")
-            return Action(kind, int(micro))
-        return Action(text[0], int(text[1:]))
+            return Action(kind, int(micro), stage_of)
+        return Action(text[0], int(text[1:]), stage_of)
 
     acts = list(schedule.actions)
     acts[stage] = tuple(parse(a) for a in actions)
@@ -192,14 +267,26 @@ def test_pipeline_config_and_misuse_errors():
     cfg = Config.load({"pipeline": {"stages": 2}, "gradient_accumulation_steps": 4})
     assert cfg.micro_batches == 4 and cfg.pipeline.schedule == "1f1b"
     assert Config.load({"pipeline": {"stages": 2, "micro_batches": 8}}).micro_batches == 8
-    with pytest.raises(ConfigError, match='pipeline.schedule="interleaved_1f1b" .virtual stages. is not implemented yet'):
-        Config.load({"pipeline": {"schedule": "interleaved_1f1b"}})
-    with pytest.raises(ConfigError, match='pipeline.schedule: got .zb.; allowed: "1f1b", "gpipe"'):
+    with pytest.raises(ConfigError, match='pipeline.schedule: got .zb.; allowed: "1f1b", "gpipe", "interleaved_1f1b"'):
         Config.load({"pipeline": {"schedule": "zb"}})
+    cfg = Config.load({"pipeline": {"stages": 2, "schedule": "interleaved_1f1b", "micro_batches": 4}})
+    assert cfg.pipeline.chunks == 2 and Config.load({"pipeline": {"stages": 2}}).pipeline.chunks == 1
+    assert Config.load({"pipeline": {"stages": 2, "schedule": "interleaved_1f1b", "virtual_stages": 3}}).pipeline.chunks == 3
+    with pytest.raises(ConfigError, match=r'micro_batches to be a multiple of pipeline.stages=2; got 3: set micro_batches to 4'):
+        Config.load({"pipeline": {"stages": 2, "schedule": "interleaved_1f1b", "micro_batches": 3}})
+    with pytest.raises(ConfigError, match='pipeline.virtual_stages=2 needs pipeline.schedule="interleaved_1f1b"'):
+        Config.load({"pipeline": {"stages": 2, "virtual_stages": 2}})
+    with pytest.raises(ConfigError, match="pipeline.virtual_stages=1 with schedule \"interleaved_1f1b\": interleaving needs at least 2"):
+        Config.load({"pipeline": {"stages": 2, "schedule": "interleaved_1f1b", "virtual_stages": 1}})
+    with pytest.raises(ConfigError, match=r'"interleaved_1f1b" needs pipeline.stages >= 2'):
+        Config.load({"pipeline": {"schedule": "interleaved_1f1b"}})
     with pytest.raises(ConfigError, match="zerograph.shard cannot split a model"):
         zerograph.shard(_models.make_gpt(), {"pipeline": {"stages": 2}})
     with pytest.raises(ConfigError, match="needs one batch: zerograph.compile\\(model, config, example_batch=batch\\)"):
         zerograph.compile(_models.make_gpt(), {"pipeline": {"stages": 2}})
+    with pytest.raises(ConfigError, match="micro_batches to be a multiple of the pipeline stages: 3 micro-batches, 2 stages"):
+        zerograph.compile(_models.make_gpt(), {"pipeline": {"stages": 2, "schedule": "interleaved_1f1b"},
+                                               "gradient_accumulation_steps": 3}, example_batch=_models.global_batch(0, 6))
     with pytest.raises(ValueError, match="needs a world size that is a multiple of it; this run has 1 rank"):
         zerograph.compile(_models.make_gpt(), {"pipeline": {"stages": 2}}, example_batch=_models.global_batch(0, 2))
 
@@ -269,6 +356,16 @@ def test_split_points_and_cost_model():
     assert max(costs) < 0.4 * sum(costs), costs
 
 
+def test_split_for_interleaving_puts_the_tied_embedding_on_different_ranks():
+    gm = trace(make_gpt4(), _models.global_batch(0, 2), None)
+    split = split_graph(gm, 4)  # p=2 x v=2
+    assert [st.first_module for st in split.stages] == ["", "h.1", "h.2", "h.3"]
+    assert split.tied == {"lm_head.weight": (0, 3)}  # ranks 0 and 1
+    _check_ties_on_distinct_ranks(split, 2)
+    with pytest.raises(ConfigError, match=r"lm_head.weight is read by stages 0, 3, and with 3 pipeline ranks two of them are on the same rank"):
+        _check_ties_on_distinct_ranks(split, 3)
+
+
 def _deep_gpt():
     torch.manual_seed(0)
     return zerograph.models.GPT(zerograph.models.GPTConfig(vocab_size=_models.VOCAB, block_size=_models.SEQ, n_layer=8, n_head=2, n_embd=32))
@@ -276,6 +373,56 @@ def _deep_gpt():
 
 # ---------------------------------------------------------------------------
 # Training equivalence (spawned gloo ranks)
+
+
+def make_gpt4():
+    """The harness's GPT with 4 blocks: p=2 x v=2 model stages get whole blocks each."""
+    torch.manual_seed(1234)
+    return zerograph.models.GPT(zerograph.models.GPTConfig(
+        vocab_size=_models.VOCAB, block_size=_models.SEQ, n_layer=4, n_head=2, n_embd=30))
+
+
+def make_llama4():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=_models.VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=_models.SEQ,
+    ))
+
+
+def make_hf_gpt2_4():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1234)
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=_models.VOCAB, n_positions=_models.SEQ, n_embd=32, n_layer=4, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    ))
+
+
+_MODELS = {**_models.MODELS, "gpt4": make_gpt4, "llama4": make_llama4, "hf_gpt2_4": make_hf_gpt2_4}
+
+
+def _reference(name: str, clip: float = 0.0):
+    """Single-process eager training on the whole global batch, as
+    ``_harness.reference_run(name, 2)`` does, for this file's models too."""
+    if name in _models.MODELS:
+        return _harness.reference_run(name, 2, clip=clip)
+    model = _MODELS[name]()
+    opt = _harness._optimizer(model.parameters())
+    losses = []
+    for step in range(_harness.STEPS):
+        idx, targets = _models.global_batch(step, GLOBAL_ROWS)
+        loss = _models.loss_of(name, model, idx, targets)
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
 
 def _batch(name: str, step: int, rows: int):
@@ -295,7 +442,7 @@ def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
     for name, config in runs:
         torch._dynamo.reset()
         cfg = Config.load(config)
-        model = _models.MODELS[name]()
+        model = _MODELS[name]()
         if cfg.pipeline.stages > 1:
             model = zerograph.compile(model, cfg, example_batch=_batch(name, 0, GLOBAL_ROWS // (torch.distributed.get_world_size() // cfg.pipeline.stages)))
             dp = model.groups.dp
@@ -324,7 +471,7 @@ def _check(results, runs, clip: dict[int, float] | None = None):
     for i, (name, _) in enumerate(runs):
         c = (clip or {}).get(i, 0.0)
         if (name, c) not in refs:
-            refs[(name, c)] = _harness.reference_run(name, 2, clip=c)
+            refs[(name, c)] = _reference(name, c)
         ref_losses, ref_params = refs[(name, c)]
         for rank, rank_results in enumerate(results):
             try:
@@ -336,8 +483,10 @@ def _check(results, runs, clip: dict[int, float] | None = None):
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_two_stages_match_eager():
     """p=2 (world 2), 1F1B and GPipe, ZeRO-0/3 inside each (single-rank) stage,
-    clipping over both stages, and train_step without a pipeline."""
+    clipping over both stages, train_step without a pipeline, and interleaved
+    1F1B (p=2, v=2) on 4-block GPT and Hugging Face GPT-2."""
     pp = {"stages": 2, "micro_batches": 4}
+    il = {**pp, "schedule": "interleaved_1f1b"}  # virtual_stages: 2 by default
     runs = [
         ("gpt", {"pipeline": pp}),
         ("gpt", {"pipeline": {**pp, "schedule": "gpipe"}, "zero_optimization": {"stage": 3}}),
@@ -345,17 +494,26 @@ def test_two_stages_match_eager():
         ("hf_gpt2", {"pipeline": pp, "zero_optimization": {"stage": 3}}),
         ("llama", {"pipeline": {**pp, "split_points": ["model.layers.1"]}}),
         ("gpt", {"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 2}),  # no pipeline
+        # interleaved 1F1B: 4 model stages, rank 0 holds stages 0 and 2, rank 1 stages 1 and 3;
+        # the tied embedding is on stages 0 and 3, clipping spans both chunks of both ranks
+        ("gpt4", {"pipeline": il, "gradient_clipping": 0.05}),
+        ("hf_gpt2_4", {"pipeline": il, "zero_optimization": {"stage": 3}}),
     ]
     results = spawn(_train, 2, runs, timeout=TIMEOUT)
-    _check(results, runs, clip={2: 0.05})
+    _check(results, runs, clip={2: 0.05, 6: 0.05})
     for rank_results in results:  # model(...) in pipeline mode says to use train_step
         assert "call loss = model.train_step(batch) instead" in rank_results[0]["misuse"]
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_two_stages_times_two_data_parallel_zero3_match_eager():
-    """p=2 x dp=2 (world 4), ZeRO-3 inside each stage's data-parallel group."""
-    runs = [("gpt", {"pipeline": {"stages": 2, "micro_batches": 2}, "zero_optimization": {"stage": 3}})]
+    """p=2 x dp=2 (world 4), ZeRO-3 inside each stage's data-parallel group;
+    also interleaved 1F1B (v=2): each rank shards two model stages over its group."""
+    runs = [
+        ("gpt", {"pipeline": {"stages": 2, "micro_batches": 2}, "zero_optimization": {"stage": 3}}),
+        ("gpt4", {"pipeline": {"stages": 2, "micro_batches": 2, "schedule": "interleaved_1f1b"},
+                  "zero_optimization": {"stage": 3}}),
+    ]
     _check(spawn(_train, 4, runs, timeout=TIMEOUT), runs)
 
 
@@ -365,5 +523,9 @@ def test_two_stages_times_two_data_parallel_all_models_and_stages():
     runs = [
         (name, {"pipeline": {"stages": 2, "micro_batches": 2}, "zero_optimization": {"stage": s}})
         for name in ("hf_gpt2", "llama") for s in (0, 3)
-    ] + [("gpt", {"pipeline": {"stages": 2, "micro_batches": 2}, "zero_optimization": {"stage": s}}) for s in (0, 1, 2)]
+    ] + [("gpt", {"pipeline": {"stages": 2, "micro_batches": 2}, "zero_optimization": {"stage": s}}) for s in (0, 1, 2)] + [
+        (name, {"pipeline": {"stages": 2, "micro_batches": 2, "schedule": "interleaved_1f1b"},
+                "zero_optimization": {"stage": s}})
+        for name in ("hf_gpt2_4", "llama") for s in (0, 2)
+    ]
     _check(spawn(_train, 4, runs, timeout=TIMEOUT), runs)

@@ -6,8 +6,11 @@
 """
 
 from zerograph.api import Inspection, compile, full_state_dict, inspect, shard
+from zerograph.checkpoint import export_pretrained, load_checkpoint, load_full_state_dict, save_checkpoint
+from zerograph.explain import Explanation, explain
 from zerograph.config import Config, ConfigError
-from zerograph.runtime.errors import TraceError
+from zerograph.runtime.errors import RankFailureError, TraceError
+from zerograph.runtime.offload import make_optimizer
 from zerograph.passes import GraphPass, PassContext, PassList, PassResult, default_passes
 from zerograph import pipeline  # noqa: F401  (zerograph.pipeline.PipelineModeError, schedules)
 
@@ -21,10 +24,18 @@ __all__ = [
     "PassContext",
     "PassList",
     "PassResult",
+    "RankFailureError",
     "TraceError",
     "compile",
     "default_passes",
+    "export_pretrained",
+    "explain",
+    "Explanation",
     "full_state_dict",
     "inspect",
+    "load_checkpoint",
+    "load_full_state_dict",
+    "make_optimizer",
+    "save_checkpoint",
     "shard",
 ]

@@ -31,6 +31,8 @@ __all__ = [
     "inductor_decompositions",
     "TORCH_VERSION",
     "TorchDispatchMode",
+    "set_group_timeout",
+    "default_store",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # type: ignore[assignment]
@@ -76,3 +78,20 @@ def inductor_compile(gm, example_inputs):
     from torch._inductor.compile_fx import compile_fx_inner
 
     return compile_fx_inner(gm, example_inputs)
+
+
+def set_group_timeout(group, seconds: float) -> None:
+    """Set the default timeout of ``group``'s gloo/NCCL backends (collectives
+    issued on it afterwards fail after ``seconds`` instead of hanging)."""
+    import datetime
+
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(datetime.timedelta(seconds=seconds), group)
+
+
+def default_store():
+    """The key-value store the default process group was initialized with."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()

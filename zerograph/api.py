@@ -61,6 +61,12 @@ def shard(
     cfg = Config.load(config)
     for line in cfg.inactive_settings():
         log.warning("zerograph: %s", line)
+    if cfg.zero_optimization.offload_optimizer.device == "cpu":
+        log.warning(
+            "zerograph: offload_optimizer.device='cpu' takes effect only for an optimizer built with "
+            "zerograph.make_optimizer(model, torch.optim.AdamW, ...); a torch optimizer created directly "
+            "from model.parameters() keeps its states on the parameters' device"
+        )
     pass_list = passes.copy() if passes is not None else default_passes()
     for name in cfg.zerograph.disabled_passes:
         if name not in pass_list.names:
@@ -157,6 +163,10 @@ class Inspection:
     regions: list[dict[str, Any]]
     passes: list[PassRecord]
     comm_bytes_last_step: dict[str, int]
+    # the liveness analysis of the final graphs (zerograph.passes.liveness.MemoryPlan; docs/planner.md)
+    memory: Any = None
+    # with zerograph.track_memory: the measuring interpreter's record (zerograph.runtime.stats.MemoryTracker)
+    memory_measured: Any = None
 
     @property
     def forward(self) -> list[torch.fx.GraphModule]:
@@ -169,6 +179,12 @@ class Inspection:
     def summary(self) -> str:
         lines = [f"{len(self.regions)} compiled region(s)"]
         lines += [r.summary() for r in self.passes]
+        fused: dict[str, int] = {}
+        for r in self.passes:
+            for k, v in getattr(r, "counts", {}).items():
+                fused[k] = fused.get(k, 0) + v
+        if fused:
+            lines.append("fused patterns: " + ", ".join(f"{k}={v}" for k, v in sorted(fused.items())))
         lines.append("communication last step (bytes): " + ", ".join(f"{k}={v}" for k, v in self.comm_bytes_last_step.items()))
         return "\n".join(lines)
 
@@ -188,4 +204,8 @@ def inspect(model: nn.Module) -> Inspection:
         {"index": r.index, "graphs": dict(r.graphs), "comm_bytes": dict(r.comm_bytes)} for r in ctx.regions
     ]
     records = [rec for r in ctx.regions for recs in r.pass_records.values() for rec in recs]
-    return Inspection(regions=regions, passes=records, comm_bytes_last_step=dict(ctx.stats.last_step))
+    from zerograph.passes.liveness import plan_model
+
+    memory = plan_model(ctx.regions, ctx.config.gradient_accumulation_steps)
+    return Inspection(regions=regions, passes=records, comm_bytes_last_step=dict(ctx.stats.last_step),
+                      memory=memory, memory_measured=ctx.stats.memory)

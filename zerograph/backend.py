@@ -76,6 +76,11 @@ class ZerographBackend:
         else:
             executable = make_boxed_func(gm.forward)
         stats = self.sharding.stats if self.sharding is not None else None
+        if stats is not None and self.config.zerograph.track_memory:  # measuring interpreter (docs/planner.md)
+            executable = stats.memory_tracker().executable(gm, phase)
+        guard = self.sharding.extra.get("collective_guard") if self.sharding is not None else None
+        if guard is not None:  # a failed collective names the dead rank (runtime/training.py)
+            executable = guard(executable, phase)
         if stats is None or not static:
             return executable
 

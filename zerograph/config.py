@@ -109,7 +109,6 @@ def _no_effect(reason: str) -> dict[str, str]:
     return {"no_effect_yet": reason}
 
 
-_SCHEDULING = _no_effect("scheduling passes are not implemented")
 _BUCKETING = _no_effect("zerograph picks the reduction per stage and lays gradients out in its bucket buffers")
 
 
@@ -165,8 +164,8 @@ class OffloadConfig(BaseModel):
 
     device: Literal["none", "cpu", "nvme"] = Field(
         "none",
-        description="Where to offload to. Only \"none\" is supported yet (ZeRO-Offload is planned). "
-        "DeepSpeed: same key.",
+        description="Where to offload to: \"none\", or \"cpu\" (offload_optimizer only); \"nvme\" is "
+        "rejected. DeepSpeed: same key.",
     )
     pin_memory: StrictBool = Field(
         False, description="Use pinned host memory for offloaded buffers. DeepSpeed: same key."
@@ -222,15 +221,18 @@ class ZeroConfig(BaseModel):
     )
     stage3_max_live_parameters: _Size = Field(
         1_000_000_000,
-        description="Most gathered (unsharded) parameter elements held at once in stage 3. "
+        description="Most gathered (unsharded) parameter elements held at once in stage 3: a "
+        "gather is started ahead of its use (prefetched) only if it and the buckets still in use "
+        "fit within this bound; a larger bucket or parameter is gathered on demand. "
         "DeepSpeed: same key.",
-        json_schema_extra=_SCHEDULING,
     )
     stage3_max_reuse_distance: _Size = Field(
-        1_000_000_000,
-        description="Keep a gathered parameter when it is used again within this many elements. "
-        "DeepSpeed: same key.",
-        json_schema_extra=_SCHEDULING,
+        0,
+        description="Stage 3: keep a gathered parameter from the forward into the backward (no backward "
+        "re-gather) when fewer than this many elements of other parameters are used between its last "
+        "forward use and its first backward use (the last layers); kept parameters count against "
+        "stage3_max_live_parameters. zerograph's default is 0 (re-gather every parameter, like FSDP2); "
+        "DeepSpeed's default is 1e9. DeepSpeed: same key.",
     )
     stage3_prefetch_bucket_size: _Size = Field(
         50_000_000,
@@ -239,14 +241,15 @@ class ZeroConfig(BaseModel):
     )
     stage3_param_persistence_threshold: _Size = Field(
         0,
-        description="Parameters this small or smaller stay unsharded in stage 3. zerograph's "
-        "default is 0, so every parameter is sharded (like FSDP2); DeepSpeed's default is 1e5.",
-        json_schema_extra=_no_effect("every parameter is sharded; persistence is not implemented"),
+        description="Parameters of at most this many elements stay unsharded (replicated) in stage 3: "
+        "they are never gathered and their gradients are all-reduced. zerograph's default is 0, so "
+        "every parameter is sharded (like FSDP2); DeepSpeed's default is 1e5.",
     )
     offload_optimizer: OffloadConfig = Field(
         default_factory=OffloadConfig,
-        description="ZeRO-Offload of optimizer state; null means no offload. "
-        "Not supported yet: only device \"none\" is accepted. DeepSpeed: same key.",
+        description="ZeRO-Offload of optimizer state; null means no offload. Device \"cpu\": fp32 master "
+        "shards and optimizer states on the host, the step runs there (build the optimizer with "
+        "zerograph.runtime.offload.make_optimizer); \"nvme\" is rejected. DeepSpeed: same key.",
     )
     offload_param: OffloadConfig = Field(
         default_factory=OffloadConfig,
@@ -262,10 +265,14 @@ class ZeroConfig(BaseModel):
     @field_validator("offload_optimizer", "offload_param", mode="after")
     @classmethod
     def _offload_not_supported(cls, value: OffloadConfig, info: Any) -> OffloadConfig:
-        if value.device != "none":
+        if value.device == "nvme":
+            fix = ('use device "cpu" (host memory)' if info.field_name == "offload_optimizer" else
+                   'remove offload_param (parameter offload is not implemented; offload_optimizer.device "cpu" is)')
+            raise _problem(f'{{key}}.device="nvme" (ZeRO-Infinity) is not supported; {fix}')
+        if value.device == "cpu" and info.field_name == "offload_param":
             raise _problem(
-                f"{{key}}.device={value.device!r} is not supported yet; "
-                f"remove {info.field_name} (ZeRO-Offload is planned)"
+                "{key}.device=\"cpu\" is not supported yet; remove offload_param (supported: "
+                "offload_optimizer.device \"cpu\", and activation_checkpointing.offload_activations)"
             )
         return value
 
@@ -284,11 +291,26 @@ class ZerographOptions(BaseModel):
         (), description="Names of graph passes to skip (for debugging)."
     )
     debug: StrictBool = Field(False, description="Log per-pass timing and node diffs.")
+    track_memory: StrictBool = Field(
+        False,
+        description="Run the compiled graphs through a measuring interpreter that records the live "
+        "gathered-parameter bytes after every node and the collectives run (checks the liveness "
+        "analysis; slow, for tests and debugging; see docs/planner.md).",
+    )
+    fusion: StrictBool = Field(
+        False,
+        description="Rewrite attention, RMSNorm/LayerNorm, GELU/SwiGLU and cross-entropy subgraphs of the "
+        "Dynamo graph into zerograph's fused kernels (Triton on CUDA, pure-torch references elsewhere). "
+        "Disable one family with `disabled_passes` (`fuse_attention`, `fuse_norms`, `fuse_mlp_activation`, "
+        "`fuse_cross_entropy`); see docs/passes.md.",
+    )
     verify_graphs: StrictBool = Field(
         False, description="Run graph verification after every pass (slow; for debugging)."
     )
     collective_timeout_s: Annotated[_Float, annotated_types.Gt(0)] = Field(
-        300.0, description="Timeout in seconds for collective operations."
+        300.0, description="Timeout in seconds for collective operations. Set on the data-parallel process "
+        "group (also one you initialized); a collective waiting longer, e.g. on a dead rank, fails with a "
+        "RankFailureError naming that rank (docs/troubleshooting.md#a-rank-died)."
     )
     seed_from_rank0: StrictBool = Field(
         True,
@@ -319,6 +341,93 @@ class ZerographOptions(BaseModel):
         return value
 
 
+class ActivationCheckpointingConfig(BaseModel):
+    """The ``activation_checkpointing`` section: what the forward saves for the backward
+    (see docs/activations.md). DeepSpeed's keys of this section are accepted where they
+    map onto a policy and rejected otherwise, with the zerograph equivalent named."""
+
+    model_config = _FROZEN
+
+    policy: Literal["none", "per_layer", "selective", "memory_budget"] = Field(
+        "none",
+        description="\"none\": save what eager autograd saves; \"per_layer\": recompute everything "
+        "inside each block, saving only block outputs; \"selective\": save matmul/attention outputs, "
+        "recompute pointwise ops; \"memory_budget\": recompute the cheapest nodes per saved byte until "
+        "the saved bytes fit memory_budget. Random ops (dropout) are always saved, never recomputed.",
+    )
+    memory_budget: Optional[Union[float, int]] = Field(
+        None,
+        description="For policy \"memory_budget\": a float in [0, 1] (fraction of the bytes policy "
+        "\"none\" saves) or an int >= 2 (bytes). Required by that policy, rejected by the others.",
+    )
+    offload_activations: StrictBool = Field(
+        False,
+        description="Copy the tensors the forward saves for the backward to host memory after the "
+        "forward and back to the device at the start of the backward (pinned, non-blocking on CUDA; "
+        "plain copies on CPU). DeepSpeed: cpu_checkpointing.",
+    )
+    block_pattern: Optional[StrictStr] = Field(
+        None,
+        description="Regex matched (re.search) against a node's module path; the matched text names "
+        "its block for \"per_layer\". Default: the path up to its first integer (\"transformer.h.3\").",
+    )
+    partition_activations: StrictBool = Field(
+        False, description="DeepSpeed key; true is rejected: activations are per-rank already (data parallel)."
+    )
+    cpu_checkpointing: StrictBool = Field(
+        False, description="DeepSpeed key; true means offload_activations: true."
+    )
+    number_checkpoints: Optional[_PositiveInt] = Field(
+        None, description="DeepSpeed key; rejected: use block_pattern to choose the blocks."
+    )
+    contiguous_memory_optimization: StrictBool = Field(
+        False, description="DeepSpeed key; true is rejected: the partitioner lays out saved tensors."
+    )
+    synchronize_checkpoint_boundary: StrictBool = Field(
+        False, description="DeepSpeed key; accepted, no effect (graphs need no synchronization)."
+    )
+    profile: StrictBool = Field(
+        False, description="DeepSpeed key; accepted, no effect (use zerograph.inspect)."
+    )
+
+    @model_validator(mode="after")
+    def _deepspeed_keys(self) -> "ActivationCheckpointingConfig":
+        fixes = {
+            "partition_activations": "remove it: with data parallelism each rank saves only its own batch",
+            "number_checkpoints": "set block_pattern to a regex naming the blocks to checkpoint",
+            "contiguous_memory_optimization": "remove it: saved tensors are laid out by the partitioner",
+        }
+        for key, fix in fixes.items():
+            if getattr(self, key) not in (False, None):
+                raise _problem(f"activation_checkpointing.{key} is not supported; {fix}")
+        if self.cpu_checkpointing:
+            object.__setattr__(self, "offload_activations", True)
+        budget = self.memory_budget
+        if self.policy == "memory_budget":
+            if budget is None or isinstance(budget, bool):
+                raise _problem('activation_checkpointing.policy="memory_budget" needs memory_budget: '
+                               'a fraction such as 0.5 or a number of bytes')
+            if isinstance(budget, float) and not 0.0 <= budget <= 1.0:
+                raise _problem(f"activation_checkpointing.memory_budget={budget} is a fraction outside [0, 1]; "
+                               "give a fraction in [0, 1] or an int number of bytes")
+            if isinstance(budget, int) and budget in (0, 1):
+                raise _problem(f"activation_checkpointing.memory_budget={budget} is ambiguous; write "
+                               f"{float(budget)} for a fraction (ints are bytes)")
+            if isinstance(budget, int) and budget < 0:
+                raise _problem(f"activation_checkpointing.memory_budget={budget} is negative; give bytes >= 2")
+        elif budget is not None:
+            raise _problem(f'activation_checkpointing.memory_budget is set but policy is "{self.policy}"; '
+                           'set policy: "memory_budget" or remove memory_budget')
+        if self.block_pattern is not None:
+            import re
+
+            try:
+                re.compile(self.block_pattern)
+            except re.error as err:
+                raise _problem(f"activation_checkpointing.block_pattern is not a valid regex ({err}); fix the pattern")
+        return self
+
+
 class PipelineConfig(BaseModel):
     """The ``pipeline`` section: pipeline parallelism (zerograph's own; see docs/pipeline.md)."""
 
@@ -334,24 +443,60 @@ class PipelineConfig(BaseModel):
         description="Micro-batches per train_step; null uses gradient_accumulation_steps. The batch "
         "given to train_step must split evenly into them.",
     )
-    schedule: Literal["1f1b", "gpipe"] = Field(
+    schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = Field(
         "1f1b",
         description="\"1f1b\": at most p micro-batches in flight per stage; \"gpipe\": all forwards, "
-        "then all backwards. (Interleaved 1F1B with virtual stages is not implemented.)",
+        "then all backwards; \"interleaved_1f1b\": the model is cut into stages x virtual_stages "
+        "stages, rank r holds stages r, r+p, ... (Megatron-LM's virtual pipeline stages); "
+        "micro-batches must be a multiple of stages.",
+    )
+    virtual_stages: Optional[_PositiveInt] = Field(
+        None,
+        description="Model stages per rank for \"interleaved_1f1b\" (>= 2; null: 2). Must be 1 (or null) "
+        "for the other schedules. The bubble is (p-1)/(v*m+p-1) of a step instead of (p-1)/(m+p-1).",
     )
     split_points: tuple[StrictStr, ...] = Field(
         (),
-        description="Module names that start stages 1..p-1 (e.g. [\"transformer.h.2\"]); empty: "
+        description="Module names that start stages 1..p-1 (1..p*v-1 with virtual stages; e.g. "
+        "[\"transformer.h.2\"]); empty: "
         "balance the stages by a cost model (FLOPs + parameter bytes). The loss is always computed "
         "on the last stage.",
     )
 
-    @field_validator("schedule", mode="before")
-    @classmethod
-    def _interleaved_not_implemented(cls, value: Any) -> Any:
-        if value == "interleaved_1f1b":
-            raise _problem('{key}="interleaved_1f1b" (virtual stages) is not implemented yet; use "1f1b" or "gpipe"')
-        return value
+    @model_validator(mode="after")
+    def _virtual_stages(self) -> "PipelineConfig":
+        v = self.virtual_stages
+        if self.schedule != "interleaved_1f1b":
+            if v not in (None, 1):
+                raise _problem(
+                    f'pipeline.virtual_stages={v} needs pipeline.schedule="interleaved_1f1b"; '
+                    f'schedule "{self.schedule}" runs one stage per rank (remove virtual_stages or set it to 1)'
+                )
+            return self
+        if v == 1:
+            raise _problem(
+                'pipeline.virtual_stages=1 with schedule "interleaved_1f1b": interleaving needs at least 2 '
+                'stages per rank; set virtual_stages >= 2, or use schedule "1f1b"'
+            )
+        if self.stages < 2:
+            raise _problem(
+                'pipeline.schedule="interleaved_1f1b" needs pipeline.stages >= 2 (the number of pipeline '
+                f"ranks); got stages={self.stages}"
+            )
+        if self.micro_batches is not None and self.micro_batches % self.stages:
+            up = (self.micro_batches // self.stages + 1) * self.stages
+            raise _problem(
+                f'pipeline.schedule="interleaved_1f1b" needs pipeline.micro_batches to be a multiple of '
+                f"pipeline.stages={self.stages}; got {self.micro_batches}: set micro_batches to {up}"
+            )
+        return self
+
+    @property
+    def chunks(self) -> int:
+        """Model stages per rank: ``virtual_stages`` for interleaved 1F1B (default 2), else 1."""
+        if self.schedule != "interleaved_1f1b":
+            return 1
+        return self.virtual_stages or 2
 
 
 class Config(BaseModel):
@@ -396,6 +541,10 @@ class Config(BaseModel):
     zerograph: ZerographOptions = Field(
         default_factory=ZerographOptions,
         description="zerograph's own options; not in DeepSpeed.",
+    )
+    activation_checkpointing: ActivationCheckpointingConfig = Field(
+        default_factory=ActivationCheckpointingConfig,
+        description="Activation checkpointing policy. DeepSpeed: same section; its keys map onto policies.",
     )
     pipeline: PipelineConfig = Field(
         default_factory=PipelineConfig,

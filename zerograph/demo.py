@@ -600,6 +600,26 @@ def _header(plan: _Plan, psi: int, corpus_bytes: int, train_bytes: int) -> str:
     ])
 
 
+def _write_trace(plan: _Plan) -> str:
+    """Write the Chrome trace of one training step's compiled graphs
+    (``zerograph.explain``, traced in this process on the fake process
+    group) next to the checkpoint; the report line saying where it is."""
+    path = Path(plan.out_dir) / "trace.json"
+    rows = max(1, plan.global_batch // (plan.args["world_size"] * plan.accumulation))
+    idx = torch.zeros(rows, plan.model["block_size"], dtype=torch.long)
+    try:
+        torch.manual_seed(plan.args["seed"])
+        explanation = zerograph.explain(GPT(GPTConfig(**plan.model)), plan.zerograph, idx, idx,
+                                        world_size=plan.args["world_size"])
+        explanation.write_chrome_trace(path)
+    except Exception as exc:  # the trace is an extra: never fail the finished run for it
+        logging.getLogger(__name__).warning("zerograph demo: no Chrome trace: %s", exc)
+        return f"Chrome trace: not written ({type(exc).__name__}: {exc})"
+    shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+    return (f"Chrome trace of one step's graphs (zerograph.explain): {shown}  "
+            "(open in https://ui.perfetto.dev or chrome://tracing)")
+
+
 def run(options: argparse.Namespace | Sequence[str] | None = None, *, echo: bool = True) -> DemoResult:
     """Run the demo: spawn the ranks, train, save, and build (and with ``echo``
     print) the report. ``options`` is a parsed namespace or a CLI-style list
@@ -620,7 +640,7 @@ def run(options: argparse.Namespace | Sequence[str] | None = None, *, echo: bool
     start = time.perf_counter()
     results = spawn(_rank_main, args.world_size, plan, timeout=args.timeout)
     results.sort(key=lambda r: r["rank"])
-    body = _report(plan, results, psi)
+    body = _report(plan, results, psi) + "\n" + _write_trace(plan)
     if echo:
         print(body, flush=True)
     r0 = results[0]

@@ -2,7 +2,9 @@
 
 After :func:`shard_parameters`, each parameter of the model is stored as a
 DTensor ``Shard(0)`` on the data-parallel mesh (ZeRO stages 1-3) or kept
-replicated (stage 0, or a 0-dim parameter). The optimizer, ``clip_grad_norm_``
+replicated (stage 0, a 0-dim parameter, or at stage 3 a parameter of at most
+``stage3_param_persistence_threshold`` elements: it is never gathered, and
+its gradient is all-reduced). The optimizer, ``clip_grad_norm_``
 and ``torch.distributed.checkpoint`` see these. State-dict keys stay the
 original ones.
 
@@ -44,7 +46,9 @@ def _spec_for(fqn: str, param: nn.Parameter, ctx: ShardingContext) -> ParamSpec:
     cfg = ctx.config
     stage = cfg.zero_optimization.stage
     world = ctx.world_size
-    sharded = world > 1 and stage >= 1 and param.dim() >= 1
+    threshold = cfg.zero_optimization.stage3_param_persistence_threshold
+    persistent = stage == 3 and threshold > 0 and param.numel() <= threshold
+    sharded = world > 1 and stage >= 1 and param.dim() >= 1 and not persistent
     compute = cfg.compute_dtype if param.is_floating_point() else param.dtype
     return ParamSpec(
         name=fqn,

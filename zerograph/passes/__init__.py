@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from zerograph.passes.accumulation import defer_grad_sync
 from zerograph.passes.analysis import comm_analysis
+from zerograph.passes.checkpointing import activation_checkpointing
+from zerograph.passes.liveness import liveness
+from zerograph.passes.fusion import FUSION_PASSES
 from zerograph.passes.manager import GraphPass, PassContext, PassList, PassRecord, PassResult, run_passes
 from zerograph.passes.scheduling import schedule_collectives
 from zerograph.passes.tagging import tag_nodes
@@ -33,12 +36,15 @@ def default_passes() -> PassList:
     return PassList(
         [
             GraphPass("dedupe_markers", dedupe_markers, phases=("dynamo",)),
+            *(GraphPass(name, fn, phases=("dynamo",)) for name, fn in FUSION_PASSES),
             GraphPass("tag_nodes", tag_nodes, phases=("joint", "forward", "backward", "inference")),
             GraphPass("zero_policy", zero_policy, phases=("joint",)),
+            GraphPass("activation_checkpointing", activation_checkpointing, phases=("joint",)),
             GraphPass("defer_grad_sync", defer_grad_sync, phases=("backward",)),
             GraphPass("lower_markers", lower_markers),
             GraphPass("schedule_collectives", schedule_collectives),
             GraphPass("dce", dce),
             GraphPass("comm_analysis", comm_analysis, analysis=True),
+            GraphPass("liveness", liveness, analysis=True),
         ]
     )

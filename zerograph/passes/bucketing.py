@@ -41,17 +41,22 @@ def _bucketable(node: fx.Node, spec: ParamSpec) -> bool:
 def plan_buckets(
     gm: fx.GraphModule, specs: dict[str, ParamSpec], *, gather_cap: int, reduce_cap: int
 ) -> list[list[fx.Node]]:
-    """Markers of ``gm`` in graph order, grouped into buckets (lists of one or more)."""
-    buckets: list[list[fx.Node]] = []
-    current: list[fx.Node] = []
-    current_key = None
-    current_size = 0
+    """Markers of ``gm`` in graph order, grouped into buckets (lists of one or more).
 
-    def flush():
-        nonlocal current, current_key, current_size
-        if current:
-            buckets.append(current)
-        current, current_key, current_size = [], None, 0
+    Within one block, markers of different kinds (gather/reduce, dtype, or
+    reduction kind, e.g. a persistent replicated bias among reduce-scattered
+    weights) fill separate open buckets, so one odd parameter does not split
+    its block's bucket. A marker that is not bucketable becomes its own bucket.
+    """
+    buckets: list[list[fx.Node]] = []
+    open_buckets: dict[tuple, list] = {}  # key -> [nodes, size]
+    current_where = object()
+
+    def flush(key=None):
+        keys = list(open_buckets) if key is None else [key]
+        for k in keys:
+            nodes, _ = open_buckets.pop(k)
+            buckets.append(nodes)
 
     for node in gm.graph.nodes:
         if node.target is not UNSHARD and node.target is not REDUCE_GRAD:
@@ -59,14 +64,21 @@ def plan_buckets(
         spec = specs[node.args[2]]
         cap = gather_cap if node.target is UNSHARD else reduce_cap
         if cap <= 0 or not _bucketable(node, spec):
-            flush()
             buckets.append([node])
             continue
         key = _group_key(node, spec)
-        if current and (key != current_key or current_size + spec.numel > cap):
+        if key[1] != current_where:
             flush()
-        current.append(node)
-        current_key = key
-        current_size += spec.numel
+            current_where = key[1]
+        if key in open_buckets and open_buckets[key][1] + spec.numel > cap:
+            flush(key)
+        entry = open_buckets.setdefault(key, [[], 0])
+        entry[0].append(node)
+        entry[1] += spec.numel
     flush()
-    return buckets
+    return sorted(buckets, key=_first_index(gm))
+
+
+def _first_index(gm: fx.GraphModule):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda bucket: order[bucket[0]]

@@ -39,6 +39,7 @@ class PassResult:
 
     changed: bool = False
     details: dict = dataclasses.field(default_factory=dict)
+    counts: dict = dataclasses.field(default_factory=dict)  # matches per pattern (fusion passes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +54,13 @@ class PassRecord:
     added: tuple[str, ...]
     removed: tuple[str, ...]
     details: dict
+    counts: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
+        counts = "  " + ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) if self.counts else ""
         return (
             f"{self.phase:>9} {self.name:<22} {self.seconds * 1e3:7.2f} ms  "
-            f"+{len(self.added)} -{len(self.removed)} nodes"
+            f"+{len(self.added)} -{len(self.removed)} nodes{counts}"
         )
 
 
@@ -178,6 +181,7 @@ def run_passes(
             added=tuple(f"{k}={after[k]}" for k in after if k not in before),
             removed=tuple(f"{k}={before[k]}" for k in before if k not in after),
             details=dict(result.details),
+            counts=dict(result.counts),
         )
         records.append(record)
         if debug:

@@ -4,10 +4,16 @@ Mechanism only; the policy is two config knobs:
 
 * **Gather prefetch** (forward and backward): the start of all-gather ``k``
   (with the casts/pads/packing that feed it, all computed from shards) moves
-  to just before the wait of all-gather ``k-1``, so it runs while block
-  ``k-1`` computes. At most two gathered buckets are resident at once. A
+  to just after the wait of all-gather ``k-1`` and its copy-out, so it runs
+  while block ``k-1`` computes. Starting it after the copy-out (as FSDP2
+  does) keeps bucket ``k``'s buffer out of the copy-out's transient, where
+  bucket ``k-1`` briefly exists twice. At most two gathered buckets are
+  resident at once. A
   bucket larger than ``stage3_prefetch_bucket_size`` elements is not
-  prefetched (it is gathered on demand).
+  prefetched (it is gathered on demand). Launch distance is bounded by
+  residency: gather ``k`` is not started early if it and the gathered
+  buckets still resident there exceed ``stage3_max_live_parameters`` elements, so a
+  bucket (or single parameter) above that bound is gathered on demand.
 * **Deferred reduction waits** (backward): the wait of reduction ``k`` and the
   slicing after it move to just before the start of reduction ``k+1``, so one
   reduction is in flight while the next block's gradients are computed.
@@ -19,7 +25,7 @@ Before (forward)::
 
 After::
 
-    ag0 = all_gather(shard0); ag1 = all_gather(shard1); w0 = wait(ag0); block0(w0)
+    ag0 = all_gather(shard0); w0 = wait(ag0); ag1 = all_gather(shard1); block0(w0)
     w1 = wait(ag1); block1(w1)
 """
 
@@ -71,6 +77,32 @@ def _size(node: fx.Node) -> int:
     return val.numel() if val is not None and hasattr(val, "numel") else 0
 
 
+def _copy_out(wait: fx.Node) -> list[fx.Node]:
+    """The wait of an all-gather and the ``comm_prep`` nodes after it (the
+    slicing and per-parameter copy-out of a bucket)."""
+    out, stack = [wait], [wait]
+    while stack:
+        for user in stack.pop().users:
+            tag = get_tag(user)
+            if user not in out and tag is not None and tag.role == "comm_prep":
+                out.append(user)
+                stack.append(user)
+    return out
+
+
+def _resident_at(gathers: list[fx.Node], pos: int, order: dict) -> int:
+    """Gathered elements resident at graph position ``pos``: each all-gather
+    counts from its start to the last use of its wait or copy-out."""
+    total = 0
+    for g in gathers:
+        if order[g] > pos:
+            continue
+        last = max(order[u] for n in _copy_out(_wait_of(g)) for u in [n, *n.users])
+        if last > pos:
+            total += _size(g)
+    return total
+
+
 def _tail(wait: fx.Node) -> list[fx.Node]:
     """The wait and the nodes computed only from it (slices, views, scaling)."""
     out, stack = [wait], [wait]
@@ -89,6 +121,7 @@ def schedule_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.sharding is None or not ctx.config.zero_optimization.overlap_comm:
         return PassResult()
     limit = ctx.config.zero_optimization.stage3_prefetch_bucket_size
+    max_live = ctx.config.zero_optimization.stage3_max_live_parameters
     nodes = list(gm.graph.nodes)
     gathers = [n for n in nodes if _role(n) == "all_gather"]
     prefetched = 0
@@ -98,13 +131,17 @@ def schedule_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         chain = _prep_chain(start)
         if chain is None:
             continue
-        anchor = _wait_of(prev)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        if order[start] < order[anchor]:
+        after = max(_copy_out(_wait_of(prev)), key=order.__getitem__)
+        limit_pos = order[after]
+        if order[start] < limit_pos:
+            continue
+        if _resident_at(gathers, limit_pos, order) + _size(start) > max_live:
             continue
         for node in [*chain, start]:
-            if order[node] > order[anchor]:
-                anchor.prepend(node)
+            if order[node] > limit_pos:
+                after.append(node)
+                after = node
         prefetched += 1
     deferred = 0
     if ctx.phase == "backward":

@@ -28,6 +28,8 @@ and the backward's ``reduce_grad`` becomes ``reduce_scatter_tensor`` + ``wait_te
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
@@ -66,13 +68,89 @@ def dedupe_markers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(changed=removed > 0, details={"removed": removed})
 
 
-def zero_policy(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    if ctx.sharding is None or ctx.config.zero_optimization.stage < 3:
-        return PassResult()
-    recompute = 0
+@dataclasses.dataclass(frozen=True)
+class ReuseDecision:
+    """Whether one gathered parameter stays resident from forward to backward."""
+
+    param: str
+    distance: int  # elements of other parameters used between its last forward and first backward use
+    gathered: int  # elements of its gathered (padded) buffer
+    kept: bool
+
+
+def reuse_decisions(gm: fx.GraphModule, specs: dict, *, max_reuse_distance: int, max_live: int) -> list[ReuseDecision]:
+    """Residency policy on the joint graph (an analysis: it never mutates).
+
+    For each sharded parameter whose gathered value the backward reads, the
+    *reuse distance* is the number of elements of the other sharded
+    parameters whose gathered values are used (in forward or backward)
+    strictly between its last forward use and its first backward use. It is
+    kept gathered (no backward re-gather) when ``distance <
+    max_reuse_distance``, smallest distance first, while the kept gathered
+    elements stay within ``max_live`` (``stage3_max_live_parameters``).
+    How early a gather starts (launch distance) is the scheduler's business,
+    not this policy's.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    chains: dict[str, set[fx.Node]] = {}
     for node in gm.graph.nodes:
         tag = get_tag(node)
         if tag is None or tag.phase != "forward" or tag.param is None:
+            continue
+        spec = specs.get(tag.param)
+        if spec is None or spec.storage != "sharded":
+            continue
+        if tag.role == "unshard" or (tag.role == "compute" and node.op == "call_function"):
+            chains.setdefault(tag.param, set()).add(node)
+    uses: dict[str, list[tuple[int, str]]] = {}
+    for param, chain in chains.items():
+        for node in chain:
+            for user in node.users:
+                if user in chain or user.op == "output":
+                    continue
+                tag = get_tag(user)
+                uses.setdefault(param, []).append((order[user], tag.phase if tag is not None else "forward"))
+    decisions = []
+    for param, where in uses.items():
+        fwd = [i for i, phase in where if phase == "forward"]
+        bwd = [i for i, phase in where if phase == "backward"]
+        if not fwd or not bwd:
+            continue
+        lo, hi = max(fwd), min(bwd)
+        distance = sum(
+            specs[other].numel for other, other_uses in uses.items()
+            if other != param and any(lo < i < hi for i, _ in other_uses)
+        )
+        spec = specs[param]
+        decisions.append(ReuseDecision(param, distance, spec.chunk_rows * spec.world_size * spec.row_numel, False))
+    kept_total = 0
+    out = {}
+    for d in sorted(decisions, key=lambda d: (d.distance, d.param)):
+        keep = d.distance < max_reuse_distance and kept_total + d.gathered <= max_live
+        if keep:
+            kept_total += d.gathered
+        out[d.param] = dataclasses.replace(d, kept=keep)
+    return [out[d.param] for d in decisions]
+
+
+def zero_policy(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Stage 3: tag every gathered parameter's marker and view/cast chain
+    ``MUST_RECOMPUTE`` (the backward re-gathers it), except the parameters
+    that :func:`reuse_decisions` keeps resident (``stage3_max_reuse_distance``).
+
+    Details: ``must_recompute`` (nodes tagged), ``kept`` (parameters kept
+    gathered from forward to backward) and ``kept_gather_elements`` (the
+    backward all-gather elements per micro-batch this saves)."""
+    if ctx.sharding is None or ctx.config.zero_optimization.stage < 3:
+        return PassResult()
+    zero = ctx.config.zero_optimization
+    decisions = reuse_decisions(gm, ctx.sharding.specs, max_reuse_distance=zero.stage3_max_reuse_distance,
+                                max_live=zero.stage3_max_live_parameters)
+    kept = {d.param for d in decisions if d.kept}
+    recompute = 0
+    for node in gm.graph.nodes:
+        tag = get_tag(node)
+        if tag is None or tag.phase != "forward" or tag.param is None or tag.param in kept:
             continue
         spec = ctx.sharding.specs.get(tag.param)
         if spec is None or spec.storage != "sharded":
@@ -80,7 +158,11 @@ def zero_policy(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if tag.role == "unshard" or (tag.role == "compute" and node.op == "call_function"):
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             recompute += 1
-    return PassResult(changed=recompute > 0, details={"must_recompute": recompute})
+    details = {"must_recompute": recompute}
+    if kept:
+        details["kept"] = sorted(kept)
+        details["kept_gather_elements"] = sum(d.gathered for d in decisions if d.kept)
+    return PassResult(changed=recompute > 0, details=details)
 
 
 def _emit_into(base_tag: NodeTag, params: tuple[str, ...], new_nodes: list):

@@ -56,6 +56,7 @@ def trace(model: nn.Module, micro_batch, loss_fn) -> torch.fx.GraphModule:
 def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
                      compile_stage: Callable[..., nn.Module]) -> PipelineModel:
     p = cfg.pipeline.stages
+    v = cfg.pipeline.chunks  # model stages per rank (virtual stages)
     if example_batch is None:
         raise ConfigError(
             f"pipeline.stages={p}: zerograph.compile traces the model to split it, so it needs one batch: "
@@ -63,11 +64,14 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
         )
     if cfg.fp16.enabled:
         raise ConfigError("fp16 loss scaling is not supported with pipeline parallelism yet; use bf16 or fp32")
-    groups = pipeline_groups(p, cfg.zerograph.collective_timeout_s, getattr(cfg.zerograph, "device", None))
     m = cfg.micro_batches
-    cfg.resolve_batch(groups.dp.world_size)
-    schedule = build(cfg.pipeline.schedule, p, m)
+    try:
+        schedule = build(cfg.pipeline.schedule, p, m, v)
+    except ValueError as exc:  # e.g. micro-batches from gradient_accumulation_steps not a multiple of p
+        raise ConfigError(str(exc)) from None
     timeline = simulate(schedule)  # raises ScheduleError before anything runs
+    groups = pipeline_groups(p, cfg.zerograph.collective_timeout_s, getattr(cfg.zerograph, "device", None))
+    cfg.resolve_batch(groups.dp.world_size)
     log.info("pipeline schedule %s (bubble %.3f):\n%s", schedule.name, timeline.bubble_fraction, format_grid(timeline))
     device = groups.dp.device
     fallback = {k: v.detach() for k, v in model.state_dict().items()}
@@ -75,11 +79,14 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
     micro = step_mod.split_batch(example_batch, m)[0]
     micro = step_mod.with_tensors(micro, [t.to(device) for t in step_mod.flat_tensors(micro)])
     gm = trace(model, micro, loss_fn)
-    split = split_graph(gm, p, cfg.pipeline.split_points)
+    split = split_graph(gm, p * v, cfg.pipeline.split_points)
     log.info("pipeline split of %s:\n%s", type(model).__name__, split.describe())
+    mine = schedule.stages_of(groups.stage)  # this rank's model stages
+    _check_ties_on_distinct_ranks(split, p)
     zg = cfg.zerograph
     if zg.seed_from_rank0:
-        _seed_from_first_rank(split.stages[groups.stage].module, groups)
+        for k in mine:
+            _seed_from_first_rank(split.stages[k].module, groups)
     stage_cfg = cfg.model_copy(update={
         "zerograph": zg.model_copy(update={"seed_from_rank0": False}),  # done above, per stage group
         "gradient_accumulation_steps": m,
@@ -90,14 +97,28 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
     })
     keys = [_original_keys(model, st.module) for st in split.stages]
     covered = {k for stage_keys in keys for names in stage_keys.values() for k in names}
-    fallback = {k: v for k, v in fallback.items() if k not in covered}  # read by no stage: never changes
-    module = split.stages[groups.stage].module
-    for st in split.stages:  # other stages' parameters are not this rank's to keep
-        if st.index != groups.stage:
+    fallback = {k: val for k, val in fallback.items() if k not in covered}  # read by no stage: never changes
+    modules = {k: split.stages[k].module for k in mine}
+    for st in split.stages:  # other ranks' stages' parameters are not this rank's to keep
+        if st.index not in modules:
             st.module = None
-    stage = compile_stage(module, stage_cfg, group=groups.dp)
+    chunks = {k: compile_stage(modules[k], stage_cfg, group=groups.dp) for k in mine}
     shapes = [tuple(t.shape) for t in step_mod.flat_tensors(micro)]
-    return PipelineModel(stage, split, schedule, groups, cfg.gradient_clipping, shapes, fallback, keys[groups.stage])
+    return PipelineModel(chunks, split, schedule, groups, cfg.gradient_clipping, shapes, fallback,
+                         {k: keys[k] for k in mine})
+
+
+def _check_ties_on_distinct_ranks(split, p: int) -> None:
+    """A parameter read by two stages is held once per stage; two stages of one
+    rank cannot both hold it (one rank would shard the same tensor twice)."""
+    for name, stages in split.tied.items():
+        ranks = [k % p for k in stages]
+        if len(set(ranks)) != len(ranks):
+            raise ConfigError(
+                f"the tied parameter {name} is read by stages {', '.join(map(str, stages))}, and with "
+                f"{p} pipeline ranks two of them are on the same rank (stage k runs on rank k % {p}); choose "
+                "pipeline.split_points or virtual_stages so that the stages reading it are on different ranks"
+            )
 
 
 @torch.no_grad()

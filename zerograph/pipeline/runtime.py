@@ -1,8 +1,12 @@
 """Run a pipeline stage: execute this rank's schedule with point-to-point ops.
 
-:class:`PipelineModel` holds this rank's stage (a zerograph-compiled
-``GraphModule``, ZeRO-sharded over the stage's data-parallel group) and runs
-its action list of the :class:`~zerograph.pipeline.schedule.Schedule`:
+:class:`PipelineModel` holds this rank's stage, or with interleaved 1F1B its
+``v`` stages ``r, r + p, …`` (each a zerograph-compiled ``GraphModule``,
+ZeRO-sharded over the rank's data-parallel group), and runs its action list
+of the :class:`~zerograph.pipeline.schedule.Schedule`. Stage ``k`` receives
+from stage ``k - 1`` on rank ``(k - 1) % p`` and sends to stage ``k + 1`` on
+rank ``(k + 1) % p``; buffers and saved activations are keyed by (stage,
+micro-batch):
 
 * ``RECV_*`` posts ``irecv`` into buffers of the traced shape and dtype one
   compute action ahead, so receiving the next input overlaps the current
@@ -55,26 +59,39 @@ def _parameter(module: nn.Module, target: str) -> nn.Parameter:
 
 
 class PipelineModel(nn.Module):
-    """This rank's pipeline stage; train it with :meth:`train_step`."""
+    """This rank's pipeline stage(s); train it with :meth:`train_step`.
 
-    def __init__(self, stage: nn.Module, split: PipelineSplit, schedule: Schedule, groups: PipelineGroups,
-                 clip: float, example_shapes: list[tuple[int, ...]], fallback_state: dict[str, torch.Tensor],
-                 original_keys: dict[str, list[str]]):
+    ``chunks[c]`` is the compiled module of model stage ``stage_ids[c]``
+    (one stage per rank, or ``v`` with interleaved 1F1B: ``r, r + p, …``)."""
+
+    def __init__(self, chunks: dict[int, nn.Module], split: PipelineSplit, schedule: Schedule,
+                 groups: PipelineGroups, clip: float, example_shapes: list[tuple[int, ...]],
+                 fallback_state: dict[str, torch.Tensor], original_keys: dict[int, dict[str, list[str]]]):
         super().__init__()
-        self.stage = stage
-        self._zg_runtime = stage._zg_runtime  # zerograph.inspect(model) shows this rank's stage
+        self.stage_ids: tuple[int, ...] = tuple(sorted(chunks))
+        self.chunks = nn.ModuleList([chunks[k] for k in self.stage_ids])
+        self._modules_by_stage = dict(chunks)
+        self._zg_runtime = self.chunks[0]._zg_runtime  # zerograph.inspect(model) shows this rank's first stage
         self._split = split
-        self._plan: StagePlan = split.stages[groups.stage]
+        self._plans: dict[int, StagePlan] = {k: split.stages[k] for k in self.stage_ids}
         self.schedule = schedule
         self.groups = groups
         self._clip = clip
         self._example_shapes = example_shapes
         self._fallback_state = fallback_state  # the user's state dict, for keys no stage reads
-        self._original_keys = original_keys  # stage state-dict key -> the user's keys for that tensor
+        self._original_keys = original_keys  # per stage: stage state-dict key -> the user's keys
         self._actions = schedule.actions[groups.stage]
         self.last_stats: dict[str, float] = {}
         self._tie_groups = self._make_tie_groups()
         self._sync_tied()
+
+    @property
+    def stage(self) -> nn.Module:
+        """This rank's (first) stage module."""
+        return self.chunks[0]
+
+    def _rank_of_stage(self, k: int) -> int:
+        return self.groups.rank_of(k % self.groups.stages)
 
     # -- misuse ---------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -86,8 +103,9 @@ class PipelineModel(nn.Module):
 
     # -- tied parameters --------------------------------------------------------
     def _make_tie_groups(self):
-        """(parameter, group, global ranks) for each tied parameter on this stage.
-        ``new_group`` is collective: every rank creates every group, in the same order."""
+        """(name, model stage, parameter, group, global ranks) for each tied
+        parameter on this rank's stages. ``new_group`` is collective: every
+        rank creates every group, in the same order."""
         out = []
         dp = self.groups.dp.world_size
         if not dist.is_initialized():
@@ -95,23 +113,26 @@ class PipelineModel(nn.Module):
         for name in sorted(self._split.tied):
             stages = self._split.tied[name]
             for d in range(dp):
-                ranks = [s * dp + d for s in stages]
+                ranks = [(k % self.groups.stages) * dp + d for k in stages]
                 group = dist.new_group(ranks)
-                if self.groups.stage in stages and d == self.groups.dp.rank:
-                    target = self._split.tied_names[name][self.groups.stage]
-                    out.append((name, _parameter(self.stage, target), group, ranks))
+                if d != self.groups.dp.rank:
+                    continue
+                for k in stages:
+                    if k in self._modules_by_stage:
+                        target = self._split.tied_names[name][k]
+                        out.append((name, k, _parameter(self._modules_by_stage[k], target), group, ranks))
         return out
 
     @torch.no_grad()
     def _sync_tied(self) -> None:
         """Tied copies start equal: the first stage's value wins."""
-        for _, param, group, ranks in self._tie_groups:
+        for _, _, param, group, ranks in self._tie_groups:
             dist.broadcast(_local(param), src=ranks[0], group=group)
 
     def _sum_tied_grads(self) -> None:
-        for name, param, group, _ in self._tie_groups:
+        for name, k, param, group, _ in self._tie_groups:
             if param.grad is None:
-                raise RuntimeError(f"tied parameter {name} has no gradient on stage {self.groups.stage}")
+                raise RuntimeError(f"tied parameter {name} has no gradient on stage {k}")
             dist.all_reduce(_local(param.grad), group=group)
 
     # -- the step ---------------------------------------------------------------
@@ -122,6 +143,7 @@ class PipelineModel(nn.Module):
         t0 = time.perf_counter()
         device = self.groups.dp.device
         micro = step_mod.split_batch(batch, self.schedule.micro_batches)
+        needed = sorted({j for plan in self._plans.values() for j in plan.batch_inputs})
         inputs = []
         for i, mb in enumerate(micro):
             flat = step_mod.flat_tensors(mb)
@@ -131,7 +153,7 @@ class PipelineModel(nn.Module):
                     f"micro-batch {i} has tensor shapes {shapes}, but the pipeline was traced with {self._example_shapes}; "
                     "every train_step batch must have the shape of compile's example_batch (drop a last, smaller batch)"
                 )
-            inputs.append([flat[j].to(device) for j in self._plan.batch_inputs])
+            inputs.append({j: flat[j].to(device) for j in needed})
         compute_s, losses = self._run(inputs, device)
         self._sum_tied_grads()
         if self._clip > 0:
@@ -143,84 +165,93 @@ class PipelineModel(nn.Module):
         return loss
 
     def _run(self, inputs, device):
-        plan, groups = self._plan, self.groups
-        prev_rank = groups.rank_of(groups.stage - 1) if groups.stage > 0 else None
-        next_rank = groups.rank_of(groups.stage + 1) if groups.stage < groups.stages - 1 else None
-        pending: dict[tuple[str, int], tuple[list, list[torch.Tensor]]] = {}
-        saved: dict[int, tuple[list[torch.Tensor], tuple]] = {}
-        grads_out: dict[int, list[torch.Tensor]] = {}
+        """Execute this rank's action list. Keys are (model stage, micro-batch);
+        stage ``k`` talks to stage ``k - 1`` on rank ``(k - 1) % p`` and stage
+        ``k + 1`` on rank ``(k + 1) % p``."""
+        schedule, me = self.schedule, self.groups.stage
+        last = schedule.model_stages - 1
+        pending: dict[tuple[str, int, int], tuple[list, list[torch.Tensor]]] = {}
+        saved: dict[tuple[int, int], tuple[list[torch.Tensor], tuple]] = {}
+        grads_out: dict[tuple[int, int], list[torch.Tensor]] = {}
         sends: list = []
         losses: list[torch.Tensor] = []
         compute_s, in_flight, self._peak = 0.0, 0, 0
         acts = self._actions
-        compute_at = [k for k, a in enumerate(acts) if a.kind in ("F", "B")]
+        compute_at = [j for j, a in enumerate(acts) if a.kind in ("F", "B")]
 
-        def post(k: int) -> None:
-            a = acts[k]
-            if (a.kind, a.micro) in pending:
+        def post(j: int) -> None:
+            a = acts[j]
+            k = schedule.stage_of(me, a)
+            if (a.kind, k, a.micro) in pending:
                 return
+            plan = self._plans[k]
             if a.kind == "RECV_ACT":
-                specs, src = plan.incoming, prev_rank
+                specs, src = plan.incoming, self._rank_of_stage(k - 1)
             else:
-                specs, src = [v for v in plan.outgoing if v.has_grad], next_rank
+                specs, src = [v for v in plan.outgoing if v.has_grad], self._rank_of_stage(k + 1)
             bufs = [torch.empty(v.shape, dtype=v.dtype, device=device) for v in specs]
-            pending[(a.kind, a.micro)] = ([dist.irecv(b, src) for b in bufs], bufs)
+            pending[(a.kind, k, a.micro)] = ([dist.irecv(b, src) for b in bufs], bufs)
 
-        def take(kind: str, i: int) -> list[torch.Tensor]:
-            works, bufs = pending.pop((kind, i))
+        def take(kind: str, k: int, i: int) -> list[torch.Tensor]:
+            works, bufs = pending.pop((kind, k, i))
             for w in works:
                 w.wait()
             return bufs
 
-        for n, k in enumerate(compute_at):
+        for n, j in enumerate(compute_at):
             # post this compute's receives and the next one's (overlap with this compute)
             stop = compute_at[n + 2] if n + 2 < len(compute_at) else len(acts)
             start = compute_at[n - 1] + 1 if n > 0 else 0
-            for j in range(start, stop):
-                if acts[j].kind.startswith("RECV"):
-                    post(j)
-            a = acts[k]
+            for i in range(start, stop):
+                if acts[i].kind.startswith("RECV"):
+                    post(i)
+            a = acts[j]
+            k = schedule.stage_of(me, a)
+            plan, module = self._plans[k], self._modules_by_stage[k]
             if a.kind == "F":
-                received = take("RECV_ACT", a.micro) if plan.incoming else []
+                received = take("RECV_ACT", k, a.micro) if plan.incoming else []
                 tc = time.perf_counter()  # compute time excludes waiting for the input
                 for t, v in zip(received, plan.incoming):
                     if v.has_grad:
                         t.requires_grad_(True)
-                out = self.stage(*inputs[a.micro], *received)
-                if next_rank is None:
+                out = module(*[inputs[a.micro][b] for b in plan.batch_inputs], *received)
+                if k == last:
                     losses.append(out[0].detach())
-                saved[a.micro] = (received, tuple(out))
+                saved[(k, a.micro)] = (received, tuple(out))
                 in_flight += 1
                 self._peak = max(self._peak, in_flight)
             else:
-                received, out = saved.pop(a.micro)
-                grads = take("RECV_GRAD", a.micro) if next_rank is not None else []
+                received, out = saved.pop((k, a.micro))
+                grads = take("RECV_GRAD", k, a.micro) if k < last else []
                 tc = time.perf_counter()
-                if next_rank is None:
+                if k == last:
                     torch.autograd.backward(out[0])
                 else:
                     outs = [o for o, v in zip(out, plan.outgoing) if v.has_grad]
                     pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
                     if pairs:
                         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-                grads_out[a.micro] = [
+                grads_out[(k, a.micro)] = [
                     (t.grad if t.grad is not None else torch.zeros_like(t)) for t, v in zip(received, plan.incoming)
                     if v.has_grad
                 ]
                 in_flight -= 1
             compute_s += time.perf_counter() - tc
             # the sends that follow this compute action
-            j = k + 1
-            while j < len(acts) and acts[j].kind not in ("F", "B"):
-                b = acts[j]
+            i = j + 1
+            while i < len(acts) and acts[i].kind not in ("F", "B"):
+                b = acts[i]
+                kb = schedule.stage_of(me, b)
                 if b.kind == "SEND_ACT":
-                    _, out = saved[b.micro]
+                    _, out = saved[(kb, b.micro)]
+                    dst = self._rank_of_stage(kb + 1)
                     for t in out:
-                        sends.append(dist.isend(t.detach().contiguous(), next_rank))
+                        sends.append(dist.isend(t.detach().contiguous(), dst))
                 elif b.kind == "SEND_GRAD":
-                    for t in grads_out.pop(b.micro):
-                        sends.append(dist.isend(t.contiguous(), prev_rank))
-                j += 1
+                    dst = self._rank_of_stage(kb - 1)
+                    for t in grads_out.pop((kb, b.micro)):
+                        sends.append(dist.isend(t.contiguous(), dst))
+                i += 1
         for w in sends:
             w.wait()
         return compute_s, losses
@@ -237,10 +268,10 @@ class PipelineModel(nn.Module):
         """Clip by the global L2 norm over every stage's gradients (a tied
         parameter counts once), as ``clip_grad_norm_`` on the whole model would."""
         dp = self.groups.dp.world_size
-        skip = {id(p) for name, p, _, _ in self._tie_groups if self._split.tied[name][0] != self.groups.stage}
+        skip = {id(p) for name, k, p, _, _ in self._tie_groups if self._split.tied[name][0] != k}
         grads = []
         total = torch.zeros((), dtype=torch.float32, device=device)
-        for p in dict.fromkeys(self.stage.parameters()):
+        for p in dict.fromkeys(self.chunks.parameters()):
             if p.grad is None:
                 continue
             g = _local(p.grad)
@@ -253,7 +284,8 @@ class PipelineModel(nn.Module):
         if dist.is_initialized():
             dist.all_reduce(total)
         norm = math.sqrt(float(total))
-        self.stage._zg_runtime.ctx.extra["last_grad_norm"] = norm
+        for chunk in self.chunks:
+            chunk._zg_runtime.ctx.extra["last_grad_norm"] = norm
         coef = self._clip / (norm + 1e-6)
         if coef < 1.0:
             for g in grads:
@@ -267,9 +299,10 @@ class PipelineModel(nn.Module):
         from zerograph.sharding import full_state_dict
 
         mine = {}
-        for key, value in full_state_dict(self.stage).items():
-            for name in self._original_keys.get(key, ()):
-                mine[name] = value.detach().cpu()
+        for k, module in self._modules_by_stage.items():
+            for key, value in full_state_dict(module).items():
+                for name in self._original_keys[k].get(key, ()):
+                    mine[name] = value.detach().cpu()
         out = {k: v.detach().cpu().clone() for k, v in self._fallback_state.items()}
         if dist.is_initialized() and dist.get_world_size() > 1:
             gathered = [None] * dist.get_world_size()

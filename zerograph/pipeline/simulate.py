@@ -1,21 +1,25 @@
 """Dry-run a :class:`~zerograph.pipeline.schedule.Schedule` before running it.
 
-The simulation follows the runtime's rules: a stage executes its actions in
+The simulation follows the runtime's rules: a rank executes its actions in
 order; a send never blocks (the message is available to the receiver from
 the next time step); a receive waits until the matching message is there;
-each compute action (``F`` or ``B``) takes one time step, and a stage runs at
-most one per step. It rejects, with a :class:`ScheduleError` that names the
-stages and actions involved:
+each compute action (``F`` or ``B``) takes one time step, and a rank runs at
+most one per step. Messages between a pair of ranks arrive in send order,
+whatever stage sent them (with interleaved 1F1B one channel carries several
+stages' activations and gradients). It rejects, with a
+:class:`ScheduleError` that names the ranks and actions involved:
 
-* deadlocks (no stage can make progress while some still have actions),
-* a receive that would get another micro-batch's message (FIFO order per
-  pair of stages differs between sender and receiver),
+* deadlocks (no rank can make progress while some still have actions),
+* a receive that would get another stage's or micro-batch's message (FIFO
+  order per pair of ranks differs between sender and receiver),
+* an action on a stage its rank does not hold,
 * a forward whose activations were not received, a backward before its
   forward or without its incoming gradient, missing or repeated micro-batches,
 * messages sent but never received.
 
-The result is the step x stage timeline (printable with :func:`format_grid`)
-and the peak number of micro-batches in flight per stage.
+The result is the step x rank timeline (printable with :func:`format_grid`)
+and the peak number of (stage, micro-batch) forwards in flight per rank.
+Without interleaving, rank ``s`` is stage ``s`` and messages say "stage".
 """
 
 from __future__ import annotations
@@ -33,28 +37,34 @@ class ScheduleError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Timeline:
     schedule: Schedule
-    grid: tuple[tuple[Action | None, ...], ...]  # grid[step][stage]
-    peak_in_flight: tuple[int, ...]  # per stage: forwards done whose backward is not
+    grid: tuple[tuple[Action | None, ...], ...]  # grid[step][rank]
+    peak_in_flight: tuple[int, ...]  # per rank: (stage, micro) forwards done whose backward is not
 
     @property
     def bubble_fraction(self) -> float:
-        """Idle share of the step x stage cells (unit-time forward and backward)."""
+        """Idle share of the step x rank cells (unit-time forward and backward of one stage)."""
         cells = len(self.grid) * self.schedule.stages
         idle = sum(a is None for row in self.grid for a in row)
         return idle / cells if cells else 0.0
 
 
-_PEER = {"SEND_ACT": 1, "SEND_GRAD": -1, "RECV_ACT": -1, "RECV_GRAD": 1}
 _SENT_BY = {"RECV_ACT": "SEND_ACT", "RECV_GRAD": "SEND_GRAD"}
 
 
+def _peer_stage(kind: str, stage: int) -> int:
+    """The stage at the other end of a transfer: activations go to the next
+    stage and come from the previous one; gradients the other way."""
+    return stage + (1 if kind in ("SEND_ACT", "RECV_GRAD") else -1)
+
+
 def simulate(schedule: Schedule) -> Timeline:
-    p = schedule.stages
-    _check_coverage(schedule)
+    p, n = schedule.stages, schedule.model_stages
+    where = (lambda r: f"stage {r}") if schedule.virtual_stages == 1 else (lambda r: f"rank {r}")
+    _check_coverage(schedule, where)
     pcs = [0] * p
     channels: dict[tuple[int, int], collections.deque] = collections.defaultdict(collections.deque)
-    received: list[set[tuple[str, int]]] = [set() for _ in range(p)]
-    forwarded: list[set[int]] = [set() for _ in range(p)]
+    received: list[set[tuple[str, int, int]]] = [set() for _ in range(p)]
+    forwarded: list[set[tuple[int, int]]] = [set() for _ in range(p)]
     in_flight, peak = [0] * p, [0] * p
     grid: list[tuple[Action | None, ...]] = []
     step = 0
@@ -65,78 +75,94 @@ def simulate(schedule: Schedule) -> Timeline:
             acts = schedule.actions[s]
             while pcs[s] < len(acts):
                 a = acts[pcs[s]]
+                k = schedule.stage_of(s, a)
                 if a.kind in ("F", "B"):
                     if row[s] is not None:
                         break
-                    _check_compute(s, a, p, received[s], forwarded[s])
+                    _check_compute(where(s), k, a, n, received[s], forwarded[s])
                     if a.kind == "F":
-                        forwarded[s].add(a.micro)
+                        forwarded[s].add((k, a.micro))
                         in_flight[s] += 1
                         peak[s] = max(peak[s], in_flight[s])
                     else:
                         in_flight[s] -= 1
                     row[s] = a
                 elif a.kind.startswith("SEND"):
-                    peer = s + _PEER[a.kind]
-                    if not 0 <= peer < p:
-                        raise ScheduleError(f"stage {s}: {a} has no peer stage {peer}")
-                    channels[(s, peer)].append((a, step + 1))
+                    peer = _peer_stage(a.kind, k)
+                    if not 0 <= peer < n:
+                        raise ScheduleError(f"{where(s)}: {a} has no peer stage {peer}")
+                    channels[(s, peer % p)].append(((a.kind, k, a.micro), a, step + 1))
                 else:
-                    peer = s + _PEER[a.kind]
-                    queue = channels[(peer, s)]
-                    if not queue or queue[0][1] > step:
+                    src = _peer_stage(a.kind, k)
+                    if not 0 <= src < n:
+                        raise ScheduleError(f"{where(s)}: {a} has no peer stage {src}")
+                    queue = channels[(src % p, s)]
+                    if not queue or queue[0][2] > step:
                         break
-                    sent, _ = queue[0]
-                    if sent.kind != _SENT_BY[a.kind] or sent.micro != a.micro:
+                    msg, sent, _ = queue[0]
+                    if msg != (_SENT_BY[a.kind], src, a.micro):
                         raise ScheduleError(
-                            f"stage {s}: {a} would receive stage {peer}'s {sent} (messages between a pair "
-                            "of stages arrive in send order); reorder the sends or the receives"
+                            f"{where(s)}: {a} would receive {where(src % p)}'s {sent} (messages between a pair "
+                            "of ranks arrive in send order); reorder the sends or the receives"
                         )
                     queue.popleft()
-                    received[s].add((a.kind, a.micro))
+                    received[s].add((a.kind, k, a.micro))
                 pcs[s] += 1
                 progressed = True
         if not progressed:
             waiting = [
-                f"stage {s} waits at {schedule.actions[s][pcs[s]]} (action {pcs[s]})"
+                f"{where(s)} waits at {schedule.actions[s][pcs[s]]} (action {pcs[s]})"
                 for s in range(p) if pcs[s] < len(schedule.actions[s])
             ]
             raise ScheduleError(f"{schedule.name} deadlocks at step {step}: " + "; ".join(waiting))
         if any(a is not None for a in row):
             grid.append(tuple(row))
         step += 1
-    left = [f"stage {src}->{dst}: {', '.join(str(a) for a, _ in q)}" for (src, dst), q in channels.items() if q]
+    left = [f"{where(src)}->{where(dst)}: {', '.join(str(a) for _, a, _ in q)}"
+            for (src, dst), q in channels.items() if q]
     if left:
         raise ScheduleError(f"{schedule.name}: messages sent but never received: " + "; ".join(left))
     return Timeline(schedule, tuple(grid), tuple(peak))
 
 
-def _check_coverage(schedule: Schedule) -> None:
+def _check_coverage(schedule: Schedule, where) -> None:
     m = schedule.micro_batches
     for s, acts in enumerate(schedule.actions):
-        for kind in ("F", "B"):
-            got = sorted(a.micro for a in acts if a.kind == kind)
-            if got != list(range(m)):
+        for a in acts:
+            k = schedule.stage_of(s, a)
+            if k not in schedule.stages_of(s):
                 raise ScheduleError(
-                    f"stage {s}: {kind} must run each micro-batch 0..{m - 1} exactly once; got {got}"
+                    f"{where(s)}: {a} runs on stage {k}, which rank {s} does not hold "
+                    f"(it holds {', '.join(map(str, schedule.stages_of(s)))})"
                 )
+        for k in schedule.stages_of(s):
+            for kind in ("F", "B"):
+                got = sorted(a.micro for a in acts if a.kind == kind and schedule.stage_of(s, a) == k)
+                if got != list(range(m)):
+                    on = "" if schedule.virtual_stages == 1 else f" on stage {k}"
+                    raise ScheduleError(
+                        f"{where(s)}: {kind}{on} must run each micro-batch 0..{m - 1} exactly once; got {got}"
+                    )
 
 
-def _check_compute(s: int, a: Action, p: int, received: set, forwarded: set) -> None:
+def _check_compute(where: str, k: int, a: Action, n: int, received: set, forwarded: set) -> None:
     if a.kind == "F":
-        if s > 0 and ("RECV_ACT", a.micro) not in received:
-            raise ScheduleError(f"stage {s}: {a} runs before RECV_ACT({a.micro}) received its input")
+        if k > 0 and ("RECV_ACT", k, a.micro) not in received:
+            raise ScheduleError(f"{where}: {a} runs before {Action('RECV_ACT', a.micro, a.stage)} received its input")
         return
-    if a.micro not in forwarded:
-        raise ScheduleError(f"stage {s}: {a} runs before F{a.micro}")
-    if s < p - 1 and ("RECV_GRAD", a.micro) not in received:
-        raise ScheduleError(f"stage {s}: {a} runs before RECV_GRAD({a.micro}) received its gradient")
+    if (k, a.micro) not in forwarded:
+        raise ScheduleError(f"{where}: {a} runs before {Action('F', a.micro, a.stage)}")
+    if k < n - 1 and ("RECV_GRAD", k, a.micro) not in received:
+        raise ScheduleError(
+            f"{where}: {a} runs before {Action('RECV_GRAD', a.micro, a.stage)} received its gradient"
+        )
 
 
 def format_grid(timeline: Timeline) -> str:
-    """The timeline as text: one row per time step, one column per stage, ``.`` idle."""
+    """The timeline as text: one row per time step, one column per rank, ``.`` idle."""
     p = timeline.schedule.stages
-    header = "step " + " ".join(f"{'stage' + str(s):>7}" for s in range(p))
+    unit = "stage" if timeline.schedule.virtual_stages == 1 else "rank"
+    header = "step " + " ".join(f"{unit + str(s):>7}" for s in range(p))
     rows = [header]
     for t, row in enumerate(timeline.grid):
         rows.append(f"{t:>4} " + " ".join(f"{(str(a) if a else '.'):>7}" for a in row))

@@ -13,6 +13,8 @@ import dataclasses
 import datetime
 import logging
 import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -79,6 +81,7 @@ def data_parallel_group(
 
     world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    apply_collective_timeout(mesh.get_group(), timeout_s)
     return DataParallelGroup(
         rank=dist.get_rank(),
         world_size=world,
@@ -125,6 +128,126 @@ def pipeline_groups(stages: int, timeout_s: float = 300.0, device: str | None = 
 
         mesh = init_device_mesh(dev.type, (stages, dp), mesh_dim_names=("pp", "dp"))
         sub = mesh["dp"]
+        apply_collective_timeout(sub.get_group(), timeout_s)
         group = DataParallelGroup(rank=dp_rank, world_size=dp, device=dev, mesh=sub, group_name=sub.get_group().group_name)
     log.info("pipeline mesh: %d stage(s) x %d data-parallel rank(s); this rank is stage %d", stages, dp, stage)
     return PipelineGroups(stage=stage, stages=stages, dp=group)
+
+
+def apply_collective_timeout(group, timeout_s: float) -> None:
+    """Make collectives on ``group`` fail after ``timeout_s`` seconds
+    (config ``zerograph.collective_timeout_s``) instead of the process
+    group's own default (30 min for gloo, 10 min for NCCL), also when the
+    user initialized the group."""
+    from zerograph._torch_private import set_group_timeout
+
+    if str(dist.get_backend(group)) not in ("gloo", "nccl"):  # e.g. the fake test backend: no timeouts
+        return
+    try:
+        set_group_timeout(group, timeout_s)
+    except (RuntimeError, ValueError, AttributeError) as exc:  # a backend without settable timeouts
+        log.warning("zerograph: could not set the collective timeout to %.0f s on %s: %s", timeout_s, group, exc)
+        return
+    log.debug("zerograph: collective timeout %.1f s on group %s", timeout_s, getattr(group, "group_name", group))
+
+
+class StoreUnreachable(RuntimeError):
+    """The process group's key-value store did not answer."""
+
+
+def store_host_description() -> str:
+    """Which process serves the default process group's store, in words."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    where = f" at {addr}:{port}" if addr and port else ""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return f"the store{where} (served by torchrun's agent on the first node)"
+    return f"the store{where} (served by the process of global rank 0)"
+
+
+def _beat(store, key: str, interval_s: float, stop: threading.Event) -> None:
+    while True:
+        try:
+            store.add(f"beat/{key}", 1)
+        except Exception as exc:  # the store is gone (its host died) or the group was destroyed
+            log.debug("zerograph: heartbeat %s stopped: %s", key, exc)
+            return
+        if stop.wait(interval_s):
+            return
+
+
+class RankMonitor:
+    """Liveness of a process group's ranks, through its key-value store.
+
+    A daemon thread adds 1 to ``zerograph/heartbeat/beat/<global rank>`` in the
+    default group's store every ``interval_s`` seconds while this object
+    lives. The thread keeps beating while the main thread is blocked in a
+    collective (gloo and NCCL release the GIL while they wait), so after a
+    collective fails, :meth:`unresponsive` tells a dead process (counter
+    stopped) from a slow one (counter moving). Each zerograph model owns
+    one; :meth:`stop` (also run when the model is garbage-collected) ends
+    the thread.
+    """
+
+    PREFIX = "zerograph/heartbeat/"
+
+    def __init__(self, ranks: list[int], interval_s: float = 1.0, store=None):
+        from zerograph._torch_private import default_store
+
+        self.ranks = list(ranks)
+        self.rank = dist.get_rank()
+        self.interval_s = interval_s
+        self._store = dist.PrefixStore(self.PREFIX, store if store is not None else default_store())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=_beat, args=(self._store, str(self.rank), interval_s, self._stop),
+            name=f"zerograph-heartbeat-{self.rank}", daemon=True,
+        )
+        self._thread.start()
+
+    @classmethod
+    def for_group(cls, group, timeout_s: float) -> "RankMonitor":
+        """A monitor of ``group``'s ranks whose check fits well inside ``timeout_s``."""
+        interval = min(1.0, max(0.05, timeout_s / 20))
+        return cls(dist.get_process_group_ranks(group), interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _read(self, kind: str) -> dict[int, int]:
+        try:
+            return {r: int(self._store.add(f"{kind}/{r}", 0)) for r in self.ranks}
+        except Exception as exc:
+            raise StoreUnreachable(f"{store_host_description()} did not answer: {exc}") from exc
+
+    def _mark(self, kind: str) -> None:
+        try:
+            self._store.add(f"{kind}/{self.rank}", 1)
+        except Exception as exc:
+            raise StoreUnreachable(f"{store_host_description()} did not answer: {exc}") from exc
+
+    def unresponsive(self, wait_s: float | None = None, linger_s: float = 0.0) -> list[int]:
+        """After a failed collective: the ranks (global) that are gone.
+
+        This rank records that it saw the failure, then watches the
+        heartbeats for ``wait_s`` seconds (default: 4 intervals). A rank is
+        gone when its heartbeat did not move and it did not record a failure
+        of its own (a survivor that already reported and exited is not
+        counted). The rank that serves the store then waits up to
+        ``linger_s`` for the other live ranks to finish this check, so its
+        exit does not look like a death to them. Raises
+        :class:`StoreUnreachable` when the store itself is gone."""
+        wait_s = 4 * self.interval_s if wait_s is None else wait_s
+        self._mark("failed")
+        before = self._read("beat")
+        time.sleep(wait_s)
+        after, reported = self._read("beat"), self._read("failed")
+        gone = [r for r in self.ranks if r != self.rank and after[r] == before[r] and not reported[r]]
+        self._mark("checked")
+        if linger_s > 0 and self.rank == 0 and "torchrun's agent" not in store_host_description():
+            deadline = time.monotonic() + linger_s
+            while time.monotonic() < deadline:
+                checked = self._read("checked")
+                if all(checked[r] for r in self.ranks if r not in gone):
+                    break
+                time.sleep(self.interval_s)
+        return gone

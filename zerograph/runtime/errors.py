@@ -7,6 +7,7 @@ import inspect
 import os
 import re
 
+import torch
 from torch import nn
 
 import zerograph
@@ -84,3 +85,86 @@ def explain_trace_failure(model: nn.Module, exc: BaseException) -> TraceError:
         "with fullgraph=True, drop it to let Dynamo break the graph there. "
         "The original error is attached as __cause__."
     )
+
+
+# -- collective failures ------------------------------------------------------
+
+_COLLECTIVE_FAILURE = re.compile(
+    r"gloo|nccl|connection (?:reset|closed|refused)|broken pipe|timed out|timeout|pair\.cc|"
+    r"socket|peer",
+    re.IGNORECASE,
+)
+
+
+class RankFailureError(RuntimeError):
+    """A collective failed because a rank died or stopped responding.
+
+    ``ranks``: the global ranks whose heartbeat stopped (empty when every
+    rank is alive, i.e. one is only slow or stuck); ``step``: the optimizer
+    step in progress (1-based); ``phase``: "forward", "backward" or
+    "optimizer step boundary"."""
+
+    def __init__(self, message: str, ranks: list[int], step: int, phase: str):
+        super().__init__(message)
+        self.ranks, self.step, self.phase = list(ranks), step, phase
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.ranks, self.step, self.phase))
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` looks like a failed or timed-out collective (gloo and
+    NCCL raise plain RuntimeErrors; torch's DistError subclasses count too)."""
+    if isinstance(exc, RankFailureError):
+        return False
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_COLLECTIVE_FAILURE.search(str(exc)))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def explain_collective_failure(exc: BaseException, monitor, *, step: int, phase: str, timeout_s: float,
+                               rank: int) -> RankFailureError:
+    """A :class:`RankFailureError` for the collective failure ``exc``,
+    naming the dead rank(s) found by ``monitor`` (a
+    :class:`zerograph.runtime.dist.RankMonitor`, or None)."""
+    from zerograph.runtime.dist import StoreUnreachable, store_host_description
+
+    cause = _first_line(exc)
+    where = f"in the {phase} of optimizer step {step}"
+    fix_timeout = f"raise zerograph.collective_timeout_s (now {timeout_s:g} s)"
+    saved = ("Checkpoints written by zerograph.save_checkpoint before the failure are complete: restart all "
+             "ranks and load the latest one.")
+    if monitor is None:
+        return RankFailureError(
+            f"zerograph: rank {rank}: a collective failed {where}: {cause}\n"
+            f"Another rank probably died or is stuck: check the other ranks' logs; if one is only slow, "
+            f"{fix_timeout}. {saved}", [], step, phase)
+    try:
+        dead = monitor.unresponsive(linger_s=min(timeout_s, 12 * monitor.interval_s))
+    except StoreUnreachable as store_exc:
+        host_rank = [] if "torchrun's agent" in store_host_description() else [0]
+        who = "rank 0 (it hosts the process group's store) probably died" if host_rank else \
+            "the process group's store is unreachable"
+        return RankFailureError(
+            f"zerograph: rank {rank}: a collective failed {where} and {who}: {store_exc}\n"
+            f"Collective error: {cause}\nCheck rank 0's log for the cause (out of memory, a crash, a kill "
+            f"by the scheduler); if it is only slow, {fix_timeout}. {saved}", host_rank, step, phase)
+    if dead:
+        names = ", ".join(map(str, dead))
+        noun = "rank" if len(dead) == 1 else "ranks"
+        return RankFailureError(
+            f"zerograph: rank {rank}: {noun} {names} stopped responding {where} (heartbeat stopped: the "
+            f"process died or froze). Collective error: {cause}\n"
+            f"Check the log of {noun} {names} for the cause (out of memory, a crash, a kill by the "
+            f"scheduler); if it is only slow, {fix_timeout}. {saved}", dead, step, phase)
+    return RankFailureError(
+        f"zerograph: rank {rank}: a collective failed {where}, but every rank is alive (all heartbeats "
+        f"moving): a rank is slow or stuck in different code (e.g. a different number of steps or "
+        f"micro-batches). Collective error: {cause}\nIf the ranks are only slow, {fix_timeout}. {saved}",
+        [], step, phase)

@@ -23,7 +23,11 @@ import torch.multiprocessing as mp
 
 
 class RankFailed(RuntimeError):
-    pass
+    """A spawned rank raised (``traceback`` holds its text) or died (``exitcode``)."""
+
+    def __init__(self, message: str, rank: int | None = None, exitcode: int | None = None, traceback: str = ""):
+        super().__init__(message)
+        self.rank, self.exitcode, self.traceback = rank, exitcode, traceback
 
 
 def free_port() -> int:
@@ -64,8 +68,15 @@ def spawn(
     *args: Any,
     timeout: float = 300.0,
     backend: str | None = None,
+    raise_on_failure: bool = True,
 ) -> list[Any]:
-    """Run ``fn(*args)`` on ``world_size`` fresh local processes; return each rank's result."""
+    """Run ``fn(*args)`` on ``world_size`` fresh local processes; return each rank's result.
+
+    ``timeout`` bounds the whole run and is the process group's timeout.
+    With ``raise_on_failure=False`` a rank that raises or dies does not end
+    the others: its entry in the result is a :class:`RankFailed` (with
+    ``rank``, ``exitcode`` and the rank's traceback text), and spawn waits
+    for the remaining ranks (fault-injection tests use this)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo")
@@ -93,10 +104,18 @@ def spawn(
                 if dead:
                     time.sleep(0.5)  # let a final message arrive
                     if results.empty():
-                        raise RankFailed(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+                        failure = RankFailed(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}",
+                                             rank=dead[0], exitcode=procs[dead[0]].exitcode)
+                        if raise_on_failure:
+                            raise failure from None
+                        out[dead[0]] = failure
                 continue
             if status == "error":
-                raise RankFailed(f"rank {rank} failed:\n{value}")
+                failure = RankFailed(f"rank {rank} failed:\n{value}", rank=rank, traceback=value)
+                if raise_on_failure:
+                    raise failure
+                out[rank] = failure
+                continue
             out[rank] = torch.load(io.BytesIO(value), weights_only=False)
         return [out[r] for r in range(world_size)]
     finally:

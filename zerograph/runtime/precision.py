@@ -41,6 +41,14 @@ class LossScaler:
             min_scale=float(fp16.min_loss_scale),
         )
 
+    def state_dict(self) -> dict:
+        """Everything that changes during training (for checkpoints)."""
+        return {k: getattr(self, k) for k in ("scale", "good_steps", "overflows_left", "skipped_steps")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
     def update(self, overflow: bool) -> None:
         if overflow:
             self.skipped_steps += 1

@@ -28,6 +28,13 @@ class CommStats:
 
     current: Counter = dataclasses.field(default_factory=Counter)
     last_step: dict[str, int] = dataclasses.field(default_factory=dict)
+    memory: "MemoryTracker | None" = None  # set with zerograph.track_memory
+
+    def memory_tracker(self) -> "MemoryTracker":
+        """The model's :class:`MemoryTracker` (made on first use)."""
+        if self.memory is None:
+            self.memory = MemoryTracker()
+        return self.memory
 
     def add(self, kind: str, nbytes: int) -> None:
         self.current[kind] += nbytes
@@ -38,8 +45,179 @@ class CommStats:
     def end_step(self) -> None:
         self.last_step = {k: int(self.current.get(k, 0)) for k in KINDS}
         self.current = Counter()
+        if self.memory is not None:
+            self.memory.end_step()
 
     @staticmethod
     def volume(by_kind: dict[str, int]) -> int:
         """Traffic in the ZeRO paper's unit (an all-reduce counts twice)."""
         return by_kind.get("all_gather", 0) + by_kind.get("reduce_scatter", 0) + 2 * by_kind.get("all_reduce", 0)
+
+
+class MemoryTracker:
+    """Measures, while compiled graphs run, the bytes of live storages by kind.
+
+    Opt-in (``zerograph.track_memory: true``): every forward and backward
+    graph then runs through :class:`TrackedGraph`, an ``fx.Interpreter`` that
+    frees each value right after its last use, as FX's generated code does.
+    After every node it sums the storages (by real ``data_ptr``, so aliases
+    count once) of the values alive, by kind: ``gathered`` (what the liveness
+    analysis classes as a gathered parameter), ``saved`` (forward values
+    received by the backward), ``other``. Inputs from outside the step
+    (shards, the batch) are not counted. It also counts the collectives the
+    graphs really ran, by kind, from their real tensors.
+
+    ``current``/``last_step``: samples of the running / last finished step,
+    one ``(phase, node name, gathered bytes, total bytes)`` per node. This
+    mode keeps every forward output alive until the step ends (so that the
+    backward's inputs are recognised by address): real memory use is higher
+    than without it; the recorded numbers follow the generated code's frees.
+    """
+
+    def __init__(self) -> None:
+        self.current: list[tuple[str, str, int, int]] = []
+        self.last_step: list[tuple[str, str, int, int]] = []
+        self.comm_current: Counter = Counter()
+        self.comm_last_step: dict[str, int] = {}
+        # data_ptr -> (kind, tensor): forward outputs that the backward may
+        # receive, held until the step ends so their addresses stay theirs
+        self.held: dict[int, tuple[str, object]] = {}
+
+    @property
+    def peak_gathered_bytes(self) -> int:
+        """Most gathered-parameter bytes alive at once in the last step."""
+        return max((s[2] for s in self.last_step), default=0)
+
+    @property
+    def peak_total_bytes(self) -> int:
+        return max((s[3] for s in self.last_step), default=0)
+
+    def end_step(self) -> None:
+        self.last_step, self.current = self.current, []
+        self.comm_last_step = {k: int(self.comm_current.get(k, 0)) for k in KINDS}
+        self.comm_current = Counter()
+        self.held = {}
+
+    def executable(self, gm, phase: str):
+        """A boxed callable that runs ``gm`` through a :class:`TrackedGraph`."""
+        tracked = TrackedGraph(gm, phase, self)
+
+        def run(args):
+            return tracked.run_boxed(args)
+
+        run._boxed_call = True
+        return run
+
+
+def _tensors(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _key(t) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+class TrackedGraph:
+    """Runs one graph node by node, freeing values after their last use,
+    and records live bytes into a :class:`MemoryTracker`."""
+
+    def __init__(self, gm, phase: str, tracker: MemoryTracker) -> None:
+        import torch.fx as fx
+
+        from zerograph.passes.liveness import storages
+        from zerograph.metadata import COLLECTIVE_ROLES, get_tag
+
+        self.gm, self.tracker = gm, tracker
+        self.phase = "backward" if phase == "backward" else "forward"
+        self.label = phase
+        self.interp = fx.Interpreter(gm, garbage_collect_values=False)
+        self.nodes = list(gm.graph.nodes)
+        _, self.kinds, _ = storages(gm, self.phase)
+        index = {n: i for i, n in enumerate(self.nodes)}
+        end = len(self.nodes) - 1
+        self.free_after: dict[int, list] = {}
+        for node in self.nodes:
+            if node.op == "output":
+                continue
+            uses = [index[u] if u.op != "output" else end for u in node.users]
+            last = max(uses) if uses else (end if node.op == "placeholder" else index[node])
+            self.free_after.setdefault(last, []).append(node)
+        self.collectives = {
+            n: get_tag(n).role for n in self.nodes if get_tag(n) is not None and get_tag(n).role in COLLECTIVE_ROLES
+        }
+
+    def run_boxed(self, args: list):
+        args_list = list(args)
+        args.clear()
+        env = self.interp.env = {}
+        kind_of_ptr: dict[int, str] = {}
+        refs: Counter = Counter()  # env values per storage
+        result = None
+        position = 0
+        for i, node in enumerate(self.nodes):
+            if node.op == "placeholder":
+                value = args_list[position]
+                args_list[position] = None
+                position += 1
+                env[node] = value
+                for t in _tensors(value):
+                    ptr, _ = _key(t)
+                    held = self.tracker.held.get(ptr) if self.phase == "backward" else None
+                    if not refs[ptr]:
+                        kind_of_ptr[ptr] = held[0] if held is not None else "input"
+                    refs[ptr] += 1
+            elif node.op == "output":
+                result = self.interp.fetch_args_kwargs_from_env(node)[0][0]
+            else:
+                value = self.interp.run_node(node)
+                env[node] = value
+                for t in _tensors(value):
+                    ptr = _key(t)[0]
+                    if not refs[ptr]:  # a new storage (the allocator may reuse a freed address)
+                        kind_of_ptr[ptr] = self.kinds.get(node.name, "other")
+                    refs[ptr] += 1
+                role = self.collectives.get(node)
+                if role is not None:
+                    self._count(node, role, value)
+                self._sample(node, env, kind_of_ptr)
+            for dead in self.free_after.get(i, ()):
+                for t in _tensors(env.pop(dead, None)):
+                    refs[_key(t)[0]] -= 1
+        self.interp.env = {}
+        if self.phase == "forward" and self.label != "inference":
+            for t in _tensors(result):
+                ptr, _ = _key(t)
+                kind = kind_of_ptr.get(ptr, "other")
+                self.tracker.held[ptr] = ("gathered" if kind == "gathered" else ("input" if kind == "input" else "saved"), t)
+        return result
+
+    def _count(self, node, role: str, value) -> None:
+        src = node.args[0]
+        in_t = self.interp.env.get(src)
+        in_bytes = in_t.numel() * in_t.element_size() if in_t is not None else 0
+        out_bytes = value.numel() * value.element_size()
+        self.tracker.comm_current[role] += collective_buffer_bytes(role, in_bytes, out_bytes)
+
+    def _sample(self, node, env, kind_of_ptr) -> None:
+        seen: set[int] = set()
+        gathered = total = 0
+        for value in env.values():
+            for t in _tensors(value):
+                ptr, nbytes = _key(t)
+                if ptr in seen:
+                    continue
+                seen.add(ptr)
+                kind = kind_of_ptr.get(ptr, "other")
+                if kind == "input":
+                    continue
+                total += nbytes
+                if kind == "gathered":
+                    gathered += nbytes
+        self.tracker.current.append((self.label, node.name, gathered, total))

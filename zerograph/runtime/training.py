@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -13,7 +14,8 @@ from torch.distributed.tensor import DTensor
 
 from zerograph._torch_private import dynamo_exception_types, queue_backward_callback
 from zerograph.runtime.context import ShardingContext
-from zerograph.runtime.errors import explain_trace_failure
+from zerograph.runtime.dist import RankMonitor
+from zerograph.runtime.errors import explain_collective_failure, explain_trace_failure, is_collective_failure
 from zerograph.runtime.precision import LossScaler
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,47 @@ class TrainingRuntime:
         self.named_params: dict[str, torch.nn.Parameter] | None = None
         self.model_ref = None  # weakref.ref to the model, for error messages
         self._finish_queued = False
+        # Dead-rank detection: a heartbeat per rank in the store, read only
+        # after a collective fails (docs/troubleshooting.md#a-rank-died).
+        self.monitor = None
+        if ctx.world_size > 1 and dist.is_initialized() and str(dist.get_backend(ctx.dp.group)) in ("gloo", "nccl"):
+            self.monitor = RankMonitor.for_group(ctx.dp.group, cfg.zerograph.collective_timeout_s)
+            weakref.finalize(self, self.monitor.stop)
+        ref = weakref.ref(self)  # the context must not keep its runtime alive
+        ctx.extra["collective_guard"] = lambda executable, phase: ref().guard_collectives(executable, phase)
+
+    # -- collective failures -------------------------------------------------
+    def collective_failure(self, exc: BaseException, phase: str) -> BaseException:
+        """``exc`` as a :class:`~zerograph.runtime.errors.RankFailureError`
+        naming the dead rank(s) when it is a failed collective, else ``exc``."""
+        if self.ctx.world_size == 1 or not is_collective_failure(exc):
+            return exc
+        err = explain_collective_failure(
+            exc, self.monitor, step=self.ctx.step + 1, phase=phase,
+            timeout_s=self.ctx.config.zerograph.collective_timeout_s, rank=dist.get_rank(),
+        )
+        log.error("%s", err)
+        return err
+
+    def guard_collectives(self, executable, phase: str):
+        """Wrap a boxed compiled graph so that a failed collective inside it
+        raises a RankFailureError (the backend wraps every graph with this)."""
+        if self.ctx.world_size == 1:
+            return executable
+        ref = weakref.ref(self)
+
+        def run(args):
+            try:
+                return executable(args)
+            except RuntimeError as exc:
+                runtime = ref()
+                err = runtime.collective_failure(exc, phase) if runtime is not None else exc
+                if err is exc:
+                    raise
+                raise err from exc
+
+        run._boxed_call = True
+        return run
 
     # -- forward -----------------------------------------------------------
     # ``before`` and ``after`` are kept out of Dynamo (graph breaks), so the
@@ -141,7 +184,13 @@ class TrainingRuntime:
 
     def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         if self.ctx.world_size > 1:
-            dist.all_reduce(t, op=op, group=self.ctx.dp.group)
+            try:
+                dist.all_reduce(t, op=op, group=self.ctx.dp.group)
+            except RuntimeError as exc:
+                err = self.collective_failure(exc, "optimizer step boundary")
+                if err is exc:
+                    raise
+                raise err from exc
         return t
 
     def _flush_stash(self) -> None:

@@ -1,0 +1,314 @@
+"""Sharded, atomic checkpoints on ``torch.distributed.checkpoint`` (DCP).
+
+    zerograph.save_checkpoint("ckpt/step-100", model, opt, step=100)
+    extra = zerograph.load_checkpoint("ckpt/step-100", model, opt)   # {"step": 100, ...}
+
+Every rank writes its own parameter and optimizer-state shards (DTensors at
+ZeRO stages 1-3, full tensors at stage 0, deduplicated by DCP). Loading
+reshards: a checkpoint saved at one world size or ZeRO stage loads into a
+model sharded another way. Writes go to ``<path>.tmp-<uuid>``; after every
+rank has written, rank 0 writes the commit marker and renames the directory
+to ``path``, so a crash mid-save leaves the previous checkpoint whole.
+Collective: call both functions on every rank. Multi-node runs need a
+filesystem that every rank sees.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from zerograph.sharding import full_state_dict as _full_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+COMMIT_MARKER = "ZEROGRAPH_COMMITTED"
+__all__ = ["save_checkpoint", "load_checkpoint", "COMMIT_MARKER", "export_pretrained", "load_full_state_dict"]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        dist.barrier()
+
+
+def _broadcast_str(value: str) -> str:
+    if _dist()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rng_state() -> bytes:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _runtime_state(model: nn.Module) -> dict[str, Any]:
+    runtime = getattr(model, "_zg_runtime", None)
+    if runtime is None:
+        return {}
+    ctx = runtime.ctx
+    state: dict[str, Any] = {"step": ctx.step, "micro_step": ctx.micro_step,
+                             "config": ctx.config.to_dict(), "world_size": ctx.world_size,
+                             "stage": ctx.config.zero_optimization.stage}
+    if runtime.scaler is not None:
+        state["loss_scaler"] = runtime.scaler.state_dict()
+    return state
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    **extra: Any) -> Path:
+    """Save this rank's shards of the model and optimizer, every rank's RNG
+    state, zerograph's step counters and fp16 loss-scaler state, and
+    ``extra`` (picklable values taken from rank 0) to the directory ``path``.
+
+    Atomic: an existing checkpoint at ``path`` is replaced only once the new
+    one is complete. Collective: call on every rank."""
+    model = _unwrap(model)
+    path = Path(path)
+    rank, world = _dist()
+    tmp = Path(_broadcast_str(f"{path}.tmp-{uuid.uuid4().hex}"))
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    state[f"rng/rank{rank}"] = _rng_state()
+    try:
+        if rank == 0:
+            buf = io.BytesIO()  # one opaque value: DCP would flatten a dict into keys
+            torch.save({"extra": dict(extra), "zerograph": _runtime_state(model)}, buf)
+            state["zerograph_extra"] = buf.getvalue()
+        dcp.save(state, checkpoint_id=str(tmp))
+        _barrier()
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank == 0:
+        marker = {"world_size": world, "has_optimizer": optimizer is not None, "torch": torch.__version__}
+        with open(tmp / COMMIT_MARKER, "w") as f:
+            json.dump(marker, f)
+            f.flush()
+            os.fsync(f.fileno())
+        old = None
+        if path.exists():
+            old = path.with_name(f"{path.name}.old-{uuid.uuid4().hex}")
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    log.info("zerograph: checkpoint saved to %s", path)
+    return path
+
+
+def _check_committed(path: Path) -> None:
+    if (path / COMMIT_MARKER).is_file():
+        return
+    if not path.exists():
+        olds = sorted(path.parent.glob(f"{path.name}.old-*"))
+        hint = (f"; an interrupted save left the previous checkpoint at {olds[-1]}: rename it to {path}"
+                if olds else "")
+        raise FileNotFoundError(f"zerograph: no checkpoint at {path}{hint}")
+    raise RuntimeError(
+        f"zerograph: {path} has no {COMMIT_MARKER} marker: it is not a complete zerograph checkpoint "
+        "(a save was interrupted, or it was not written by zerograph.save_checkpoint); load an earlier checkpoint"
+    )
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and
+    ``optimizer``, created from ``model.parameters()``), resharding to this
+    run's world size and ZeRO stage. Restores zerograph's step counters, the
+    fp16 loss scale and, when the world size is unchanged, every rank's RNG
+    state. Returns the ``extra`` keywords given to ``save_checkpoint``.
+    Collective: call on every rank."""
+    model = _unwrap(model)
+    path = Path(path)
+    _check_committed(path)
+    rank, world = _dist()
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+    has_optim = any(k.startswith("optim.") for k in keys)
+    if optimizer is not None and not has_optim:
+        raise ValueError(f"zerograph: {path} holds no optimizer state; call load_checkpoint(path, model) without it")
+    state: dict[str, Any] = {"model": get_model_state_dict(model), "zerograph_extra": None}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    rng_key = f"rng/rank{rank}"
+    if rng_key in keys:
+        state[rng_key] = None
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    payload = torch.load(io.BytesIO(state["zerograph_extra"]), weights_only=False)
+    zg = payload.get("zerograph", {})
+    saved_world = zg.get("world_size", world)
+    if state.get(rng_key) is not None and saved_world == world:
+        rng = torch.load(io.BytesIO(state[rng_key]), weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    elif saved_world != world:
+        log.warning("zerograph: checkpoint saved on %d rank(s), loaded on %d: RNG states not restored", saved_world, world)
+    runtime = getattr(model, "_zg_runtime", None)
+    if runtime is not None and zg:
+        runtime.ctx.step = zg["step"]
+        runtime.ctx.micro_step = zg["micro_step"]
+        if runtime.scaler is not None and "loss_scaler" in zg:
+            runtime.scaler.load_state_dict(zg["loss_scaler"])
+    log.info("zerograph: checkpoint loaded from %s", path)
+    return dict(payload.get("extra", {}))
+
+
+# -- consolidated (full) state dicts: Hugging Face export and import ----------
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load full (unsharded) tensors into a zerograph model: each rank keeps
+    its own shard of every parameter, without communication.
+
+    ``state_dict`` has the original model's keys (what
+    :func:`zerograph.full_state_dict` returns, or a Hugging Face checkpoint
+    read with ``safetensors.torch.load_file``) and must be the same on every
+    rank. ``strict``: missing or unexpected keys are an error (tied
+    parameters need only one of their keys)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    model = _unwrap(model)
+    own = model.state_dict(keep_vars=True)
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if strict and unexpected:
+        raise KeyError(f"zerograph.load_full_state_dict: keys not in {type(model).__name__}: "
+                       f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}; "
+                       "pass strict=False to ignore them")
+    # Tied parameters appear under several keys; one of them is enough.
+    by_id: dict[int, list[str]] = {}
+    for key, value in own.items():
+        by_id.setdefault(id(value), []).append(key)
+    missing = [k for k in missing if not any(alias in state_dict for alias in by_id[id(own[k])])]
+    if strict and missing:
+        raise KeyError(f"zerograph.load_full_state_dict: missing keys: {', '.join(missing[:8])}"
+                       f"{' ...' if len(missing) > 8 else ''}; pass strict=False to keep their current values")
+    done: set[int] = set()
+    with torch.no_grad():
+        for key, target in own.items():
+            source = next((state_dict[a] for a in by_id[id(target)] if a in state_dict), None)
+            if source is None or id(target) in done:
+                continue
+            done.add(id(target))
+            full_shape = tuple(target.shape)  # a DTensor's shape is the global shape
+            if tuple(source.shape) != full_shape:
+                raise ValueError(f"zerograph.load_full_state_dict: {key} has shape {tuple(source.shape)} in the "
+                                 f"state dict but {full_shape} in the model; is it the same model configuration?")
+            if isinstance(target, DTensor):
+                local = distribute_tensor(source.detach().to(target.device, target.dtype), target.device_mesh,
+                                          target.placements, src_data_rank=None).to_local()
+                target.to_local().copy_(local)
+            else:
+                target.copy_(source.detach().to(target.device, target.dtype))
+
+
+def _hf_original_class(model: nn.Module) -> type:
+    """The user's class of a model whose class zerograph replaced by a subclass."""
+    for cls in type(model).__mro__:
+        if "_zg_base_class" not in cls.__dict__ and "train_step" not in cls.__dict__:
+            return cls
+    return type(model)
+
+
+def _fresh_hf_model(model: nn.Module, hf_model_or_config):
+    """An unsharded Hugging Face model (parameters on the meta device when
+    built here) of the architecture to export into."""
+    if hf_model_or_config is not None and hasattr(hf_model_or_config, "save_pretrained") and \
+            isinstance(hf_model_or_config, nn.Module):
+        return hf_model_or_config, False
+    config = hf_model_or_config if hf_model_or_config is not None else getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise TypeError(
+            f"zerograph.export_pretrained: {type(model).__name__} is not a Hugging Face model; pass the "
+            "transformers config (e.g. GPT2Config) or an unsharded model of the same architecture as "
+            "hf_model_or_config, or save zerograph.full_state_dict(model) yourself")
+    import transformers
+
+    if hf_model_or_config is None and isinstance(model, transformers.PreTrainedModel):
+        cls = _hf_original_class(model)
+    elif getattr(config, "architectures", None) and hasattr(transformers, config.architectures[0]):
+        cls = getattr(transformers, config.architectures[0])
+    else:
+        cls = transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        fresh = cls.from_config(config) if cls is transformers.AutoModelForCausalLM else cls(config)
+    return fresh, True
+
+
+def export_pretrained(model: nn.Module, path: str | os.PathLike, hf_model_or_config=None,
+                      **save_kwargs: Any) -> Path:
+    """Write ``model``'s full weights as a Hugging Face checkpoint that
+    ``from_pretrained(path)`` loads (config + safetensors), from rank 0.
+
+    ``hf_model_or_config``: None when ``model`` is a transformers model
+    (its own class and config are used); otherwise its transformers config
+    or an unsharded instance of the architecture (its weights are replaced).
+    ``save_kwargs`` go to ``save_pretrained`` (e.g. ``max_shard_size``).
+    Collective (the parameters are gathered): call it on every rank."""
+    model = _unwrap(model)
+    path = Path(path)
+    rank, _ = _dist()
+    full = {k: v.detach() for k, v in _full_state_dict(model).items()}
+    error = None
+    if rank == 0:
+        try:
+            hf_model, on_meta = _fresh_hf_model(model, hf_model_or_config)
+            if on_meta:
+                hf_model.load_state_dict(full, strict=False, assign=True)
+                if hasattr(hf_model, "tie_weights"):
+                    hf_model.tie_weights()
+                still_meta = [k for k, v in hf_model.state_dict().items() if v.is_meta]
+                if still_meta:
+                    raise KeyError(f"zerograph.export_pretrained: the model has no weights for "
+                                   f"{', '.join(still_meta[:8])}; is hf_model_or_config the model's architecture?")
+            else:
+                hf_model.load_state_dict(full, strict=False)
+            hf_model.save_pretrained(str(path), **save_kwargs)
+        except BaseException as exc:  # tell the other ranks instead of leaving them in the barrier
+            error = exc
+    failed = _broadcast_str("" if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"zerograph.export_pretrained failed on rank 0: {failed}")
+    log.info("zerograph: Hugging Face checkpoint written to %s", path)
+    return path

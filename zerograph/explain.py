@@ -1,0 +1,308 @@
+"""``zerograph.explain``: what zerograph will do to a model, before training it.
+
+    report = zerograph.explain(model, config, idx, targets)
+    print(report)                          # passes, memory per rank, traffic per step, vs DDP/FSDP2
+    report.write_chrome_trace("plan.json") # open in https://ui.perfetto.dev
+
+It compiles a copy of the model (the model passed in is not changed), runs
+one forward and backward of the example inputs to trace and partition the
+graphs (no optimizer step), and reads the final graphs with the liveness
+analysis (:mod:`zerograph.passes.liveness`). Without an initialized process
+group it uses PyTorch's fake process group as rank 0 of ``world_size``
+ranks, so nothing is communicated; with one, it is collective (call it on
+every rank).
+
+Also ``python -m zerograph explain CONFIG --model gpt-tiny --world-size 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zerograph.config import Config
+from zerograph.passes.liveness import KINDS, MemoryPlan
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Explanation", "explain"]
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:10.3f} MiB"
+
+
+@dataclasses.dataclass
+class Explanation:
+    """The result of :func:`explain`: print it, or write a Chrome trace."""
+
+    config: Config
+    world_size: int
+    num_params: int  # Ψ, distinct parameter elements
+    model_states: dict[str, int]  # this rank's bytes: params, grads, optimizer_states
+    plan: MemoryPlan
+    inspection: Any  # zerograph.Inspection of the traced copy
+    master_bytes: int  # bytes per element of the stored (master) parameters
+
+    @property
+    def ddp_model_states(self) -> int:
+        """DDP: every rank holds parameters, gradients and Adam's two moments
+        in full: ``Ψ · (m + m + 2m)`` bytes, m = master bytes per element
+        (16 Ψ for fp32)."""
+        return 4 * self.master_bytes * self.num_params
+
+    @property
+    def fsdp2_model_states(self) -> int:
+        """FSDP2 (``fully_shard``, fp32 sharded storage): the DDP bytes over
+        the ranks, ``Ψ · 4m / W`` (16 Ψ / W for fp32; padding not counted)."""
+        return self.ddp_model_states // self.world_size
+
+    def communication(self) -> dict[str, int]:
+        """Bytes per optimizer step by collective kind (this rank)."""
+        return self.plan.comm_bytes_per_step
+
+    def volume_elements(self) -> int:
+        """Elements per step in the ZeRO paper's unit (an all-reduce counts twice)."""
+        e = self.plan.comm_elements_per_step
+        return e["all_gather"] + e["reduce_scatter"] + 2 * e["all_reduce"]
+
+    def __str__(self) -> str:
+        cfg = self.config
+        psi, w = self.num_params, self.world_size
+        lines = [
+            f"zerograph explain: ZeRO stage {cfg.stage}, world size {w}, {psi:,} parameters (Ψ), "
+            f"compute {str(cfg.compute_dtype).replace('torch.', '')}, "
+            f"{len(self.inspection.regions)} compiled region(s)",
+            "",
+            "passes (phase, name, time, nodes added/removed, what it did):",
+        ]
+        for rec in self.inspection.passes:
+            details = _short(rec.details)
+            lines.append(f"  {rec.summary()}{'  ' + details if details else ''}")
+        states = self.model_states
+        total_states = sum(states.values())
+        peak = self.plan.peak
+        lines += [
+            "",
+            "memory per rank (this rank; model states between steps, the rest predicted for one step):",
+            f"  parameters          {_mib(states['params'])}",
+            f"  gradients           {_mib(states['grads'])}",
+            f"  optimizer states    {_mib(states['optimizer_states'])}   (Adam/AdamW: 2 moments per element)",
+            f"  model states        {_mib(total_states)}",
+            f"  gathered-param peak {_mib(peak['gathered'])}",
+            f"  activation peak     {_mib(peak['activation'])}   (saved for the backward)",
+            f"  live in-step peak   {_mib(self.plan.peak_total_bytes)}   (gathered + saved + gradients + temporaries)",
+            f"  DDP model states    {_mib(self.ddp_model_states)}   (= Ψ·(m + m + 2m), m = {self.master_bytes} bytes)",
+            f"  FSDP2 model states  {_mib(self.fsdp2_model_states)}   (= Ψ·4m / W)",
+            "",
+            "communication per optimizer step (this rank, full-buffer bytes by collective):",
+        ]
+        for kind, nbytes in self.communication().items():
+            lines.append(f"  {kind:<15} {nbytes:>14,} bytes")
+        lines += [
+            f"  volume          {self.volume_elements():>14,} elements (ZeRO paper unit; all-reduce counts 2x)",
+            f"  DDP             {2 * psi:>14,} elements (= 2Ψ, all-reduce)",
+            f"  FSDP2           {3 * psi:>14,} elements (= 3Ψ, reshard after forward)",
+        ]
+        return "\n".join(lines)
+
+    def chrome_trace(self) -> dict:
+        """The per-node memory timeline and the collectives as Chrome trace
+        JSON (``traceEvents``): one microsecond per graph node; counter
+        events ``live bytes`` by kind, duration events per compute node
+        (thread "compute") and per collective from its start to its wait
+        (thread "comm")."""
+        pid = 0
+        events: list[dict] = [
+            {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": "zerograph plan (rank 0)"}},
+            {"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "compute"}},
+            {"ph": "M", "name": "thread_name", "pid": pid, "tid": 2, "args": {"name": "comm"}},
+        ]
+        offset = 0
+        for region in self.plan.regions:
+            base: dict[str, int] = {}
+            ts_of: dict[tuple[str, int], int] = {}
+            for entry in region.timeline:
+                if entry.phase not in base:
+                    base[entry.phase] = offset - entry.index
+                ts = base[entry.phase] + entry.index
+                ts_of[(entry.phase, entry.index)] = ts
+                offset = ts + 1
+                events.append({"ph": "C", "name": "live bytes", "pid": pid, "ts": ts,
+                               "args": {k: entry.live[k] for k in KINDS}})
+                if entry.role not in ("all_gather", "reduce_scatter", "all_reduce"):
+                    events.append({"ph": "X", "name": entry.name, "cat": f"{entry.phase} {entry.role}", "pid": pid,
+                                   "tid": 1, "ts": ts, "dur": 1, "args": {"region": region.index}})
+            for phase, start, wait, kind, nbytes in region.collectives:
+                if (phase, start) not in ts_of:
+                    continue
+                begin = ts_of[(phase, start)]
+                end = ts_of.get((phase, wait), begin)
+                events.append({"ph": "X", "name": kind, "cat": f"{phase} comm", "pid": pid, "tid": 2, "ts": begin,
+                               "dur": max(1, end - begin + 1), "args": {"bytes": nbytes, "region": region.index}})
+        return {"traceEvents": events, "displayTimeUnit": "ns",
+                "otherData": {"time_unit": "1 us = 1 graph node", "stage": self.config.stage,
+                              "world_size": self.world_size}}
+
+    def write_chrome_trace(self, path: str | os.PathLike) -> None:
+        """Write :meth:`chrome_trace` to ``path`` (opens in Perfetto or chrome://tracing)."""
+        with open(path, "w") as f:
+            json.dump(self.chrome_trace(), f)
+
+
+def _short(details: dict) -> str:
+    if not details:
+        return ""
+    text = ", ".join(f"{k}={v}" for k, v in details.items())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _loss_of(out) -> torch.Tensor:
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(out, torch.Tensor):
+        return out.float().sum()
+    tensors = [t for t in (out if isinstance(out, (tuple, list)) else ()) if isinstance(t, torch.Tensor)]
+    floats = [t.float().sum() for t in tensors if t.is_floating_point() and t.requires_grad]
+    if not floats:
+        raise TypeError(
+            f"zerograph.explain: the model returned {type(out).__name__} with no loss and no floating tensor "
+            "that requires grad; pass example inputs for which the model returns a loss (e.g. with targets)"
+        )
+    return sum(floats)
+
+
+def _model_states(ctx) -> tuple[dict[str, int], int, int]:
+    params = 0
+    master = 4
+    psi = 0
+    for spec in ctx.specs.values():
+        size = torch.empty((), dtype=spec.master_dtype).element_size()
+        master = size
+        psi += spec.numel
+        local = spec.numel if spec.storage == "replicated" or not spec.full_shape else spec.local_rows * spec.row_numel
+        params += local * size
+    return {"params": params, "grads": params, "optimizer_states": 2 * params}, psi, master
+
+
+def explain(model: nn.Module, config: Config | dict | str | os.PathLike | None = None, *example_inputs,
+            world_size: int = 2, **example_kwargs) -> Explanation:
+    """Trace a copy of ``model`` with ``config`` on ``example_inputs`` and
+    report the passes, the predicted per-rank memory and the communication
+    per step (see the module docstring). ``world_size`` is used only when no
+    process group is initialized (the fake process group, rank 0)."""
+    import zerograph
+
+    if not example_inputs and not example_kwargs:
+        raise TypeError("zerograph.explain(model, config, *example_inputs): pass at least one example input "
+                        "(a batch the model accepts), e.g. zerograph.explain(model, cfg, idx, targets)")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    cfg = Config.load(config)
+    own_group = not dist.is_initialized()
+    if own_group:
+        from zerograph._torch_private import fake_store
+
+        dist.init_process_group("fake", store=fake_store(), rank=0, world_size=world_size)
+    try:
+        clone = copy.deepcopy(model)
+        with warnings.catch_warnings():  # the fake group has no timeout to set
+            warnings.filterwarnings("ignore", message="Set timeout is now only supported")
+            compiled = zerograph.compile(clone, cfg)
+        ctx = compiled._zg_runtime.ctx
+        loss = _loss_of(compiled(*example_inputs, **example_kwargs))
+        loss.backward()
+        info = zerograph.inspect(compiled)
+        plan = info.memory
+        states, psi, master = _model_states(ctx)
+        return Explanation(ctx.config, ctx.world_size, psi, states, plan, info, master)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------
+# python -m zerograph explain
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG",
+                        help="DeepSpeed-style JSON config: a file, or inline JSON such as '{\"zero_optimization\": {\"stage\": 3}}'")
+    parser.add_argument("--model", default="gpt-tiny", metavar="NAME",
+                        help="gpt-tiny (2 layers, d=64), gpt-small (GPT-2 small shape: 12 layers, d=768), "
+                             "gpt-12x768 (same), or a Hugging Face model name (its config only, random weights); "
+                             "default %(default)s")
+    parser.add_argument("--world-size", type=int, default=2, metavar="N", help="ranks to plan for; default %(default)s")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help="rows per rank (default: the config's train_micro_batch_size_per_gpu, else 1)")
+    parser.add_argument("--seq-len", type=int, default=64, metavar="N", help="tokens per row; default %(default)s")
+    parser.add_argument("--trace", metavar="PATH", default=None, help="also write the Chrome trace JSON here")
+
+
+def _build_model(name: str, seq_len: int):
+    """(model, vocabulary size, needs_kwargs) for a CLI model name."""
+    from zerograph.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    if name == "gpt-tiny":
+        return GPT(GPTConfig(vocab_size=256, block_size=seq_len, n_layer=2, n_head=2, n_embd=64)), 256, False
+    if name in ("gpt-small", "gpt-12x768"):
+        return GPT(GPTConfig(vocab_size=50304, block_size=seq_len, n_layer=12, n_head=12, n_embd=768)), 50304, False
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as exc:
+        raise ValueError(f"--model {name!r}: not a built-in model (gpt-tiny, gpt-small) and transformers "
+                         "is not installed") from exc
+    try:
+        hf_config = AutoConfig.from_pretrained(name)
+    except Exception as exc:
+        raise ValueError(f"--model {name!r}: not a built-in model (gpt-tiny, gpt-small) and no Hugging Face "
+                         f"config could be loaded for it ({exc})") from exc
+    return AutoModelForCausalLM.from_config(hf_config), hf_config.vocab_size, True
+
+
+def _load_config(text: str) -> Config:
+    if text.lstrip().startswith("{"):
+        return Config.load(json.loads(text))
+    return Config.load(text)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``python -m zerograph explain``."""
+    try:
+        cfg = _load_config(args.config)
+        if args.world_size < 1:
+            raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+        model, vocab, hf = _build_model(args.model, args.seq_len)
+        batch = args.batch_size or cfg.train_micro_batch_size_per_gpu or 1
+        if cfg.train_batch_size is not None and cfg.train_micro_batch_size_per_gpu is None:
+            batch = args.batch_size or max(1, cfg.train_batch_size // (args.world_size * cfg.gradient_accumulation_steps))
+        gen = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, vocab, (batch, args.seq_len), generator=gen)
+        targets = torch.randint(0, vocab, (batch, args.seq_len), generator=gen)
+        if hf:
+            report = explain(model, cfg, world_size=args.world_size, input_ids=idx, labels=targets)
+        else:
+            report = explain(model, cfg, idx, targets, world_size=args.world_size)
+    except (ValueError, TypeError, OSError, json.JSONDecodeError) as exc:
+        print(f"zerograph explain: error: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    if args.trace:
+        report.write_chrome_trace(args.trace)
+        print(f"\nChrome trace written to {args.trace} (open it in https://ui.perfetto.dev)")
+    return 0

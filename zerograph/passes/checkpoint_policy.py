@@ -1,0 +1,289 @@
+"""Activation checkpointing policies: analysis only, no graph changes.
+
+A policy looks at the forward nodes of the joint graph and returns, per node,
+a :class:`~torch.utils.checkpoint.CheckpointPolicy` for AOTAutograd's
+partitioner. The mechanism (:mod:`zerograph.passes.checkpointing`) writes
+these into ``node.meta["recompute"]``.
+
+Rules shared by every policy:
+
+* only ``role == "compute"`` nodes without a parameter are considered, so the
+  ZeRO markers and the gathered-parameter chain keep ``zero_policy``'s
+  decision (recomputation never adds an all-gather);
+* random ops (``nondeterministic_seeded``, e.g. dropout's ``bernoulli``/``rand``)
+  are always ``MUST_SAVE``: the backward reuses the forward's random values,
+  so gradients equal eager's on every device, without RNG functionalization.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import re
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+from zerograph.metadata import get_tag
+
+log = logging.getLogger(__name__)
+
+NodePredicate = Callable[[fx.Node], bool]
+
+# outputs worth keeping under the "selective" policy: matmuls and attention
+_EXPENSIVE = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten.convolution.default,
+}
+_EXPENSIVE_PACKETS = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                      "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention"}
+
+
+def is_random(node: fx.Node) -> bool:
+    """A random op, or an element of a random op's tuple result (``native_dropout``'s
+    output and mask): the partitioner saves tuple elements, not the tuple."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return is_random(node.args[0])
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+def is_expensive(node: fx.Node) -> bool:
+    if node.target in _EXPENSIVE:
+        return True
+    packet = getattr(node.target, "_overloadpacket", None)
+    return getattr(packet, "__name__", "") in _EXPENSIVE_PACKETS
+
+
+def candidates(gm: fx.GraphModule) -> list[fx.Node]:
+    """Forward compute nodes a policy may tag."""
+    out = []
+    for node in gm.graph.nodes:
+        tag = get_tag(node)
+        if node.op != "call_function" or tag is None or tag.phase != "forward":
+            continue
+        if tag.role != "compute" or tag.param is not None or "recompute" in node.meta:
+            continue
+        out.append(node)
+    return out
+
+
+def block_of(node: fx.Node, pattern: Optional[str]) -> Optional[str]:
+    """The block a node belongs to: the module-path prefix matched by ``pattern``,
+    or by default the path up to its first integer component (``h.3``)."""
+    tag = get_tag(node)
+    path = tag.module_path if tag else None
+    if not path:
+        return None
+    regex = pattern or r"^(?:.*?\.)?\d+(?=\.|$)"
+    match = re.search(regex, path)
+    return match.group(0) if match else None
+
+
+def params_read_by_backward(gm: fx.GraphModule) -> set[str]:
+    """Parameters whose gathered value a backward node of the joint graph reads
+    (ZeRO-3 gathers exactly these again in the backward)."""
+    out = set()
+    for node in gm.graph.nodes:
+        tag = get_tag(node)
+        if tag is None or tag.phase != "forward" or tag.param is None or tag.role not in ("unshard", "compute"):
+            continue
+        if any(get_tag(u) is not None and get_tag(u).phase == "backward" for u in node.users):
+            out.add(tag.param)
+    return out
+
+
+def _reads_param(node: fx.Node, params: frozenset[str]) -> bool:
+    for arg in node.all_input_nodes:
+        tag = get_tag(arg)
+        if tag is not None and tag.param in params and tag.role in ("unshard", "compute"):
+            return True
+    return False
+
+
+def choose(gm: fx.GraphModule, policy: str, *, block_pattern: Optional[str] = None,
+           predicate: Optional[NodePredicate] = None,
+           no_regather: frozenset[str] = frozenset()) -> dict[fx.Node, CheckpointPolicy]:
+    """Per-node save/recompute decisions for ``policy``.
+
+    ``no_regather``: sharded parameters the backward does not gather (ZeRO-3 biases,
+    embeddings); a node reading one is saved, since recomputing it would add an all-gather.
+    """
+    nodes = candidates(gm)
+    decision: dict[fx.Node, CheckpointPolicy] = {}
+    if policy == "none" and predicate is None:
+        return decision
+    block = {n: block_of(n, block_pattern) for n in nodes} if policy == "per_layer" else {}
+    for node in nodes:
+        if is_random(node) or _reads_param(node, no_regather):
+            decision[node] = CheckpointPolicy.MUST_SAVE
+        elif predicate is not None:
+            decision[node] = CheckpointPolicy.MUST_SAVE if predicate(node) else CheckpointPolicy.MUST_RECOMPUTE
+        elif policy == "selective":
+            decision[node] = CheckpointPolicy.MUST_SAVE if is_expensive(node) else CheckpointPolicy.PREFER_RECOMPUTE
+        elif policy == "per_layer":
+            name = block[node]
+            if name is None:
+                continue
+            leaves = any(u.op == "output" or block.get(u, name) != name for u in node.users
+                         if get_tag(u) is None or get_tag(u).phase == "forward")
+            decision[node] = CheckpointPolicy.MUST_SAVE if leaves else CheckpointPolicy.MUST_RECOMPUTE
+    return decision
+
+
+# ---------------------------------------------------------------------------
+# memory_budget: what to recompute so that the saved bytes fit a budget
+# ---------------------------------------------------------------------------
+
+_RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def output_bytes(node: fx.Node) -> int:
+    """Bytes of a node's result (0 for non-tensors; a tuple's elements summed)."""
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else (val,)
+    return sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor))
+
+
+def recompute_flops(node: fx.Node) -> int:
+    """Rough cost of recomputing a node: 2·m·n·k for matmuls, 4·B·H·L²·D for attention,
+    one FLOP per output element otherwise."""
+    val = node.meta.get("val")
+    out = val[0] if isinstance(val, (tuple, list)) and val else val
+    numel = out.numel() if isinstance(out, torch.Tensor) else 1
+    if node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                       torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default):
+        a = node.args[1] if node.target in (torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default) else node.args[0]
+        k = a.meta["val"].shape[-1] if isinstance(a, fx.Node) and "val" in a.meta else 1
+        return 2 * numel * int(k)
+    packet = getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")
+    if packet in _EXPENSIVE_PACKETS and isinstance(node.args[0], fx.Node):
+        q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+        return 4 * q.numel() * int(k.shape[-2])
+    return int(numel)
+
+
+def _phase(node: fx.Node) -> Optional[str]:
+    tag = get_tag(node)
+    if tag is not None:
+        return tag.phase
+    if node.op == "placeholder":
+        return "backward" if node.name.startswith("tangents") else "forward"
+    return None
+
+
+def num_forward_outputs(gm: fx.GraphModule) -> int:
+    """The user outputs of an AOTAutograd joint graph: its outputs are the forward's
+    outputs followed by one gradient per primal input."""
+    primals = sum(1 for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents"))
+    outputs = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return len(_flatten(outputs.args)) - primals
+
+
+def _flatten(args) -> list:
+    """Leaves of nested tuples/lists (``None`` kept: a primal without a gradient)."""
+    if isinstance(args, (tuple, list)):
+        return [leaf for a in args for leaf in _flatten(a)]
+    return [args]
+
+
+def estimate_saved_bytes(gm: fx.GraphModule, recompute: set) -> int:
+    """Fast model of the partition, used by the budget search: forward values the
+    backward reads, directly or through recomputed nodes, are saved unless recomputed.
+    :func:`predict_saved_bytes` is the exact figure."""
+    forward = [n for n in gm.graph.nodes if _phase(n) == "forward" and n.op != "output"]
+    fwd = set(forward)
+    needed: set = set()
+    stack = [a for n in gm.graph.nodes if n.op != "output" and _phase(n) != "forward"
+             for a in n.all_input_nodes if a in fwd]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        if node in recompute:
+            stack.extend(a for a in node.all_input_nodes if a in fwd)
+    return sum(output_bytes(n) for n in needed if n not in recompute)
+
+
+def predict_saved_bytes(gm: fx.GraphModule, decision: Optional[dict] = None) -> int:
+    """Exact bytes the forward saves for the backward (analysis: ``gm`` is not changed).
+
+    Partitions a copy of the joint graph ``gm`` (with ``decision`` applied on top of
+    its ``node.meta["recompute"]`` tags) with the same partitioner the backend uses,
+    and sums the forward graph's outputs beyond the user outputs: exactly the
+    tensors AOTAutograd stores with ``save_for_backward``.
+    """
+    from zerograph._torch_private import default_partition
+
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))  # node.meta copied per node (shallow): gm stays as it is
+    clone = fx.GraphModule(gm, graph)
+    by_name = {n.name: n for n in clone.graph.nodes}
+    for node, policy in (decision or {}).items():
+        by_name[node.name].meta["recompute"] = policy
+    n_out = num_forward_outputs(gm)
+    fw, _ = default_partition(clone, None, num_fwd_outputs=n_out)
+    outputs = next(n for n in reversed(fw.graph.nodes) if n.op == "output")
+    saved = _flatten(outputs.args)[n_out:]
+    return sum(output_bytes(n) for n in saved if isinstance(n, fx.Node))
+
+
+def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str] = frozenset()
+                      ) -> tuple[dict[fx.Node, CheckpointPolicy], dict]:
+    """Decisions for ``memory_budget``: a knapsack over the forward compute nodes.
+
+    Nodes are ranked by recompute FLOPs per saved byte (cheapest first: pointwise
+    ops before matmuls). The first ``k`` are recomputed, the rest saved, with the
+    smallest ``k`` whose saved bytes fit ``budget`` (a fraction of what policy
+    ``none`` saves, or bytes); if no ``k`` fits, the ``k`` that saves least. Taking
+    the smallest fitting ``k`` makes saved bytes non-increasing as the budget
+    shrinks. Random ops and reads of non-regathered parameters are always saved.
+    """
+    nodes = candidates(gm)
+    must_save = {n for n in nodes if is_random(n) or _reads_param(n, no_regather)}
+    free = [n for n in nodes if n not in must_save]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    free.sort(key=lambda n: (recompute_flops(n) / max(output_bytes(n), 1), order[n]))
+    base = {n for n in gm.graph.nodes if n.meta.get("recompute") in _RECOMPUTE}
+    none_bytes = predict_saved_bytes(gm)  # exact: what the graph saves with the tags it has
+    limit = int(budget * none_bytes) if isinstance(budget, float) else int(budget)
+    start = estimate_saved_bytes(gm, base)
+    best_k, best_bytes, fit = 0, start, start <= limit
+    chosen = set(base)
+    for k in range(1, len(free) + 1):
+        if fit:
+            break
+        chosen.add(free[k - 1])
+        saved = estimate_saved_bytes(gm, chosen)
+        if saved <= limit or saved < best_bytes:
+            best_k, best_bytes, fit = k, saved, saved <= limit
+
+    def decide(k):
+        decision = {n: CheckpointPolicy.MUST_SAVE for n in must_save}
+        for i, node in enumerate(free):
+            decision[node] = CheckpointPolicy.MUST_RECOMPUTE if i < k else CheckpointPolicy.MUST_SAVE
+        return decision
+
+    # the estimate ignores some of the partitioner's view handling: check the
+    # exact figure and recompute a few more nodes if it is over the budget
+    decision, exact, tries = decide(best_k), None, 0
+    while True:
+        exact = predict_saved_bytes(gm, decision)
+        if exact <= limit or best_k >= len(free) or tries == _MAX_EXACT_TRIES:
+            break
+        best_k, tries = best_k + 1, tries + 1
+        decision = decide(best_k)
+    if exact > limit:
+        log.warning("activation_checkpointing: memory_budget of %d bytes not reachable; saving %d bytes",
+                    limit, exact)
+    return decision, {"budget_bytes": limit, "none_bytes": none_bytes, "estimated_bytes": best_bytes,
+                      "predicted_bytes": exact, "fits": exact <= limit, "recompute": best_k}
+
+
+_MAX_EXACT_TRIES = 8

@@ -1,0 +1,449 @@
+"""Liveness analysis: live bytes per node of the final graphs, by kind.
+
+An analysis (it never mutates a graph). It models the storages the
+generated code allocates and when it frees them, with the rules of FX's
+code generation:
+
+* a view (an ATen op whose schema says ``is_view``, ``_unsafe_view``, or a
+  functional collective's ``wait_tensor``) aliases its input's storage; every other op
+  that returns a tensor allocates a new storage;
+* a storage is freed right after the last node that uses any of its aliases;
+  a value used by the graph's ``output`` lives to the end of the graph; a
+  node nobody uses is freed right after it runs; a placeholder nobody uses
+  lives to the end (the generated code keeps the argument bound);
+* the forward's saved values (the backward's inputs) stay alive from their
+  creation in the forward to their last use in the backward.
+
+Each storage gets one kind:
+
+``gathered``
+    a gathered (full) parameter: the output of an all-gather (the wait
+    aliases it), the per-parameter copy-outs of a bucket (``comm_prep``
+    nodes computed only from gathered values), casts of gathered values, and
+    in the backward a saved input whose tag names a parameter (a gathered
+    parameter kept from forward to backward).
+``activation``
+    a forward value saved for the backward that is not a parameter or shard
+    (its storage was created by the forward graph).
+``gradient``
+    a value the backward returns (the reduced gradient shards).
+``other``
+    everything else the graphs allocate (temporaries, the loss).
+``input``
+    storages from outside the step (parameter shards, the batch,
+    the incoming gradient): not counted.
+
+The timeline of a compiled region is its forward graph followed by its
+backward graph; entry ``i`` holds the bytes live right after node ``i`` ran
+(before the values it used for the last time are freed). Example, stage 3,
+``TinyMLP`` of docs/passes.md (fp32, world size 2, unbucketed)::
+
+    forward  all_gather_into_tensor_default   gathered=96   (fc1.weight, 6x4)
+    forward  all_gather_into_tensor_default_1 gathered=120  (+ fc1.bias)
+    ...
+    backward all_gather_into_tensor_default   gathered=96   (fc2.weight re-gathered, padded 4x6)
+
+:func:`plan_region` analyses one region's forward and backward together;
+:func:`plan_model` all regions of a compiled model, with the communication
+per step; :func:`liveness` is the pass (one graph at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+
+from zerograph._torch_private import c10d_functional
+from zerograph.metadata import COLLECTIVE_ROLES, get_tag
+from zerograph.passes.manager import PassContext, PassResult
+from zerograph.runtime.stats import KINDS as COMM_KINDS
+from zerograph.runtime.stats import collective_buffer_bytes
+
+KINDS = ("gathered", "activation", "gradient", "other")
+_WAIT = c10d_functional.wait_tensor.default
+_CASTS = {
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.clone.default,
+    torch.ops.prims.convert_element_type.default,
+}
+
+
+def _tensor_val(node: fx.Node):
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def storage_bytes(t: torch.Tensor) -> int:
+    """Bytes of the storage behind ``t`` (real or fake tensor)."""
+    try:
+        return int(t.untyped_storage().nbytes())
+    except Exception:  # symbolic sizes, tensors without storage
+        try:
+            return int(t.numel()) * t.element_size()
+        except Exception:
+            return 0
+
+
+# ops that return their input's storage although their schema does not say so
+_SHARES_STORAGE = {_WAIT, torch.ops.aten._unsafe_view.default}
+
+
+def _is_alias(node: fx.Node) -> bool:
+    target = node.target
+    if target in _SHARES_STORAGE:
+        return True
+    return isinstance(target, torch._ops.OpOverload) and target.is_view
+
+
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """One allocation of a graph: the node that made it and its aliases."""
+
+    root: str
+    kind: str
+    nbytes: int
+    birth: int  # index in the graph of the node that made it (0 for inputs)
+    death: int  # index of its last use (freed right after)
+    members: tuple[str, ...]
+
+
+def storages(
+    gm: fx.GraphModule,
+    phase: str,
+    *,
+    saved: Iterable[str] = (),
+    input_kinds: dict[str, str] | None = None,
+    input_roots: dict[str, str] | None = None,
+    input_nbytes: dict[str, int] | None = None,
+) -> tuple[list[Storage], dict[str, str], dict[str, str]]:
+    """The storages of one graph and each node's storage kind.
+
+    ``saved``: names of forward outputs the backward receives (they are
+    ``activation`` unless gathered). ``input_kinds``: kind per placeholder
+    name (backward graphs; by default from tags: a placeholder whose tag names
+    a parameter is ``gathered``, tangents and primals are ``input``, the rest
+    ``activation``). ``input_roots``: a storage key per placeholder name;
+    placeholders with the same key share one storage (two saved views of one
+    forward value); ``input_nbytes``: their storage's size (a saved view's
+    graph input shows only the view). Returns the storages, ``{node name: kind}`` and
+    ``{node name: root name}``.
+    """
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    end = len(nodes) - 1
+    saved = set(saved)
+    root: dict[fx.Node, fx.Node] = {}
+    gathered_roots: set[fx.Node] = set()
+    output = nodes[-1]
+    returned = {a for a in output.all_input_nodes} if output.op == "output" else set()
+    same_input: dict[str, fx.Node] = {}
+    born_with: dict[fx.Node, fx.Node] = {}  # getitem -> multi-output node that allocated it
+    unclaimed: list[tuple[fx.Node, int, torch.Tensor]] = []  # outputs of multi-output nodes no getitem reads
+    for node in nodes:
+        if node.op == "placeholder":
+            if _tensor_val(node) is not None:
+                key = (input_roots or {}).get(node.name, node.name)
+                root[node] = same_input.setdefault(key, node)
+                kind = _placeholder_kind(node, phase, input_kinds)
+                if kind == "gathered":
+                    gathered_roots.add(node)
+            continue
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and _is_alias(src) and src.all_input_nodes:
+                base = root.get(src.all_input_nodes[0])
+                if base is not None:
+                    root[node] = base
+                    continue
+            if _tensor_val(node) is not None:
+                root[node] = node
+                if isinstance(src, fx.Node):  # allocated by src; its tuple holds it until the last getitem
+                    born_with[node] = src
+            continue
+        if _tensor_val(node) is None:
+            _tuple_elements(node, unclaimed)
+            continue
+        inputs = [a for a in node.all_input_nodes if a in root]
+        if _is_alias(node) and inputs:
+            root[node] = root[inputs[0]]
+            continue
+        root[node] = node
+        tag = get_tag(node)
+        role = tag.role if tag is not None else "compute"
+        if role == "all_gather":
+            gathered_roots.add(node)
+        elif inputs and all(root[a] in gathered_roots for a in inputs) and (
+            role == "comm_prep" or node.target in _CASTS
+        ):
+            gathered_roots.add(node)
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node, r in root.items():
+        groups.setdefault(r, []).append(node)
+    out: list[Storage] = []
+    kinds: dict[str, str] = {}
+    roots: dict[str, str] = {}
+    for r, members in groups.items():
+        if r.op == "placeholder":
+            kind = _placeholder_kind(r, phase, input_kinds)
+            birth = 0
+        elif r in gathered_roots:
+            kind, birth = "gathered", index[r]
+        elif phase == "forward" and any(m.name in saved for m in members):
+            kind, birth = "activation", index[r]
+        elif phase == "backward" and any(m in returned for m in members):
+            kind, birth = "gradient", index[r]
+        else:
+            kind, birth = "other", index[r]
+        last = max((index[u] if u.op != "output" else end for m in members for u in m.users), default=None)
+        if r in born_with:
+            src = born_with[r]
+            birth = min(birth, index[src])
+            last = max(last if last is not None else index[r], max(index[u] for u in src.users))
+        if last is None:
+            last = end if r.op == "placeholder" else index[r]
+        for m in members:
+            kinds[m.name] = kind
+            roots[m.name] = r.name
+        nbytes = (input_nbytes or {}).get(r.name) if r.op == "placeholder" else None
+        if nbytes is None:
+            nbytes = storage_bytes(_tensor_val(r))
+        out.append(Storage(r.name, kind, nbytes, birth, max(last, birth),
+                           tuple(m.name for m in members)))
+    for src, k, val in unclaimed:
+        last = max((index[u] for u in src.users), default=index[src])
+        out.append(Storage(f"{src.name}[{k}]", "other", storage_bytes(val), index[src], last, ()))
+    return out, kinds, roots
+
+
+def _tuple_elements(node: fx.Node, unclaimed: list) -> None:
+    """Record the tensor outputs of a multi-output node that no getitem reads
+    (they live in the node's tuple until its last use)."""
+    val = node.meta.get("val")
+    if not isinstance(val, (tuple, list)) or _is_alias(node):
+        return
+    read = {u.args[1] for u in node.users if u.target is operator.getitem}
+    for k, v in enumerate(val):
+        if isinstance(v, torch.Tensor) and k not in read:
+            unclaimed.append((node, k, v))
+
+
+def _placeholder_kind(node: fx.Node, phase: str, input_kinds: dict[str, str] | None) -> str:
+    if input_kinds is not None:
+        return input_kinds.get(node.name, "input")
+    if phase != "backward" or node.name.startswith(("tangents", "primals")):
+        return "input"
+    tag = get_tag(node)
+    return "gathered" if tag is not None and tag.param is not None else "activation"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeLive:
+    """Bytes live right after one node ran, by kind."""
+
+    phase: str
+    index: int
+    name: str
+    role: str
+    live: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.live.values())
+
+
+def timeline(gm: fx.GraphModule, phase: str, stores: list[Storage]) -> list[NodeLive]:
+    """Live bytes by kind after every node but placeholders and the output
+    (a sweep over storage births and deaths)."""
+    nodes = list(gm.graph.nodes)
+    delta = [dict.fromkeys(KINDS, 0) for _ in range(len(nodes) + 1)]
+    for s in stores:
+        if s.kind in KINDS:
+            delta[s.birth][s.kind] += s.nbytes
+            delta[s.death + 1][s.kind] -= s.nbytes
+    live = dict.fromkeys(KINDS, 0)
+    out = []
+    for i, node in enumerate(nodes):
+        for k in KINDS:
+            live[k] += delta[i][k]
+        if node.op in ("placeholder", "output"):
+            continue
+        tag = get_tag(node)
+        out.append(NodeLive(phase, i, node.name, tag.role if tag is not None else "compute", dict(live)))
+    return out
+
+
+def comm_by_kind(gm: fx.GraphModule) -> tuple[dict[str, int], dict[str, int]]:
+    """(bytes, elements) of every collective's full buffer in ``gm``, by kind."""
+    nbytes = dict.fromkeys(COMM_KINDS, 0)
+    elems = dict.fromkeys(COMM_KINDS, 0)
+    for node in gm.graph.nodes:
+        tag = get_tag(node)
+        if tag is None or tag.role not in COLLECTIVE_ROLES:
+            continue
+        b, n = comm_by_kind_single(node, tag.role)
+        elems[tag.role] += n
+        nbytes[tag.role] += b
+    return nbytes, elems
+
+
+@dataclasses.dataclass
+class RegionPlan:
+    """One compiled region: forward then backward timeline, peaks, traffic."""
+
+    index: int
+    timeline: list[NodeLive]
+    peak: dict[str, int]  # peak of each kind on its own
+    peak_total: int
+    comm_bytes: dict[str, int]  # one micro-batch (forward + backward)
+    comm_elements: dict[str, int]
+    storages: dict[str, list[Storage]]
+    collectives: list[tuple[str, int, int, str, int]]  # (phase, start index, wait index, kind, bytes)
+
+
+def _collectives(gm: fx.GraphModule, phase: str) -> list[tuple[str, int, int, str, int]]:
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out = []
+    for node in gm.graph.nodes:
+        tag = get_tag(node)
+        if tag is None or tag.role not in COLLECTIVE_ROLES:
+            continue
+        wait = next((u for u in node.users if u.target is _WAIT), node)
+        b, _ = comm_by_kind_single(node, tag.role)
+        out.append((phase, index[node], index[wait], tag.role, b))
+    return out
+
+
+def comm_by_kind_single(node: fx.Node, role: str) -> tuple[int, int]:
+    src = node.args[0] if isinstance(node.args[0], fx.Node) else None
+    in_val = _tensor_val(src) if src is not None else None
+    out_val = _tensor_val(node)
+    in_n = int(in_val.numel()) if in_val is not None else 0
+    out_n = int(out_val.numel()) if out_val is not None else 0
+    size = in_val.element_size() if in_val is not None else 0
+    n = collective_buffer_bytes(role, in_n, out_n)
+    return n * size, n
+
+
+def saved_inputs(forward: fx.GraphModule, backward: fx.GraphModule | None) -> dict[str, str]:
+    """``{backward input name: forward node name}`` for the values the
+    forward saves for the backward. AOTAutograd returns them last from the
+    forward and passes them first, in the same order, to the backward (whose
+    other inputs are the ``tangents_*``); names can differ, because the
+    lowering replaced a saved marker node by its collective's output."""
+    if backward is None:
+        return {}
+    out_node = list(forward.graph.nodes)[-1]
+    outs = list(out_node.args[0]) if out_node.op == "output" else []
+    inputs = [n for n in backward.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+    if len(inputs) > len(outs):
+        return {}
+    tail = outs[len(outs) - len(inputs):]
+    return {b.name: f.name for b, f in zip(inputs, tail) if isinstance(f, fx.Node)}
+
+
+def plan_region(forward: fx.GraphModule, backward: fx.GraphModule | None, index: int = 0) -> RegionPlan:
+    """Liveness of one region's step: forward, then backward, joined by the saved values."""
+    pairs = saved_inputs(forward, backward)
+    f_stores, f_kinds, f_roots = storages(forward, "forward", saved=set(pairs.values()))
+    stores = {"forward": f_stores}
+    tl = timeline(forward, "forward", f_stores)
+    comm_b, comm_e = comm_by_kind(forward)
+    colls = _collectives(forward, "forward")
+    if backward is not None:
+        input_kinds = {name: f_kinds.get(fwd, "input") for name, fwd in pairs.items()}
+        input_roots = {name: f_roots.get(fwd, fwd) for name, fwd in pairs.items()}
+        f_size = {st.root: st.nbytes for st in f_stores}
+        input_nbytes = {name: f_size[root] for name, root in input_roots.items() if root in f_size}
+        b_stores, _, _ = storages(backward, "backward", input_kinds=input_kinds, input_roots=input_roots,
+                                  input_nbytes=input_nbytes)
+        stores["backward"] = b_stores
+        tl += timeline(backward, "backward", b_stores)
+        b_b, b_e = comm_by_kind(backward)
+        comm_b = {k: comm_b[k] + b_b[k] for k in comm_b}
+        comm_e = {k: comm_e[k] + b_e[k] for k in comm_e}
+        colls += _collectives(backward, "backward")
+    peak = {k: max((e.live[k] for e in tl), default=0) for k in KINDS}
+    return RegionPlan(index, tl, peak, max((e.total for e in tl), default=0), comm_b, comm_e, stores, colls)
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Predicted per-rank memory during a step and communication per step.
+
+    Regions are analysed one at a time: ``peak`` is the largest of any
+    region's peak (exact for a model without graph breaks)."""
+
+    regions: list[RegionPlan]
+    gradient_accumulation_steps: int = 1
+
+    @property
+    def peak(self) -> dict[str, int]:
+        return {k: max((r.peak[k] for r in self.regions), default=0) for k in KINDS}
+
+    @property
+    def peak_gathered_bytes(self) -> int:
+        return self.peak["gathered"]
+
+    @property
+    def peak_activation_bytes(self) -> int:
+        return self.peak["activation"]
+
+    @property
+    def peak_total_bytes(self) -> int:
+        return max((r.peak_total for r in self.regions), default=0)
+
+    @property
+    def comm_bytes_per_step(self) -> dict[str, int]:
+        n = self.gradient_accumulation_steps
+        return {k: n * sum(r.comm_bytes[k] for r in self.regions) for k in COMM_KINDS}
+
+    @property
+    def comm_elements_per_step(self) -> dict[str, int]:
+        n = self.gradient_accumulation_steps
+        return {k: n * sum(r.comm_elements[k] for r in self.regions) for k in COMM_KINDS}
+
+    def summary(self) -> str:
+        p = self.peak
+        lines = [
+            "predicted peak live bytes per rank: " + ", ".join(f"{k}={p[k]}" for k in KINDS)
+            + f", total={self.peak_total_bytes}",
+            "predicted communication per step (bytes): "
+            + ", ".join(f"{k}={v}" for k, v in self.comm_bytes_per_step.items()),
+        ]
+        return "\n".join(lines)
+
+
+def plan_model(regions, gradient_accumulation_steps: int = 1) -> MemoryPlan:
+    """The plan of every compiled region that has a forward graph (training
+    regions; an inference-only region counts its ``inference`` graph)."""
+    plans = []
+    for r in regions:
+        graphs = r.graphs if hasattr(r, "graphs") else r["graphs"]
+        index = r.index if hasattr(r, "index") else r["index"]
+        if "forward" in graphs:
+            plans.append(plan_region(graphs["forward"], graphs.get("backward"), index))
+        elif "inference" in graphs:
+            plans.append(plan_region(graphs["inference"], None, index))
+    return MemoryPlan(plans, gradient_accumulation_steps)
+
+
+def liveness(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """The pass: peaks of this graph alone. Without the other graph, every
+    forward output counts as saved (``activation``, the loss too) and each
+    backward input is its own storage, classed by its tag. Details: ``peak_bytes`` by kind and
+    ``comm_elements`` by collective kind."""
+    phase = "backward" if ctx.phase == "backward" else "forward"
+    out = list(gm.graph.nodes)[-1]
+    # without the backward at hand, every forward output counts as saved
+    returned = {a.name for a in out.all_input_nodes} if phase == "forward" and ctx.phase != "inference" else set()
+    stores, _, _ = storages(gm, phase, saved=returned)
+    tl = timeline(gm, phase, stores)
+    _, elems = comm_by_kind(gm)
+    peak = {k: max((e.live[k] for e in tl), default=0) for k in KINDS}
+    return PassResult(details={"peak_bytes": peak, "comm_elements": elems})
