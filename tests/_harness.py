@@ -162,3 +162,18 @@ def assert_same_training(result, ref_losses, ref_params, *, rtol=1e-5, atol=1e-6
     assert result["params"].keys() == ref_params.keys()
     for key, ref in ref_params.items():
         torch.testing.assert_close(result["params"][key], ref, rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def step_mean_loss(loss: torch.Tensor, opt) -> float:
+    """``loss.backward()``, one optimizer step and ``zero_grad``; returns the loss
+    averaged over the ranks of the default group (every rank gets the same value)."""
+    import torch.distributed as dist
+
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    mean = loss.detach().clone()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        dist.all_reduce(mean)
+    return mean.item() / world

@@ -4,6 +4,7 @@ spawned ranks can build them)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from zerograph.models import GPT, GPTConfig
 
@@ -97,3 +98,14 @@ def loss_of(model_name: str, model, idx, targets):
     if model_name == "breaky":
         return model(idx, targets)
     return model(input_ids=idx, labels=idx).loss
+
+
+class Blocks(nn.Module):
+    def __init__(self, n=3, d=8):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.relu(b(x))
+        return x.sum()

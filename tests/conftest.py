@@ -10,3 +10,20 @@ import torch  # noqa: E402
 # It must be set before any @triton.jit function is defined (zerograph.kernels).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+@pytest.fixture
+def fake_world():
+    """A two-rank fake process group in this process (pass-level tests), with
+    Dynamo's caches reset before and after."""
+    from zerograph._torch_private import fake_store
+
+    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=2)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    dist.destroy_process_group()

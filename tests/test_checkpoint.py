@@ -23,14 +23,7 @@ def _train(model, opt, steps):
     for step in steps:
         idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * 2)
         idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
-        loss = model(idx, targets).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        mean = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(mean)
-        losses.append(mean.item() / world)
+        losses.append(_harness.step_mean_loss(model(idx, targets).loss, opt))
     return losses
 
 

@@ -111,30 +111,10 @@ def test_policies_match_eager_world2_without_extra_gathers(stage):
         assert result["comm_by_phase"] == results[0]["comm_by_phase"], policy
 
 
-def _dropout_rank(stage):
-    import torch.distributed as dist
-
-    out = []
-    for policy in POLICIES:
-        torch._dynamo.reset()
-        model = zerograph.compile(_models.make_gpt(0.1), {"zero_optimization": {"stage": stage},
-                                                          "activation_checkpointing": {"policy": policy}})
-        opt = _harness._optimizer(model.parameters())
-        torch.manual_seed(100 + dist.get_rank())
-        for step in range(2):
-            idx, targets = _models.global_batch(step, 8)
-            idx, targets = idx.chunk(2)[dist.get_rank()], targets.chunk(2)[dist.get_rank()]
-            model(idx, targets).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        out.append({k: v.clone() for k, v in zerograph.full_state_dict(model).items()})
-    return out
-
-
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_dropout_recompute_reproduces_forward_randomness_world2():
     """With dropout, every policy trains exactly as policy "none" (which equals eager: see world 1)."""
-    results = spawn(_dropout_rank, 2, 3, timeout=TIMEOUT)[0]
+    results = spawn(_dropout_sections_rank, 2, 3, [{"policy": p} for p in POLICIES], timeout=TIMEOUT)[0]
     for policy, params in zip(POLICIES[1:], results[1:]):
         for key, ref in results[0].items():
             torch.testing.assert_close(params[key], ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{policy} {key}: {m}")

@@ -48,13 +48,7 @@ def _zerograph_run(per_rank_lengths: bool):
         if per_rank_lengths:  # rank r sees a different length in the same step
             length = LENGTHS[(step + rank) % len(LENGTHS)]
         idx, targets = _batch(step, _harness.PER_RANK_BATCH * world, length)
-        loss = model(idx.chunk(world)[rank], targets.chunk(world)[rank]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(mean.item() / world)
+        losses.append(_harness.step_mean_loss(model(idx.chunk(world)[rank], targets.chunk(world)[rank]).loss, opt))
     params = {k: v.float().clone() for k, v in zerograph.full_state_dict(model).items()}
     return {"losses": losses, "params": params, "regions": len(zerograph.inspect(model).regions)}
 

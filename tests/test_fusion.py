@@ -706,14 +706,7 @@ def _fused_rank():
         for step in range(_harness.STEPS):
             idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * world)
             idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
-            loss = _loss(name, model, idx, targets, pad)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            mean = loss.detach().clone()
-            if world > 1:
-                dist.all_reduce(mean)
-            losses.append(mean.item() / world)
+            losses.append(_harness.step_mean_loss(_loss(name, model, idx, targets, pad), opt))
         counts = {}
         for record in zerograph.inspect(model).passes:
             for k, v in record.counts.items():

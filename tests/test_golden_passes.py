@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import torch
-import torch.distributed as dist
 from expecttest import assert_expected_inline
 from torch import nn
 
 import zerograph
-from zerograph._torch_private import fake_store
 from zerograph.graph_format import format_graph
 
 
@@ -24,15 +21,6 @@ class TinyMLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.fc1(x))).sum()
-
-
-@pytest.fixture
-def fake_world():
-    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=2)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    dist.destroy_process_group()
 
 
 UNBUCKETED = {"allgather_bucket_size": 0, "reduce_bucket_size": 0}

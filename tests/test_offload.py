@@ -116,13 +116,7 @@ def _offload_optimizer_rank(stage, steps=2):
         idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * world)
         rank = dist.get_rank()
         idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
-        loss = model(idx, targets).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(mean.item() / world)
+        losses.append(_harness.step_mean_loss(model(idx, targets).loss, opt))
     # the optimizer's states belong to the host copies, not to the model's parameters
     host_ids = {id(h) for h in opt.host_params}
     assert all(id(p) in host_ids for p in opt.state) and len(opt.state) == len(opt.host_params)

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 import zerograph
+from tests._models import Blocks
 from tests import _harness, _models
-from zerograph._torch_private import fake_store
 from zerograph.runtime.launch import spawn
 
 TIMEOUT = 400
@@ -50,13 +50,7 @@ def _train_tracked(configs: dict, steps: int):
         for step in range(steps):
             idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * world)
             idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
-            loss = _models.loss_of("gpt", model, idx, targets)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)
-            losses.append(mean.item() / world)
+            losses.append(_harness.step_mean_loss(_models.loss_of("gpt", model, idx, targets), opt))
         info = zerograph.inspect(model)
         plan = info.memory
         policy = [r.details for r in info.passes if r.name == "zero_policy"]
@@ -112,26 +106,6 @@ def test_prediction_equals_measurement_and_reuse_distance_trains_like_eager():
 
 
 # -- pass level (fake process group) -------------------------------------------
-
-
-@pytest.fixture
-def fake_world():
-    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=2)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    dist.destroy_process_group()
-
-
-class Blocks(nn.Module):
-    def __init__(self, n=3, d=8):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = torch.relu(b(x))
-        return x.sum()
 
 
 def _policy(**zero):

@@ -1,5 +1,6 @@
 """Property-based equivalence: for random small GPTs and random configs
-(ZeRO stage, world size, accumulation, bucket sizes, prefetch, precision),
+(ZeRO stage, world size, accumulation, bucket sizes, prefetch, reuse distance,
+activation checkpointing policy; fp32, so the comparison is tight),
 zerograph trains exactly like single-process eager PyTorch.
 
 Hypothesis draws the cases (``derandomize=True``: the same cases every CI run;
@@ -51,7 +52,9 @@ def zero_configs(draw):
             "allgather_bucket_size": bucket,
             "reduce_bucket_size": draw(st.sampled_from([0, bucket])),
             "overlap_comm": draw(st.booleans()),
+            "stage3_max_reuse_distance": draw(st.sampled_from([0, 0, 1_000_000_000])),
         },
+        "activation_checkpointing": {"policy": draw(st.sampled_from(["none", "per_layer", "selective"]))},
         "gradient_accumulation_steps": accumulation,
         "train_micro_batch_size_per_gpu": _harness.PER_RANK_BATCH // accumulation,
     }

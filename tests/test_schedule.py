@@ -5,32 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import zerograph
-from zerograph._torch_private import c10d_functional, fake_store
+from tests._models import Blocks
+from zerograph._torch_private import c10d_functional
 from zerograph.metadata import get_tag
-
-
-class Blocks(nn.Module):
-    def __init__(self, n=3, d=8):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = torch.relu(b(x))
-        return x.sum()
-
-
-@pytest.fixture
-def fake_world():
-    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=2)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    dist.destroy_process_group()
 
 
 def _graphs(**zero):

@@ -10,6 +10,7 @@ from zerograph.checkpoint import export_pretrained, load_checkpoint, load_full_s
 from zerograph.explain import Explanation, explain
 from zerograph.config import Config, ConfigError
 from zerograph.runtime.errors import RankFailureError, TraceError
+from zerograph.runtime.memory import MemoryBudgetError
 from zerograph.runtime.offload import make_optimizer
 from zerograph.passes import GraphPass, PassContext, PassList, PassResult, default_passes
 from zerograph import pipeline  # noqa: F401  (zerograph.pipeline.PipelineModeError, schedules)
@@ -21,6 +22,7 @@ __all__ = [
     "ConfigError",
     "GraphPass",
     "Inspection",
+    "MemoryBudgetError",
     "PassContext",
     "PassList",
     "PassResult",

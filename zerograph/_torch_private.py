@@ -33,6 +33,7 @@ __all__ = [
     "TorchDispatchMode",
     "set_group_timeout",
     "default_store",
+    "size_hint",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # type: ignore[assignment]
@@ -95,3 +96,19 @@ def default_store():
     from torch.distributed.distributed_c10d import _get_default_store
 
     return _get_default_store()
+
+
+def size_hint(x) -> int:
+    """``x`` (an int or a SymInt of a graph traced with dynamic shapes) as an
+    int, WITHOUT adding a guard: a symbolic size gives its example value.
+    ``int(symint)`` would specialize the graph to that size, and Dynamo would
+    recompile for every new shape. For analyses only (sizes, bytes, costs)."""
+    if isinstance(x, int):
+        return x
+    node = getattr(x, "node", None)
+    if node is None:
+        return int(x)
+    hint = getattr(node, "hint", None)
+    if hint is not None:
+        return int(hint)
+    return int(node.shape_env.size_hint(node.expr))

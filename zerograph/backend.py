@@ -32,9 +32,11 @@ from zerograph.config import Config
 from zerograph.ops import REDUCE_GRAD, UNSHARD
 from zerograph.passes import PassContext, default_passes, run_passes
 from zerograph.passes.analysis import comm_bytes
+from zerograph.passes.liveness import plan_region
 from zerograph.passes.verify import verify_graph
 from zerograph.runtime import registry
 from zerograph.runtime.context import CompiledRegion
+from zerograph.runtime.memory import check_region, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +70,18 @@ class ZerographBackend:
         return default_partition(joint, joint_inputs, **kwargs)
 
     def _compile(self, region, phase, gm, example_inputs):
-        self._run(gm, phase, region)
-        static = comm_bytes(gm)
-        region.comm_bytes[phase] = static
-        if self.config.zerograph.compiler == "inductor":
-            executable = inductor_compile(gm, example_inputs)
-        else:
-            executable = make_boxed_func(gm.forward)
+        try:
+            executable, plan = self._compile_graph(region, phase, gm, example_inputs)
+        except torch.OutOfMemoryError as exc:
+            if self.sharding is None:
+                raise
+            raise out_of_memory(self.sharding, exc, phase=phase, rank=_rank()) from exc
+        static = region.comm_bytes[phase]
         stats = self.sharding.stats if self.sharding is not None else None
         if stats is not None and self.config.zerograph.track_memory:  # measuring interpreter (docs/planner.md)
             executable = stats.memory_tracker().executable(gm, phase)
+        if self.sharding is not None:  # an OOM names the budget to change (runtime/memory.py)
+            executable = _translate_oom(executable, self.sharding, phase, plan)
         guard = self.sharding.extra.get("collective_guard") if self.sharding is not None else None
         if guard is not None:  # a failed collective names the dead rank (runtime/training.py)
             executable = guard(executable, phase)
@@ -90,6 +94,20 @@ class ZerographBackend:
 
         run._boxed_call = True
         return run
+
+    def _compile_graph(self, region, phase, gm, example_inputs):
+        """Run the passes of ``phase``, check the memory budget, compile."""
+        self._run(gm, phase, region)
+        region.comm_bytes[phase] = comm_bytes(gm)
+        plan = None
+        limit = self.config.zerograph.memory_limit_bytes
+        if self.sharding is not None and limit is not None and phase in ("backward", "inference"):
+            forward = region.graphs.get("forward") if phase == "backward" else gm
+            plan = plan_region(forward, gm if phase == "backward" else None, region.index)
+            check_region(self.sharding, plan, limit, _rank())
+        if self.config.zerograph.compiler == "inductor":
+            return inductor_compile(gm, example_inputs), plan
+        return make_boxed_func(gm.forward), plan
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         region = self.sharding.new_region() if self.sharding is not None else CompiledRegion(index=0)
@@ -104,6 +122,23 @@ class ZerographBackend:
             # Inductor lowers only decomposed ATen: trace with its table.
             decompositions=inductor_decompositions() if self.config.zerograph.compiler == "inductor" else None,
         )(gm, example_inputs)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _translate_oom(executable, sharding, phase, plan):
+    """A boxed executable whose ``torch.OutOfMemoryError`` says which budget to change."""
+
+    def run(args):
+        try:
+            return executable(args)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(sharding, exc, phase=phase, plan=plan, rank=_rank()) from exc
+
+    run._boxed_call = True
+    return run
 
 
 _MARKERS = (UNSHARD, REDUCE_GRAD, torch.ops.zerograph.unshard, torch.ops.zerograph.reduce_grad)

@@ -290,6 +290,14 @@ class ZerographOptions(BaseModel):
     disabled_passes: tuple[StrictStr, ...] = Field(
         (), description="Names of graph passes to skip (for debugging)."
     )
+    memory_limit_bytes: Optional[_Size] = Field(
+        None,
+        description="Per-rank memory the training step may use. When set, each compiled region is planned "
+        "(model states + the liveness analysis' step peak) as its backward graph is compiled, and "
+        "zerograph.MemoryBudgetError is raised before the step runs if the total is over the limit, naming "
+        "the largest consumer and the config keys that shrink it. null: no check (an out-of-memory error "
+        "still gets the same advice).",
+    )
     debug: StrictBool = Field(False, description="Log per-pass timing and node diffs.")
     track_memory: StrictBool = Field(
         False,

@@ -33,6 +33,7 @@ from torch import nn
 
 from zerograph.config import Config
 from zerograph.passes.liveness import KINDS, MemoryPlan
+from zerograph.runtime.memory import model_state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -186,19 +187,6 @@ def _loss_of(out) -> torch.Tensor:
     return sum(floats)
 
 
-def _model_states(ctx) -> tuple[dict[str, int], int, int]:
-    params = 0
-    master = 4
-    psi = 0
-    for spec in ctx.specs.values():
-        size = torch.empty((), dtype=spec.master_dtype).element_size()
-        master = size
-        psi += spec.numel
-        local = spec.numel if spec.storage == "replicated" or not spec.full_shape else spec.local_rows * spec.row_numel
-        params += local * size
-    return {"params": params, "grads": params, "optimizer_states": 2 * params}, psi, master
-
-
 def explain(model: nn.Module, config: Config | dict | str | os.PathLike | None = None, *example_inputs,
             world_size: int = 2, **example_kwargs) -> Explanation:
     """Trace a copy of ``model`` with ``config`` on ``example_inputs`` and
@@ -228,7 +216,7 @@ def explain(model: nn.Module, config: Config | dict | str | os.PathLike | None =
         loss.backward()
         info = zerograph.inspect(compiled)
         plan = info.memory
-        states, psi, master = _model_states(ctx)
+        states, psi, master = model_state_bytes(ctx)
         return Explanation(ctx.config, ctx.world_size, psi, states, plan, info, master)
     finally:
         if own_group:

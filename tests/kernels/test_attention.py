@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerograph._torch_private import aot_autograd, make_boxed_func
+from tests.kernels._aot import compile_capturing
 from zerograph.kernels import attention as A
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,21 +246,11 @@ def test_opcheck(dropout_p):
 
 
 def test_single_node_under_aot_autograd():
-    graphs = {}
-
-    def compiler(name):
-        def compile_graph(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compile_graph
 
     q, k, v, do = _inputs(1, 4, 2, 9, 9, 16)
     ref = _ref_grads(q, k, v, do, causal=True)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-    torch.compiler.reset()
-    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
-    fn = torch.compile(lambda a, b, c: A.attention(a, b, c, causal=True), backend=backend, fullgraph=True)
+    fn, graphs = compile_capturing(lambda a, b, c: A.attention(a, b, c, causal=True))
     out = fn(qq, kk, vv)
     out.backward(do)
 

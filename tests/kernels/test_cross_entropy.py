@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerograph._torch_private import TorchDispatchMode, aot_autograd, make_boxed_func
+from tests.kernels._aot import capture_graphs
+from zerograph._torch_private import TorchDispatchMode
 from zerograph.kernels import cross_entropy as K
 
 # Launchers run on the GPU when there is one, else in Triton's interpreter on CPU
@@ -393,21 +394,6 @@ def test_opcheck_linear_cross_entropy(reduction):
     )
 
 
-def _capture_graphs(fn, *args):
-    graphs = {}
-
-    def compiler(name):
-        def compile_graph(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compile_graph
-
-    torch.compiler.reset()
-    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
-    return torch.compile(fn, backend=backend, fullgraph=True)(*args), graphs
-
-
 def _call_targets(gm):
     skip = (operator.getitem, torch.ops.aten.view.default, torch.ops.aten.unsqueeze.default)
     return [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target not in skip]
@@ -416,7 +402,7 @@ def _call_targets(gm):
 def test_cross_entropy_single_node_under_aot_autograd():
     x, t = _logits(7, 37)
     x.requires_grad_()
-    loss, graphs = _capture_graphs(K.cross_entropy, x, t)
+    loss, graphs = capture_graphs(K.cross_entropy, x, t)
     loss.backward()
     assert _call_targets(graphs["forward"]) == [torch.ops.zerograph.cross_entropy.default]
     assert _call_targets(graphs["backward"]) == [torch.ops.aten.mul.Tensor]  # scale the saved gradient
@@ -429,7 +415,7 @@ def test_linear_cross_entropy_single_node_under_aot_autograd(reduction):
     hidden, weight, b, t = _linear_inputs(9, 8, 21)
     hidden.requires_grad_(), weight.requires_grad_()
     fn = lambda h, w, y: K.linear_cross_entropy(h, w, y, reduction=reduction).sum()  # noqa: E731
-    loss, graphs = _capture_graphs(fn, hidden, weight, t)
+    loss, graphs = capture_graphs(fn, hidden, weight, t)
     loss.backward()
     fwd = _call_targets(graphs["forward"])
     assert fwd[0] == torch.ops.zerograph.linear_cross_entropy.default

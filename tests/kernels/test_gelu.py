@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerograph._torch_private import aot_autograd, make_boxed_func
+from tests.kernels._aot import capture_graphs
 from zerograph.kernels import gelu as K
 
 # Launchers run on the GPU when there is one, else in Triton's interpreter on CPU
@@ -146,21 +146,6 @@ def test_opcheck(approximate):
     torch.library.opcheck(torch.ops.zerograph.gelu, (xb, approximate))
 
 
-def _capture_graphs(fn, *args):
-    graphs = {}
-
-    def compiler(name):
-        def compile_graph(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compile_graph
-
-    torch.compiler.reset()
-    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
-    return torch.compile(fn, backend=backend, fullgraph=True)(*args), graphs
-
-
 def _call_targets(gm):
     skip = (operator.getitem, torch.ops.aten.view.default)
     return [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target not in skip]
@@ -170,7 +155,7 @@ def test_single_node_under_aot_autograd():
     x, dy = _inputs((2, 3, 37))
     _, gx = _autograd_reference(x, dy, "tanh")
     x.requires_grad_()
-    y, graphs = _capture_graphs(lambda t: K.gelu(t, "tanh"), x)
+    y, graphs = capture_graphs(lambda t: K.gelu(t, "tanh"), x)
     y.backward(dy)
     assert _call_targets(graphs["forward"]) == [torch.ops.zerograph.gelu.default]
     assert _call_targets(graphs["backward"]) == [torch.ops.zerograph.gelu_backward.default]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import zerograph
-from zerograph._torch_private import aot_autograd, make_boxed_func
+from tests.kernels._aot import compile_capturing
 from zerograph.kernels import layer_norm as K
 
 EPS = 1e-5
@@ -184,23 +184,10 @@ def _call_targets(gm):
 
 
 def test_single_node_under_aot_autograd():
-    graphs = {}
-
-    def compiler(name):
-        def compile_graph(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compile_graph
 
     x, w, b, dy = _inputs((2, 3, 37), torch.float32, torch.float32)
     leaves = [t.requires_grad_() for t in (x, w, b)]
-    torch.compiler.reset()
-    fn = torch.compile(
-        lambda *a: K.layer_norm(*a, EPS),
-        backend=aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward")),
-        fullgraph=True,
-    )
+    fn, graphs = compile_capturing(lambda *a: K.layer_norm(*a, EPS))
     fn(*leaves).backward(dy)
     assert _call_targets(graphs["forward"]) == [torch.ops.zerograph.layer_norm.default]
     assert _call_targets(graphs["backward"]) == [torch.ops.zerograph.layer_norm_backward.default]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zerograph
-from zerograph._torch_private import aot_autograd, make_boxed_func
+from tests.kernels._aot import capture_graphs
 from zerograph.kernels import rms_norm as K
 
 EPS = 1e-6
@@ -164,22 +164,6 @@ def test_opcheck(dtype, wdtype, device):
     torch.library.opcheck(torch.ops.zerograph.rms_norm_backward, (dy, x.detach(), w.detach(), EPS))
 
 
-def _capture_graphs(fn, *args):
-    graphs = {}
-
-    def compiler(name):
-        def compile_graph(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compile_graph
-
-    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
-    torch.compiler.reset()
-    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return out, graphs
-
-
 def _call_targets(gm):
     """Ops called by ``gm``, without tuple indexing and views."""
     skip = (operator.getitem, torch.ops.aten.view.default)
@@ -190,7 +174,7 @@ def test_single_node_under_aot_autograd():
     x, w, dy = _inputs((2, 3, 37), torch.float32, torch.float32)
     x.requires_grad_()
     w.requires_grad_()
-    y, graphs = _capture_graphs(lambda a, b: K.rms_norm(a, b, EPS), x, w)
+    y, graphs = capture_graphs(lambda a, b: K.rms_norm(a, b, EPS), x, w)
     y.backward(dy)
     assert _call_targets(graphs["forward"]) == [torch.ops.zerograph.rms_norm.default]
     assert _call_targets(graphs["backward"]) == [torch.ops.zerograph.rms_norm_backward.default]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zerograph
-from zerograph._torch_private import aot_autograd, make_boxed_func
+from tests.kernels._aot import compile_capturing
 from zerograph.kernels import rotary as K
 
 # fp32: one product pair and a sum per element; the kernel may fuse them into
@@ -210,14 +210,6 @@ def _call_targets(gm):
 
 
 def test_single_node_under_aot_autograd():
-    graphs = {}
-
-    def compiler(name):
-        def compile_graph(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compile_graph
 
     q, k = _qk(2, 4, 2, 5, 8)
     cos, sin = _cos_sin(1, 5, 8)
@@ -225,12 +217,7 @@ def test_single_node_under_aot_autograd():
     oq, ok, dq, dk = _autograd_reference(q, k, cos, sin, 1, gq, gk)
     q.requires_grad_()
     k.requires_grad_()
-    torch.compiler.reset()
-    fn = torch.compile(
-        lambda *a: K.apply_rotary(*a),
-        backend=aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward")),
-        fullgraph=True,
-    )
+    fn, graphs = compile_capturing(lambda *a: K.apply_rotary(*a))
     tq, tk = fn(q, k, cos, sin)
     torch.autograd.backward((tq, tk), (gq, gk))
     assert _call_targets(graphs["forward"]) == [torch.ops.zerograph.rotary.default]

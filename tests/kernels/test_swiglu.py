@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerograph._torch_private import aot_autograd, make_boxed_func
+from tests.kernels._aot import capture_graphs
 from zerograph.kernels import swiglu as K
 
 # Launchers run on the GPU when there is one, else in Triton's interpreter on CPU
@@ -127,21 +127,6 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.zerograph.swiglu_backward, (dy, gate.detach(), up.detach()))
 
 
-def _capture_graphs(fn, *args):
-    graphs = {}
-
-    def compiler(name):
-        def compile_graph(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compile_graph
-
-    torch.compiler.reset()
-    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
-    return torch.compile(fn, backend=backend, fullgraph=True)(*args), graphs
-
-
 def _call_targets(gm):
     skip = (operator.getitem, torch.ops.aten.view.default)
     return [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target not in skip]
@@ -151,7 +136,7 @@ def test_single_node_under_aot_autograd():
     gate, up, dy = _inputs((2, 3, 37))
     _, gg, gu = _autograd_reference(gate, up, dy)
     gate.requires_grad_(), up.requires_grad_()
-    y, graphs = _capture_graphs(K.swiglu, gate, up)
+    y, graphs = capture_graphs(K.swiglu, gate, up)
     y.backward(dy)
     assert _call_targets(graphs["forward"]) == [torch.ops.zerograph.swiglu.default]
     assert _call_targets(graphs["backward"]) == [torch.ops.zerograph.swiglu_backward.default]

@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from zerograph._torch_private import size_hint
 from zerograph.metadata import get_tag
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def output_bytes(node: fx.Node) -> int:
     """Bytes of a node's result (0 for non-tensors; a tuple's elements summed)."""
     val = node.meta.get("val")
     vals = val if isinstance(val, (tuple, list)) else (val,)
-    return sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor))
+    return sum(size_hint(v.numel()) * v.element_size() for v in vals if isinstance(v, torch.Tensor))
 
 
 def recompute_flops(node: fx.Node) -> int:
@@ -155,16 +156,16 @@ def recompute_flops(node: fx.Node) -> int:
     one FLOP per output element otherwise."""
     val = node.meta.get("val")
     out = val[0] if isinstance(val, (tuple, list)) and val else val
-    numel = out.numel() if isinstance(out, torch.Tensor) else 1
+    numel = size_hint(out.numel()) if isinstance(out, torch.Tensor) else 1
     if node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
                        torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default):
         a = node.args[1] if node.target in (torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default) else node.args[0]
         k = a.meta["val"].shape[-1] if isinstance(a, fx.Node) and "val" in a.meta else 1
-        return 2 * numel * int(k)
+        return 2 * numel * size_hint(k)
     packet = getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")
     if packet in _EXPENSIVE_PACKETS and isinstance(node.args[0], fx.Node):
         q, k = node.args[0].meta["val"], node.args[1].meta["val"]
-        return 4 * q.numel() * int(k.shape[-2])
+        return 4 * size_hint(q.numel()) * size_hint(k.shape[-2])
     return int(numel)
 
 

@@ -57,7 +57,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from zerograph._torch_private import c10d_functional
+from zerograph._torch_private import c10d_functional, size_hint
 from zerograph.metadata import COLLECTIVE_ROLES, get_tag
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.runtime.stats import KINDS as COMM_KINDS
@@ -80,10 +80,10 @@ def _tensor_val(node: fx.Node):
 def storage_bytes(t: torch.Tensor) -> int:
     """Bytes of the storage behind ``t`` (real or fake tensor)."""
     try:
-        return int(t.untyped_storage().nbytes())
-    except Exception:  # symbolic sizes, tensors without storage
+        return size_hint(t.untyped_storage().nbytes())
+    except Exception:  # tensors without storage
         try:
-            return int(t.numel()) * t.element_size()
+            return size_hint(t.numel()) * t.element_size()
         except Exception:
             return 0
 
@@ -323,8 +323,8 @@ def comm_by_kind_single(node: fx.Node, role: str) -> tuple[int, int]:
     src = node.args[0] if isinstance(node.args[0], fx.Node) else None
     in_val = _tensor_val(src) if src is not None else None
     out_val = _tensor_val(node)
-    in_n = int(in_val.numel()) if in_val is not None else 0
-    out_n = int(out_val.numel()) if out_val is not None else 0
+    in_n = size_hint(in_val.numel()) if in_val is not None else 0
+    out_n = size_hint(out_val.numel()) if out_val is not None else 0
     size = in_val.element_size() if in_val is not None else 0
     n = collective_buffer_bytes(role, in_n, out_n)
     return n * size, n

@@ -15,10 +15,22 @@ from torch.distributed.tensor import DTensor
 from zerograph._torch_private import dynamo_exception_types, queue_backward_callback
 from zerograph.runtime.context import ShardingContext
 from zerograph.runtime.dist import RankMonitor
+from zerograph.runtime.memory import MemoryBudgetError
 from zerograph.runtime.errors import explain_collective_failure, explain_trace_failure, is_collective_failure
 from zerograph.runtime.precision import LossScaler
 
 log = logging.getLogger(__name__)
+
+
+def _cause_of_type(exc: BaseException, kind: type) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc``'s chain of causes, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _map_tensors(obj, fn):
@@ -123,6 +135,9 @@ class TrainingRuntime:
         try:
             out = self.compiled(*args, **kwargs)
         except dynamo_exception_types() as exc:
+            budget = _cause_of_type(exc, MemoryBudgetError)
+            if budget is not None:  # raised by the backend inside Dynamo: report it as is
+                raise budget from exc
             model = self.model_ref() if self.model_ref is not None else None
             if model is None:
                 raise

@@ -1,0 +1,159 @@
+"""Per-rank memory budget: model states, the planner's step peak, and what to
+change when they do not fit.
+
+With ``zerograph.memory_limit_bytes`` set, the backend plans every compiled
+region (forward and backward together, :func:`zerograph.passes.liveness.plan_region`)
+as soon as its backward graph is compiled, adds this rank's model states, and
+raises :class:`MemoryBudgetError` before the backward runs when the total is
+over the limit. A ``torch.OutOfMemoryError`` raised while a graph is compiled
+or run becomes the same error. Either way the message names the largest
+consumer and the config keys that shrink it, with their current values::
+
+    zerograph.MemoryBudgetError: rank 0, region 0: predicted 1.20 GiB > memory_limit_bytes 1.00 GiB
+      model states (params 0.10 GiB, grads 0.10 GiB, optimizer states 0.20 GiB)   0.40 GiB
+      gathered parameters (peak)                                                 0.50 GiB  <- largest
+      ...
+    To fit, change: zero_optimization.stage3_max_live_parameters (now 1000000000) ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from zerograph.config import Config
+
+GIB = float(1 << 30)
+
+
+class MemoryBudgetError(RuntimeError):
+    """The step does not fit this rank's memory (predicted or observed)."""
+
+
+def model_state_bytes(ctx) -> tuple[dict[str, int], int, int]:
+    """This rank's model states between steps as ``({"params", "grads",
+    "optimizer_states"}, Ψ, bytes per master element)``, for Adam/AdamW
+    (two moments per element, in the master dtype)."""
+    params = 0
+    master = 4
+    psi = 0
+    for spec in ctx.specs.values():
+        size = torch.empty((), dtype=spec.master_dtype).element_size()
+        master = size
+        psi += spec.numel
+        local = spec.numel if spec.storage == "replicated" or not spec.full_shape else spec.local_rows * spec.row_numel
+        params += local * size
+    return {"params": params, "grads": params, "optimizer_states": 2 * params}, psi, master
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What occupies a rank's memory during one step, in bytes."""
+
+    model_states: dict[str, int]
+    step_peak: dict[str, int]  # liveness kinds: gathered, activation, gradient, other (each on its own)
+    step_peak_total: int  # the step's peak of all kinds together
+
+    @property
+    def total(self) -> int:
+        return sum(self.model_states.values()) + self.step_peak_total
+
+
+def fixes(config: Config, consumer: str) -> list[str]:
+    """The config changes that shrink ``consumer`` (a liveness kind or
+    ``"model_states"``), with the current values."""
+    z = config.zero_optimization
+    ac = config.activation_checkpointing
+    micro = config.train_micro_batch_size_per_gpu
+    now = f" (now {micro})" if micro is not None else ""
+    micro_fix = f"train_micro_batch_size_per_gpu{now} lower, with gradient_accumulation_steps higher"
+    if consumer == "gathered":
+        out = [f"zero_optimization.stage3_max_live_parameters (now {z.stage3_max_live_parameters}) lower",
+               f"zero_optimization.allgather_bucket_size (now {z.allgather_bucket_size}) lower",
+               f"zero_optimization.stage3_prefetch_bucket_size (now {z.stage3_prefetch_bucket_size}) lower"]
+        if z.stage3_max_reuse_distance:
+            out.append(f"zero_optimization.stage3_max_reuse_distance (now {z.stage3_max_reuse_distance}) to 0")
+        if z.stage < 3:
+            out.insert(0, f"zero_optimization.stage (now {z.stage}) to 3, so parameters are gathered one block at a time")
+        return out
+    if consumer == "activation":
+        out = []
+        if ac.policy in ("none", "selective"):
+            out.append(f"activation_checkpointing.policy (now {ac.policy!r}) to \"per_layer\" or \"memory_budget\"")
+        else:
+            out.append("activation_checkpointing.memory_budget lower (policy \"memory_budget\")")
+        if not ac.offload_activations:
+            out.append("activation_checkpointing.offload_activations to true")
+        return out + [micro_fix]
+    if consumer == "model_states":
+        out = []
+        if z.stage < 3:
+            out.append(f"zero_optimization.stage (now {z.stage}) higher")
+        if z.offload_optimizer.device == "none":
+            out.append("zero_optimization.offload_optimizer.device to \"cpu\" (with zerograph.make_optimizer)")
+        return out + ["more data-parallel ranks (model states shrink as 1/world size)"]
+    if consumer == "gradient":
+        return [f"zero_optimization.reduce_bucket_size (now {z.reduce_bucket_size}) lower", micro_fix]
+    return [micro_fix]
+
+
+def _gib(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps it >= 1."""
+    for unit, size in (("GiB", GIB), ("MiB", float(1 << 20)), ("KiB", 1024.0)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def explain_budget(config: Config, budget: Budget, *, where: str, headline: str) -> str:
+    """A multi-line report of ``budget`` with the fixes for its largest consumer."""
+    states = budget.model_states
+    parts = {"model_states": sum(states.values()), **{k: v for k, v in budget.step_peak.items()}}
+    largest = max(parts, key=parts.get)
+    labels = {
+        "model_states": "model states (params {params}, grads {grads}, optimizer states {optimizer_states})".format(
+            **{k: _gib(v) for k, v in states.items()}),
+        "gathered": "gathered parameters (peak)",
+        "activation": "saved activations (peak)",
+        "gradient": "gradients (peak)",
+        "other": "temporaries (peak)",
+    }
+    lines = [f"{where}: {headline}"]
+    for key, value in parts.items():
+        mark = "  <- largest" if key == largest else ""
+        lines.append(f"  {labels[key]:<76} {_gib(value)}{mark}")
+    lines.append(f"  step peak, all kinds together{'':<47} {_gib(budget.step_peak_total)}")
+    lines.append("To fit, change: " + "; or ".join(fixes(config, largest)) + ".")
+    lines.append("zerograph.explain(model, config, *batch) prints the plan without training (docs/planner.md).")
+    return "\n".join(lines)
+
+
+def check_region(ctx, plan, limit: int, rank: int) -> Budget:
+    """Raise :class:`MemoryBudgetError` when this rank's model states plus
+    ``plan``'s peak (a :class:`~zerograph.passes.liveness.RegionPlan`) exceed
+    ``limit`` bytes; return the budget otherwise."""
+    states, _, _ = model_state_bytes(ctx)
+    budget = Budget(states, dict(plan.peak), plan.peak_total)
+    if budget.total > limit:
+        raise MemoryBudgetError(explain_budget(
+            ctx.config, budget, where=f"rank {rank}, region {plan.index}",
+            headline=f"predicted {_gib(budget.total)} > zerograph.memory_limit_bytes {_gib(limit)}"))
+    return budget
+
+
+def out_of_memory(ctx, exc: BaseException, *, phase: str, plan=None, rank: int = 0) -> MemoryBudgetError:
+    """``exc`` (a ``torch.OutOfMemoryError``) as a :class:`MemoryBudgetError`
+    that says which budget to change (from ``plan`` when there is one)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = f"rank {rank}, {phase} graph"
+    if plan is None:
+        states, _, _ = model_state_bytes(ctx)
+        lines = [f"{where}: out of memory ({first})",
+                 f"  model states {_gib(sum(states.values()))} per rank; the step's peak is not planned yet.",
+                 "To fit, change: " + "; or ".join(fixes(ctx.config, "model_states") + fixes(ctx.config, "activation")) + ".",
+                 "zerograph.explain(model, config, *batch) shows where the memory goes (docs/planner.md)."]
+        return MemoryBudgetError("\n".join(lines))
+    states, _, _ = model_state_bytes(ctx)
+    budget = Budget(states, dict(plan.peak), plan.peak_total)
+    return MemoryBudgetError(explain_budget(ctx.config, budget, where=where, headline=f"out of memory ({first})"))
