@@ -7,6 +7,7 @@ import functools
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import zerograph
 from tests import _harness, _models
@@ -118,6 +119,39 @@ def test_dropout_recompute_reproduces_forward_randomness_world2():
     for policy, params in zip(POLICIES[1:], results[1:]):
         for key, ref in results[0].items():
             torch.testing.assert_close(params[key], ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{policy} {key}: {m}")
+
+
+def _held_activations(step, params) -> int:
+    """Memory the saved activations hold: each saved storage once, parameters left out."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    held = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_storages:
+            held[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    return sum(held.values())
+
+
+def test_per_layer_holds_no_more_than_torch_checkpoint_per_block():
+    """per_layer recomputes attention (dropout_p=0 is deterministic: no RNG state is
+    saved for it), so it holds what ``torch.utils.checkpoint`` around each block holds."""
+    idx, targets = _models.global_batch(0, 4)
+    eager = _models.make_gpt()
+    for block in eager.h:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+    reference = _held_activations(lambda: eager(idx, targets).loss, eager.parameters())
+    torch._dynamo.reset()
+    model = zerograph.compile(_models.make_gpt(), {"activation_checkpointing": {"policy": "per_layer"}})
+    held = _held_activations(lambda: model(idx, targets).loss, model.parameters())
+    assert held <= reference, (held, reference)
+    for bw in zerograph.inspect(model).backward:
+        assert "rng_state" not in bw.code
 
 
 # --------------------------------------------------------------------------- memory_budget

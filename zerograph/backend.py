@@ -32,6 +32,7 @@ from zerograph.config import Config
 from zerograph.ops import REDUCE_GRAD, UNSHARD
 from zerograph.passes import PassContext, default_passes, run_passes
 from zerograph.passes.analysis import comm_bytes
+from zerograph.passes.deterministic_rng import unwrap_deterministic_rng
 from zerograph.passes.liveness import plan_region
 from zerograph.passes.verify import verify_graph
 from zerograph.runtime import registry
@@ -67,7 +68,9 @@ class ZerographBackend:
 
     def _partition(self, region, joint, joint_inputs, **kwargs):
         self._run(joint, "joint", region)
-        return default_partition(joint, joint_inputs, **kwargs)
+        fw, bw = default_partition(joint, joint_inputs, **kwargs)
+        unwrap_deterministic_rng(fw, bw)  # recomputed attention with dropout_p=0 needs no RNG state
+        return fw, bw
 
     def _compile(self, region, phase, gm, example_inputs):
         try:

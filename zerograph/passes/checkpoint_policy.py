@@ -10,8 +10,8 @@ Rules shared by every policy:
 * only ``role == "compute"`` nodes without a parameter are considered, so the
   ZeRO markers and the gathered-parameter chain keep ``zero_policy``'s
   decision (recomputation never adds an all-gather);
-* random ops (``nondeterministic_seeded``, e.g. dropout's ``bernoulli``/``rand``)
-  are always ``MUST_SAVE``: the backward reuses the forward's random values,
+* random ops (``nondeterministic_seeded``, e.g. dropout's ``bernoulli``/``rand``,
+  and fused attention with ``dropout_p > 0``) are always ``MUST_SAVE``: the backward reuses the forward's random values,
   so gradients equal eager's on every device, without RNG functionalization.
 """
 
@@ -28,6 +28,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from zerograph._torch_private import size_hint
 from zerograph.metadata import get_tag
+from zerograph.passes.deterministic_rng import dropout_p, unwrap_deterministic_rng
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ def is_random(node: fx.Node) -> bool:
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         return is_random(node.args[0])
     tags = getattr(node.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded in tags
+    if torch.Tag.nondeterministic_seeded not in tags:
+        return False
+    return dropout_p(node.target, node.args, node.kwargs) != 0.0
 
 
 def is_expensive(node: fx.Node) -> bool:
@@ -193,23 +196,73 @@ def _flatten(args) -> list:
     return [args]
 
 
-def estimate_saved_bytes(gm: fx.GraphModule, recompute: set) -> int:
-    """Fast model of the partition, used by the budget search: forward values the
-    backward reads, directly or through recomputed nodes, are saved unless recomputed.
-    :func:`predict_saved_bytes` is the exact figure."""
+def _forward_and_needed(gm: fx.GraphModule) -> tuple[list[fx.Node], set[fx.Node]]:
+    """The forward nodes of a joint graph, and those a backward node reads."""
     forward = [n for n in gm.graph.nodes if _phase(n) == "forward" and n.op != "output"]
     fwd = set(forward)
-    needed: set = set()
-    stack = [a for n in gm.graph.nodes if n.op != "output" and _phase(n) != "forward"
-             for a in n.all_input_nodes if a in fwd]
-    while stack:
-        node = stack.pop()
+    needed = {a for n in gm.graph.nodes if n.op != "output" and _phase(n) != "forward"
+              for a in n.all_input_nodes if a in fwd}
+    return forward, needed
+
+
+def _capacity(node: fx.Node, recompute: set) -> Optional[int]:
+    """Bytes it costs to save ``node`` (``None``: it cannot be saved, e.g. a tuple,
+    whose elements are saved instead). Free: inputs and views of them, and a
+    parameter's value that cannot be recomputed (the backward holds it anyway:
+    unsharded, or gathered once per forward at stages 1-2)."""
+    if node.op == "placeholder" or _aliases_input(node):
+        return 0
+    tag = get_tag(node)
+    if tag is not None and tag.param is not None and node not in recompute:
+        return 0
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        return None
+    return output_bytes(node)
+
+
+def _aliases_input(node: fx.Node) -> bool:
+    """A view of a graph input (``t(weight)``): saving it holds no new memory."""
+    while node.op == "call_function" and getattr(node.target, "is_view", False) and node.args \
+            and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node.op == "placeholder"
+
+
+def min_cut_saved(gm: fx.GraphModule, recompute: set) -> set[fx.Node]:
+    """The forward nodes to save so that the backward can run, saving the fewest bytes
+    when the nodes in ``recompute`` (and only those) may be recomputed.
+
+    A minimum s-t cut (networkx) over the forward nodes, each split into
+    ``in -> out`` with the node's bytes as capacity: the source feeds every node
+    that must run in the forward (inputs and nodes not in ``recompute``), the
+    nodes a backward node reads feed the sink, and data edges are uncapped. The
+    cut edges are the nodes to save; everything between them and the backward is
+    recomputed. A larger ``recompute`` never gives a larger cut, so the saved bytes
+    are non-increasing along nested sets.
+    """
+    import networkx as nx
+
+    forward, needed = _forward_and_needed(gm)
+    fwd = set(forward)
+    graph = nx.DiGraph()
+    for node in forward:
+        cap = _capacity(node, recompute)
+        if cap is None:
+            graph.add_edge((node, "in"), (node, "out"))  # no capacity: uncuttable
+        else:
+            graph.add_edge((node, "in"), (node, "out"), capacity=cap)
+        if node.op == "placeholder" or node not in recompute:
+            graph.add_edge("source", (node, "in"))
         if node in needed:
-            continue
-        needed.add(node)
-        if node in recompute:
-            stack.extend(a for a in node.all_input_nodes if a in fwd)
-    return sum(output_bytes(n) for n in needed if n not in recompute)
+            graph.add_edge((node, "out"), "sink")
+        for arg in node.all_input_nodes:
+            if arg in fwd:
+                graph.add_edge((arg, "out"), (node, "in"))
+    if "sink" not in graph:
+        return set()
+    _, (reachable, _) = nx.minimum_cut(graph, "source", "sink")
+    return {n for n in forward if (n, "in") in reachable and (n, "out") not in reachable}
 
 
 def predict_saved_bytes(gm: fx.GraphModule, decision: Optional[dict] = None) -> int:
@@ -229,7 +282,8 @@ def predict_saved_bytes(gm: fx.GraphModule, decision: Optional[dict] = None) -> 
     for node, policy in (decision or {}).items():
         by_name[node.name].meta["recompute"] = policy
     n_out = num_forward_outputs(gm)
-    fw, _ = default_partition(clone, None, num_fwd_outputs=n_out)
+    fw, bw = default_partition(clone, None, num_fwd_outputs=n_out)
+    unwrap_deterministic_rng(fw, bw)
     outputs = next(n for n in reversed(fw.graph.nodes) if n.op == "output")
     saved = _flatten(outputs.args)[n_out:]
     return sum(output_bytes(n) for n in saved if isinstance(n, fx.Node))
@@ -237,14 +291,18 @@ def predict_saved_bytes(gm: fx.GraphModule, decision: Optional[dict] = None) -> 
 
 def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str] = frozenset()
                       ) -> tuple[dict[fx.Node, CheckpointPolicy], dict]:
-    """Decisions for ``memory_budget``: a knapsack over the forward compute nodes.
+    """Decisions for ``memory_budget``: a knapsack over the forward compute nodes,
+    solved by min-cut.
 
     Nodes are ranked by recompute FLOPs per saved byte (cheapest first: pointwise
-    ops before matmuls). The first ``k`` are recomputed, the rest saved, with the
-    smallest ``k`` whose saved bytes fit ``budget`` (a fraction of what policy
-    ``none`` saves, or bytes); if no ``k`` fits, the ``k`` that saves least. Taking
-    the smallest fitting ``k`` makes saved bytes non-increasing as the budget
-    shrinks. Random ops and reads of non-regathered parameters are always saved.
+    ops before matmuls). Allowing the first ``k`` to be recomputed, the minimum cut
+    (:func:`min_cut_saved`) gives the fewest bytes the forward must save; these are
+    non-increasing in ``k``, so a binary search finds the smallest ``k`` whose cut
+    fits ``budget`` (a fraction of what policy ``none`` saves, or bytes), i.e. the
+    fewest expensive nodes allowed to be recomputed. If none fits, all free nodes
+    may be recomputed (the least any choice saves). The cut's nodes are saved,
+    the other allowed nodes recomputed. Random ops and reads of non-regathered
+    parameters are always saved.
     """
     nodes = candidates(gm)
     must_save = {n for n in nodes if is_random(n) or _reads_param(n, no_regather)}
@@ -254,37 +312,48 @@ def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str]
     base = {n for n in gm.graph.nodes if n.meta.get("recompute") in _RECOMPUTE}
     none_bytes = predict_saved_bytes(gm)  # exact: what the graph saves with the tags it has
     limit = int(budget * none_bytes) if isinstance(budget, float) else int(budget)
-    start = estimate_saved_bytes(gm, base)
-    best_k, best_bytes, fit = 0, start, start <= limit
-    chosen = set(base)
-    for k in range(1, len(free) + 1):
-        if fit:
-            break
-        chosen.add(free[k - 1])
-        saved = estimate_saved_bytes(gm, chosen)
-        if saved <= limit or saved < best_bytes:
-            best_k, best_bytes, fit = k, saved, saved <= limit
+
+    def cut(k):
+        return min_cut_saved(gm, base | set(free[:k]))
+
+    def bytes_of(saved):  # as the budget counts them: parameters and inputs included
+        return sum(output_bytes(n) for n in saved)
+
+    lo, hi = 0, len(free)  # smallest k in [lo, hi] whose cut fits, hi if none
+    if bytes_of(cut(0)) <= limit:
+        hi = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bytes_of(cut(mid)) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    best_k = hi
 
     def decide(k):
+        saved = cut(k)
         decision = {n: CheckpointPolicy.MUST_SAVE for n in must_save}
         for i, node in enumerate(free):
-            decision[node] = CheckpointPolicy.MUST_RECOMPUTE if i < k else CheckpointPolicy.MUST_SAVE
-        return decision
+            recompute = i < k and node not in saved
+            decision[node] = CheckpointPolicy.MUST_RECOMPUTE if recompute else CheckpointPolicy.MUST_SAVE
+        return decision, bytes_of(saved)
 
-    # the estimate ignores some of the partitioner's view handling: check the
-    # exact figure and recompute a few more nodes if it is over the budget
-    decision, exact, tries = decide(best_k), None, 0
+    # the cut models saved views as separate bytes and ignores some of the
+    # partitioner's view handling: check the exact figure, allow a few more
+    # nodes to be recomputed if it is over the budget
+    (decision, estimated), exact, tries = decide(best_k), None, 0
     while True:
         exact = predict_saved_bytes(gm, decision)
         if exact <= limit or best_k >= len(free) or tries == _MAX_EXACT_TRIES:
             break
         best_k, tries = best_k + 1, tries + 1
-        decision = decide(best_k)
+        decision, estimated = decide(best_k)
     if exact > limit:
         log.warning("activation_checkpointing: memory_budget of %d bytes not reachable; saving %d bytes",
                     limit, exact)
-    return decision, {"budget_bytes": limit, "none_bytes": none_bytes, "estimated_bytes": best_bytes,
-                      "predicted_bytes": exact, "fits": exact <= limit, "recompute": best_k}
+    recompute = sum(p == CheckpointPolicy.MUST_RECOMPUTE for p in decision.values())
+    return decision, {"budget_bytes": limit, "none_bytes": none_bytes, "estimated_bytes": estimated,
+                      "predicted_bytes": exact, "fits": exact <= limit, "recompute": recompute}
 
 
 _MAX_EXACT_TRIES = 8
