@@ -299,9 +299,10 @@ def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str]
     (:func:`min_cut_saved`) gives the fewest bytes the forward must save; these are
     non-increasing in ``k``, so a binary search finds the smallest ``k`` whose cut
     fits ``budget`` (a fraction of what policy ``none`` saves, or bytes), i.e. the
-    fewest expensive nodes allowed to be recomputed. If none fits, all free nodes
-    may be recomputed (the least any choice saves). The cut's nodes are saved,
-    the other allowed nodes recomputed. Random ops and reads of non-regathered
+    fewest expensive nodes allowed to be recomputed; :func:`_spend_slack` then
+    takes back the expensive ones the budget can still hold. If none fits, all
+    free nodes may be recomputed (the least any choice saves). The cut's nodes
+    are saved, the other allowed nodes recomputed. Random ops and reads of non-regathered
     parameters are always saved.
     """
     nodes = candidates(gm)
@@ -313,47 +314,78 @@ def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str]
     none_bytes = predict_saved_bytes(gm)  # exact: what the graph saves with the tags it has
     limit = int(budget * none_bytes) if isinstance(budget, float) else int(budget)
 
-    def cut(k):
-        return min_cut_saved(gm, base | set(free[:k]))
+    def cut(allowed: set) -> set:
+        return min_cut_saved(gm, base | allowed)
 
     def bytes_of(saved):  # as the budget counts them: parameters and inputs included
         return sum(output_bytes(n) for n in saved)
 
+    def fits(allowed: set) -> bool:
+        return bytes_of(cut(allowed)) <= limit
+
     lo, hi = 0, len(free)  # smallest k in [lo, hi] whose cut fits, hi if none
-    if bytes_of(cut(0)) <= limit:
+    if fits(set()):
         hi = 0
     while lo < hi:
         mid = (lo + hi) // 2
-        if bytes_of(cut(mid)) <= limit:
+        if fits(set(free[:mid])):
             hi = mid
         else:
             lo = mid + 1
     best_k = hi
+    allowed = set(free[:best_k])
 
-    def decide(k):
-        saved = cut(k)
+    def decide(allowed: set):
+        saved = cut(allowed)
         decision = {n: CheckpointPolicy.MUST_SAVE for n in must_save}
-        for i, node in enumerate(free):
-            recompute = i < k and node not in saved
+        for node in free:
+            recompute = node in allowed and node not in saved
             decision[node] = CheckpointPolicy.MUST_RECOMPUTE if recompute else CheckpointPolicy.MUST_SAVE
         return decision, bytes_of(saved)
 
     # the cut models saved views as separate bytes and ignores some of the
     # partitioner's view handling: check the exact figure, allow a few more
     # nodes to be recomputed if it is over the budget
-    (decision, estimated), exact, tries = decide(best_k), None, 0
+    (decision, estimated), exact, tries = decide(allowed), None, 0
     while True:
         exact = predict_saved_bytes(gm, decision)
         if exact <= limit or best_k >= len(free) or tries == _MAX_EXACT_TRIES:
             break
         best_k, tries = best_k + 1, tries + 1
-        decision, estimated = decide(best_k)
+        allowed = set(free[:best_k])
+        decision, estimated = decide(allowed)
+    if exact <= limit:  # spend the rest of the budget on saving expensive ops
+        decision, estimated, exact = _spend_slack(allowed, decide, lambda d: predict_saved_bytes(gm, d), limit,
+                                                  (decision, estimated, exact), order)
     if exact > limit:
         log.warning("activation_checkpointing: memory_budget of %d bytes not reachable; saving %d bytes",
                     limit, exact)
     recompute = sum(p == CheckpointPolicy.MUST_RECOMPUTE for p in decision.values())
     return decision, {"budget_bytes": limit, "none_bytes": none_bytes, "estimated_bytes": estimated,
                       "predicted_bytes": exact, "fits": exact <= limit, "recompute": recompute}
+
+
+def _spend_slack(allowed: set, decide, exact_bytes, limit: int, current: tuple, order: dict) -> tuple:
+    """Budget left over by the cut goes to the expensive ops: each matmul or attention
+    allowed to be recomputed (most FLOPs first) is saved instead when the exact
+    saved bytes still fit, so the backward recomputes as few FLOPs as the budget
+    permits. The cut's model of a change is only a guide here (the partitioner
+    saves views and aliases its own way), so each step is checked exactly, at
+    most ``_MAX_EXACT_TRIES`` times; returns ``(decision, estimated, exact)``."""
+    expensive = sorted((n for n in allowed if is_expensive(n)), key=lambda n: (-recompute_flops(n), order[n]))
+    tries = 0
+    for node in expensive:
+        if tries == _MAX_EXACT_TRIES:
+            break
+        decision, estimated = decide(allowed - {node})
+        if estimated - current[1] > limit - current[2]:  # the model already says it will not fit
+            continue
+        tries += 1
+        exact = exact_bytes(decision)
+        log.debug("memory_budget: saving %s instead: %d bytes (limit %d)", node.name, exact, limit)
+        if exact <= limit:
+            allowed, current = allowed - {node}, (decision, estimated, exact)
+    return current
 
 
 _MAX_EXACT_TRIES = 8
