@@ -10,9 +10,12 @@ these are exactly AOTAutograd's ``save_for_backward`` tensors, parameters
 included; a second column leaves out tensors sharing a parameter's storage, which
 live anyway). For ``torch.utils.checkpoint`` (non-reentrant) the tensors each
 block's recomputation stores are dropped after its backward, so the figure is
-what is held across the forward, as for the other rows. Step time: median of
-``--steps`` forward+backward passes after two warm-up steps. Ratios are to
-eager without checkpointing.
+what is held across the forward, as for the other rows. "Held activation memory" counts each
+saved storage once (views of one tensor, e.g. ``log_softmax`` and its
+``detach``, share it). "Recompute GFLOP": matmul and attention FLOPs of one
+backward (``torch.utils.flop_counter``'s formulas) minus eager's backward, i.e.
+what the backward recomputes. Step time: median of ``--steps`` forward+backward
+passes after two warm-up steps. Ratios are to eager without checkpointing.
 
 Budgets are compared at equal values: zerograph ``memory_budget: b`` (a fraction
 of what policy none saves) vs ``torch._functorch.config.activation_memory_budget = b``
@@ -28,6 +31,8 @@ import time
 
 import torch
 import torch.utils.checkpoint
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import zerograph
 from zerograph.models import GPT, GPTConfig
@@ -52,27 +57,71 @@ def _storage(t):
     return t.untyped_storage().data_ptr()
 
 
-def measure(step, params, args):
+def measure(step, params, args) -> dict:
     idx, targets = batch(args)
     param_storages = {_storage(p) for p in params}
-    saved, activations = [], []
+    saved, activations, held = [], [], {}
 
     def pack(t):
         saved.append(t.numel() * t.element_size())
         if _storage(t) not in param_storages:  # parameters (and views of them) live anyway
             activations.append(t.numel() * t.element_size())
+            held[_storage(t)] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = step(idx, targets)
     loss.backward()
+    again = step(idx, targets)  # compiled: the forward runs outside the counter
+    with BackwardFlops() as counter:
+        again.backward()
     times = []
     for i in range(2 + args.steps):
         t0 = time.perf_counter()
         step(idx, targets).backward()
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return sum(saved), sum(activations), statistics.median(times), loss.item()
+    return {"saved": sum(saved), "acts": sum(activations), "held": sum(held.values()),
+            "seconds": statistics.median(times), "loss": loss.item(), "bw_flops": counter.flops}
+
+
+_ATEN = torch.ops.aten
+# CPU's fused attention ops count like the CUDA ones (same arguments up front)
+_SAME_FLOPS = {
+    _ATEN._scaled_dot_product_flash_attention_for_cpu: _ATEN._scaled_dot_product_flash_attention,
+    _ATEN._scaled_dot_product_flash_attention_for_cpu_backward: _ATEN._scaled_dot_product_flash_attention_backward,
+}
+
+
+class BackwardFlops(TorchDispatchMode):
+    """Matmul and attention FLOPs of what runs under it (``torch.utils.flop_counter``'s
+    formulas). Unlike ``FlopCounterMode`` it also looks inside ``run_with_rng_state``,
+    the wrapper AOTAutograd puts around a recomputed op tagged random."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.higher_order.run_with_rng_state:
+            state, op, *rest = args
+            cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in rest)
+            get, put = (torch.cuda.get_rng_state, torch.cuda.set_rng_state) if cuda else \
+                (torch.get_rng_state, torch.set_rng_state)
+            before = get()
+            put(state)
+            with self:
+                out = op(*rest, **kwargs)
+            put(before)
+            return out
+        out = func(*args, **kwargs)
+        packet = getattr(_SAME_FLOPS.get(func, func), "_overloadpacket", None)
+        if packet in flop_registry:
+            self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
+        return out
 
 
 def checkpointed_blocks(model):
@@ -99,9 +148,10 @@ def main():
         torch._dynamo.reset()
         model = model_or_step
         step = compiled or (lambda i, t: model(i, t).loss)
-        saved, acts, seconds, loss = measure(step, list(model.parameters()), args)
-        rows.append((name, saved, acts, seconds, loss))
-        print(f"{name:48s} {saved:>12,d} B {acts:>12,d} B {seconds * 1e3:8.1f} ms  loss {loss:.6f}", flush=True)
+        row = {"name": name, **measure(step, list(model.parameters()), args)}
+        rows.append(row)
+        print(f"{name:48s} {row['saved']:>12,d} B {row['held']:>12,d} B {row['bw_flops'] / 1e9:8.3f} GFLOP "
+              f"{row['seconds'] * 1e3:8.1f} ms  loss {row['loss']:.6f}", flush=True)
 
     run("eager, no checkpointing", make_model(args))
     run("torch.utils.checkpoint per block", checkpointed_blocks(make_model(args)))
@@ -118,15 +168,22 @@ def main():
         with torch._functorch.config.patch(activation_memory_budget=budget):
             compiled = torch.compile(model, backend="aot_eager_decomp_partition")
             run(f"AOTAutograd activation_memory_budget {budget}", model, lambda i, t, c=compiled: c(i, t).loss)
+        aot_saved = rows[-1]["saved"]  # the two budgets mean different things: also compare at equal bytes
+        run(f"zerograph memory_budget {aot_saved:,} B (= AOTAutograd {budget}'s saved bytes)", zerograph.compile(
+            make_model(args), {"activation_checkpointing": {"policy": "memory_budget", "memory_budget": aot_saved}}))
 
-    base_bytes, base_acts, base_time = rows[0][1], rows[0][2], rows[0][3]
+    base = rows[0]
     lines = [f"GPT {args.layers} layers, d={args.width}, seq {args.seq}, batch {args.batch}, vocab {args.vocab}; "
              f"device: {'CUDA' if torch.cuda.is_available() else 'CPU'}; torch {torch.__version__}", "",
-             "| variant | saved bytes | vs eager | saved activations (no params) | vs eager | step ms | vs eager | loss |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, saved, acts, seconds, loss in rows:
-        lines.append(f"| {name} | {saved:,} | {saved / base_bytes:.2f} | {acts:,} | {acts / base_acts:.2f} | "
-                     f"{seconds * 1e3:.1f} | {seconds / base_time:.2f} | {loss:.6f} |")
+             "| variant | saved bytes | vs eager | saved activations (no params) | vs eager "
+             "| held activation memory | vs eager | recompute GFLOP | step ms | vs eager | loss |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        recompute = (r["bw_flops"] - base["bw_flops"]) / 1e9
+        lines.append(f"| {r['name']} | {r['saved']:,} | {r['saved'] / base['saved']:.2f} | {r['acts']:,} | "
+                     f"{r['acts'] / base['acts']:.2f} | {r['held']:,} | {r['held'] / base['held']:.2f} | "
+                     f"{recompute:.3f} | {r['seconds'] * 1e3:.1f} | {r['seconds'] / base['seconds']:.2f} | "
+                     f"{r['loss']:.6f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
