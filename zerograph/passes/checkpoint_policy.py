@@ -370,12 +370,13 @@ def _spend_slack(allowed: set, decide, exact_bytes, limit: int, current: tuple, 
     allowed to be recomputed (most FLOPs first) is saved instead when the exact
     saved bytes still fit, so the backward recomputes as few FLOPs as the budget
     permits. The cut's model of a change is only a guide here (the partitioner
-    saves views and aliases its own way), so each step is checked exactly, at
-    most ``_MAX_EXACT_TRIES`` times; returns ``(decision, estimated, exact)``."""
+    saves views and aliases its own way), so each step is checked exactly (a
+    partition of the graph each), at most ``_MAX_SLACK_TRIES`` times, over the ``_MAX_SLACK_CANDIDATES`` most
+    expensive ops (bounded compile time); returns ``(decision, estimated, exact)``."""
     expensive = sorted((n for n in allowed if is_expensive(n)), key=lambda n: (-recompute_flops(n), order[n]))
     tries = 0
-    for node in expensive:
-        if tries == _MAX_EXACT_TRIES:
+    for node in expensive[:_MAX_SLACK_CANDIDATES]:
+        if tries == _MAX_SLACK_TRIES:
             break
         decision, estimated = decide(allowed - {node})
         if estimated - current[1] > limit - current[2]:  # the model already says it will not fit
@@ -389,3 +390,5 @@ def _spend_slack(allowed: set, decide, exact_bytes, limit: int, current: tuple, 
 
 
 _MAX_EXACT_TRIES = 8
+_MAX_SLACK_CANDIDATES = 16
+_MAX_SLACK_TRIES = 4
