@@ -51,9 +51,11 @@ STAGE3_SYSTEMS = ["zerograph stage 3", "zerograph stage 3 no-prefetch", "zerogra
                   "zerograph stage 3 no-prefetch unbucketed", "DDP", "FSDP2"]
 # stage-3 variants: "no-prefetch" disables the schedule_collectives pass (every
 # collective on demand), "unbucketed" sets both bucket sizes to 0 (one
-# collective per parameter)
+# collective per parameter), "inductor" compiles the final graphs with
+# TorchInductor instead of running them op by op (``zerograph.compiler``)
 _VARIANTS = {"no-prefetch": {"zerograph": {"disabled_passes": ["schedule_collectives"]}},
-             "unbucketed": {"zero_optimization": {"allgather_bucket_size": 0, "reduce_bucket_size": 0}}}
+             "unbucketed": {"zero_optimization": {"allgather_bucket_size": 0, "reduce_bucket_size": 0}},
+             "inductor": {"zerograph": {"compiler": "inductor"}}}
 
 LR = 1e-4
 SEED = 0

@@ -281,15 +281,17 @@ def test_offload_rejected():
     )
     assert_expected_inline(
         load_error({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}}),
-        """zero_optimization.offload_param.device="nvme" (ZeRO-Infinity) is not supported; remove offload_param (parameter offload is not implemented; offload_optimizer.device "cpu" is)""",
+        """zero_optimization.offload_param.device="nvme" (ZeRO-Infinity) is not supported; use device "cpu" (host memory)""",
     )
+    # parameter offload needs stage 3 (tests/test_param_offload.py has the rest)
     assert_expected_inline(
-        load_error({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}),
-        """zero_optimization.offload_param.device="cpu" is not supported yet; remove offload_param (supported: offload_optimizer.device "cpu", and activation_checkpointing.offload_activations)""",
+        load_error({"zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}}),
+        """zero_optimization.offload_param.device="cpu" needs zero_optimization.stage 3 (now 1): only stage 3 gathers parameters from shards, so only there can they live on the host; set stage to 3, or use offload_optimizer.device "cpu" (optimizer states on the host) instead""",
     )
-    # the same check applies when models are built directly
-    with pytest.raises(pydantic.ValidationError, match="not supported yet"):
+    # the same checks apply when models are built directly
+    with pytest.raises(pydantic.ValidationError, match="needs zero_optimization.stage 3"):
         ZeroConfig(offload_param=OffloadConfig(device="cpu"))
+    assert ZeroConfig(stage=3, offload_param=OffloadConfig(device="cpu")).offload_param.device == "cpu"
     assert ZeroConfig(offload_optimizer=OffloadConfig(device="cpu")).offload_optimizer.device == "cpu"
 
 

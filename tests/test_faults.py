@@ -1,6 +1,8 @@
 """Faults: a rank killed mid-step ends the other ranks with a
 RankFailureError naming it within zerograph.collective_timeout_s, never a
-hang; a checkpoint saved before the crash still loads (real gloo ranks)."""
+hang, in compiled graphs and in the collectives zerograph runs outside them
+(eager marker ops, full_state_dict, checkpoints); a checkpoint saved before
+the crash still loads (real gloo ranks)."""
 
 from __future__ import annotations
 
@@ -130,6 +132,85 @@ def test_hung_rank_times_out_at_the_configured_timeout(tmp_path):
     assert timeout_s * 0.9 < res["at"] - died_at < timeout_s + 6, res["at"] - died_at
 
 
+def _outside_graph_run(where: str, workdir: str, timeout_s: float = TIMEOUT_S, freeze_s: float = 0.0):
+    """Stage 3 without compiling (every parameter gather and gradient
+    reduction runs in the eager marker ops): one optimizer step on both
+    ranks, then rank 1 dies (os._exit; after sleeping ``freeze_s``: a hung
+    rank) just before rank 0 runs ``where``: the forward or backward of
+    step 2, full_state_dict or save_checkpoint. Rank 0 returns what the
+    RankFailureError says."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = zerograph.shard(_models.make_gpt(), _config(timeout_s))
+    opt = _harness._optimizer(model.parameters())
+    loss = None
+    try:
+        for step in range(2):
+            idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * world)
+            idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
+            if step == 1 and rank == 1 and where != "backward":
+                _die(workdir, freeze_s)
+            if step == 1 and where in ("full_state_dict", "save_checkpoint"):
+                break
+            loss = model(idx, targets).loss
+            if step == 1 and rank == 1:
+                _die(workdir, freeze_s)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        if where == "full_state_dict":
+            zerograph.full_state_dict(model)
+        else:
+            zerograph.save_checkpoint(os.path.join(workdir, "ckpt"), model, opt)
+    except RankFailureError as exc:
+        return {"ranks": exc.ranks, "step": exc.step, "phase": exc.phase, "message": str(exc),
+                "at": time.time(), "cause": type(exc.__cause__).__name__}
+    return {"finished": True}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where, phase", [
+    ("forward", "forward"),  # the eager zerograph::unshard marker
+    ("backward", "backward"),  # the eager zerograph::reduce_grad marker
+    ("full_state_dict", "zerograph.full_state_dict"),
+    ("save_checkpoint", "zerograph.save_checkpoint"),
+])
+def test_dead_rank_outside_compiled_graphs_is_named(tmp_path, where, phase):
+    results = spawn(_outside_graph_run, 2, where, str(tmp_path), timeout=50, raise_on_failure=False)
+    died_at = json.load(open(tmp_path / "died_at"))
+    assert isinstance(results[1], RankFailed) and results[1].exitcode == 7, results[1]
+    res = results[0]
+    assert isinstance(res, dict) and "ranks" in res, res
+    assert res["ranks"] == [1] and res["step"] == 2 and res["phase"] == phase, res
+    if phase.startswith("zerograph."):
+        assert f"rank 1 stopped responding in {phase} after optimizer step 1 (" in res["message"], res["message"]
+    else:
+        assert f"rank 1 stopped responding in the {phase} of optimizer step 2" in res["message"], res["message"]
+    assert "collective_timeout_s" in res["message"] and res["cause"] != "NoneType"
+    assert res["at"] - died_at < TIMEOUT_S, res["at"] - died_at  # within the configured timeout, never a hang
+
+
+@pytest.mark.timeout(60)
+def test_hung_rank_in_save_checkpoint_times_out_at_the_configured_timeout(tmp_path):
+    """Rank 1 freezes instead of saving: rank 0's checkpoint collectives
+    fail after zerograph.collective_timeout_s (2 s), not after the timeout
+    the process group was created with (50 s here; a data-parallel group of
+    every rank is the default group, whose timeout zerograph sets), and the
+    error says every rank is alive."""
+    timeout_s = 2.0
+    results = spawn(_outside_graph_run, 2, "save_checkpoint", str(tmp_path), timeout_s, 6.0, timeout=50,
+                    raise_on_failure=False)
+    died_at = json.load(open(tmp_path / "died_at"))
+    res = results[0]
+    assert isinstance(res, dict) and "ranks" in res, res
+    assert res["ranks"] == [] and res["phase"] == "zerograph.save_checkpoint", res
+    assert "every rank is alive" in res["message"] and "collective_timeout_s (now 2 s)" in res["message"]
+    # The configured timeout, then the heartbeat check (4 x 0.1 s) and rank 0's wait for rank 1 (1.2 s).
+    assert timeout_s * 0.9 < res["at"] - died_at < timeout_s + 6, res["at"] - died_at
+    assert not list(tmp_path.glob("ckpt*")), "a failed save leaves no checkpoint behind"
+
+
 def test_collective_failure_classification():
     assert is_collective_failure(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1"))
     assert is_collective_failure(RuntimeError("Timed out waiting 8000ms for recv operation to complete"))
@@ -141,3 +222,38 @@ def test_collective_failure_classification():
 
     back = pickle.loads(pickle.dumps(err))
     assert (back.ranks, back.step, back.phase, str(back)) == ([1], 3, "backward", str(err))
+
+
+def test_naming_failed_ranks_translates_collective_failures_once():
+    """The single translation point: a collective failure becomes what the
+    model's runtime makes of it (chained), anything else passes unchanged,
+    and without a model context nothing is translated."""
+    from types import SimpleNamespace
+
+    from zerograph.runtime.errors import explain_collective_failure, naming_failed_ranks
+
+    def translate(exc, phase):
+        if not is_collective_failure(exc):
+            return exc
+        return explain_collective_failure(exc, None, step=3, phase=phase, timeout_s=10, rank=0)
+
+    ctx = SimpleNamespace(extra={"collective_failure": translate})
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1")
+    with pytest.raises(RankFailureError) as info:
+        with naming_failed_ranks(ctx, "zerograph.full_state_dict"):
+            with naming_failed_ranks(ctx, "forward"):  # nested: translated once, by the inner one
+                raise gloo
+    assert info.value.__cause__ is gloo and info.value.phase == "forward"
+    with pytest.raises(RankFailureError, match="in zerograph.save_checkpoint after optimizer step 2:"):
+        with naming_failed_ranks(ctx, "zerograph.save_checkpoint"):
+            raise gloo
+    other = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    for context in (ctx, None):
+        with pytest.raises(RuntimeError) as info:
+            with naming_failed_ranks(context, "forward"):
+                raise other
+        assert info.value is other
+    with pytest.raises(RuntimeError) as info:
+        with naming_failed_ranks(None, "forward"):
+            raise gloo
+    assert info.value is gloo

@@ -120,24 +120,32 @@ def test_fp16_overflow_skips_step_and_lowers_scale():
     assert results[1]["skipped"] == r["skipped"], "all ranks agree on skipping"
 
 
-def _nonfinite_run(mode):
-    """fp32 stage 3: rank 1's loss turns nan at step 3 (index 2)."""
+def _nonfinite_run(mode, precision="fp32"):
+    """Stage 3: rank 1's loss turns nan at step 3 (index 2). Returns the
+    error text, whether step 3 left the parameters unchanged and (fp16) the
+    loss scale before and after it."""
     import torch.distributed as dist
 
     import zerograph
     from tests import _models
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = zerograph.compile(_models.make_gpt(), {"zero_optimization": {"stage": 3},
-                                                   "zerograph": {"nonfinite_grads": mode}})
+    config = {"zero_optimization": {"stage": 3}, "zerograph": {"nonfinite_grads": mode}}
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":  # hysteresis 1: the first overflow lowers the scale
+        config["fp16"] = {"enabled": True, "initial_scale_power": 8, "hysteresis": 1}
+    model = zerograph.compile(_models.make_gpt(), config)
+    scaler = model._zg_runtime.scaler
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    out = {"error": None, "skipped_unchanged": None}
+    out = {"error": None, "skipped_unchanged": None, "scales": None}
     for step in range(4):
         idx, targets = _models.global_batch(step, 4 * world)
         loss = model(idx.chunk(world)[rank], targets.chunk(world)[rank]).loss
         if step == 2 and rank == 1:
             loss = loss * float("nan")
         before = {k: v.clone() for k, v in zerograph.full_state_dict(model).items()}
+        scale_before = scaler.scale if scaler is not None else None
         try:
             loss.backward()
         except FloatingPointError as exc:
@@ -148,20 +156,32 @@ def _nonfinite_run(mode):
         if step == 2:
             after = zerograph.full_state_dict(model)
             out["skipped_unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+            out["scales"] = (scale_before, scaler.scale) if scaler is not None else None
     out["finite_at_end"] = all(torch.isfinite(v).all().item() for v in zerograph.full_state_dict(model).values())
     return out
 
 
-@pytest.mark.timeout(TIMEOUT + 30)
-def test_nonfinite_gradients_raise_with_step_or_skip():
-    raised = spawn(_nonfinite_run, 2, "raise", timeout=TIMEOUT)
+@pytest.mark.timeout(2 * TIMEOUT + 30)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nonfinite_gradients_raise_with_step_or_skip(precision):
+    raised = spawn(_nonfinite_run, 2, "raise", precision, timeout=TIMEOUT)
     for rank_result in raised:
         assert rank_result["error"] is not None
         assert "optimizer step 3" in rank_result["error"] and "nonfinite_grads" in rank_result["error"]
-    skipped = spawn(_nonfinite_run, 2, "skip", timeout=TIMEOUT)
+    skipped = spawn(_nonfinite_run, 2, "skip", precision, timeout=TIMEOUT)
     for rank_result in skipped:
         assert rank_result["error"] is None
         assert rank_result["skipped_unchanged"] is True
+        assert rank_result["finite_at_end"] is True
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_fp16_nan_skips_the_step_and_lowers_the_scale_even_with_raise():
+    # fp16 treats nan like an overflow whatever zerograph.nonfinite_grads says.
+    for rank_result in spawn(_nonfinite_run, 2, "raise", "fp16", timeout=TIMEOUT):
+        assert rank_result["error"] is None
+        assert rank_result["skipped_unchanged"] is True
+        assert rank_result["scales"] == (256.0, 128.0), rank_result["scales"]
         assert rank_result["finite_at_end"] is True
 
 

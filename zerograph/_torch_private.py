@@ -34,6 +34,7 @@ __all__ = [
     "set_group_timeout",
     "default_store",
     "size_hint",
+    "dtensor_with_local",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # type: ignore[assignment]
@@ -112,3 +113,13 @@ def size_hint(x) -> int:
     if hint is not None:
         return int(hint)
     return int(node.shape_env.size_hint(node.expr))
+
+
+def dtensor_with_local(like, local: torch.Tensor):
+    """A DTensor with ``like``'s mesh, placements and global shape whose local
+    shard is ``local`` (same shape and dtype as ``like``'s), kept on
+    ``local``'s device. ``DTensor.from_local`` would move it to the mesh's
+    device type; offloaded parameter shards must stay in host memory."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor(local, like._spec, requires_grad=like.requires_grad)

@@ -14,9 +14,10 @@ from torch import nn
 from zerograph.backend import ZerographBackend
 from zerograph.config import Config, ConfigError
 from zerograph.passes import PassList, PassRecord, default_passes
-from zerograph.runtime.context import ShardingContext
+from zerograph.runtime.context import ShardingContext, context_of
 from zerograph.pipeline.step import eager_train_step
 from zerograph.runtime.dist import DataParallelGroup, data_parallel_group
+from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.training import TrainingRuntime
 from zerograph.sharding import full_state_dict as _full_state_dict
 from zerograph.sharding import shard_parameters
@@ -36,8 +37,9 @@ def _zerograph_train_step(self, batch) -> float:
     returns the mean loss over micro-batches and data-parallel ranks. Then
     call ``opt.step()`` and ``opt.zero_grad()`` (the same loop as a pipeline)."""
     ctx = self._zg_runtime.ctx
-    return eager_train_step(self, batch, ctx.extra.get("loss_fn"), ctx.config.gradient_accumulation_steps,
-                            ctx.dp.group, ctx.world_size, ctx.dp.device)
+    with naming_failed_ranks(ctx, "optimizer step boundary"):  # the loss all-reduce; passes name their own
+        return eager_train_step(self, batch, ctx.extra.get("loss_fn"), ctx.config.gradient_accumulation_steps,
+                                ctx.dp.group, ctx.world_size, ctx.dp.device)
 
 
 def shard(
@@ -149,11 +151,13 @@ def compile(
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every sharded tensor gathered (collective:
-    call it on every rank). Keys are the original model's keys; a pipeline
-    model's state dict covers every stage."""
+    call it on every rank; a rank that dies meanwhile ends the others with a
+    RankFailureError naming it). Keys are the original model's keys; a
+    pipeline model's state dict covers every stage."""
     if hasattr(model, "_split") and hasattr(model, "full_state_dict"):
         return model.full_state_dict()
-    return _full_state_dict(model)
+    with naming_failed_ranks(context_of(model), "zerograph.full_state_dict"):
+        return _full_state_dict(model)
 
 
 @dataclasses.dataclass

@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from zerograph.runtime.context import context_of
+from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.sharding import full_state_dict as _full_state_dict
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -95,9 +97,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     ``extra`` (picklable values taken from rank 0) to the directory ``path``.
 
     Atomic: an existing checkpoint at ``path`` is replaced only once the new
-    one is complete. Collective: call on every rank."""
-    model = _unwrap(model)
-    path = Path(path)
+    one is complete. Collective: call on every rank; a rank that dies
+    meanwhile ends the others with a RankFailureError naming it."""
+    with naming_failed_ranks(context_of(model), "zerograph.save_checkpoint"):
+        return _save(Path(path), _unwrap(model), optimizer, extra)
+
+
+def _save(path: Path, model: nn.Module, optimizer, extra: dict[str, Any]) -> Path:
     rank, world = _dist()
     tmp = Path(_broadcast_str(f"{path}.tmp-{uuid.uuid4().hex}"))
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
@@ -154,9 +160,13 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     run's world size and ZeRO stage. Restores zerograph's step counters, the
     fp16 loss scale and, when the world size is unchanged, every rank's RNG
     state. Returns the ``extra`` keywords given to ``save_checkpoint``.
-    Collective: call on every rank."""
-    model = _unwrap(model)
-    path = Path(path)
+    Collective: call on every rank; a rank that dies meanwhile ends the
+    others with a RankFailureError naming it."""
+    with naming_failed_ranks(context_of(model), "zerograph.load_checkpoint"):
+        return _load(Path(path), _unwrap(model), optimizer)
+
+
+def _load(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
     _check_committed(path)
     rank, world = _dist()
     keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
@@ -284,8 +294,11 @@ def export_pretrained(model: nn.Module, path: str | os.PathLike, hf_model_or_con
     or an unsharded instance of the architecture (its weights are replaced).
     ``save_kwargs`` go to ``save_pretrained`` (e.g. ``max_shard_size``).
     Collective (the parameters are gathered): call it on every rank."""
-    model = _unwrap(model)
-    path = Path(path)
+    with naming_failed_ranks(context_of(model), "zerograph.export_pretrained"):
+        return _export(_unwrap(model), Path(path), hf_model_or_config, save_kwargs)
+
+
+def _export(model: nn.Module, path: Path, hf_model_or_config, save_kwargs: dict[str, Any]) -> Path:
     rank, _ = _dist()
     full = {k: v.detach() for k, v in _full_state_dict(model).items()}
     error = None

@@ -8,6 +8,7 @@ these nodes into the graph).
 
 ``gather_param`` emits, for a sharded parameter of ``R`` rows on ``W`` ranks::
 
+    shard  = aten._to_copy(shard, device=<compute device>, non_blocking=True)  # only with offload_param
     cast   = aten._to_copy(shard, dtype=compute)        # only if dtypes differ
     padded = aten.constant_pad_nd(cast, [0, 0, 0, p])   # only if R % W != 0
     ag     = _c10d_functional.all_gather_into_tensor(padded, W, group)
@@ -22,6 +23,13 @@ these nodes into the graph).
     shard  = _c10d_functional.wait_tensor(rs)
     shard  = aten.slice(shard, 0, 0, local_rows)        # only if padded
     shard  = aten.mul(shard, 1 / (W * accumulation))
+    shard  = aten._to_copy(shard, device=cpu)           # only with offload_param
+
+With ``offload_param`` (``spec.compute_device`` set) the stored shard is in
+host memory: the first copy brings it to the compute device right before the
+gather's input is prepared (the scheduler moves it with the gather's prefetch),
+and the gradient shard goes back to the host (a blocking copy: autograd
+accumulates it and the optimizer reads it there). Both are ``host_copy`` nodes.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Callable
 import torch
 
 from zerograph._torch_private import c10d_functional
+from zerograph.runtime.offload import HOST
 from zerograph.runtime.specs import ParamSpec
 
 aten = torch.ops.aten
@@ -57,9 +66,25 @@ def _pad_dim0(x, spec: ParamSpec, pad: int, emit: Emit):
     return emit("comm_prep", aten.constant_pad_nd.default(x, widths, 0.0))
 
 
+def _to_compute_device(shard, spec: ParamSpec, emit: Emit):
+    """offload_param: the host shard copied to the compute device (asynchronously
+    from pinned memory on an accelerator)."""
+    if spec.compute_device is None:
+        return shard
+    return emit("host_copy", aten._to_copy.default(shard, device=spec.compute_device, non_blocking=True))
+
+
+def _to_host(grad_shard, spec: ParamSpec, emit: Emit):
+    """offload_param: the reduced gradient shard copied back to host memory."""
+    if spec.compute_device is None:
+        return grad_shard
+    return emit("host_copy", aten._to_copy.default(grad_shard, device=HOST))
+
+
 def gather_param(shard, spec: ParamSpec, emit: Emit = _noop_emit):
     """The full parameter in ``spec.compute_dtype`` from this rank's shard."""
-    x = _cast(shard, spec.compute_dtype, spec.master_dtype, emit)
+    x = _to_compute_device(shard, spec, emit)
+    x = _cast(x, spec.compute_dtype, spec.master_dtype, emit)
     if spec.storage == "replicated" or spec.world_size == 1:
         return x
     x = _pad_dim0(x, spec, spec.chunk_rows - spec.local_rows, emit)
@@ -91,7 +116,7 @@ def reduce_param_grad(grad, spec: ParamSpec, emit: Emit = _noop_emit):
             x = emit("comm_prep", aten.slice.Tensor(x, 0, spec.row_start, spec.row_start + spec.local_rows))
     if spec.grad_scale != 1.0:
         x = emit("comm_prep", aten.mul.Tensor(x, spec.grad_scale))
-    return x
+    return _to_host(x, spec, emit)
 
 
 def _flat(x, numel: int):
@@ -114,6 +139,7 @@ def gather_bucket(shards, specs: list[ParamSpec], emit: Emit = _noop_emit) -> li
     world = specs[0].world_size
     flats = []
     for x, spec in zip(shards, specs):
+        x = _to_compute_device(x, spec, emit)
         x = _cast(x, spec.compute_dtype, spec.master_dtype, emit)
         x = _pad_dim0(x, spec, spec.chunk_rows - spec.local_rows, emit)
         flats.append(emit("comm_prep", _flat(x, spec.chunk_rows * spec.row_numel)))
@@ -172,6 +198,7 @@ def reduce_bucket(grads, specs: list[ParamSpec], emit: Emit = _noop_emit) -> lis
     x = emit("wait", c10d_functional.wait_tensor.default(x))
     if first.grad_scale != 1.0:
         x = emit("comm_prep", aten.mul.Tensor(x, first.grad_scale))
+    x = _to_host(x, first, emit)  # one copy of the bucket's reduced shards
     outs, offset = [], 0
     for spec in specs:
         size = spec.chunk_rows * spec.row_numel if scatter else spec.numel

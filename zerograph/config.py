@@ -164,11 +164,12 @@ class OffloadConfig(BaseModel):
 
     device: Literal["none", "cpu", "nvme"] = Field(
         "none",
-        description="Where to offload to: \"none\", or \"cpu\" (offload_optimizer only); \"nvme\" is "
+        description="Where to offload to: \"none\", or \"cpu\" (host memory); \"nvme\" is "
         "rejected. DeepSpeed: same key.",
     )
     pin_memory: StrictBool = Field(
-        False, description="Use pinned host memory for offloaded buffers. DeepSpeed: same key."
+        False, description="Use pinned host memory for offloaded buffers (only where an accelerator exists; "
+        "CPU builds cannot pin). DeepSpeed: same key."
     )
     nvme_path: Optional[StrictStr] = Field(
         None, description="Directory for NVMe offload files. DeepSpeed: same key."
@@ -253,8 +254,12 @@ class ZeroConfig(BaseModel):
     )
     offload_param: OffloadConfig = Field(
         default_factory=OffloadConfig,
-        description="ZeRO-Offload of parameters (stage 3); null means no offload. "
-        "Not supported yet: only device \"none\" is accepted. DeepSpeed: same key.",
+        description="ZeRO-Offload of parameters (stage 3 only); null means no offload. Device \"cpu\": each "
+        "rank's parameter shards live in host memory and the compiled graphs copy each one to the device "
+        "ahead of its all-gather (prefetched with it); gradient shards are copied back to the host, where "
+        "the optimizer step runs, with or without offload_optimizer (zerograph.make_optimizer steps the "
+        "shards in place, with no second master copy). Parameters under stage3_param_persistence_threshold stay on the device. "
+        "\"nvme\" is rejected. DeepSpeed: same key.",
     )
 
     @field_validator("offload_optimizer", "offload_param", mode="before")
@@ -264,17 +269,20 @@ class ZeroConfig(BaseModel):
 
     @field_validator("offload_optimizer", "offload_param", mode="after")
     @classmethod
-    def _offload_not_supported(cls, value: OffloadConfig, info: Any) -> OffloadConfig:
+    def _no_nvme(cls, value: OffloadConfig, info: Any) -> OffloadConfig:
         if value.device == "nvme":
-            fix = ('use device "cpu" (host memory)' if info.field_name == "offload_optimizer" else
-                   'remove offload_param (parameter offload is not implemented; offload_optimizer.device "cpu" is)')
-            raise _problem(f'{{key}}.device="nvme" (ZeRO-Infinity) is not supported; {fix}')
-        if value.device == "cpu" and info.field_name == "offload_param":
-            raise _problem(
-                "{key}.device=\"cpu\" is not supported yet; remove offload_param (supported: "
-                "offload_optimizer.device \"cpu\", and activation_checkpointing.offload_activations)"
-            )
+            raise _problem('{key}.device="nvme" (ZeRO-Infinity) is not supported; use device "cpu" (host memory)')
         return value
+
+    @model_validator(mode="after")
+    def _param_offload_needs_stage3(self) -> "ZeroConfig":
+        if self.offload_param.device == "cpu" and self.stage != 3:
+            raise _problem(
+                f'zero_optimization.offload_param.device="cpu" needs zero_optimization.stage 3 (now {self.stage}): '
+                "only stage 3 gathers parameters from shards, so only there can they live on the host; "
+                'set stage to 3, or use offload_optimizer.device "cpu" (optimizer states on the host) instead'
+            )
+        return self
 
 
 class ZerographOptions(BaseModel):

@@ -33,7 +33,7 @@ from torch import nn
 
 from zerograph.config import Config
 from zerograph.passes.liveness import KINDS, MemoryPlan
-from zerograph.runtime.memory import model_state_bytes
+from zerograph.runtime.memory import host_state_bytes, model_state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,17 @@ __all__ = ["Explanation", "explain"]
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:10.3f} MiB"
+
+
+def _host_lines(host: dict[str, int]) -> list[str]:
+    """The model states ZeRO-Offload keeps in host memory (none: no line)::
+
+      on the host         0.129 MiB   (offload: params 0.032, grads 0.032, optimizer states 0.065, masters 0.000)
+    """
+    if not sum(host.values()):
+        return []
+    parts = ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.3f}" for k, v in host.items())
+    return [f"  on the host         {_mib(sum(host.values()))}   (offload, not in model states above: {parts})"]
 
 
 @dataclasses.dataclass
@@ -55,6 +66,7 @@ class Explanation:
     plan: MemoryPlan
     inspection: Any  # zerograph.Inspection of the traced copy
     master_bytes: int  # bytes per element of the stored (master) parameters
+    host_states: dict[str, int] = dataclasses.field(default_factory=dict)  # ZeRO-Offload: this rank's host bytes
 
     @property
     def ddp_model_states(self) -> int:
@@ -101,6 +113,7 @@ class Explanation:
             f"  gradients           {_mib(states['grads'])}",
             f"  optimizer states    {_mib(states['optimizer_states'])}   (Adam/AdamW: 2 moments per element)",
             f"  model states        {_mib(total_states)}",
+            *_host_lines(self.host_states),
             f"  gathered-param peak {_mib(peak['gathered'])}",
             f"  activation peak     {_mib(peak['activation'])}   (saved for the backward)",
             f"  live in-step peak   {_mib(self.plan.peak_total_bytes)}   (gathered + saved + gradients + temporaries)",
@@ -217,7 +230,7 @@ def explain(model: nn.Module, config: Config | dict | str | os.PathLike | None =
         info = zerograph.inspect(compiled)
         plan = info.memory
         states, psi, master = model_state_bytes(ctx)
-        return Explanation(ctx.config, ctx.world_size, psi, states, plan, info, master)
+        return Explanation(ctx.config, ctx.world_size, psi, states, plan, info, master, host_state_bytes(ctx))
     finally:
         if own_group:
             dist.destroy_process_group()

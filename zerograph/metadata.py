@@ -28,6 +28,7 @@ Role = Literal[
     "reduce_scatter",
     "all_reduce",
     "wait",
+    "host_copy",  # offload_param: a host shard copied to the compute device, or a gradient shard back
 ]
 COLLECTIVE_ROLES = ("all_gather", "reduce_scatter", "all_reduce")
 

@@ -7,7 +7,8 @@ Reading a sharded parameter from its module returns
 * Eager implementations really communicate (through the same op sequences the
   passes emit, see :mod:`zerograph.collectives`), so code that Dynamo leaves
   outside compiled regions sees full parameters and produces correct shards
-  of gradients.
+  of gradients. A collective failing there raises the same
+  :class:`~zerograph.runtime.errors.RankFailureError` as in a compiled graph.
 * Fake implementations give the full (resp. shard) shape, so tracing sees
   full-size parameters.
 * Under Dynamo + AOTAutograd each marker stays a single node; the ZeRO passes
@@ -21,6 +22,7 @@ import torch
 
 from zerograph import collectives
 from zerograph.runtime import registry
+from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.specs import ParamSpec
 from zerograph.runtime.stats import KINDS, collective_buffer_bytes
 
@@ -49,14 +51,15 @@ def _counting_emit(tag: str):
 def unshard(shard: torch.Tensor, tag: str, name: str) -> torch.Tensor:
     """The full parameter ``name`` gathered from every rank's shard."""
     spec = spec_of(tag, name)
-    full = collectives.gather_param(shard, spec, _counting_emit(tag))
+    with naming_failed_ranks(registry.lookup(tag), "forward"):
+        full = collectives.gather_param(shard, spec, _counting_emit(tag))
     return full.clone() if full is shard else full.contiguous()
 
 
 @unshard.register_fake
 def _unshard_fake(shard: torch.Tensor, tag: str, name: str) -> torch.Tensor:
     spec = spec_of(tag, name)
-    return shard.new_empty(spec.full_shape, dtype=spec.compute_dtype)
+    return shard.new_empty(spec.full_shape, dtype=spec.compute_dtype, device=spec.gathered_device(shard.device))
 
 
 @torch.library.custom_op("zerograph::reduce_grad", mutates_args=())
@@ -72,14 +75,15 @@ def reduce_grad(grad: torch.Tensor, tag: str, name: str) -> torch.Tensor:
     if name in ctx.grad_stash:
         grad = unstash_grad(grad, tag, name)
     spec = ctx.specs[name]
-    out = collectives.reduce_param_grad(grad, spec, _counting_emit(tag))
+    with naming_failed_ranks(ctx, "backward"):
+        out = collectives.reduce_param_grad(grad, spec, _counting_emit(tag))
     return out.clone() if out is grad else out.contiguous()
 
 
 @reduce_grad.register_fake
 def _reduce_grad_fake(grad: torch.Tensor, tag: str, name: str) -> torch.Tensor:
     spec = spec_of(tag, name)
-    return grad.new_empty(spec.local_shape, dtype=spec.master_dtype)
+    return grad.new_empty(spec.local_shape, dtype=spec.master_dtype, device=spec.grad_shard_device(grad.device))
 
 
 @torch.library.custom_op("zerograph::stash_grad", mutates_args=())

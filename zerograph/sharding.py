@@ -6,7 +6,10 @@ replicated (stage 0, a 0-dim parameter, or at stage 3 a parameter of at most
 ``stage3_param_persistence_threshold`` elements: it is never gathered, and
 its gradient is all-reduced). The optimizer, ``clip_grad_norm_``
 and ``torch.distributed.checkpoint`` see these. State-dict keys stay the
-original ones.
+original ones. With ``offload_param`` (stage 3) the local shard of every
+parameter that is not persistent is a tensor in host memory
+(:func:`zerograph.runtime.offload.host_shard`); the lowered graphs copy it to
+the compute device before its gather.
 
 Reading ``module.weight`` returns ``zerograph::unshard(shard, tag, fqn)``:
 each module with parameters gets a subclass of its own class whose
@@ -25,6 +28,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from zerograph import ops  # noqa: F401  (registers the marker ops)
 from zerograph.runtime.context import ShardingContext
+from zerograph.runtime.offload import host_shard, pin_host_memory
 from zerograph.runtime.specs import ParamSpec
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,10 @@ def _spec_for(fqn: str, param: nn.Parameter, ctx: ShardingContext) -> ParamSpec:
     persistent = stage == 3 and threshold > 0 and param.numel() <= threshold
     sharded = world > 1 and stage >= 1 and param.dim() >= 1 and not persistent
     compute = cfg.compute_dtype if param.is_floating_point() else param.dtype
+    # offload_param (stage 3 only, checked by the config): every parameter that
+    # stage 3 would shard lives on the host; persistent ones stay on the device
+    offloaded = stage == 3 and cfg.zero_optimization.offload_param.device == "cpu" and param.dim() >= 1 \
+        and not persistent
     return ParamSpec(
         name=fqn,
         full_shape=tuple(param.shape),
@@ -61,10 +69,21 @@ def _spec_for(fqn: str, param: nn.Parameter, ctx: ShardingContext) -> ParamSpec:
         master_dtype=param.dtype,
         compute_dtype=compute,
         grad_scale=1.0 / (world * cfg.gradient_accumulation_steps),
+        compute_device=ctx.dp.device if offloaded else None,
     )
 
 
 def _stored(param: nn.Parameter, spec: ParamSpec, ctx: ShardingContext) -> nn.Parameter:
+    stored = _placed(param, spec, ctx)
+    if not spec.offloaded:
+        return stored
+    pin = pin_host_memory(ctx.config.zero_optimization.offload_param.pin_memory)
+    return nn.Parameter(host_shard(stored.data, pin=pin), requires_grad=param.requires_grad)
+
+
+def _placed(param: nn.Parameter, spec: ParamSpec, ctx: ShardingContext) -> nn.Parameter:
+    """The parameter as stored on the compute device: a DTensor ``Shard(0)``
+    or ``Replicate()``, or a plain tensor (stage 0, or world size 1)."""
     if ctx.world_size == 1 and param.device == ctx.dp.device:
         return param
     data = param.detach().to(ctx.dp.device)

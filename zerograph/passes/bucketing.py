@@ -25,9 +25,10 @@ def _group_key(node: fx.Node, spec: ParamSpec):
     where = None
     if tag is not None:
         where = ("layer", tag.layer) if tag.layer is not None else ("module", tag.module_path)
+    # an offloaded (host) shard never shares a buffer with one on the device
     if node.target is UNSHARD:
-        return ("gather", where, spec.compute_dtype)
-    return ("reduce", where, spec.grad_reduce, spec.master_dtype)
+        return ("gather", where, spec.compute_dtype, spec.offloaded)
+    return ("reduce", where, spec.grad_reduce, spec.master_dtype, spec.offloaded)
 
 
 def _bucketable(node: fx.Node, spec: ParamSpec) -> bool:

@@ -28,9 +28,9 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from zerograph.metadata import get_tag, set_tag
 from zerograph.passes.manager import PassContext, PassResult
+from zerograph.runtime.offload import HOST
 
 _RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
-HOST = torch.device("cpu")
 PASS_NAME = "offload_activations"
 
 

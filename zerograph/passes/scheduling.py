@@ -3,7 +3,8 @@
 Mechanism only; the policy is two config knobs:
 
 * **Gather prefetch** (forward and backward): the start of all-gather ``k``
-  (with the casts/pads/packing that feed it, all computed from shards) moves
+  (with the casts/pads/packing that feed it, all computed from shards, and
+  with ``offload_param`` the host-to-device copy of each shard) moves
   to just after the wait of all-gather ``k-1`` and its copy-out, so it runs
   while block ``k-1`` computes. Starting it after the copy-out (as FSDP2
   does) keeps bucket ``k``'s buffer out of the copy-out's transient, where
@@ -60,7 +61,7 @@ def _prep_chain(start: fx.Node) -> list[fx.Node] | None:
         for arg in node.all_input_nodes:
             if arg.op == "placeholder" or arg in chain:
                 continue
-            if _role(arg) == "comm_prep" or (arg.op == "call_function" and all(
+            if _role(arg) in ("comm_prep", "host_copy") or (arg.op == "call_function" and all(
                 a.op == "placeholder" for a in arg.all_input_nodes
             )):
                 visit(arg)

@@ -82,3 +82,11 @@ class ShardingContext:
         region = CompiledRegion(index=len(self.regions))
         self.regions.append(region)
         return region
+
+
+def context_of(model) -> ShardingContext | None:
+    """The sharding context of a model prepared by ``zerograph.compile`` or
+    ``zerograph.shard`` (also through ``torch.compile``'s wrapper), else None."""
+    model = getattr(model, "_orig_mod", model)
+    runtime = getattr(model, "_zg_runtime", None)
+    return getattr(runtime, "ctx", None)

@@ -1,8 +1,10 @@
 """Turn a failure deep inside Dynamo/AOTAutograd into an error that names the
-op, the module path of the user's code that called it, and what to do."""
+op, the module path of the user's code that called it, and what to do; and a
+failed collective into a :class:`RankFailureError` naming the dead rank(s)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
@@ -96,13 +98,18 @@ _COLLECTIVE_FAILURE = re.compile(
 )
 
 
+STEP_PHASES = ("forward", "backward", "optimizer step boundary")
+
+
 class RankFailureError(RuntimeError):
     """A collective failed because a rank died or stopped responding.
 
     ``ranks``: the global ranks whose heartbeat stopped (empty when every
     rank is alive, i.e. one is only slow or stuck); ``step``: the optimizer
     step in progress (1-based); ``phase``: "forward", "backward" or
-    "optimizer step boundary"."""
+    "optimizer step boundary" (:data:`STEP_PHASES`), or the zerograph function
+    that ran the collective outside a step (e.g. "zerograph.full_state_dict",
+    "zerograph.save_checkpoint")."""
 
     def __init__(self, message: str, ranks: list[int], step: int, phase: str):
         super().__init__(message)
@@ -123,6 +130,36 @@ def is_collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and bool(_COLLECTIVE_FAILURE.search(str(exc)))
 
 
+@contextlib.contextmanager
+def naming_failed_ranks(ctx, phase: str):
+    """Run the block; a collective failing in it raises a
+    :class:`RankFailureError` naming the dead rank(s) instead of gloo's or
+    NCCL's error (chained as ``__cause__``).
+
+    The one place every collective of a zerograph model goes through: its
+    compiled graphs, the eager marker ops (code Dynamo left outside a graph),
+    the end-of-step reductions, ``full_state_dict``, ``train_step`` and the
+    checkpoint functions. ``ctx``: the model's
+    :class:`~zerograph.runtime.context.ShardingContext` (None: errors pass
+    unchanged); its :class:`~zerograph.runtime.training.TrainingRuntime`
+    registers the translation (heartbeat check) as
+    ``ctx.extra["collective_failure"]``. ``phase``: see :class:`RankFailureError`."""
+    try:
+        yield
+    except RuntimeError as exc:
+        translate = ctx.extra.get("collective_failure") if ctx is not None else None
+        err = translate(exc, phase) if translate is not None else exc
+        if err is exc:
+            raise
+        raise err from exc
+
+
+def _where(phase: str, step: int) -> str:
+    if phase in STEP_PHASES:
+        return f"in the {phase} of optimizer step {step}"
+    return f"in {phase} " + (f"after optimizer step {step - 1}" if step > 1 else "before the first optimizer step")
+
+
 def _first_line(exc: BaseException) -> str:
     text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
     return text if len(text) <= 300 else text[:297] + "..."
@@ -136,7 +173,7 @@ def explain_collective_failure(exc: BaseException, monitor, *, step: int, phase:
     from zerograph.runtime.dist import StoreUnreachable, store_host_description
 
     cause = _first_line(exc)
-    where = f"in the {phase} of optimizer step {step}"
+    where = _where(phase, step)
     fix_timeout = f"raise zerograph.collective_timeout_s (now {timeout_s:g} s)"
     saved = ("Checkpoints written by zerograph.save_checkpoint before the failure are complete: restart all "
              "ranks and load the latest one.")

@@ -31,20 +31,51 @@ class MemoryBudgetError(RuntimeError):
     """The step does not fit this rank's memory (predicted or observed)."""
 
 
-def model_state_bytes(ctx) -> tuple[dict[str, int], int, int]:
-    """This rank's model states between steps as ``({"params", "grads",
-    "optimizer_states"}, Ψ, bytes per master element)``, for Adam/AdamW
-    (two moments per element, in the master dtype)."""
-    params = 0
+def _shard_bytes(ctx) -> tuple[int, int, int, int]:
+    """(bytes of this rank's parameter shards on the device, on the host
+    (``offload_param``), Ψ, bytes per master element)."""
+    device = host = psi = 0
     master = 4
-    psi = 0
     for spec in ctx.specs.values():
         size = torch.empty((), dtype=spec.master_dtype).element_size()
         master = size
         psi += spec.numel
         local = spec.numel if spec.storage == "replicated" or not spec.full_shape else spec.local_rows * spec.row_numel
-        params += local * size
-    return {"params": params, "grads": params, "optimizer_states": 2 * params}, psi, master
+        if spec.offloaded:
+            host += local * size
+        else:
+            device += local * size
+    return device, host, psi, master
+
+
+def _host_step(ctx) -> bool:
+    """Whether the optimizer steps on the host (its states live there)."""
+    z = ctx.config.zero_optimization
+    return z.offload_optimizer.device == "cpu" or z.offload_param.device == "cpu"
+
+
+def model_state_bytes(ctx) -> tuple[dict[str, int], int, int]:
+    """This rank's model states in device memory between steps as
+    ``({"params", "grads", "optimizer_states"}, Ψ, bytes per master element)``,
+    for Adam/AdamW (two moments per element, in the master dtype). Offloaded
+    parameter shards and their gradients (``offload_param``) and the states
+    of an optimizer that steps on the host (``offload_optimizer`` or
+    ``offload_param``, built with ``zerograph.make_optimizer``) are not
+    counted: see :func:`host_state_bytes`."""
+    device, host, psi, master = _shard_bytes(ctx)
+    states = 0 if _host_step(ctx) else 2 * (device + host)
+    return {"params": device, "grads": device, "optimizer_states": states}, psi, master
+
+
+def host_state_bytes(ctx) -> dict[str, int]:
+    """This rank's model states in host memory (ZeRO-Offload): offloaded
+    parameter shards and their gradients, and with a host optimizer step its
+    states and the fp32 master copies of the shards that stay on the device."""
+    device, host, _, master = _shard_bytes(ctx)
+    if not _host_step(ctx):
+        return {"params": host, "grads": host, "optimizer_states": 0, "masters": 0}
+    return {"params": host, "grads": host, "optimizer_states": 2 * (device + host),
+            "masters": device // master * 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +121,10 @@ def fixes(config: Config, consumer: str) -> list[str]:
         out = []
         if z.stage < 3:
             out.append(f"zero_optimization.stage (now {z.stage}) higher")
-        if z.offload_optimizer.device == "none":
+        if z.offload_optimizer.device == "none" and z.offload_param.device == "none":
             out.append("zero_optimization.offload_optimizer.device to \"cpu\" (with zerograph.make_optimizer)")
+        if z.stage == 3 and z.offload_param.device == "none":
+            out.append("zero_optimization.offload_param.device to \"cpu\" (parameter shards on the host)")
         return out + ["more data-parallel ranks (model states shrink as 1/world size)"]
     if consumer == "gradient":
         return [f"zero_optimization.reduce_bucket_size (now {z.reduce_bucket_size}) lower", micro_fix]

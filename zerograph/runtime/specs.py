@@ -8,6 +8,8 @@ from typing import Literal
 
 import torch
 
+from zerograph.runtime.offload import HOST
+
 Storage = Literal["replicated", "sharded"]
 GradReduce = Literal["all_reduce", "all_reduce_slice", "reduce_scatter"]
 
@@ -32,6 +34,24 @@ class ParamSpec:
     master_dtype: torch.dtype  # dtype of the stored shard (fp32 master)
     compute_dtype: torch.dtype  # dtype of the gathered parameter
     grad_scale: float  # multiplies the reduced gradient: 1 / (world * accumulation steps)
+    # offload_param: the stored shard lives in host memory and is copied to this
+    # (compute) device before its gather; its reduced gradient is copied back.
+    # None: the shard lives on the device it is computed on.
+    compute_device: torch.device | None = None
+
+    @property
+    def offloaded(self) -> bool:
+        return self.compute_device is not None
+
+    def gathered_device(self, shard_device: torch.device) -> torch.device:
+        """Where the gathered parameter lives, given the stored shard's device."""
+        return self.compute_device if self.compute_device is not None else shard_device
+
+    def grad_shard_device(self, grad_device: torch.device) -> torch.device:
+        """Where the reduced gradient shard lives, given the full gradient's device."""
+        if self.compute_device is None:
+            return grad_device
+        return HOST
 
     @property
     def full_rows(self) -> int:

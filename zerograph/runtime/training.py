@@ -16,7 +16,12 @@ from zerograph._torch_private import dynamo_exception_types, queue_backward_call
 from zerograph.runtime.context import ShardingContext
 from zerograph.runtime.dist import RankMonitor
 from zerograph.runtime.memory import MemoryBudgetError
-from zerograph.runtime.errors import explain_collective_failure, explain_trace_failure, is_collective_failure
+from zerograph.runtime.errors import (
+    explain_collective_failure,
+    explain_trace_failure,
+    is_collective_failure,
+    naming_failed_ranks,
+)
 from zerograph.runtime.precision import LossScaler
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,17 @@ class _BackwardEntry(torch.autograd.Function):
         return (None, None, *out)
 
 
+def _translator(ref: "weakref.ref[TrainingRuntime]"):
+    """``ctx.extra["collective_failure"]``: the runtime's translation of a
+    failed collective, without the context keeping the runtime alive."""
+
+    def translate(exc: BaseException, phase: str) -> BaseException:
+        runtime = ref()
+        return exc if runtime is None else runtime.collective_failure(exc, phase)
+
+    return translate
+
+
 class TrainingRuntime:
     """Calls the compiled model and runs what surrounds each step."""
 
@@ -92,6 +108,7 @@ class TrainingRuntime:
             weakref.finalize(self, self.monitor.stop)
         ref = weakref.ref(self)  # the context must not keep its runtime alive
         ctx.extra["collective_guard"] = lambda executable, phase: ref().guard_collectives(executable, phase)
+        ctx.extra["collective_failure"] = _translator(ref)
 
     # -- collective failures -------------------------------------------------
     def collective_failure(self, exc: BaseException, phase: str) -> BaseException:
@@ -111,17 +128,11 @@ class TrainingRuntime:
         raises a RankFailureError (the backend wraps every graph with this)."""
         if self.ctx.world_size == 1:
             return executable
-        ref = weakref.ref(self)
+        ctx = self.ctx
 
         def run(args):
-            try:
+            with naming_failed_ranks(ctx, phase):
                 return executable(args)
-            except RuntimeError as exc:
-                runtime = ref()
-                err = runtime.collective_failure(exc, phase) if runtime is not None else exc
-                if err is exc:
-                    raise
-                raise err from exc
 
         run._boxed_call = True
         return run
@@ -199,13 +210,8 @@ class TrainingRuntime:
 
     def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         if self.ctx.world_size > 1:
-            try:
+            with naming_failed_ranks(self.ctx, "optimizer step boundary"):
                 dist.all_reduce(t, op=op, group=self.ctx.dp.group)
-            except RuntimeError as exc:
-                err = self.collective_failure(exc, "optimizer step boundary")
-                if err is exc:
-                    raise
-                raise err from exc
         return t
 
     def _flush_stash(self) -> None:
