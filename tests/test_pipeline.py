@@ -462,7 +462,10 @@ def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
             except PipelineModeError as exc:
                 misuse = str(exc)
         params = {k: v.float().clone() for k, v in zerograph.full_state_dict(model).items()}
-        out.append({"losses": losses, "params": params, "misuse": misuse})
+        inspection = zerograph.inspect(model)
+        stages = sorted({r["stage"] for r in inspection.regions if r["stage"] is not None})
+        out.append({"losses": losses, "params": params, "misuse": misuse, "stages": stages,
+                    "comm": sum(inspection.comm_bytes_last_step.values())})
     return out
 
 
@@ -501,8 +504,14 @@ def test_two_stages_match_eager():
     ]
     results = spawn(_train, 2, runs, timeout=TIMEOUT)
     _check(results, runs, clip={2: 0.05, 6: 0.05})
-    for rank_results in results:  # model(...) in pipeline mode says to use train_step
+    for rank, rank_results in enumerate(results):  # model(...) in pipeline mode says to use train_step
         assert "call loss = model.train_step(batch) instead" in rank_results[0]["misuse"]
+        assert rank_results[0]["stages"] == [rank]
+        # interleaved: inspect shows both of this rank's stages (rank r holds stages r and r + 2)
+        assert rank_results[6]["stages"] == rank_results[7]["stages"] == [rank, rank + 2]
+        assert rank_results[5]["stages"] == []  # no pipeline
+    # ZeRO-3 inside each single-rank stage moves no bytes; the no-pipeline ZeRO-3 run does
+    assert results[0][7]["comm"] == 0 and results[0][5]["comm"] > 0
 
 
 @pytest.mark.timeout(TIMEOUT + 30)

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 import weakref
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -202,14 +202,34 @@ def _context(model: nn.Module) -> ShardingContext:
 
 def inspect(model: nn.Module) -> Inspection:
     """The final forward/backward graphs, the passes applied (time, nodes
-    added/removed) and this rank's communication bytes in the last step."""
-    ctx = _context(model)
+    added/removed) and this rank's communication bytes in the last step.
+
+    A pipeline model with several stages on this rank (interleaved 1F1B) shows
+    all of them: each region says its model ``stage`` (``None`` without a
+    pipeline), passes and regions are listed stage by stage, and the
+    communication bytes are summed over the stages."""
+    parts = _stage_contexts(model)
     regions = [
-        {"index": r.index, "graphs": dict(r.graphs), "comm_bytes": dict(r.comm_bytes)} for r in ctx.regions
+        {"index": r.index, "stage": stage, "graphs": dict(r.graphs), "comm_bytes": dict(r.comm_bytes)}
+        for stage, ctx in parts for r in ctx.regions
     ]
-    records = [rec for r in ctx.regions for recs in r.pass_records.values() for rec in recs]
+    records = [rec for _, ctx in parts for r in ctx.regions for recs in r.pass_records.values() for rec in recs]
     from zerograph.passes.liveness import plan_model
 
-    memory = plan_model(ctx.regions, ctx.config.gradient_accumulation_steps)
-    return Inspection(regions=regions, passes=records, comm_bytes_last_step=dict(ctx.stats.last_step),
-                      memory=memory, memory_measured=ctx.stats.memory)
+    first = parts[0][1]
+    memory = plan_model([r for _, ctx in parts for r in ctx.regions], first.config.gradient_accumulation_steps)
+    comm: dict[str, int] = {}
+    for _, ctx in parts:
+        for kind, nbytes in ctx.stats.last_step.items():
+            comm[kind] = comm.get(kind, 0) + nbytes
+    return Inspection(regions=regions, passes=records, comm_bytes_last_step=comm,
+                      memory=memory, memory_measured=first.stats.memory)
+
+
+def _stage_contexts(model: nn.Module) -> list[tuple[Optional[int], ShardingContext]]:
+    """``(model stage, context)`` of each compiled part of ``model`` on this rank."""
+    stages = getattr(model, "stage_runtimes", None)
+    if callable(stages):
+        return [(stage, runtime.ctx) for stage, runtime in stages()]
+    return [(None, _context(model))]
+

@@ -71,7 +71,7 @@ class PipelineModel(nn.Module):
         self.stage_ids: tuple[int, ...] = tuple(sorted(chunks))
         self.chunks = nn.ModuleList([chunks[k] for k in self.stage_ids])
         self._modules_by_stage = dict(chunks)
-        self._zg_runtime = self.chunks[0]._zg_runtime  # zerograph.inspect(model) shows this rank's first stage
+        self._zg_runtime = self.chunks[0]._zg_runtime  # this rank's first stage (config, stats)
         self._split = split
         self._plans: dict[int, StagePlan] = {k: split.stages[k] for k in self.stage_ids}
         self.schedule = schedule
@@ -89,6 +89,10 @@ class PipelineModel(nn.Module):
     def stage(self) -> nn.Module:
         """This rank's (first) stage module."""
         return self.chunks[0]
+
+    def stage_runtimes(self) -> list[tuple[int, object]]:
+        """``(model stage, runtime)`` of each stage this rank runs (``zerograph.inspect``)."""
+        return [(k, chunk._zg_runtime) for k, chunk in zip(self.stage_ids, self.chunks)]
 
     def _rank_of_stage(self, k: int) -> int:
         return self.groups.rank_of(k % self.groups.stages)
