@@ -168,9 +168,11 @@ def main():
         with torch._functorch.config.patch(activation_memory_budget=budget):
             compiled = torch.compile(model, backend="aot_eager_decomp_partition")
             run(f"AOTAutograd activation_memory_budget {budget}", model, lambda i, t, c=compiled: c(i, t).loss)
-        aot_saved = rows[-1]["saved"]  # the two budgets mean different things: also compare at equal bytes
-        run(f"zerograph memory_budget {aot_saved:,} B (= AOTAutograd {budget}'s saved bytes)", zerograph.compile(
-            make_model(args), {"activation_checkpointing": {"policy": "memory_budget", "memory_budget": aot_saved}}))
+        # the two knobs mean different limits: also give zerograph, in bytes, the
+        # activations AOTAutograd saved (its budget's unit: activations, not parameters)
+        aot_acts = max(rows[-1]["acts"], 2)  # an int budget of 0 or 1 is ambiguous
+        run(f"zerograph memory_budget {aot_acts:,} B (= AOTAutograd {budget}'s activations)", zerograph.compile(
+            make_model(args), {"activation_checkpointing": {"policy": "memory_budget", "memory_budget": aot_acts}}))
 
     base = rows[0]
     lines = [f"GPT {args.layers} layers, d={args.width}, seq {args.seq}, batch {args.batch}, vocab {args.vocab}; "

@@ -368,13 +368,15 @@ class ActivationCheckpointingConfig(BaseModel):
         "none",
         description="\"none\": save what eager autograd saves; \"per_layer\": recompute everything "
         "inside each block, saving only block outputs; \"selective\": save matmul/attention outputs, "
-        "recompute pointwise ops; \"memory_budget\": recompute the cheapest nodes per saved byte until "
-        "the saved bytes fit memory_budget. Random ops (dropout) are always saved, never recomputed.",
+        "recompute pointwise ops; \"memory_budget\": save the fewest activation bytes a minimum cut "
+        "allows within memory_budget, recomputing as few matmuls as it can. Random ops (dropout) are "
+        "always saved, never recomputed.",
     )
     memory_budget: Optional[Union[float, int]] = Field(
         None,
-        description="For policy \"memory_budget\": a float in [0, 1] (fraction of the bytes policy "
-        "\"none\" saves) or an int >= 2 (bytes). Required by that policy, rejected by the others.",
+        description="For policy \"memory_budget\": a float in [0, 1] (fraction of the activation "
+        "bytes policy \"none\" saves; parameters and inputs, held anyway, do not count) or an int >= 2 "
+        "(activation bytes). Required by that policy, rejected by the others.",
     )
     offload_activations: StrictBool = Field(
         False,

@@ -265,13 +265,25 @@ def min_cut_saved(gm: fx.GraphModule, recompute: set) -> set[fx.Node]:
     return {n for n in forward if (n, "in") in reachable and (n, "out") not in reachable}
 
 
-def predict_saved_bytes(gm: fx.GraphModule, decision: Optional[dict] = None) -> int:
+def held_anyway(node: fx.Node) -> bool:
+    """A saved value whose memory the step holds whether or not it is saved: an
+    input or a view of one (parameters, the batch), or a parameter's value that is
+    not recomputed (unsharded, or gathered once per forward at stages 1-2)."""
+    if _aliases_input(node):
+        return True
+    tag = get_tag(node)
+    return tag is not None and tag.param is not None and node.meta.get("recompute") not in _RECOMPUTE
+
+
+def predict_saved_bytes(gm: fx.GraphModule, decision: Optional[dict] = None, *,
+                        activations_only: bool = False) -> int:
     """Exact bytes the forward saves for the backward (analysis: ``gm`` is not changed).
 
     Partitions a copy of the joint graph ``gm`` (with ``decision`` applied on top of
     its ``node.meta["recompute"]`` tags) with the same partitioner the backend uses,
     and sums the forward graph's outputs beyond the user outputs: exactly the
-    tensors AOTAutograd stores with ``save_for_backward``.
+    tensors AOTAutograd stores with ``save_for_backward``. ``activations_only``
+    leaves out what :func:`held_anyway` holds (the unit of ``memory_budget``).
     """
     from zerograph._torch_private import default_partition
 
@@ -285,8 +297,8 @@ def predict_saved_bytes(gm: fx.GraphModule, decision: Optional[dict] = None) -> 
     fw, bw = default_partition(clone, None, num_fwd_outputs=n_out)
     unwrap_deterministic_rng(fw, bw)
     outputs = next(n for n in reversed(fw.graph.nodes) if n.op == "output")
-    saved = _flatten(outputs.args)[n_out:]
-    return sum(output_bytes(n) for n in saved if isinstance(n, fx.Node))
+    saved = [n for n in _flatten(outputs.args)[n_out:] if isinstance(n, fx.Node)]
+    return sum(output_bytes(n) for n in saved if not (activations_only and held_anyway(n)))
 
 
 def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str] = frozenset()
@@ -298,7 +310,8 @@ def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str]
     ops before matmuls). Allowing the first ``k`` to be recomputed, the minimum cut
     (:func:`min_cut_saved`) gives the fewest bytes the forward must save; these are
     non-increasing in ``k``, so a binary search finds the smallest ``k`` whose cut
-    fits ``budget`` (a fraction of what policy ``none`` saves, or bytes), i.e. the
+    fits ``budget`` (a fraction of the activation bytes policy ``none`` saves, or
+    bytes; parameters and inputs, held anyway, do not count: :func:`held_anyway`), i.e. the
     fewest expensive nodes allowed to be recomputed; :func:`_spend_slack` then
     takes back the expensive ones the budget can still hold. If none fits, all
     free nodes may be recomputed (the least any choice saves). The cut's nodes
@@ -311,17 +324,20 @@ def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     free.sort(key=lambda n: (recompute_flops(n) / max(output_bytes(n), 1), order[n]))
     base = {n for n in gm.graph.nodes if n.meta.get("recompute") in _RECOMPUTE}
-    none_bytes = predict_saved_bytes(gm)  # exact: what the graph saves with the tags it has
+    none_bytes = predict_saved_bytes(gm, activations_only=True)  # exact: what the graph saves with its tags
     limit = int(budget * none_bytes) if isinstance(budget, float) else int(budget)
 
     def cut(allowed: set) -> set:
         return min_cut_saved(gm, base | allowed)
 
-    def bytes_of(saved):  # as the budget counts them: parameters and inputs included
-        return sum(output_bytes(n) for n in saved)
+    def bytes_of(allowed: set, saved: set) -> int:  # the cut's value: activation bytes
+        return sum(_capacity(n, base | allowed) or 0 for n in saved)
 
     def fits(allowed: set) -> bool:
-        return bytes_of(cut(allowed)) <= limit
+        saved = bytes_of(allowed, cut(allowed))
+        log.debug("memory_budget: %d of %d nodes recomputable: about %d bytes saved (limit %d)",
+                  len(allowed), len(free), saved, limit)
+        return saved <= limit
 
     lo, hi = 0, len(free)  # smallest k in [lo, hi] whose cut fits, hi if none
     if fits(set()):
@@ -341,21 +357,22 @@ def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str]
         for node in free:
             recompute = node in allowed and node not in saved
             decision[node] = CheckpointPolicy.MUST_RECOMPUTE if recompute else CheckpointPolicy.MUST_SAVE
-        return decision, bytes_of(saved)
+        return decision, bytes_of(allowed, saved)
 
     # the cut models saved views as separate bytes and ignores some of the
     # partitioner's view handling: check the exact figure, allow a few more
     # nodes to be recomputed if it is over the budget
     (decision, estimated), exact, tries = decide(allowed), None, 0
     while True:
-        exact = predict_saved_bytes(gm, decision)
+        exact = predict_saved_bytes(gm, decision, activations_only=True)
         if exact <= limit or best_k >= len(free) or tries == _MAX_EXACT_TRIES:
             break
         best_k, tries = best_k + 1, tries + 1
         allowed = set(free[:best_k])
         decision, estimated = decide(allowed)
     if exact <= limit:  # spend the rest of the budget on saving expensive ops
-        decision, estimated, exact = _spend_slack(allowed, decide, lambda d: predict_saved_bytes(gm, d), limit,
+        decision, estimated, exact = _spend_slack(allowed, decide,
+                                                  lambda d: predict_saved_bytes(gm, d, activations_only=True), limit,
                                                   (decision, estimated, exact), order)
     if exact > limit:
         log.warning("activation_checkpointing: memory_budget of %d bytes not reachable; saving %d bytes",
@@ -366,16 +383,22 @@ def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str]
 
 
 def _spend_slack(allowed: set, decide, exact_bytes, limit: int, current: tuple, order: dict) -> tuple:
-    """Budget left over by the cut goes to the expensive ops: each matmul or attention
-    allowed to be recomputed (most FLOPs first) is saved instead when the exact
-    saved bytes still fit, so the backward recomputes as few FLOPs as the budget
-    permits. The cut's model of a change is only a guide here (the partitioner
-    saves views and aliases its own way), so each step is checked exactly (a
-    partition of the graph each), at most ``_MAX_SLACK_TRIES`` times, over the ``_MAX_SLACK_CANDIDATES`` most
-    expensive ops (bounded compile time); returns ``(decision, estimated, exact)``."""
+    """Budget left over by the cut goes to the expensive ops: a matmul or attention
+    allowed to be recomputed is saved instead when the exact saved bytes still fit,
+    best value first (FLOPs no longer recomputed per byte the cut says it adds),
+    so the backward recomputes as few FLOPs as the budget permits. The cut's model
+    of a change is only a guide (the partitioner saves views and aliases its own
+    way), so each step is checked exactly (a partition of the graph each), at most
+    ``_MAX_SLACK_TRIES`` times, over the ``_MAX_SLACK_CANDIDATES`` most expensive
+    ops (bounded compile time); returns ``(decision, estimated, exact)``."""
     expensive = sorted((n for n in allowed if is_expensive(n)), key=lambda n: (-recompute_flops(n), order[n]))
-    tries = 0
+    ranked = []
     for node in expensive[:_MAX_SLACK_CANDIDATES]:
+        decision, estimated = decide(allowed - {node})
+        added = estimated - current[1]
+        ranked.append((-recompute_flops(node) / max(added, 1), order[node], node))
+    tries = 0
+    for _, _, node in sorted(ranked, key=lambda item: item[:2]):
         if tries == _MAX_SLACK_TRIES:
             break
         decision, estimated = decide(allowed - {node})

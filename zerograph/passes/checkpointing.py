@@ -65,7 +65,9 @@ def _not_regathered(gm, ctx: PassContext) -> frozenset[str]:
 def predict_saved(gm, ctx: PassContext) -> PassResult:
     """Analysis pass for the end of the joint phase: the exact bytes the forward will
     save for the backward (:func:`~zerograph.passes.checkpoint_policy.predict_saved_bytes`),
-    in ``details["saved_bytes"]``. Not in the default pipeline (it partitions a copy of
+    in ``details["saved_bytes"]``, and in ``details["activation_bytes"]`` the part that
+    parameters and inputs do not already hold (the unit of ``memory_budget``). Not in the default pipeline (it partitions a copy of
     the graph); add it with ``passes.append(GraphPass("predict_saved", predict_saved,
     phases=("joint",), analysis=True))``."""
-    return PassResult(details={"saved_bytes": predict_saved_bytes(gm)})
+    return PassResult(details={"saved_bytes": predict_saved_bytes(gm),
+                               "activation_bytes": predict_saved_bytes(gm, activations_only=True)})
