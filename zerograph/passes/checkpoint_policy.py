@@ -29,6 +29,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from zerograph._torch_private import size_hint
 from zerograph.metadata import get_tag
 from zerograph.passes.deterministic_rng import dropout_p, unwrap_deterministic_rng
+from zerograph.passes.liveness import is_alias
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +208,8 @@ def _forward_and_needed(gm: fx.GraphModule) -> tuple[list[fx.Node], set[fx.Node]
 
 def _capacity(node: fx.Node, recompute: set) -> Optional[int]:
     """Bytes it costs to save ``node`` (``None``: it cannot be saved, e.g. a tuple,
-    whose elements are saved instead). Free: inputs and views of them, and a
-    parameter's value that cannot be recomputed (the backward holds it anyway:
-    unsharded, or gathered once per forward at stages 1-2)."""
-    if node.op == "placeholder" or _aliases_input(node):
-        return 0
-    tag = get_tag(node)
-    if tag is not None and tag.param is not None and node not in recompute:
+    whose elements are saved instead); 0 for what :func:`_held_anyway` holds."""
+    if _held_anyway(node, recomputed=node in recompute):
         return 0
     val = node.meta.get("val")
     if isinstance(val, (tuple, list)):
@@ -223,10 +219,19 @@ def _capacity(node: fx.Node, recompute: set) -> Optional[int]:
 
 def _aliases_input(node: fx.Node) -> bool:
     """A view of a graph input (``t(weight)``): saving it holds no new memory."""
-    while node.op == "call_function" and getattr(node.target, "is_view", False) and node.args \
-            and isinstance(node.args[0], fx.Node):
+    while node.op == "call_function" and is_alias(node) and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node.op == "placeholder"
+
+
+def _held_anyway(node: fx.Node, *, recomputed: bool) -> bool:
+    """An input or a view of one (parameters, the batch), or a parameter's value
+    that is not recomputed (unsharded, or gathered once per forward at stages 1-2):
+    the step holds its memory whether or not it is saved."""
+    if _aliases_input(node):
+        return True
+    tag = get_tag(node)
+    return tag is not None and tag.param is not None and not recomputed
 
 
 def min_cut_saved(gm: fx.GraphModule, recompute: set) -> set[fx.Node]:
@@ -266,13 +271,9 @@ def min_cut_saved(gm: fx.GraphModule, recompute: set) -> set[fx.Node]:
 
 
 def held_anyway(node: fx.Node) -> bool:
-    """A saved value whose memory the step holds whether or not it is saved: an
-    input or a view of one (parameters, the batch), or a parameter's value that is
-    not recomputed (unsharded, or gathered once per forward at stages 1-2)."""
-    if _aliases_input(node):
-        return True
-    tag = get_tag(node)
-    return tag is not None and tag.param is not None and node.meta.get("recompute") not in _RECOMPUTE
+    """A saved value whose memory the step holds whether or not it is saved
+    (:func:`_held_anyway`, recomputation read from the node's tag)."""
+    return _held_anyway(node, recomputed=node.meta.get("recompute") in _RECOMPUTE)
 
 
 def predict_saved_bytes(gm: fx.GraphModule, decision: Optional[dict] = None, *,
@@ -392,23 +393,24 @@ def _spend_slack(allowed: set, decide, exact_bytes, limit: int, current: tuple, 
     ``_MAX_SLACK_TRIES`` times, over the ``_MAX_SLACK_CANDIDATES`` most expensive
     ops (bounded compile time); returns ``(decision, estimated, exact)``."""
     expensive = sorted((n for n in allowed if is_expensive(n)), key=lambda n: (-recompute_flops(n), order[n]))
-    ranked = []
+    ranked, accepted = [], False
     for node in expensive[:_MAX_SLACK_CANDIDATES]:
         decision, estimated = decide(allowed - {node})
         added = estimated - current[1]
-        ranked.append((-recompute_flops(node) / max(added, 1), order[node], node))
+        ranked.append((-recompute_flops(node) / max(added, 1), order[node], node, decision, estimated))
     tries = 0
-    for _, _, node in sorted(ranked, key=lambda item: item[:2]):
+    for _, _, node, decision, estimated in sorted(ranked, key=lambda item: item[:2]):
         if tries == _MAX_SLACK_TRIES:
             break
-        decision, estimated = decide(allowed - {node})
+        if accepted:  # the ranking's cut assumed the set before the last acceptance
+            decision, estimated = decide(allowed - {node})
         if estimated - current[1] > limit - current[2]:  # the model already says it will not fit
             continue
         tries += 1
         exact = exact_bytes(decision)
         log.debug("memory_budget: saving %s instead: %d bytes (limit %d)", node.name, exact, limit)
         if exact <= limit:
-            allowed, current = allowed - {node}, (decision, estimated, exact)
+            allowed, current, accepted = allowed - {node}, (decision, estimated, exact), True
     return current
 
 

@@ -92,7 +92,8 @@ def storage_bytes(t: torch.Tensor) -> int:
 _SHARES_STORAGE = {_WAIT, torch.ops.aten._unsafe_view.default}
 
 
-def _is_alias(node: fx.Node) -> bool:
+def is_alias(node: fx.Node) -> bool:
+    """``node`` returns (a view of) its first input's storage."""
     target = node.target
     if target in _SHARES_STORAGE:
         return True
@@ -156,7 +157,7 @@ def storages(
             continue
         if node.target is operator.getitem:
             src = node.args[0]
-            if isinstance(src, fx.Node) and _is_alias(src) and src.all_input_nodes:
+            if isinstance(src, fx.Node) and is_alias(src) and src.all_input_nodes:
                 base = root.get(src.all_input_nodes[0])
                 if base is not None:
                     root[node] = base
@@ -170,7 +171,7 @@ def storages(
             _tuple_elements(node, unclaimed)
             continue
         inputs = [a for a in node.all_input_nodes if a in root]
-        if _is_alias(node) and inputs:
+        if is_alias(node) and inputs:
             root[node] = root[inputs[0]]
             continue
         root[node] = node
@@ -225,7 +226,7 @@ def _tuple_elements(node: fx.Node, unclaimed: list) -> None:
     """Record the tensor outputs of a multi-output node that no getitem reads
     (they live in the node's tuple until its last use)."""
     val = node.meta.get("val")
-    if not isinstance(val, (tuple, list)) or _is_alias(node):
+    if not isinstance(val, (tuple, list)) or is_alias(node):
         return
     read = {u.args[1] for u in node.users if u.target is operator.getitem}
     for k, v in enumerate(val):
