@@ -116,8 +116,13 @@ def test_stage3_reuse_distance_zero_regathers_in_backward(fake_world):
     assert policy == {"must_recompute": 6}
     # the default (0): the same graphs as test_stage3_*: the backward gathers fc2.weight again
     assert info.memory.regions[0].comm_bytes == {"all_gather": 312, "reduce_scatter": 216, "all_reduce": 0}
-    saved = [n.name for n in info.backward[0].graph.nodes if n.op == "placeholder"]
-    assert_expected_inline(" ".join(saved), """primals_5 relu detach view_2 primals_2 tangents_1""")
+    # Tensor inputs only: every DTensor parameter also brings its DeviceMesh in
+    # as an opaque graph input (one object, three placeholders), and which of
+    # those equal placeholders AOTAutograd binds the gradients' mesh to depends
+    # on torch-internal state left by earlier compiles in the process.
+    saved = [n.name for n in info.backward[0].graph.nodes
+             if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
+    assert_expected_inline(" ".join(saved), """primals_5 relu detach view_2 tangents_1""")
 
 
 def test_stage3_reuse_distance_infinite_keeps_last_layer(fake_world):
