@@ -33,7 +33,7 @@ from zerograph.pipeline import (
     simulate,
     split_graph,
 )
-from zerograph.pipeline.build import _check_ties_on_distinct_ranks, trace
+from zerograph.pipeline.build import _untie_copies_on_one_rank, trace
 from zerograph.pipeline.step import split_batch
 from zerograph.runtime.launch import spawn
 
@@ -361,9 +361,27 @@ def test_split_for_interleaving_puts_the_tied_embedding_on_different_ranks():
     split = split_graph(gm, 4)  # p=2 x v=2
     assert [st.first_module for st in split.stages] == ["", "h.1", "h.2", "h.3"]
     assert split.tied == {"lm_head.weight": (0, 3)}  # ranks 0 and 1
-    _check_ties_on_distinct_ranks(split, 2)
-    with pytest.raises(ConfigError, match=r"lm_head.weight is read by stages 0, 3, and with 3 pipeline ranks two of them are on the same rank"):
-        _check_ties_on_distinct_ranks(split, 3)
+
+
+def test_weight_shared_by_two_stages_of_one_rank_gets_a_copy_per_stage():
+    gm = trace(make_gpt4_shared(), _models.global_batch(0, 2), None)
+    split = split_graph(gm, 4)  # p=2 x v=2: rank 0 runs stages 0 and 2
+    # export names the shared weight once, by its last attribute path
+    assert split.tied == {"h.2.mlp.fc.weight": (0, 2), "lm_head.weight": (0, 3)}
+
+    def param(k, name):
+        *path, leaf = split.tied_names[name][k].split(".")
+        return split.stages[k].module.get_submodule(".".join(path))._parameters[leaf]
+
+    assert param(0, "h.2.mlp.fc.weight") is param(2, "h.2.mlp.fc.weight")
+    _untie_copies_on_one_rank(split, mine=(1, 3))  # rank 1: the embedding tie spans ranks, no copy
+    assert param(0, "lm_head.weight") is param(3, "lm_head.weight")
+    assert param(0, "h.2.mlp.fc.weight") is param(2, "h.2.mlp.fc.weight")
+    _untie_copies_on_one_rank(split, mine=(0, 2))
+    first, copy = param(0, "h.2.mlp.fc.weight"), param(2, "h.2.mlp.fc.weight")
+    assert copy is not first and isinstance(copy, torch.nn.Parameter) and copy.requires_grad
+    assert torch.equal(copy, first)
+    assert param(0, "lm_head.weight") is param(3, "lm_head.weight")
 
 
 def _deep_gpt():
@@ -380,6 +398,14 @@ def make_gpt4():
     torch.manual_seed(1234)
     return zerograph.models.GPT(zerograph.models.GPTConfig(
         vocab_size=_models.VOCAB, block_size=_models.SEQ, n_layer=4, n_head=2, n_embd=30))
+
+
+def make_gpt4_shared():
+    """gpt4 with block 2's MLP input weight shared with block 0's (ALBERT-style):
+    with p=2 x v=2 both blocks' stages (0 and 2) run on rank 0."""
+    model = make_gpt4()
+    model.h[2].mlp.fc.weight = model.h[0].mlp.fc.weight
+    return model
 
 
 def make_llama4():
@@ -402,7 +428,7 @@ def make_hf_gpt2_4():
     ))
 
 
-_MODELS = {**_models.MODELS, "gpt4": make_gpt4, "llama4": make_llama4, "hf_gpt2_4": make_hf_gpt2_4}
+_MODELS = {**_models.MODELS, "gpt4": make_gpt4, "gpt4_shared": make_gpt4_shared, "llama4": make_llama4, "hf_gpt2_4": make_hf_gpt2_4}
 
 
 def _reference(name: str, clip: float = 0.0):
@@ -501,9 +527,11 @@ def test_two_stages_match_eager():
         # the tied embedding is on stages 0 and 3, clipping spans both chunks of both ranks
         ("gpt4", {"pipeline": il, "gradient_clipping": 0.05}),
         ("hf_gpt2_4", {"pipeline": il, "zero_optimization": {"stage": 3}}),
+        # a weight shared by blocks 0 and 2: stages 0 and 2 of rank 0 each hold a copy
+        ("gpt4_shared", {"pipeline": il, "zero_optimization": {"stage": 3}, "gradient_clipping": 0.05}),
     ]
     results = spawn(_train, 2, runs, timeout=TIMEOUT)
-    _check(results, runs, clip={2: 0.05, 6: 0.05})
+    _check(results, runs, clip={2: 0.05, 6: 0.05, 8: 0.05})
     for rank, rank_results in enumerate(results):  # model(...) in pipeline mode says to use train_step
         assert "call loss = model.train_step(batch) instead" in rank_results[0]["misuse"]
         assert rank_results[0]["stages"] == [rank]

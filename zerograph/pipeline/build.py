@@ -82,7 +82,6 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
     split = split_graph(gm, p * v, cfg.pipeline.split_points)
     log.info("pipeline split of %s:\n%s", type(model).__name__, split.describe())
     mine = schedule.stages_of(groups.stage)  # this rank's model stages
-    _check_ties_on_distinct_ranks(split, p)
     zg = cfg.zerograph
     if zg.seed_from_rank0:
         for k in mine:
@@ -98,6 +97,7 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
     keys = [_original_keys(model, st.module) for st in split.stages]
     covered = {k for stage_keys in keys for names in stage_keys.values() for k in names}
     fallback = {k: val for k, val in fallback.items() if k not in covered}  # read by no stage: never changes
+    _untie_copies_on_one_rank(split, mine)
     modules = {k: split.stages[k].module for k in mine}
     for st in split.stages:  # other ranks' stages' parameters are not this rank's to keep
         if st.index not in modules:
@@ -108,17 +108,22 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
                          {k: keys[k] for k in mine})
 
 
-def _check_ties_on_distinct_ranks(split, p: int) -> None:
-    """A parameter read by two stages is held once per stage; two stages of one
-    rank cannot both hold it (one rank would shard the same tensor twice)."""
+def _untie_copies_on_one_rank(split, mine) -> None:
+    """A parameter read by two stages that one rank runs (interleaved 1F1B:
+    stages ``k`` and ``k + p``; ALBERT-style weights shared across blocks)
+    gets its own copy in every such stage but the first, so that each compiled
+    stage shards and owns a distinct tensor. The copies start equal and the
+    runtime sums their gradients (locally, then over the ranks holding the
+    other copies), so they stay equal, as one tied parameter would."""
     for name, stages in split.tied.items():
-        ranks = [k % p for k in stages]
-        if len(set(ranks)) != len(ranks):
-            raise ConfigError(
-                f"the tied parameter {name} is read by stages {', '.join(map(str, stages))}, and with "
-                f"{p} pipeline ranks two of them are on the same rank (stage k runs on rank k % {p}); choose "
-                "pipeline.split_points or virtual_stages so that the stages reading it are on different ranks"
-            )
+        local = [k for k in stages if k in mine]
+        for k in local[1:]:
+            *path, leaf = split.tied_names[name][k].split(".")
+            owner = split.stages[k].module
+            for part in path:
+                owner = owner._modules[part]
+            shared = owner._parameters[leaf]
+            owner._parameters[leaf] = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
 
 
 @torch.no_grad()

@@ -107,9 +107,12 @@ class PipelineModel(nn.Module):
 
     # -- tied parameters --------------------------------------------------------
     def _make_tie_groups(self):
-        """(name, model stage, parameter, group, global ranks) for each tied
-        parameter on this rank's stages. ``new_group`` is collective: every
-        rank creates every group, in the same order."""
+        """(name, model stage, parameter, group, global ranks) for each copy of
+        a tied parameter on this rank's stages. ``group`` spans the distinct
+        ranks holding a copy (``None`` when all copies are on this rank); the
+        first entry of ``ranks`` holds the copy of the first stage reading it.
+        ``new_group`` is collective: every rank creates every group, in the
+        same order."""
         out = []
         dp = self.groups.dp.world_size
         if not dist.is_initialized():
@@ -117,8 +120,8 @@ class PipelineModel(nn.Module):
         for name in sorted(self._split.tied):
             stages = self._split.tied[name]
             for d in range(dp):
-                ranks = [(k % self.groups.stages) * dp + d for k in stages]
-                group = dist.new_group(ranks)
+                ranks = list(dict.fromkeys((k % self.groups.stages) * dp + d for k in stages))
+                group = dist.new_group(ranks) if len(ranks) > 1 else None
                 if d != self.groups.dp.rank:
                     continue
                 for k in stages:
@@ -127,17 +130,36 @@ class PipelineModel(nn.Module):
                         out.append((name, k, _parameter(self._modules_by_stage[k], target), group, ranks))
         return out
 
+    def _copies_by_name(self):
+        """name -> (this rank's copies in stage order, group, ranks)."""
+        out = {}
+        for name, _, param, group, ranks in self._tie_groups:
+            out.setdefault(name, ([], group, ranks))[0].append(param)
+        return out
+
     @torch.no_grad()
     def _sync_tied(self) -> None:
         """Tied copies start equal: the first stage's value wins."""
-        for _, _, param, group, ranks in self._tie_groups:
-            dist.broadcast(_local(param), src=ranks[0], group=group)
+        for copies, group, ranks in self._copies_by_name().values():
+            first = _local(copies[0])
+            if group is not None:
+                dist.broadcast(first, src=ranks[0], group=group)
+            for other in copies[1:]:
+                _local(other).copy_(first)
 
+    @torch.no_grad()
     def _sum_tied_grads(self) -> None:
-        for name, k, param, group, _ in self._tie_groups:
-            if param.grad is None:
+        for name, (copies, group, _) in self._copies_by_name().items():
+            if any(c.grad is None for c in copies):
+                k = next(k for n, k, c, _, _ in self._tie_groups if n == name and c.grad is None)
                 raise RuntimeError(f"tied parameter {name} has no gradient on stage {k}")
-            dist.all_reduce(_local(param.grad), group=group)
+            total = _local(copies[0].grad)
+            for other in copies[1:]:
+                total.add_(_local(other.grad))
+            if group is not None:
+                dist.all_reduce(total, group=group)
+            for other in copies[1:]:
+                _local(other.grad).copy_(total)
 
     # -- the step ---------------------------------------------------------------
     def train_step(self, batch) -> float:
