@@ -1,6 +1,6 @@
 """Benchmark zerograph's ZeRO stages against DDP and FSDP2 on CPU (gloo).
 
-    python benchmarks/bench_zero.py [--steps N] [--warmup K] [--world W] [--large] [--model M] [--out FILE.md]
+    python benchmarks/bench_zero.py [--steps N] [--warmup K] [--world W] [--large] [--model M] [--interleave] [--out FILE.md]
 
 Default: the 3.70M-parameter GPT (4 layers, d=256, vocab 1000, seq 128),
 batch 8 per rank. In ONE launch of ``--world`` ranks, every rank trains each
@@ -9,6 +9,11 @@ zerograph stage 0, 1, 2, 3, stage 3 without prefetch (``schedule_collectives``
 disabled) and/or without bucketing (bucket sizes 0); DDP; FSDP2 (``fully_shard`` on each block, then
 the root). Per system: median step time (forward + backward + optimizer step
 + zero_grad), model-state bytes per rank, communication per step.
+
+``--interleave``: every system is built and warmed up first, then the timed
+steps go round-robin (one step of each system per round, the order rotated
+each round), so that load drift on a shared machine falls on all systems
+alike instead of on whichever ran last.
 
 ``--model gpt-12x768``: the ``--large`` shape for the stage-3 variants, DDP
 and FSDP2, without RSS sampling.
@@ -275,9 +280,72 @@ def _run_system(name: str, spec: dict, steps: int, warmup: int, sample_rss: bool
     return result
 
 
-def rank_main(spec: dict, systems: list[str], steps: int, warmup: int, sample_rss: bool) -> list[dict]:
-    """Run on every rank: each system in turn, same weights and data."""
+def rank_main(spec: dict, systems: list[str], steps: int, warmup: int, sample_rss: bool,
+              interleave: bool = False) -> list[dict]:
+    """Run on every rank: each system in turn, same weights and data (or,
+    with ``interleave``, all systems alive at once, taking turns step by step)."""
+    if interleave:
+        return _run_interleaved(systems, spec, steps, warmup)
     return [_run_system(name, spec, steps, warmup, sample_rss) for name in systems]
+
+
+def _run_interleaved(systems: list[str], spec: dict, steps: int, warmup: int) -> list[dict]:
+    """Every system is built and warmed up first; then each timed round runs
+    one step of every system, the order rotated by one each round, so that
+    drift in the machine's load falls on all systems alike."""
+    import torch.distributed as dist
+
+    import zerograph
+    from zerograph.models import GPT
+
+    # one compiled frame per zerograph system of the same model class: keep
+    # Dynamo from falling back to eager after its default recompile limit
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(systems))
+    torch._dynamo.reset()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = _batches(spec, warmup + steps, rank, world)
+    runs = []
+    for name in systems:
+        torch.manual_seed(SEED)
+        model = GPT(_gpt_config(spec))
+        n_params = model.num_parameters()
+        n_root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("h."))
+        t_prep = time.perf_counter()
+        model = _prepare(name, model)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        prep_s = time.perf_counter() - t_prep
+        runs.append({"name": name, "model": model, "opt": opt, "n_params": n_params, "n_root_params": n_root,
+                     "times": [], "losses": [], "prep_s": prep_s, "state_bytes": 0, "warmup_s": 0.0})
+
+    def one_step(run, i):
+        idx, targets = batches[i]
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = run["model"](idx, targets).loss
+        loss.backward()
+        run["opt"].step()
+        if i == 0:
+            run["state_bytes"] = model_state_bytes(run["model"], run["opt"])
+        run["opt"].zero_grad()
+        elapsed = time.perf_counter() - t0
+        run["losses"].append(loss.item())
+        return elapsed
+
+    for run in runs:
+        t_warm = time.perf_counter()
+        for i in range(warmup):
+            one_step(run, i)
+        run["warmup_s"] = time.perf_counter() - t_warm
+    for s in range(steps):
+        shift = s % len(runs)
+        for run in runs[shift:] + runs[:shift]:
+            run["times"].append(one_step(run, warmup + s))
+    out = []
+    for run in runs:
+        comm = dict(zerograph.inspect(run["model"]).comm_bytes_last_step) if run["name"].startswith("zerograph") else None
+        out.append({k: v for k, v in run.items() if k not in ("model", "opt")} | {"comm": comm})
+    dist.barrier()
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -395,6 +463,9 @@ def main(argv=None) -> int:
                          "DDP and FSDP2, no RSS sampling)")
     ap.add_argument("--systems", default=None, help="comma-separated subset of the systems to run")
     ap.add_argument("--out", default=None, help="also write the markdown report to this file")
+    ap.add_argument("--interleave", action="store_true",
+                    help="build every system first, then run them in turns, one step each per round "
+                         "(load drift hits all systems alike; not with --large, which measures RSS per system)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before the launch is killed")
     args = ap.parse_args(argv)
 
@@ -409,6 +480,8 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if args.large else 3)
     if warmup < 1:
         ap.error("--warmup must be >= 1 (model states are measured after the first step)")
+    if args.interleave and args.large:
+        ap.error("--interleave keeps every system alive at once; --large measures each system's RSS alone")
     if args.large:
         # A fixed mmap threshold turns off glibc's dynamic one, so that large
         # blocks freed by one system go back to the OS instead of staying in
@@ -420,7 +493,8 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    per_rank = spawn(rank_main, args.world, spec, systems, steps, warmup, args.large, timeout=args.timeout)
+    per_rank = spawn(rank_main, args.world, spec, systems, steps, warmup, args.large, args.interleave,
+                     timeout=args.timeout)
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()
 
