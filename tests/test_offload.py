@@ -50,6 +50,51 @@ def test_golden_offload_and_reload_nodes():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0, msg=key)
 
 
+def test_plan_counts_offloaded_activations_as_host_bytes():
+    """The memory plan: the saved host copy (relu_offload, 2 x 8 fp32) is host
+    memory from the forward to its reload, outside the device peaks (which
+    equal those without offload: relu's ``detach``, read by
+    threshold_backward, is still saved on the device); the reload is a device
+    temporary."""
+    plans = []
+    for offload in (True, False):
+        torch._dynamo.reset()
+        model = zerograph.compile(TinyMLP(), {"activation_checkpointing": {"offload_activations": offload}})
+        model(torch.randn(2, 4)).backward()
+        plans.append(zerograph.inspect(model).memory)
+    plan, device = plans
+    region = plan.regions[0]
+    where = {(phase, st.root): (st.kind, st.location, st.nbytes) for phase, stores in region.storages.items()
+             for st in stores}
+    assert where[("forward", "relu_offload")] == where[("backward", "relu_offload")] == ("activation", "host", 64)
+    assert where[("backward", "relu_reload")] == ("other", "device", 64)
+    assert plan.peak_host == {"gathered": 0, "activation": 64, "gradient": 0, "other": 0}
+    assert plan.peak_host_total_bytes == 64 and device.peak_host_total_bytes == 0
+    assert plan.peak == device.peak and plan.peak_total_bytes == device.peak_total_bytes
+    assert region.held == device.regions[0].held == {"gathered": 0, "activation": 64, "gradient": 0, "other": 0}
+
+
+def test_offload_with_inductor_matches_eager(tmp_path, monkeypatch):
+    """With ``zerograph.compiler: inductor`` the host copy and the reload
+    (``aten._to_copy``, which Inductor has no lowering for) reach Inductor
+    decomposed; gradients equal eager's. Inductor's FX graph cache is off."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    torch._dynamo.reset()
+    config = {"activation_checkpointing": {"offload_activations": True}, "zerograph": {"compiler": "inductor"}}
+    model = zerograph.compile(TinyMLP(), config)
+    x = torch.randn(2, 4)
+    model(x).backward()
+    graphs = zerograph.inspect(model).regions[0]["graphs"]
+    assert "relu_offload" in _copies(graphs["forward"]) and "relu_reload" in _copies(graphs["backward"])
+    ref = TinyMLP()
+    ref(x).backward()
+    for (key, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("dropout,policy", [(0.0, "none"), (0.1, "per_layer"), (0.1, "memory_budget")])
 def test_offload_matches_eager_world1(dropout, policy):
     section = {"policy": policy, "offload_activations": True}

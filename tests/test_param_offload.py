@@ -145,6 +145,69 @@ def test_bucketed_gather_copies_every_member_first(fake_world):
     assert len(back) == len(reductions) == 2
 
 
+# --------------------------------------------------------------------------- memory plan
+
+def _host_copy_storages(info) -> str:
+    """One line per storage a ``host_copy`` node makes: phase, node, kind,
+    location, bytes, and the nodes it lives from .. to."""
+    region = info.memory.regions[0]
+    rows = []
+    for phase, stores in region.storages.items():
+        graph = (info.forward[0] if phase == "forward" else info.backward[0]).graph
+        nodes = list(graph.nodes)
+        for st in stores:
+            node = nodes[st.birth]
+            if node.name == st.root and _role(node) == "host_copy":
+                rows.append(f"{phase} {st.root} {get_tag(node).param}: {st.kind} on the {st.location}, "
+                            f"{st.nbytes} B, {nodes[st.birth].name} .. {nodes[st.death].name}")
+    return "\n".join(rows)
+
+
+def test_planner_splits_host_and_device_bytes(fake_world):
+    """The memory plan of an offload_param step: the host shards are graph
+    inputs (no device bytes); each copy to the device is a device temporary
+    (``other``) from the copy to its all-gather; the gradient shards copied
+    back are host bytes, outside the device peaks, reported apart."""
+    _, info = _graphs(bucketed=False)
+    assert_expected_inline(_host_copy_storages(info), """\
+forward _to_copy_default fc1.weight: other on the device, 48 B, _to_copy_default .. all_gather_into_tensor_default
+forward _to_copy_default_1 fc1.bias: other on the device, 12 B, _to_copy_default_1 .. all_gather_into_tensor_default_1
+forward _to_copy_default_2 fc2.weight: other on the device, 48 B, _to_copy_default_2 .. all_gather_into_tensor_default_2
+backward _to_copy_default fc2.weight: other on the device, 48 B, _to_copy_default .. all_gather_into_tensor_default
+backward _to_copy_default_1 fc2.weight: gradient on the host, 48 B, _to_copy_default_1 .. output
+backward _to_copy_default_2 fc1.bias: gradient on the host, 12 B, _to_copy_default_2 .. output
+backward _to_copy_default_3 fc1.weight: gradient on the host, 48 B, _to_copy_default_3 .. output""")
+    plan = info.memory
+    assert plan.peak == {"gathered": 216, "activation": 120, "gradient": 0, "other": 288}
+    assert plan.peak_total_bytes == 408
+    assert plan.peak_host == {"gathered": 0, "activation": 0, "gradient": 108, "other": 0}  # 4 B x (12 + 3 + 12)
+    assert plan.peak_host_total_bytes == 108
+    assert plan.summary().splitlines()[1] == (
+        "predicted peak host bytes per rank (offload copies, not in the above): "
+        "gathered=0, activation=0, gradient=108, other=0, total=108")
+    region = plan.regions[0]
+    first = next(e for e in region.timeline if e.role == "host_copy")
+    assert first.live == {"gathered": 0, "activation": 0, "gradient": 0, "other": 48} and first.host_total == 0
+    # without offload the same step holds the same device bytes, plus the gradient shards
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    zero = {"stage": 3, "allgather_bucket_size": 0, "reduce_bucket_size": 0}
+    model = zerograph.compile(TinyMLP(), {"zero_optimization": zero, "zerograph": {"device": "cpu"}})
+    model(torch.randn(5, 4)).backward()
+    device = zerograph.inspect(model).memory
+    assert device.peak == {**plan.peak, "gradient": plan.peak_host["gradient"]}
+    assert device.peak_host_total_bytes == 0
+    # explain: a host line next to the device peaks, and "host bytes" counters in the trace
+    report = zerograph.explain(TinyMLP(), {"zero_optimization": {**zero, **OFFLOAD}, "zerograph": {"device": "cpu"}},
+                               torch.randn(5, 4))
+    assert report.plan.peak_host == plan.peak_host and report.plan.peak == plan.peak
+    lines = [line for line in str(report).splitlines() if "host in-step peak" in line]
+    assert lines == ["  host in-step peak        0.000 MiB   "
+                     "(offload copies, not in the device peaks above: gradient 0.000)"]
+    host_counters = [e["args"] for e in report.chrome_trace()["traceEvents"] if e["name"] == "host bytes"]
+    assert max(sum(c.values()) for c in host_counters) == plan.peak_host_total_bytes
+
+
 # --------------------------------------------------------------------------- training equivalence
 
 def _local(t):
@@ -269,3 +332,119 @@ def test_offload_param_config_errors():
     cfg = Config.load({"zero_optimization": {"stage": 3, **OFFLOAD}})
     assert cfg.zero_optimization.offload_param.device == "cpu"
     assert cfg.zero_optimization.offload_optimizer.device == "none"  # not rewritten: the host step is implied
+
+
+# --------------------------------------------------------------------------- Inductor
+
+class MLPLM(nn.Module):
+    """A small language model (uneven vocabulary rows: padded shards) whose
+    graphs Inductor compiles in seconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(_models.VOCAB, 24)
+        self.fc1 = nn.Linear(24, 40)
+        self.fc2 = nn.Linear(40, _models.VOCAB)
+
+    def forward(self, idx, targets):
+        logits = self.fc2(torch.relu(self.fc1(self.emb(idx))))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _make_mlp_lm():
+    torch.manual_seed(1234)
+    return MLPLM()
+
+
+def _mlp_lm_reference(world: int, steps: int):
+    """Single-process eager training on the whole global batch of each step."""
+    model = _make_mlp_lm()
+    opt = _harness._optimizer(model.parameters())
+    losses = []
+    for step in range(steps):
+        idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * world)
+        losses.append(_harness.step_mean_loss(model(idx, targets), opt))
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _inductor_offload_rank(steps: int):
+    """Train MLPLM with offload_param and the Inductor compiler; return the
+    losses, the full parameters, the number of ``aten._to_copy`` nodes
+    Inductor got decomposed per compiled graph, and the number of
+    ``host_copy`` nodes in zerograph's graphs."""
+    import torch._inductor.config as inductor_config
+    import torch.distributed as dist
+
+    import zerograph._torch_private as private
+    from zerograph.runtime.offload import make_optimizer
+
+    inductor_config.fx_graph_cache = False  # compile every graph (the test's cache dir is fresh, too)
+    decomposed = []
+    original = private._decompose_copies
+
+    def counting(gm):
+        decomposed.append(original(gm))
+        assert not any(n.target is COPY for n in gm.graph.nodes)
+        return decomposed[-1]
+
+    private._decompose_copies = counting
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch._dynamo.reset()
+    config = {"zero_optimization": {"stage": 3, **OFFLOAD}, "zerograph": {"compiler": "inductor"}}
+    model = zerograph.compile(_make_mlp_lm(), config)
+    opt = make_optimizer(model, torch.optim.AdamW, lr=_harness.LR, eps=_harness.EPS, foreach=False)
+    assert all(opt.resident)
+    losses = []
+    for step in range(steps):
+        idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * world)
+        idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
+        losses.append(_harness.step_mean_loss(model(idx, targets), opt))
+    info = zerograph.inspect(model)
+    graphs = info.forward + info.backward
+    host_copies = [sum(_role(n) == "host_copy" for n in g.graph.nodes) for g in graphs]
+    gathers = sum(_role(n) == "all_gather" for g in graphs for n in g.graph.nodes)
+    params = {k: v.detach().clone() for k, v in zerograph.full_state_dict(model).items()}
+    return losses, params, decomposed, host_copies, gathers
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_offload_param_with_inductor_matches_eager_world2(tmp_path, monkeypatch):
+    """offload_param with ``zerograph.compiler: inductor``: the lowered graphs'
+    host copies (``aten._to_copy``, which Inductor has no lowering for) reach
+    Inductor decomposed; training equals the eager reference. A fresh Inductor
+    cache directory and no FX graph cache: every graph is compiled."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+    steps = 2
+    losses, params, decomposed, host_copies, gathers = spawn(_inductor_offload_rank, 2, steps, timeout=TIMEOUT)[0]
+    # forward and backward compiled by Inductor, each with every host copy decomposed
+    assert len(decomposed) == 2 and decomposed == host_copies, (decomposed, host_copies)
+    assert host_copies[0] == len(list(_make_mlp_lm().parameters())) and gathers > 0
+    ref_losses, ref_params = _mlp_lm_reference(2, steps)
+    # Inductor fuses and reorders float arithmetic: fp32 agreement to a few ulps
+    _harness.assert_same_training({"losses": losses, "params": params}, ref_losses, ref_params)
+
+
+def test_decompose_copies_for_inductor():
+    """The ``aten._to_copy`` nodes zerograph inserts become what Inductor's
+    decomposition traces to (a dtype cast, or a clone where nothing changes:
+    a cpu -> cpu host copy); the graph computes the same values."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from zerograph._torch_private import _decompose_copies
+
+    def f(x):
+        cast = COPY(x, dtype=torch.bfloat16)
+        host = COPY(x, device=torch.device("cpu"), pin_memory=False, non_blocking=True)
+        return cast, host * 2
+
+    x = torch.randn(3, 5)
+    gm = make_fx(f, tracing_mode="fake")(x)
+    assert sum(n.target is COPY for n in gm.graph.nodes) == 2
+    assert _decompose_copies(gm) == 2
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.prims.convert_element_type.default, torch.ops.aten.clone.default,
+                       torch.ops.aten.mul.Tensor], targets
+    cast, doubled = gm(x)
+    assert cast.dtype == torch.bfloat16 and torch.equal(cast, x.to(torch.bfloat16))
+    assert torch.equal(doubled, x * 2)

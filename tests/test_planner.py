@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import zerograph
 from tests._models import Blocks
 from tests import _harness, _models
+from zerograph.passes.liveness import KINDS, plan_model
 from zerograph.runtime.launch import spawn
 
 TIMEOUT = 400
@@ -57,8 +59,8 @@ def _train_tracked(configs: dict, steps: int):
         out[name] = {
             "losses": losses,
             "params": {k: v.detach().float().clone() for k, v in zerograph.full_state_dict(model).items()},
-            "predicted": [(e.phase, e.name, e.live["gathered"], e.total) for r in plan.regions for e in r.timeline],
-            "measured": list(info.memory_measured.last_step),
+            "predicted": [(e.phase, e.name, e.live["gathered"], e.total) for e in plan.step],
+            "measured": list(info.memory_measured.last_step_composed),
             "peak_gathered": (plan.peak_gathered_bytes, info.memory_measured.peak_gathered_bytes),
             "comm_predicted": plan.comm_bytes_per_step,
             "comm_stats": dict(info.comm_bytes_last_step),
@@ -215,15 +217,117 @@ def test_explain_cli(tmp_path):
     assert bad.returncode == 2 and "stage" in bad.stderr
 
 
-class RandomBlocks(nn.Module):
-    def __init__(self, widths):
+class BrokenBlocks(nn.Module):
+    """Groups of ``Linear`` + ``tanh`` (one group per list of widths) with a
+    graph break between groups: one compiled region per group. Every group
+    ends in ``tanh``, which saves its output for its backward, so the value a
+    group passes on is held by the group that made it (docs/planner.md)."""
+
+    def __init__(self, *groups):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        assert 1 <= len(groups) <= 3
+        self.groups = nn.ModuleList(
+            nn.Sequential(*(m for a, b in zip(w, w[1:]) for m in (nn.Linear(a, b), nn.Tanh()))) for w in groups)
 
     def forward(self, x):
-        for b in self.blocks:
-            x = torch.tanh(b(x))
+        x = self.groups[0](x)
+        if len(self.groups) > 1:
+            torch._dynamo.graph_break()
+            x = self.groups[1](x)
+        if len(self.groups) > 2:
+            torch._dynamo.graph_break()
+            x = self.groups[2](x)
         return x.sum()
+
+
+def _saved_bytes(graphs) -> int:
+    """Bytes of the distinct storages a region's forward saves for its
+    backward, read from the graphs' fake values: AOTAutograd returns them last
+    from the forward and passes them first to the backward; inputs (parameter
+    shards, the batch, values from an earlier region) and their views are left out."""
+    forward, backward = graphs["forward"], graphs["backward"]
+    outputs = list(forward.graph.nodes)[-1].args[0]
+    n_saved = sum(1 for n in backward.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents"))
+    inputs = {id(n.meta["val"].untyped_storage()) for n in forward.graph.nodes
+              if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)}
+    sizes = {}
+    for node in outputs[len(outputs) - n_saved:]:
+        val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        if isinstance(val, torch.Tensor) and id(val.untyped_storage()) not in inputs:
+            sizes[id(val.untyped_storage())] = val.untyped_storage().nbytes()
+    return sum(sizes.values())
+
+
+def test_graph_break_regions_compose_in_execution_order(fake_world):
+    torch.manual_seed(0)
+    model = zerograph.compile(BrokenBlocks([8, 16], [16, 12, 6]), {
+        "zero_optimization": {"stage": 3}, "zerograph": {"verify_graphs": True, "device": "cpu"}})
+    model(torch.randn(4, 8)).backward()
+    info = zerograph.inspect(model)
+    plan = info.memory
+    assert len(info.regions) == 2
+    assert plan.order == [0, 1] and plan.order_known  # recorded by the runtime
+    r0, r1 = plan.regions
+    saved0 = _saved_bytes(info.regions[0]["graphs"])
+    # reuse distance 0: nothing gathered is saved, region 0 holds activations only
+    assert r0.held == {"gathered": 0, "activation": saved0, "gradient": 0, "other": 0} and saved0 > 0
+    assert sum(r1.held.values()) == _saved_bytes(info.regions[1]["graphs"]) > 0
+    # while region 1 runs, forward and backward, region 0's saved values are held
+    assert plan.peak_activation_bytes == saved0 + r1.peak["activation"]
+    assert plan.peak_activation_bytes > max(r0.peak["activation"], r1.peak["activation"])
+    assert plan.peak_total_bytes == max(r0.peak_total, saved0 + r1.peak_total)
+    assert plan.peak_gathered_bytes == max(r0.peak["gathered"], r1.peak["gathered"])
+    assert [(seg.region.index, seg.phase, seg.held["activation"]) for seg in plan.segments()] == [
+        (0, "forward", 0), (1, "forward", saved0), (1, "backward", saved0), (0, "backward", 0)]
+    # per-region values are unchanged: the step entries carry them, plus what others hold
+    for entry in plan.step:
+        own = next(r for r in plan.regions if r.index == entry.region).timeline
+        assert entry.node in own
+        assert entry.live == {k: entry.node.live[k] + entry.held[k] for k in KINDS}
+    # without the order the plan says so and falls back to per-region peaks
+    unknown = plan_model(info.regions)
+    assert not unknown.order_known and "execution order unknown" in unknown.summary()
+    assert unknown.peak == {k: max(r0.peak[k], r1.peak[k]) for k in KINDS}
+    assert "forward 0 -> 1, backward 1 -> 0" in plan.summary()
+
+
+def test_explain_shows_graph_break_regions_back_to_back(tmp_path):
+    torch.manual_seed(0)
+    report = zerograph.explain(BrokenBlocks([8, 16], [16, 12, 6]), {"zero_optimization": {"stage": 3}},
+                               torch.randn(4, 8), world_size=2)
+    plan = report.plan
+    assert plan.order == [0, 1]
+    text = str(report)
+    assert "forward 0 -> 1, backward 1 -> 0" in text
+    r0, r1 = plan.regions
+    assert plan.peak_activation_bytes == r0.held["activation"] + r1.peak["activation"]
+    assert f"activation peak     {plan.peak_activation_bytes / 2**20:10.3f} MiB" in text
+    path = tmp_path / "trace.json"
+    report.write_chrome_trace(path)
+    events = json.loads(path.read_text())["traceEvents"]
+    counters = sorted((ev for ev in events if ev["ph"] == "C"), key=lambda ev: ev["ts"])
+    compute = sorted((ev for ev in events if ev["ph"] == "X" and ev["tid"] == 1), key=lambda ev: ev["ts"])
+    # the graphs back to back: forward 0, forward 1, backward 1, backward 0
+    runs = []
+    for ev in compute:
+        run = (ev["args"]["region"], ev["cat"].split()[0])
+        if not runs or runs[-1] != run:
+            runs.append(run)
+    assert runs == [(0, "forward"), (1, "forward"), (1, "backward"), (0, "backward")]
+    held = {ev["args"]["region"]: set() for ev in compute}
+    for ev in compute:
+        held[ev["args"]["region"]].add((ev["cat"].split()[0], ev["args"]["held_by_other_regions"]))
+    assert held == {0: {("forward", 0), ("backward", 0)},
+                    1: {("forward", sum(r0.held.values())), ("backward", sum(r0.held.values()))}}
+    # the counters are the composed step, held bytes of region 0 included
+    assert [ev["args"] for ev in counters] == [e.live for e in plan.step]
+    assert max(ev["args"]["activation"] for ev in counters) == plan.peak_activation_bytes
+
+
+def _groups(widths, cuts):
+    """``widths`` split into up to three groups of blocks at the block indices ``cuts``."""
+    bounds = [0, *sorted(c for c in cuts if 0 < c < len(widths) - 1), len(widths) - 1]
+    return [widths[a:b + 1] for a, b in zip(bounds, bounds[1:])]
 
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -232,21 +336,53 @@ from hypothesis import strategies as st  # noqa: E402
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(widths=st.lists(st.integers(1, 9), min_size=2, max_size=5), max_live=st.integers(1, 300),
-       reuse=st.sampled_from([0, 50, INF]), bucketed=st.booleans())
-def test_prediction_equals_measurement_on_random_models(fake_world, widths, max_live, reuse, bucketed):
+       reuse=st.sampled_from([0, 50, INF]), bucketed=st.booleans(), cuts=st.sets(st.integers(1, 3), max_size=2))
+def test_prediction_equals_measurement_on_random_models(fake_world, widths, max_live, reuse, bucketed, cuts):
     """Fake process group (one process): the collectives return uninitialized
-    buffers, but every storage and its lifetime are real."""
+    buffers, but every storage and its lifetime are real. ``cuts`` put graph
+    breaks between blocks: the regions compose in execution order."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     zero = {"stage": 3, "stage3_max_live_parameters": max_live, "stage3_max_reuse_distance": reuse}
     if not bucketed:
         zero.update(allgather_bucket_size=0, reduce_bucket_size=0)
-    model = zerograph.compile(RandomBlocks(widths), {"zero_optimization": zero,
-                                                     "zerograph": {"device": "cpu", "track_memory": True}})
-    model(torch.randn(3, widths[0])).backward()
+    groups = _groups(widths, cuts)
+    model = zerograph.compile(BrokenBlocks(*groups), {"zero_optimization": zero,
+                                                      "zerograph": {"device": "cpu", "track_memory": True}})
+    x = torch.randn(3, widths[0])
+    # measured independently of the tracker: every storage autograd holds for
+    # the backward, once, parameter shards and the batch left out
+    shards = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    outside = {t.untyped_storage().data_ptr() for t in (x, *shards)}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in outside:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x)
+    loss.backward()
     info = zerograph.inspect(model)
-    predicted = [(e.phase, e.name, e.live["gathered"], e.total) for r in info.memory.regions for e in r.timeline]
-    assert predicted == info.memory_measured.last_step
+    plan, measured = info.memory, info.memory_measured
+    assert len(info.regions) == len(groups)
+    assert plan.order == list(range(len(groups)))
+    # the graphs ran forward 0..n-1, then backward n-1..0, as the plan composes them
+    assert measured.last_step_region_order == [(s.phase, s.region.index) for s in plan.segments()]
+    # each graph's own live bytes after every node, then with what the other regions hold
+    own = [(e.phase, e.name, e.node.live["gathered"], e.node.total) for e in plan.step]
+    assert own == measured.last_step
+    composed = [(e.phase, e.name, e.live["gathered"], e.total) for e in plan.step]
+    assert composed == measured.last_step_composed
+    assert plan.peak_gathered_bytes == measured.peak_gathered_bytes
+    assert plan.peak_total_bytes == measured.peak_total_bytes
+    # saved bytes: what autograd held for the backward == the regions' held bytes;
+    # the activation peak (the end of the last forward) holds every region's activations
+    assert sum(saved.values()) == sum(sum(r.held.values()) for r in plan.regions)
+    assert plan.peak_activation_bytes == sum(r.held["activation"] for r in plan.regions)
+    if len(groups) > 1 and reuse == 0:
+        assert plan.peak_activation_bytes > max(r.peak["activation"] for r in plan.regions)
     assert info.memory.comm_bytes_per_step == info.comm_bytes_last_step == info.memory_measured.comm_last_step
     kept = next(r.details for r in info.passes if r.name == "zero_policy").get("kept_gather_elements", 0)
     assert kept <= max_live

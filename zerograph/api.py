@@ -217,7 +217,11 @@ def inspect(model: nn.Module) -> Inspection:
     from zerograph.passes.liveness import plan_model
 
     first = parts[0][1]
-    memory = plan_model([r for _, ctx in parts for r in ctx.regions], first.config.gradient_accumulation_steps)
+    # the regions' execution order as the runtime recorded it (one context:
+    # several pipeline stages on a rank interleave micro-batches, unknown here)
+    order = list(first.region_order) if len(parts) == 1 and first.region_order else None
+    memory = plan_model([r for _, ctx in parts for r in ctx.regions], first.config.gradient_accumulation_steps,
+                        order)
     comm: dict[str, int] = {}
     for _, ctx in parts:
         for kind, nbytes in ctx.stats.last_step.items():

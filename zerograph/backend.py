@@ -82,7 +82,9 @@ class ZerographBackend:
         static = region.comm_bytes[phase]
         stats = self.sharding.stats if self.sharding is not None else None
         if stats is not None and self.config.zerograph.track_memory:  # measuring interpreter (docs/planner.md)
-            executable = stats.memory_tracker().executable(gm, phase)
+            executable = stats.memory_tracker().executable(gm, phase, region.index)
+        if self.sharding is not None:  # the regions' execution order, for the planner (runtime/context.py)
+            executable = _recording_order(executable, self.sharding, region.index, phase)
         if self.sharding is not None:  # an OOM names the budget to change (runtime/memory.py)
             executable = _translate_oom(executable, self.sharding, phase, plan)
         guard = self.sharding.extra.get("collective_guard") if self.sharding is not None else None
@@ -129,6 +131,19 @@ class ZerographBackend:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _recording_order(executable, sharding, index: int, phase: str):
+    """A boxed executable that tells ``sharding`` that the ``phase`` graph of
+    region ``index`` runs (``ShardingContext.region_order``, the execution
+    order the planner composes)."""
+
+    def run(args):
+        sharding.ran_region(index, phase)
+        return executable(args)
+
+    run._boxed_call = True
+    return run
 
 
 def _translate_oom(executable, sharding, phase, plan):

@@ -31,6 +31,7 @@ from torch import nn
 
 from zerograph.runtime.context import context_of
 from zerograph.runtime.errors import naming_failed_ranks
+from zerograph.runtime.offload import HostOptimizer
 from zerograph.sharding import full_state_dict as _full_state_dict
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -66,6 +67,22 @@ def _broadcast_str(value: str) -> str:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _optimizer_state(model: nn.Module, optimizer) -> dict[str, Any]:
+    """The optimizer's state dict keyed by parameter name, shard-shaped
+    states as DTensors: the same layout for a host optimizer (ZeRO-Offload)
+    as for a plain one, so either loads the other's checkpoint."""
+    if isinstance(optimizer, HostOptimizer):
+        return optimizer.sharded_state_dict(model)
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def _set_optimizer_state(model: nn.Module, optimizer, state: dict[str, Any]) -> None:
+    if isinstance(optimizer, HostOptimizer):
+        optimizer.load_sharded_state_dict(model, state)
+    else:
+        set_optimizer_state_dict(model, optimizer, state)
 
 
 def _rng_state() -> bytes:
@@ -108,7 +125,7 @@ def _save(path: Path, model: nn.Module, optimizer, extra: dict[str, Any]) -> Pat
     tmp = Path(_broadcast_str(f"{path}.tmp-{uuid.uuid4().hex}"))
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+        state["optim"] = _optimizer_state(model, optimizer)
     state[f"rng/rank{rank}"] = _rng_state()
     try:
         if rank == 0:
@@ -156,7 +173,9 @@ def _check_committed(path: Path) -> None:
 def load_checkpoint(path: str | os.PathLike, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and
-    ``optimizer``, created from ``model.parameters()``), resharding to this
+    ``optimizer``, created from ``model.parameters()`` or by
+    :func:`zerograph.make_optimizer`: a host optimizer's and a plain one's
+    checkpoints load into either), resharding to this
     run's world size and ZeRO stage. Restores zerograph's step counters, the
     fp16 loss scale and, when the world size is unchanged, every rank's RNG
     state. Returns the ``extra`` keywords given to ``save_checkpoint``.
@@ -175,14 +194,14 @@ def _load(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
         raise ValueError(f"zerograph: {path} holds no optimizer state; call load_checkpoint(path, model) without it")
     state: dict[str, Any] = {"model": get_model_state_dict(model), "zerograph_extra": None}
     if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+        state["optim"] = _optimizer_state(model, optimizer)
     rng_key = f"rng/rank{rank}"
     if rng_key in keys:
         state[rng_key] = None
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        _set_optimizer_state(model, optimizer, state["optim"])
     payload = torch.load(io.BytesIO(state["zerograph_extra"]), weights_only=False)
     zg = payload.get("zerograph", {})
     saved_world = zg.get("world_size", world)

@@ -44,12 +44,14 @@ from zerograph.runtime.specs import ParamSpec
 
 aten = torch.ops.aten
 
-# Called with (kind, op_name, node_or_tensor) for every emitted op, so the
-# lowering passes can tag the nodes they insert. ``kind`` is a metadata role.
-Emit = Callable[[str, object], object]
+# Called with (role, node_or_tensor) for every emitted op, so the lowering
+# passes can tag the nodes they insert. ``role`` is a metadata role; the
+# keyword ``location="host"`` marks an op whose output is in host memory
+# (NodeTag.location).
+Emit = Callable[..., object]
 
 
-def _noop_emit(_role: str, value: object) -> object:
+def _noop_emit(_role: str, value: object, **_tag: object) -> object:
     return value
 
 
@@ -78,7 +80,7 @@ def _to_host(grad_shard, spec: ParamSpec, emit: Emit):
     """offload_param: the reduced gradient shard copied back to host memory."""
     if spec.compute_device is None:
         return grad_shard
-    return emit("host_copy", aten._to_copy.default(grad_shard, device=HOST))
+    return emit("host_copy", aten._to_copy.default(grad_shard, device=HOST), location="host")
 
 
 def gather_param(shard, spec: ParamSpec, emit: Emit = _noop_emit):

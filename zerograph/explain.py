@@ -55,6 +55,18 @@ def _host_lines(host: dict[str, int]) -> list[str]:
     return [f"  on the host         {_mib(sum(host.values()))}   (offload, not in model states above: {parts})"]
 
 
+def _host_step_lines(plan: MemoryPlan) -> list[str]:
+    """The host bytes the step's graphs hold (offload copies; none: no line)::
+
+      host in-step peak     0.000 MiB   (offload copies, not in the device peaks above: gradient 0.000)
+    """
+    if not plan.peak_host_total_bytes:
+        return []
+    parts = ", ".join(f"{k} {v / 2**20:.3f}" for k, v in plan.peak_host.items() if v)
+    return [f"  host in-step peak   {_mib(plan.peak_host_total_bytes)}   "
+            f"(offload copies, not in the device peaks above: {parts})"]
+
+
 @dataclasses.dataclass
 class Explanation:
     """The result of :func:`explain`: print it, or write a Chrome trace."""
@@ -117,6 +129,8 @@ class Explanation:
             f"  gathered-param peak {_mib(peak['gathered'])}",
             f"  activation peak     {_mib(peak['activation'])}   (saved for the backward)",
             f"  live in-step peak   {_mib(self.plan.peak_total_bytes)}   (gathered + saved + gradients + temporaries)",
+            *_host_step_lines(self.plan),
+            f"  step timeline       {self.plan.order_note()}",
             f"  DDP model states    {_mib(self.ddp_model_states)}   (= Ψ·(m + m + 2m), m = {self.master_bytes} bytes)",
             f"  FSDP2 model states  {_mib(self.fsdp2_model_states)}   (= Ψ·4m / W)",
             "",
@@ -132,42 +146,54 @@ class Explanation:
         return "\n".join(lines)
 
     def chrome_trace(self) -> dict:
-        """The per-node memory timeline and the collectives as Chrome trace
-        JSON (``traceEvents``): one microsecond per graph node; counter
-        events ``live bytes`` by kind, duration events per compute node
-        (thread "compute") and per collective from its start to its wait
-        (thread "comm")."""
+        """The step's memory timeline and collectives as Chrome trace JSON
+        (``traceEvents``): one microsecond per graph node, the graphs in
+        execution order (:meth:`MemoryPlan.segments`: the forwards of the
+        regions in the order they ran, then their backwards in reverse);
+        counter events ``live bytes`` by kind, with the bytes the earlier
+        regions hold for their backward included (the composed step), duration
+        events per compute node (thread "compute") and per collective from its
+        start to its wait (thread "comm"), each with its region; with offload
+        copies in host memory, counter events ``host bytes`` by kind as well
+        (the graph's own, not composed across regions)."""
         pid = 0
         events: list[dict] = [
             {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": "zerograph plan (rank 0)"}},
             {"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "compute"}},
             {"ph": "M", "name": "thread_name", "pid": pid, "tid": 2, "args": {"name": "comm"}},
         ]
-        offset = 0
-        for region in self.plan.regions:
-            base: dict[str, int] = {}
-            ts_of: dict[tuple[str, int], int] = {}
-            for entry in region.timeline:
-                if entry.phase not in base:
-                    base[entry.phase] = offset - entry.index
-                ts = base[entry.phase] + entry.index
-                ts_of[(entry.phase, entry.index)] = ts
-                offset = ts + 1
+        ts = 0
+        host_trace = self.plan.peak_host_total_bytes > 0
+        for seg in self.plan.segments():
+            region = seg.region.index
+            held = sum(seg.held.values())
+            ts_of: dict[int, int] = {}
+            base = None
+            for entry in seg.entries:
+                if base is None:
+                    base = ts - entry.index
+                ts = base + entry.index
+                ts_of[entry.index] = ts
                 events.append({"ph": "C", "name": "live bytes", "pid": pid, "ts": ts,
                                "args": {k: entry.live[k] for k in KINDS}})
+                if host_trace:  # offload copies in host memory, apart from the device's live bytes
+                    events.append({"ph": "C", "name": "host bytes", "pid": pid, "ts": ts,
+                                   "args": {k: entry.node.host[k] for k in KINDS}})
                 if entry.role not in ("all_gather", "reduce_scatter", "all_reduce"):
                     events.append({"ph": "X", "name": entry.name, "cat": f"{entry.phase} {entry.role}", "pid": pid,
-                                   "tid": 1, "ts": ts, "dur": 1, "args": {"region": region.index}})
-            for phase, start, wait, kind, nbytes in region.collectives:
-                if (phase, start) not in ts_of:
+                                   "tid": 1, "ts": ts, "dur": 1,
+                                   "args": {"region": region, "held_by_other_regions": held}})
+                ts += 1
+            for phase, start, wait, kind, nbytes in seg.region.collectives:
+                if phase != seg.phase or start not in ts_of:
                     continue
-                begin = ts_of[(phase, start)]
-                end = ts_of.get((phase, wait), begin)
+                begin = ts_of[start]
+                end = ts_of.get(wait, begin)
                 events.append({"ph": "X", "name": kind, "cat": f"{phase} comm", "pid": pid, "tid": 2, "ts": begin,
-                               "dur": max(1, end - begin + 1), "args": {"bytes": nbytes, "region": region.index}})
+                               "dur": max(1, end - begin + 1), "args": {"bytes": nbytes, "region": region}})
         return {"traceEvents": events, "displayTimeUnit": "ns",
                 "otherData": {"time_unit": "1 us = 1 graph node", "stage": self.config.stage,
-                              "world_size": self.world_size}}
+                              "world_size": self.world_size, "regions": self.plan.order_note()}}
 
     def write_chrome_trace(self, path: str | os.PathLike) -> None:
         """Write :meth:`chrome_trace` to ``path`` (opens in Perfetto or chrome://tracing)."""

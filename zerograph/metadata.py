@@ -31,6 +31,7 @@ Role = Literal[
     "host_copy",  # offload_param: a host shard copied to the compute device, or a gradient shard back
 ]
 COLLECTIVE_ROLES = ("all_gather", "reduce_scatter", "all_reduce")
+Location = Literal["device", "host"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,10 @@ class NodeTag:
     param: str | None = None  # parameter FQN for markers and collectives
     bucket: tuple[str, ...] = ()  # parameters sharing this node's collective
     pass_name: str | None = None  # the pass that inserted the node, if any
+    # where the node's output lives: "host" for zerograph's copies into host
+    # memory (offload_param's gradient shards, offload_activations' saved
+    # copies; their views too), "device" (the compute device) for the rest
+    location: Location = "device"
 
     def replace(self, **changes) -> "NodeTag":
         return dataclasses.replace(self, **changes)

@@ -34,7 +34,7 @@ def spec_of(tag: str, name: str) -> ParamSpec:
 def _counting_emit(tag: str):
     stats = registry.lookup(tag).stats
 
-    def emit(role: str, value):
+    def emit(role: str, value, **_tag):
         if role in KINDS:
             # The output of a collective start is its result buffer.
             out_bytes = value.numel() * value.element_size()

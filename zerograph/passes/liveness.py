@@ -33,6 +33,18 @@ Each storage gets one kind:
     storages from outside the step (parameter shards, the batch,
     the incoming gradient): not counted.
 
+Each storage also has a location. ``host``: the output of a node tagged
+``location="host"`` (:class:`~zerograph.metadata.NodeTag`) and its views:
+offload_param's gradient shards copied back to host memory after their
+reduction, offload_activations' saved host copies (and, in the backward, the
+inputs that receive them). ``device``: everything else. The live bytes by
+kind (``live``, the peaks, the memory budget) count device storages only;
+host storages are counted apart (``NodeLive.host``, ``MemoryPlan.peak_host``).
+An offloaded parameter shard is a graph input (in host memory, counted by
+the model states as host bytes); its copy to the compute device
+(``host_copy``) is a device storage (``other``) from the copy to its last use
+(the all-gather, or the computation at world size 1).
+
 The timeline of a compiled region is its forward graph followed by its
 backward graph; entry ``i`` holds the bytes live right after node ``i`` ran
 (before the values it used for the last time are freed). Example, stage 3,
@@ -46,6 +58,23 @@ backward graph; entry ``i`` holds the bytes live right after node ``i`` ran
 :func:`plan_region` analyses one region's forward and backward together;
 :func:`plan_model` all regions of a compiled model, with the communication
 per step; :func:`liveness` is the pass (one graph at a time).
+
+A model with graph breaks has several regions. A step runs their forwards in
+execution order and their backwards in reverse (the autograd engine's order
+along a chain of regions), and each region's saved values
+(:attr:`RegionPlan.held`) stay alive from the end of its forward to the start
+of its backward. :class:`MemoryPlan` composes the regions along that step
+(:attr:`MemoryPlan.step`): while a region runs, its own live bytes plus what
+the regions before it hold. The execution order is recorded by the runtime
+(``ShardingContext.region_order``: the regions whose forward ran in the
+latest model call); without it the plan says the order is unknown and its
+peaks are per region. Gradients that a later region's backward already
+returned are not held here: they are in ``param.grad`` (or the no-sync
+stash), which model states count (``gradients``), so they are not added
+again. A region's inputs are ``input`` in that region: a value one region
+returns and a later region saves counts in the held bytes of the earlier
+region only when the earlier region saves it too (a value a region saves
+for its own backward, such as the output of ``tanh`` or ``relu``).
 """
 
 from __future__ import annotations
@@ -110,6 +139,7 @@ class Storage:
     birth: int  # index in the graph of the node that made it (0 for inputs)
     death: int  # index of its last use (freed right after)
     members: tuple[str, ...]
+    location: str = "device"  # "device" or "host" (module docstring)
 
 
 def storages(
@@ -120,6 +150,7 @@ def storages(
     input_kinds: dict[str, str] | None = None,
     input_roots: dict[str, str] | None = None,
     input_nbytes: dict[str, int] | None = None,
+    input_locations: dict[str, str] | None = None,
 ) -> tuple[list[Storage], dict[str, str], dict[str, str]]:
     """The storages of one graph and each node's storage kind.
 
@@ -130,8 +161,9 @@ def storages(
     ``activation``). ``input_roots``: a storage key per placeholder name;
     placeholders with the same key share one storage (two saved views of one
     forward value); ``input_nbytes``: their storage's size (a saved view's
-    graph input shows only the view). Returns the storages, ``{node name: kind}`` and
-    ``{node name: root name}``.
+    graph input shows only the view); ``input_locations``: their location
+    (``"host"`` for a saved host copy; default ``"device"``). Returns the
+    storages, ``{node name: kind}`` and ``{node name: root name}``.
     """
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
@@ -215,7 +247,7 @@ def storages(
         if nbytes is None:
             nbytes = storage_bytes(_tensor_val(r))
         out.append(Storage(r.name, kind, nbytes, birth, max(last, birth),
-                           tuple(m.name for m in members)))
+                           tuple(m.name for m in members), _location(r, input_locations)))
     for src, k, val in unclaimed:
         last = max((index[u] for u in src.users), default=index[src])
         out.append(Storage(f"{src.name}[{k}]", "other", storage_bytes(val), index[src], last, ()))
@@ -234,6 +266,15 @@ def _tuple_elements(node: fx.Node, unclaimed: list) -> None:
             unclaimed.append((node, k, v))
 
 
+def _location(root: fx.Node, input_locations: dict[str, str] | None) -> str:
+    """Where the storage made by ``root`` lives: ``"host"`` or ``"device"``
+    (a graph input: as ``input_locations`` says, else as its tag says)."""
+    if root.op == "placeholder" and input_locations and root.name in input_locations:
+        return input_locations[root.name]
+    tag = get_tag(root)
+    return tag.location if tag is not None else "device"
+
+
 def _placeholder_kind(node: fx.Node, phase: str, input_kinds: dict[str, str] | None) -> str:
     if input_kinds is not None:
         return input_kinds.get(node.name, "input")
@@ -245,37 +286,46 @@ def _placeholder_kind(node: fx.Node, phase: str, input_kinds: dict[str, str] | N
 
 @dataclasses.dataclass(frozen=True)
 class NodeLive:
-    """Bytes live right after one node ran, by kind."""
+    """Bytes live right after one node ran, by kind: on the compute device
+    (``live``) and in host memory (``host``)."""
 
     phase: str
     index: int
     name: str
     role: str
     live: dict[str, int]
+    host: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0))
 
     @property
     def total(self) -> int:
+        """Device bytes."""
         return sum(self.live.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
 
 
 def timeline(gm: fx.GraphModule, phase: str, stores: list[Storage]) -> list[NodeLive]:
     """Live bytes by kind after every node but placeholders and the output
     (a sweep over storage births and deaths)."""
     nodes = list(gm.graph.nodes)
-    delta = [dict.fromkeys(KINDS, 0) for _ in range(len(nodes) + 1)]
+    delta = {where: [dict.fromkeys(KINDS, 0) for _ in range(len(nodes) + 1)] for where in ("device", "host")}
     for s in stores:
         if s.kind in KINDS:
-            delta[s.birth][s.kind] += s.nbytes
-            delta[s.death + 1][s.kind] -= s.nbytes
+            delta[s.location][s.birth][s.kind] += s.nbytes
+            delta[s.location][s.death + 1][s.kind] -= s.nbytes
     live = dict.fromkeys(KINDS, 0)
+    host = dict.fromkeys(KINDS, 0)
     out = []
     for i, node in enumerate(nodes):
         for k in KINDS:
-            live[k] += delta[i][k]
+            live[k] += delta["device"][i][k]
+            host[k] += delta["host"][i][k]
         if node.op in ("placeholder", "output"):
             continue
         tag = get_tag(node)
-        out.append(NodeLive(phase, i, node.name, tag.role if tag is not None else "compute", dict(live)))
+        out.append(NodeLive(phase, i, node.name, tag.role if tag is not None else "compute", dict(live), dict(host)))
     return out
 
 
@@ -305,6 +355,13 @@ class RegionPlan:
     comm_elements: dict[str, int]
     storages: dict[str, list[Storage]]
     collectives: list[tuple[str, int, int, str, int]]  # (phase, start index, wait index, kind, bytes)
+    # bytes by kind of the forward's storages that the backward receives (the
+    # saved values that are not inputs): held from the end of the forward to
+    # the start of the backward, while other regions run
+    held: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    # in host memory (offload copies): the peak of each kind on its own, and of their sum
+    host_peak: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    host_peak_total: int = 0
 
 
 def _collectives(gm: fx.GraphModule, phase: str) -> list[tuple[str, int, int, str, int]]:
@@ -361,8 +418,10 @@ def plan_region(forward: fx.GraphModule, backward: fx.GraphModule | None, index:
         input_roots = {name: f_roots.get(fwd, fwd) for name, fwd in pairs.items()}
         f_size = {st.root: st.nbytes for st in f_stores}
         input_nbytes = {name: f_size[root] for name, root in input_roots.items() if root in f_size}
+        f_where = {st.root: st.location for st in f_stores}
+        input_locations = {name: f_where[root] for name, root in input_roots.items() if root in f_where}
         b_stores, _, _ = storages(backward, "backward", input_kinds=input_kinds, input_roots=input_roots,
-                                  input_nbytes=input_nbytes)
+                                  input_nbytes=input_nbytes, input_locations=input_locations)
         stores["backward"] = b_stores
         tl += timeline(backward, "backward", b_stores)
         b_b, b_e = comm_by_kind(backward)
@@ -370,22 +429,128 @@ def plan_region(forward: fx.GraphModule, backward: fx.GraphModule | None, index:
         comm_e = {k: comm_e[k] + b_e[k] for k in comm_e}
         colls += _collectives(backward, "backward")
     peak = {k: max((e.live[k] for e in tl), default=0) for k in KINDS}
-    return RegionPlan(index, tl, peak, max((e.total for e in tl), default=0), comm_b, comm_e, stores, colls)
+    saved = set(pairs.values())
+    held = dict.fromkeys(KINDS, 0)
+    for st in f_stores:
+        if st.kind in KINDS and st.location == "device" and saved.intersection(st.members):
+            held[st.kind] += st.nbytes
+    host_peak = {k: max((e.host[k] for e in tl), default=0) for k in KINDS}
+    return RegionPlan(index, tl, peak, max((e.total for e in tl), default=0), comm_b, comm_e, stores, colls, held,
+                      host_peak, max((e.host_total for e in tl), default=0))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLive:
+    """One node of the composed step (:attr:`MemoryPlan.step`): a region's
+    own entry and the bytes the other regions hold meanwhile."""
+
+    region: int  # the region's index
+    run: int | None  # its position in MemoryPlan.order (None: not in the recorded model call)
+    node: NodeLive  # the region's own live bytes (its RegionPlan's timeline entry)
+    held: dict[str, int]  # by kind: what the regions run before it saved for their backward
+
+    @property
+    def phase(self) -> str:
+        return self.node.phase
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def index(self) -> int:
+        return self.node.index
+
+    @property
+    def role(self) -> str:
+        return self.node.role
+
+    @property
+    def live(self) -> dict[str, int]:
+        return {k: self.node.live[k] + self.held[k] for k in KINDS}
+
+    @property
+    def total(self) -> int:
+        return self.node.total + sum(self.held.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One graph of the composed step: a region's forward or backward, with
+    the bytes other regions hold while it runs."""
+
+    region: RegionPlan
+    run: int | None
+    phase: str
+    held: dict[str, int]
+
+    @property
+    def entries(self) -> list[StepLive]:
+        return [StepLive(self.region.index, self.run, e, self.held) for e in self.region.timeline
+                if e.phase == self.phase]
 
 
 @dataclasses.dataclass
 class MemoryPlan:
     """Predicted per-rank memory during a step and communication per step.
 
-    Regions are analysed one at a time: ``peak`` is the largest of any
-    region's peak (exact for a model without graph breaks)."""
+    ``order``: the region indices in the order their forward (or inference)
+    graph ran in the latest model call, as the runtime recorded it (a region
+    run twice appears twice); ``None`` when it was not recorded (a pipeline
+    rank with several stages, a model the runtime did not call). The step
+    (:attr:`step`, :meth:`segments`) runs those forwards in order, then their
+    backwards in reverse; each region's saved values (:attr:`RegionPlan.held`)
+    are held from its forward's end to its backward's start. Regions not in
+    ``order`` (another micro-batch's variant, an older recompile; every
+    region when the order is unknown) follow on their own, nothing held.
+    ``peak`` and ``peak_total_bytes`` are the largest over that timeline:
+    exact for one region; for several, with the order known, under the rules
+    of the module docstring (memory that eager code between regions holds is
+    not seen); with several regions and no order they are per region (a
+    lower bound)."""
 
     regions: list[RegionPlan]
     gradient_accumulation_steps: int = 1
+    order: list[int] | None = None
+
+    @property
+    def order_known(self) -> bool:
+        """Whether the regions' execution order is known (recorded, or one region)."""
+        return self.order is not None or len(self.regions) <= 1
+
+    def segments(self) -> list[Segment]:
+        """The step's graphs in execution order, each with what the other regions hold."""
+        by_index = {r.index: r for r in self.regions}
+        order = [i for i in (self.order or ()) if i in by_index]
+        out: list[Segment] = []
+        held = dict.fromkeys(KINDS, 0)
+        for run, i in enumerate(order):
+            region = by_index[i]
+            out.append(Segment(region, run, "forward", dict(held)))
+            held = {k: held[k] + region.held[k] for k in KINDS}
+        for run in reversed(range(len(order))):
+            region = by_index[order[run]]
+            held = {k: held[k] - region.held[k] for k in KINDS}
+            if any(e.phase == "backward" for e in region.timeline):
+                out.append(Segment(region, run, "backward", dict(held)))
+        zero = dict.fromkeys(KINDS, 0)
+        for region in self.regions:
+            if region.index in order:
+                continue
+            for phase in dict.fromkeys(e.phase for e in region.timeline):
+                out.append(Segment(region, None, phase, zero))
+        return out
+
+    @property
+    def step(self) -> list[StepLive]:
+        """The composed timeline: every node of :meth:`segments`, with ``live``
+        = the region's own bytes + what the other regions hold."""
+        return [e for seg in self.segments() for e in seg.entries]
 
     @property
     def peak(self) -> dict[str, int]:
-        return {k: max((r.peak[k] for r in self.regions), default=0) for k in KINDS}
+        step = self.step
+        return {k: max((e.live[k] for e in step), default=0) for k in KINDS}
 
     @property
     def peak_gathered_bytes(self) -> int:
@@ -397,7 +562,19 @@ class MemoryPlan:
 
     @property
     def peak_total_bytes(self) -> int:
-        return max((r.peak_total for r in self.regions), default=0)
+        return max((e.total for e in self.step), default=0)
+
+    @property
+    def peak_host(self) -> dict[str, int]:
+        """Host bytes the step's graphs hold (offload copies: gradient shards
+        copied back, saved activation copies), by kind, each kind's peak. Not
+        in :attr:`peak`. Per region: host copies that another region holds
+        meanwhile (offloaded activations across a graph break) are not added."""
+        return {k: max((r.host_peak[k] for r in self.regions), default=0) for k in KINDS}
+
+    @property
+    def peak_host_total_bytes(self) -> int:
+        return max((r.host_peak_total for r in self.regions), default=0)
 
     @property
     def comm_bytes_per_step(self) -> dict[str, int]:
@@ -409,20 +586,45 @@ class MemoryPlan:
         n = self.gradient_accumulation_steps
         return {k: n * sum(r.comm_elements[k] for r in self.regions) for k in COMM_KINDS}
 
+    def order_note(self) -> str:
+        """How the step's timeline was composed, in words."""
+        n = len(self.regions)
+        count = f"{n} region{'s' if n != 1 else ''}"
+        if n <= 1 and (self.order is None or self.order == [r.index for r in self.regions]):
+            return count
+        if self.order is None:
+            return (f"{n} regions, execution order unknown (not recorded by the runtime): "
+                    "peaks are per region, not composed")
+        with_backward = {r.index for r in self.regions if any(e.phase == "backward" for e in r.timeline)}
+        forward = " -> ".join(map(str, self.order))
+        backward = " -> ".join(str(i) for i in reversed(self.order) if i in with_backward) or "none"
+        note = (f"{count} in execution order: forward {forward}, backward {backward} "
+                "(earlier regions' saved values held meanwhile)")
+        rest = [str(r.index) for r in self.regions if r.index not in self.order]
+        if rest:
+            note += f"; not run in the recorded call, on their own: {', '.join(rest)}"
+        return note
+
     def summary(self) -> str:
         p = self.peak
         lines = [
             "predicted peak live bytes per rank: " + ", ".join(f"{k}={p[k]}" for k in KINDS)
-            + f", total={self.peak_total_bytes}",
+            + f", total={self.peak_total_bytes}; {self.order_note()}",
             "predicted communication per step (bytes): "
             + ", ".join(f"{k}={v}" for k, v in self.comm_bytes_per_step.items()),
         ]
+        if self.peak_host_total_bytes:
+            h = self.peak_host
+            lines.insert(1, "predicted peak host bytes per rank (offload copies, not in the above): "
+                         + ", ".join(f"{k}={h[k]}" for k in KINDS) + f", total={self.peak_host_total_bytes}")
         return "\n".join(lines)
 
 
-def plan_model(regions, gradient_accumulation_steps: int = 1) -> MemoryPlan:
+def plan_model(regions, gradient_accumulation_steps: int = 1, order: Iterable[int] | None = None) -> MemoryPlan:
     """The plan of every compiled region that has a forward graph (training
-    regions; an inference-only region counts its ``inference`` graph)."""
+    regions; an inference-only region counts its ``inference`` graph).
+    ``order``: region indices in execution order (``ShardingContext.region_order``),
+    ``None`` when unknown."""
     plans = []
     for r in regions:
         graphs = r.graphs if hasattr(r, "graphs") else r["graphs"]
@@ -431,7 +633,7 @@ def plan_model(regions, gradient_accumulation_steps: int = 1) -> MemoryPlan:
             plans.append(plan_region(graphs["forward"], graphs.get("backward"), index))
         elif "inference" in graphs:
             plans.append(plan_region(graphs["inference"], None, index))
-    return MemoryPlan(plans, gradient_accumulation_steps)
+    return MemoryPlan(plans, gradient_accumulation_steps, list(order) if order is not None else None)
 
 
 def liveness(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -447,4 +649,8 @@ def liveness(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     tl = timeline(gm, phase, stores)
     _, elems = comm_by_kind(gm)
     peak = {k: max((e.live[k] for e in tl), default=0) for k in KINDS}
-    return PassResult(details={"peak_bytes": peak, "comm_elements": elems})
+    details = {"peak_bytes": peak, "comm_elements": elems}
+    host = {k: max((e.host[k] for e in tl), default=0) for k in KINDS}
+    if any(host.values()):  # offload copies in host memory
+        details["host_peak_bytes"] = host
+    return PassResult(details=details)

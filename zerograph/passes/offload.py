@@ -81,14 +81,15 @@ def offload_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                          {"device": HOST, "pin_memory": on_cuda, "non_blocking": on_cuda})
         off.name = f"{node.name}_offload"
         off.meta["val"] = _fake_to(val, HOST)
-        set_tag(off, get_tag(node).replace(pass_name=PASS_NAME))
+        set_tag(off, get_tag(node).replace(pass_name=PASS_NAME, location="host"))
         _copy_partitioner_tag(node, off)
         with gm.graph.inserting_before(bw_users[0]):
             back = gm.graph.call_function(torch.ops.aten._to_copy.default, (off,),
                                           {"device": val.device, "non_blocking": on_cuda})
         back.name = f"{node.name}_reload"
         back.meta["val"] = val
-        set_tag(back, get_tag(bw_users[0]).replace(pass_name=PASS_NAME, role="compute", param=None))
+        set_tag(back, get_tag(bw_users[0]).replace(pass_name=PASS_NAME, role="compute", param=None,
+                                                   location="device"))
         _copy_partitioner_tag(bw_users[0], back)
         for user in bw_users:
             user.replace_input_with(node, back)

@@ -79,6 +79,7 @@ def tag_nodes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 layer=layer_of(path),
                 param=param,
                 pass_name=old.pass_name if old else None,
+                location=old.location if old else "device",
             ),
         )
     return PassResult(changed=False, details=counts)

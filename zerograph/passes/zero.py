@@ -166,10 +166,11 @@ def zero_policy(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 def _emit_into(base_tag: NodeTag, params: tuple[str, ...], new_nodes: list):
-    def emit(role: str, proxy):
+    def emit(role: str, proxy, location: str = "device"):
         node = proxy.node
         param = params[0] if len(params) == 1 else None
-        set_tag(node, base_tag.replace(role=role, param=param, bucket=params, pass_name="lower_markers"))
+        set_tag(node, base_tag.replace(role=role, param=param, bucket=params, pass_name="lower_markers",
+                                       location=location))
         new_nodes.append(node)
         return proxy
 
@@ -180,7 +181,7 @@ def _fake_values(fn, values: list, specs):
     """Run the same sequence on the fake inputs to get every new node's ``val``."""
     out: list = []
 
-    def record(_role, v):
+    def record(_role, v, **_tag):
         out.append(v)
         return v
 

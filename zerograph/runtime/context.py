@@ -53,6 +53,14 @@ class ShardingContext:
     # whose backward stashes local gradients here instead of reducing them.
     grad_stash: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     read_state: "ReadState" = dataclasses.field(default=None)
+    # Execution order of the compiled regions, for the planner (a model with
+    # graph breaks has several): the index of every region whose forward or
+    # inference graph ran during the latest model call with grad enabled, in
+    # order. The runtime starts a new list at each such call; a call without
+    # grad and the first backward graph to run stop the recording (so a
+    # recomputed forward is not counted). Empty: not recorded.
+    region_order: list[int] = dataclasses.field(default_factory=list)
+    recording_order: bool = False
 
     def __post_init__(self) -> None:
         registry.register(self)
@@ -77,6 +85,15 @@ class ShardingContext:
     @property
     def rank(self) -> int:
         return self.dp.rank
+
+    def ran_region(self, index: int, phase: str) -> None:
+        """Called by every compiled graph of region ``index`` each time it
+        runs: a forward or inference graph appends to :attr:`region_order`,
+        a backward graph ends the recording."""
+        if phase == "backward":
+            self.recording_order = False
+        elif self.recording_order:
+            self.region_order.append(index)
 
     def new_region(self) -> CompiledRegion:
         region = CompiledRegion(index=len(self.regions))

@@ -68,15 +68,28 @@ class MemoryTracker:
     graphs really ran, by kind, from their real tensors.
 
     ``current``/``last_step``: samples of the running / last finished step,
-    one ``(phase, node name, gathered bytes, total bytes)`` per node. This
-    mode keeps every forward output alive until the step ends (so that the
-    backward's inputs are recognised by address): real memory use is higher
-    than without it; the recorded numbers follow the generated code's frees.
+    one ``(phase, node name, gathered bytes, total bytes)`` per node, each
+    counting only the values of the graph that runs. This mode keeps every
+    forward output alive until the step ends (so that the backward's inputs
+    are recognised by address): real memory use is higher than without it;
+    the recorded numbers follow the generated code's frees.
+
+    Across graphs (a model with graph breaks has several regions): each run
+    of a graph is a :class:`GraphRun` (``runs``/``last_runs``, in execution
+    order). A backward run is paired with the latest unpaired forward run of
+    its region, and its inputs take their kinds from that forward's outputs.
+    The outputs of a forward run that its backward receives (not inputs) are
+    held from the end of the forward to the start of that backward:
+    :attr:`last_step_held` adds them to the samples of the graphs that run
+    in between, :attr:`last_step_composed` is the samples plus that. The
+    peaks are those of the composed samples.
     """
 
     def __init__(self) -> None:
         self.current: list[tuple[str, str, int, int]] = []
         self.last_step: list[tuple[str, str, int, int]] = []
+        self.runs: list[GraphRun] = []
+        self.last_runs: list[GraphRun] = []
         self.comm_current: Counter = Counter()
         self.comm_last_step: dict[str, int] = {}
         # data_ptr -> (kind, tensor): forward outputs that the backward may
@@ -84,29 +97,84 @@ class MemoryTracker:
         self.held: dict[int, tuple[str, object]] = {}
 
     @property
+    def last_step_held(self) -> list[tuple[int, int]]:
+        """``(gathered bytes, total bytes)`` per sample of the last step that
+        other graph runs hold: forward outputs that their own backward
+        receives later, between that forward's end and that backward's start."""
+        delta = [[0, 0] for _ in range(len(self.last_step) + 1)]
+        runs = self.last_runs
+        for run in runs:
+            if run.paired is None:
+                continue
+            fwd = runs[run.paired]
+            for ptr in run.received:
+                kind, nbytes = fwd.outputs.get(ptr, ("input", 0))
+                if kind == "input":
+                    continue
+                gathered = nbytes if kind == "gathered" else 0
+                delta[fwd.stop][0] += gathered
+                delta[fwd.stop][1] += nbytes
+                delta[run.start][0] -= gathered
+                delta[run.start][1] -= nbytes
+        out, g, t = [], 0, 0
+        for i in range(len(self.last_step)):
+            g, t = g + delta[i][0], t + delta[i][1]
+            out.append((g, t))
+        return out
+
+    @property
+    def last_step_composed(self) -> list[tuple[str, str, int, int]]:
+        """The last step's samples with :attr:`last_step_held` added."""
+        return [(phase, name, g + hg, t + ht)
+                for (phase, name, g, t), (hg, ht) in zip(self.last_step, self.last_step_held)]
+
+    @property
+    def last_step_region_order(self) -> list[tuple[str, int | None]]:
+        """``(phase, region index)`` of every graph run of the last step, in order."""
+        return [(run.label, run.region) for run in self.last_runs]
+
+    @property
     def peak_gathered_bytes(self) -> int:
-        """Most gathered-parameter bytes alive at once in the last step."""
-        return max((s[2] for s in self.last_step), default=0)
+        """Most gathered-parameter bytes alive at once in the last step (other regions' held included)."""
+        return max((s[2] for s in self.last_step_composed), default=0)
 
     @property
     def peak_total_bytes(self) -> int:
-        return max((s[3] for s in self.last_step), default=0)
+        return max((s[3] for s in self.last_step_composed), default=0)
 
     def end_step(self) -> None:
         self.last_step, self.current = self.current, []
+        self.last_runs, self.runs = self.runs, []
         self.comm_last_step = {k: int(self.comm_current.get(k, 0)) for k in KINDS}
         self.comm_current = Counter()
         self.held = {}
 
-    def executable(self, gm, phase: str):
-        """A boxed callable that runs ``gm`` through a :class:`TrackedGraph`."""
-        tracked = TrackedGraph(gm, phase, self)
+    def executable(self, gm, phase: str, region: int | None = None):
+        """A boxed callable that runs ``gm`` (of compiled region ``region``)
+        through a :class:`TrackedGraph`."""
+        tracked = TrackedGraph(gm, phase, self, region)
 
         def run(args):
             return tracked.run_boxed(args)
 
         run._boxed_call = True
         return run
+
+
+@dataclasses.dataclass
+class GraphRun:
+    """One run of a tracked graph: its samples are ``MemoryTracker.current[start:stop]``."""
+
+    label: str  # forward, backward or inference
+    region: int | None
+    start: int
+    stop: int = 0
+    # forward: data_ptr -> (kind, storage bytes) of every output storage
+    outputs: dict[int, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    # backward: the paired forward run (index in the runs) and the data_ptrs
+    # of its inputs that are that forward's outputs
+    paired: int | None = None
+    received: set[int] = dataclasses.field(default_factory=set)
 
 
 def _tensors(value):
@@ -128,13 +196,13 @@ class TrackedGraph:
     """Runs one graph node by node, freeing values after their last use,
     and records live bytes into a :class:`MemoryTracker`."""
 
-    def __init__(self, gm, phase: str, tracker: MemoryTracker) -> None:
+    def __init__(self, gm, phase: str, tracker: MemoryTracker, region: int | None = None) -> None:
         import torch.fx as fx
 
         from zerograph.passes.liveness import storages
         from zerograph.metadata import COLLECTIVE_ROLES, get_tag
 
-        self.gm, self.tracker = gm, tracker
+        self.gm, self.tracker, self.region = gm, tracker, region
         self.phase = "backward" if phase == "backward" else "forward"
         self.label = phase
         self.interp = fx.Interpreter(gm, garbage_collect_values=False)
@@ -161,6 +229,13 @@ class TrackedGraph:
         refs: Counter = Counter()  # env values per storage
         result = None
         position = 0
+        tracker = self.tracker
+        run = GraphRun(self.label, self.region, len(tracker.current))
+        outputs = None  # backward: the paired forward run's outputs
+        if self.phase == "backward":
+            run.paired = self._pair()
+            if run.paired is not None:
+                outputs = tracker.runs[run.paired].outputs
         for i, node in enumerate(self.nodes):
             if node.op == "placeholder":
                 value = args_list[position]
@@ -169,9 +244,15 @@ class TrackedGraph:
                 env[node] = value
                 for t in _tensors(value):
                     ptr, _ = _key(t)
-                    held = self.tracker.held.get(ptr) if self.phase == "backward" else None
+                    kind = None
+                    if outputs is not None:
+                        kind = outputs.get(ptr, (None,))[0]
+                        if kind is not None:
+                            run.received.add(ptr)
+                    elif self.phase == "backward" and ptr in tracker.held:
+                        kind = tracker.held[ptr][0]
                     if not refs[ptr]:
-                        kind_of_ptr[ptr] = held[0] if held is not None else "input"
+                        kind_of_ptr[ptr] = kind if kind is not None else "input"
                     refs[ptr] += 1
             elif node.op == "output":
                 result = self.interp.fetch_args_kwargs_from_env(node)[0][0]
@@ -193,10 +274,24 @@ class TrackedGraph:
         self.interp.env = {}
         if self.phase == "forward" and self.label != "inference":
             for t in _tensors(result):
-                ptr, _ = _key(t)
+                ptr, nbytes = _key(t)
                 kind = kind_of_ptr.get(ptr, "other")
-                self.tracker.held[ptr] = ("gathered" if kind == "gathered" else ("input" if kind == "input" else "saved"), t)
+                kind = "gathered" if kind == "gathered" else ("input" if kind == "input" else "saved")
+                tracker.held[ptr] = (kind, t)
+                run.outputs[ptr] = (kind, nbytes)
+        run.stop = len(tracker.current)
+        tracker.runs.append(run)
         return result
+
+    def _pair(self) -> int | None:
+        """The index in ``tracker.runs`` of the latest forward run of this
+        graph's region that no backward run has been paired with."""
+        taken = {r.paired for r in self.tracker.runs if r.paired is not None}
+        for k in range(len(self.tracker.runs) - 1, -1, -1):
+            r = self.tracker.runs[k]
+            if r.label == "forward" and r.region == self.region and k not in taken:
+                return k
+        return None
 
     def _count(self, node, role: str, value) -> None:
         src = node.args[0]

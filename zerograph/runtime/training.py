@@ -167,9 +167,11 @@ class TrainingRuntime:
 
             args, kwargs = _map_tensors(args, cast), _map_tensors(kwargs, cast)
         boundary = None
+        ctx.recording_order = torch.is_grad_enabled()  # the planner's region order (context.py)
         if torch.is_grad_enabled():
             ctx.micro_step += 1
             boundary = ctx.micro_step % ctx.config.gradient_accumulation_steps == 0
+            ctx.region_order = []
         deferring = boundary is False and ctx.defers_grad_sync
         ctx.read_state.tag = ctx.nosync_tag if deferring else ctx.tag
         return args, kwargs, boundary
