@@ -386,3 +386,36 @@ def test_prediction_equals_measurement_on_random_models(fake_world, widths, max_
     assert info.memory.comm_bytes_per_step == info.comm_bytes_last_step == info.memory_measured.comm_last_step
     kept = next(r.details for r in info.passes if r.name == "zero_policy").get("kept_gather_elements", 0)
     assert kept <= max_live
+
+
+OFFLOADS = {
+    "offload_activations": ({"stage": 3}, {"offload_activations": True}),
+    "offload_param": ({"stage": 3, "offload_param": {"device": "cpu"}}, {}),
+    "both": ({"stage": 3, "offload_param": {"device": "cpu"}}, {"offload_activations": True}),
+}
+
+
+@pytest.mark.parametrize("offload", list(OFFLOADS))
+def test_measured_device_and_host_bytes_equal_the_plan_with_offload(fake_world, offload):
+    """With offload copies in host memory the measuring interpreter counts
+    device and host bytes apart, as the plan does: the device timeline (each
+    graph's own, and composed across the graph break) and each graph's host
+    bytes equal the plan's entry for entry. On this CPU-only run host memory
+    is the compute device's, so the graphs' ``location`` tags say which is
+    which; the bytes and lifetimes are measured."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    zero, ac = OFFLOADS[offload]
+    model = zerograph.compile(BrokenBlocks([4, 6, 5], [5, 3]), {
+        "zero_optimization": {**zero, "allgather_bucket_size": 0, "reduce_bucket_size": 0},
+        "activation_checkpointing": ac, "zerograph": {"device": "cpu", "track_memory": True}})
+    model(torch.randn(3, 4)).backward()
+    info = zerograph.inspect(model)
+    plan, measured = info.memory, info.memory_measured
+    assert len(info.regions) == 2 and measured.last_step_region_order == [(s.phase, s.region.index)
+                                                                          for s in plan.segments()]
+    assert [(e.phase, e.name, e.node.live["gathered"], e.node.total) for e in plan.step] == measured.last_step
+    assert [(e.phase, e.name, e.live["gathered"], e.total) for e in plan.step] == measured.last_step_composed
+    assert [(e.phase, e.name, e.node.host_total) for e in plan.step] == measured.last_step_host
+    assert plan.peak_total_bytes == measured.peak_total_bytes
+    assert plan.peak_host_total_bytes == measured.peak_host_total_bytes > 0

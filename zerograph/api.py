@@ -18,6 +18,7 @@ from zerograph.runtime.context import ShardingContext, context_of
 from zerograph.pipeline.step import eager_train_step
 from zerograph.runtime.dist import DataParallelGroup, data_parallel_group
 from zerograph.runtime.errors import naming_failed_ranks
+from zerograph.runtime.offload import watch_plain_optimizer
 from zerograph.runtime.training import TrainingRuntime
 from zerograph.sharding import full_state_dict as _full_state_dict
 from zerograph.sharding import shard_parameters
@@ -63,12 +64,6 @@ def shard(
     cfg = Config.load(config)
     for line in cfg.inactive_settings():
         log.warning("zerograph: %s", line)
-    if cfg.zero_optimization.offload_optimizer.device == "cpu":
-        log.warning(
-            "zerograph: offload_optimizer.device='cpu' takes effect only for an optimizer built with "
-            "zerograph.make_optimizer(model, torch.optim.AdamW, ...); a torch optimizer created directly "
-            "from model.parameters() keeps its states on the parameters' device"
-        )
     pass_list = passes.copy() if passes is not None else default_passes()
     for name in cfg.zerograph.disabled_passes:
         if name not in pass_list.names:
@@ -94,6 +89,9 @@ def shard(
     model._zg_runtime = TrainingRuntime(ctx, model._call_impl, params)
     model._zg_runtime.named_params = dict(model.named_parameters())
     model._zg_runtime.model_ref = weakref.ref(model)
+    if cfg.zero_optimization.offload_optimizer.device == "cpu":
+        # warns when a plain torch optimizer, not make_optimizer's, steps these parameters
+        watch_plain_optimizer(model, params)
     base = type(model)
     model.__class__ = type(base.__name__, (base,), {
         "__call__": _zerograph_call,

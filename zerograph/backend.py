@@ -82,7 +82,7 @@ class ZerographBackend:
         static = region.comm_bytes[phase]
         stats = self.sharding.stats if self.sharding is not None else None
         if stats is not None and self.config.zerograph.track_memory:  # measuring interpreter (docs/planner.md)
-            executable = stats.memory_tracker().executable(gm, phase, region.index)
+            executable = stats.memory_tracker().executable(gm, phase, region.index, self.sharding.dp.device)
         if self.sharding is not None:  # the regions' execution order, for the planner (runtime/context.py)
             executable = _recording_order(executable, self.sharding, region.index, phase)
         if self.sharding is not None:  # an OOM names the budget to change (runtime/memory.py)

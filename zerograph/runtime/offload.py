@@ -46,10 +46,12 @@ checkpoint, ``load_full_state_dict``) wrote into the parameter.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from zerograph._torch_private import dtensor_with_local, tensor_version
 
@@ -268,6 +270,50 @@ class HostOptimizer:
                            "params": [flat[id(h)] for h in group["params"]]})
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self._refresh_masters(force=True)
+
+
+# models whose offload_optimizer has not been defeated yet -> (ids of their
+# parameters, {optimizer: number of parameters it had when looked at})
+_WATCHED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[frozenset[int], weakref.WeakKeyDictionary]]" = (
+    weakref.WeakKeyDictionary())
+_HOOK = None
+
+
+def watch_plain_optimizer(model: torch.nn.Module, params) -> None:
+    """With ``offload_optimizer.device: "cpu"``: warn, once per model, when a
+    ``torch.optim`` optimizer steps this model's parameters directly (one not
+    built by :func:`make_optimizer`): its states stay on the parameters'
+    device, so the offload does nothing.
+
+    One global optimizer step pre-hook (``register_optimizer_step_pre_hook``,
+    registered at the first call) looks, at an optimizer's step, whether it
+    holds one of ``params`` (by identity). A :class:`HostOptimizer` never
+    does: its wrapped optimizer holds host masters, which are new tensors.
+    An optimizer is looked at again only when its number of parameters
+    changed, so a later step costs one ``len`` per param group. A model is
+    forgotten once warned about, or when it is garbage collected."""
+    global _HOOK
+    _WATCHED[model] = (frozenset(id(p) for p in params), weakref.WeakKeyDictionary())
+    if _HOOK is None:
+        _HOOK = register_optimizer_step_pre_hook(_check_plain_optimizer)
+
+
+def _check_plain_optimizer(optimizer, args, kwargs) -> None:
+    if not _WATCHED:
+        return None
+    count = sum(len(g["params"]) for g in optimizer.param_groups)
+    for model, (ids, seen) in list(_WATCHED.items()):
+        if seen.get(optimizer) == count:
+            continue
+        seen[optimizer] = count
+        if any(id(p) in ids for g in optimizer.param_groups for p in g["params"]):
+            del _WATCHED[model]
+            name = type(optimizer).__name__
+            log.warning(
+                "zerograph: offload_optimizer.device='cpu' takes effect only for an optimizer built with "
+                "zerograph.make_optimizer(model, torch.optim.%s, ...); this %s steps the parameters of %s "
+                "directly and keeps its states on the parameters' device", name, name, type(model).__name__)
+    return None
 
 
 def make_optimizer(model: torch.nn.Module, optimizer_cls: Callable[..., torch.optim.Optimizer],

@@ -67,9 +67,19 @@ class MemoryTracker:
     (shards, the batch) are not counted. It also counts the collectives the
     graphs really ran, by kind, from their real tensors.
 
+    Device and host bytes are counted apart, as the plan counts them
+    (``NodeLive.live`` / ``NodeLive.host``). A storage is on the host when
+    its tensor is in host memory (:data:`zerograph.runtime.offload.HOST`)
+    while the graph computes on another device (``device``); on a CPU-only
+    run, where the two are the same memory, the graph's own location of the
+    value decides (``location="host"`` tags: offload copies, and in a
+    backward the forward's host outputs it receives).
+
     ``current``/``last_step``: samples of the running / last finished step,
-    one ``(phase, node name, gathered bytes, total bytes)`` per node, each
-    counting only the values of the graph that runs. This mode keeps every
+    one ``(phase, node name, gathered bytes, total bytes)`` per node, device
+    bytes only, each counting only the values of the graph that runs;
+    ``current_host``/``last_step_host``: one ``(phase, node name, host bytes)``
+    per node, the same samples' host bytes. This mode keeps every
     forward output alive until the step ends (so that the backward's inputs
     are recognised by address): real memory use is higher than without it;
     the recorded numbers follow the generated code's frees.
@@ -78,16 +88,19 @@ class MemoryTracker:
     of a graph is a :class:`GraphRun` (``runs``/``last_runs``, in execution
     order). A backward run is paired with the latest unpaired forward run of
     its region, and its inputs take their kinds from that forward's outputs.
-    The outputs of a forward run that its backward receives (not inputs) are
-    held from the end of the forward to the start of that backward:
-    :attr:`last_step_held` adds them to the samples of the graphs that run
-    in between, :attr:`last_step_composed` is the samples plus that. The
-    peaks are those of the composed samples.
+    The device outputs of a forward run that its backward receives (not
+    inputs) are held from the end of the forward to the start of that
+    backward: :attr:`last_step_held` adds them to the samples of the graphs
+    that run in between, :attr:`last_step_composed` is the samples plus that.
+    The peaks are those of the composed samples. Host bytes are per graph
+    run, not composed (as the plan's ``peak_host``).
     """
 
     def __init__(self) -> None:
         self.current: list[tuple[str, str, int, int]] = []
         self.last_step: list[tuple[str, str, int, int]] = []
+        self.current_host: list[tuple[str, str, int]] = []
+        self.last_step_host: list[tuple[str, str, int]] = []
         self.runs: list[GraphRun] = []
         self.last_runs: list[GraphRun] = []
         self.comm_current: Counter = Counter()
@@ -108,8 +121,8 @@ class MemoryTracker:
                 continue
             fwd = runs[run.paired]
             for ptr in run.received:
-                kind, nbytes = fwd.outputs.get(ptr, ("input", 0))
-                if kind == "input":
+                kind, nbytes, location = fwd.outputs.get(ptr, ("input", 0, "device"))
+                if kind == "input" or location != "device":
                     continue
                 gathered = nbytes if kind == "gathered" else 0
                 delta[fwd.stop][0] += gathered
@@ -140,19 +153,26 @@ class MemoryTracker:
 
     @property
     def peak_total_bytes(self) -> int:
+        """Most device bytes alive at once in the last step (other regions' held included)."""
         return max((s[3] for s in self.last_step_composed), default=0)
+
+    @property
+    def peak_host_total_bytes(self) -> int:
+        """Most host bytes one graph run held at once in the last step."""
+        return max((s[2] for s in self.last_step_host), default=0)
 
     def end_step(self) -> None:
         self.last_step, self.current = self.current, []
+        self.last_step_host, self.current_host = self.current_host, []
         self.last_runs, self.runs = self.runs, []
         self.comm_last_step = {k: int(self.comm_current.get(k, 0)) for k in KINDS}
         self.comm_current = Counter()
         self.held = {}
 
-    def executable(self, gm, phase: str, region: int | None = None):
-        """A boxed callable that runs ``gm`` (of compiled region ``region``)
-        through a :class:`TrackedGraph`."""
-        tracked = TrackedGraph(gm, phase, self, region)
+    def executable(self, gm, phase: str, region: int | None = None, device=None):
+        """A boxed callable that runs ``gm`` (of compiled region ``region``,
+        computing on ``device``; ``None``: host memory) through a :class:`TrackedGraph`."""
+        tracked = TrackedGraph(gm, phase, self, region, device)
 
         def run(args):
             return tracked.run_boxed(args)
@@ -169,8 +189,8 @@ class GraphRun:
     region: int | None
     start: int
     stop: int = 0
-    # forward: data_ptr -> (kind, storage bytes) of every output storage
-    outputs: dict[int, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    # forward: data_ptr -> (kind, storage bytes, "device" or "host") of every output storage
+    outputs: dict[int, tuple[str, int, str]] = dataclasses.field(default_factory=dict)
     # backward: the paired forward run (index in the runs) and the data_ptrs
     # of its inputs that are that forward's outputs
     paired: int | None = None
@@ -196,18 +216,26 @@ class TrackedGraph:
     """Runs one graph node by node, freeing values after their last use,
     and records live bytes into a :class:`MemoryTracker`."""
 
-    def __init__(self, gm, phase: str, tracker: MemoryTracker, region: int | None = None) -> None:
+    def __init__(self, gm, phase: str, tracker: MemoryTracker, region: int | None = None, device=None) -> None:
+        import torch
         import torch.fx as fx
 
-        from zerograph.passes.liveness import storages
         from zerograph.metadata import COLLECTIVE_ROLES, get_tag
+        from zerograph.passes.liveness import storages
+        from zerograph.runtime.offload import HOST
 
         self.gm, self.tracker, self.region = gm, tracker, region
         self.phase = "backward" if phase == "backward" else "forward"
         self.label = phase
         self.interp = fx.Interpreter(gm, garbage_collect_values=False)
         self.nodes = list(gm.graph.nodes)
-        _, self.kinds, _ = storages(gm, self.phase)
+        stores, self.kinds, _ = storages(gm, self.phase)
+        # the graph's location of every value (its storage's), for host memory
+        # that is also the compute device's (a CPU-only run)
+        self.locations = {m: st.location for st in stores for m in st.members}
+        self.host = HOST
+        # host memory is apart from the compute device's: a value's real device tells
+        self.host_apart = device is not None and torch.device(device).type != HOST.type
         index = {n: i for i, n in enumerate(self.nodes)}
         end = len(self.nodes) - 1
         self.free_after: dict[int, list] = {}
@@ -226,6 +254,7 @@ class TrackedGraph:
         args.clear()
         env = self.interp.env = {}
         kind_of_ptr: dict[int, str] = {}
+        where_of_ptr: dict[int, str] = {}  # "device" or "host"
         refs: Counter = Counter()  # env values per storage
         result = None
         position = 0
@@ -245,14 +274,16 @@ class TrackedGraph:
                 for t in _tensors(value):
                     ptr, _ = _key(t)
                     kind = None
+                    where = self.locations.get(node.name, "device")
                     if outputs is not None:
-                        kind = outputs.get(ptr, (None,))[0]
+                        kind, _, where = outputs.get(ptr, (None, 0, where))
                         if kind is not None:
                             run.received.add(ptr)
                     elif self.phase == "backward" and ptr in tracker.held:
                         kind = tracker.held[ptr][0]
                     if not refs[ptr]:
                         kind_of_ptr[ptr] = kind if kind is not None else "input"
+                        where_of_ptr[ptr] = self._where(t, where)
                     refs[ptr] += 1
             elif node.op == "output":
                 result = self.interp.fetch_args_kwargs_from_env(node)[0][0]
@@ -263,11 +294,12 @@ class TrackedGraph:
                     ptr = _key(t)[0]
                     if not refs[ptr]:  # a new storage (the allocator may reuse a freed address)
                         kind_of_ptr[ptr] = self.kinds.get(node.name, "other")
+                        where_of_ptr[ptr] = self._where(t, self.locations.get(node.name, "device"))
                     refs[ptr] += 1
                 role = self.collectives.get(node)
                 if role is not None:
                     self._count(node, role, value)
-                self._sample(node, env, kind_of_ptr)
+                self._sample(node, env, kind_of_ptr, where_of_ptr)
             for dead in self.free_after.get(i, ()):
                 for t in _tensors(env.pop(dead, None)):
                     refs[_key(t)[0]] -= 1
@@ -278,7 +310,7 @@ class TrackedGraph:
                 kind = kind_of_ptr.get(ptr, "other")
                 kind = "gathered" if kind == "gathered" else ("input" if kind == "input" else "saved")
                 tracker.held[ptr] = (kind, t)
-                run.outputs[ptr] = (kind, nbytes)
+                run.outputs[ptr] = (kind, nbytes, where_of_ptr.get(ptr, self._where(t, "device")))
         run.stop = len(tracker.current)
         tracker.runs.append(run)
         return result
@@ -300,9 +332,17 @@ class TrackedGraph:
         out_bytes = value.numel() * value.element_size()
         self.tracker.comm_current[role] += collective_buffer_bytes(role, in_bytes, out_bytes)
 
-    def _sample(self, node, env, kind_of_ptr) -> None:
+    def _where(self, t, location: str) -> str:
+        """Where the storage of ``t`` is: ``"host"`` or ``"device"``. Its
+        real device decides, unless host memory is the compute device's too;
+        then ``location``, the graph's."""
+        if t.device.type != self.host.type:
+            return "device"
+        return "host" if self.host_apart else location
+
+    def _sample(self, node, env, kind_of_ptr, where_of_ptr) -> None:
         seen: set[int] = set()
-        gathered = total = 0
+        gathered = total = host = 0
         for value in env.values():
             for t in _tensors(value):
                 ptr, nbytes = _key(t)
@@ -312,7 +352,11 @@ class TrackedGraph:
                 kind = kind_of_ptr.get(ptr, "other")
                 if kind == "input":
                     continue
+                if where_of_ptr.get(ptr, "device") == "host":
+                    host += nbytes
+                    continue
                 total += nbytes
                 if kind == "gathered":
                     gathered += nbytes
         self.tracker.current.append((self.label, node.name, gathered, total))
+        self.tracker.current_host.append((self.label, node.name, host))
