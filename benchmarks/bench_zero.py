@@ -199,10 +199,22 @@ def _batches(spec: dict, n: int, rank: int, world: int):
     return out
 
 
+def _build(name: str, spec: dict):
+    """(model prepared for ``name``, its AdamW, Ψ, root parameters, prepare seconds)."""
+    from zerograph.models import GPT
+
+    torch.manual_seed(SEED)
+    model = GPT(_gpt_config(spec))
+    n_params = model.num_parameters()
+    n_root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("h."))
+    t_prep = time.perf_counter()
+    model = _prepare(name, model)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    return model, opt, n_params, n_root, time.perf_counter() - t_prep
+
+
 def _run_system(name: str, spec: dict, steps: int, warmup: int, sample_rss: bool) -> dict:
     import torch.distributed as dist
-
-    from zerograph.models import GPT
 
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = _batches(spec, warmup + steps, rank, world)
@@ -212,14 +224,7 @@ def _run_system(name: str, spec: dict, steps: int, warmup: int, sample_rss: bool
 
     sampler = RssSampler().start() if sample_rss else None
     rss_before = _rss_bytes()
-    torch.manual_seed(SEED)
-    model = GPT(_gpt_config(spec))
-    n_params = model.num_parameters()
-    n_root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("h."))
-    t_prep = time.perf_counter()
-    model = _prepare(name, model)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    prep_s = time.perf_counter() - t_prep
+    model, opt, n_params, n_root, prep_s = _build(name, spec)
 
     times, losses = [], []
     state_bytes = 0
@@ -296,7 +301,6 @@ def _run_interleaved(systems: list[str], spec: dict, steps: int, warmup: int) ->
     import torch.distributed as dist
 
     import zerograph
-    from zerograph.models import GPT
 
     # one compiled frame per zerograph system of the same model class: keep
     # Dynamo from falling back to eager after its default recompile limit
@@ -306,14 +310,7 @@ def _run_interleaved(systems: list[str], spec: dict, steps: int, warmup: int) ->
     batches = _batches(spec, warmup + steps, rank, world)
     runs = []
     for name in systems:
-        torch.manual_seed(SEED)
-        model = GPT(_gpt_config(spec))
-        n_params = model.num_parameters()
-        n_root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("h."))
-        t_prep = time.perf_counter()
-        model = _prepare(name, model)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR)
-        prep_s = time.perf_counter() - t_prep
+        model, opt, n_params, n_root, prep_s = _build(name, spec)
         runs.append({"name": name, "model": model, "opt": opt, "n_params": n_params, "n_root_params": n_root,
                      "times": [], "losses": [], "prep_s": prep_s, "state_bytes": 0, "warmup_s": 0.0})
 

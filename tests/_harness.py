@@ -177,3 +177,17 @@ def step_mean_loss(loss: torch.Tensor, opt) -> float:
     if world > 1:
         dist.all_reduce(mean)
     return mean.item() / world
+
+
+def train_global_batches(model, opt, steps) -> list[float]:
+    """Train on the global batches of ``steps`` (the same at every world size):
+    this rank's rows of each, one optimizer step each; the mean losses."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    losses = []
+    for step in steps:
+        idx, targets = _models.global_batch(step, PER_RANK_BATCH * 2)
+        idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
+        losses.append(step_mean_loss(model(idx, targets).loss, opt))
+    return losses

@@ -15,33 +15,21 @@ from zerograph.runtime.launch import spawn
 pytestmark = pytest.mark.timeout(300)
 
 
-def _train(model, opt, steps):
-    import torch.distributed as dist
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    losses = []
-    for step in steps:
-        idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * 2)
-        idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
-        losses.append(_harness.step_mean_loss(model(idx, targets).loss, opt))
-    return losses
-
-
 def _run(config, path, phase):
     """phase "straight": 10 steps; "first": 5 steps then save; "second": load then 5 steps."""
     torch._dynamo.reset()
     model = zerograph.compile(_models.make_gpt(), config)
     opt = _harness._optimizer(model.parameters())
     if phase == "straight":
-        losses = _train(model, opt, range(10))
+        losses = _harness.train_global_batches(model, opt, range(10))
     elif phase == "first":
-        losses = _train(model, opt, range(5))
+        losses = _harness.train_global_batches(model, opt, range(5))
         zerograph.save_checkpoint(path, model, opt, step=5, note="hello")
     else:
         extra = zerograph.load_checkpoint(path, model, opt)
         assert extra == {"step": 5, "note": "hello"}, extra
         assert model._zg_runtime.ctx.step == 5
-        losses = _train(model, opt, range(5, 10))
+        losses = _harness.train_global_batches(model, opt, range(5, 10))
     params = {k: v.detach().clone() for k, v in zerograph.full_state_dict(model).items()}
     return losses, params
 
@@ -98,11 +86,11 @@ def _reshard_run(config, path, phase):
     model = zerograph.compile(_models.make_gpt(), config)
     opt = _harness._optimizer(model.parameters())
     if phase == "save":
-        _train(model, opt, range(RESHARD_SAVE_AT))
+        _harness.train_global_batches(model, opt, range(RESHARD_SAVE_AT))
         zerograph.save_checkpoint(path, model, opt, step=RESHARD_SAVE_AT)
         return None
     assert zerograph.load_checkpoint(path, model, opt) == {"step": RESHARD_SAVE_AT}
-    losses = _train(model, opt, range(RESHARD_SAVE_AT, RESHARD_END))
+    losses = _harness.train_global_batches(model, opt, range(RESHARD_SAVE_AT, RESHARD_END))
     return losses, {k: v.detach().clone() for k, v in zerograph.full_state_dict(model).items()}
 
 

@@ -43,19 +43,6 @@ def _build(zero, lr=_harness.LR):
     return model, opt
 
 
-def _train(model, opt, steps):
-    """Train on the global batches of ``steps`` (the same at every world size)."""
-    import torch.distributed as dist
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    losses = []
-    for step in steps:
-        idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * 2)
-        idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
-        losses.append(_harness.step_mean_loss(model(idx, targets).loss, opt))
-    return losses
-
-
 def _params(model):
     return {k: v.detach().clone() for k, v in zerograph.full_state_dict(model).items()}
 
@@ -67,11 +54,11 @@ def _save_rank(root):
     out = {}
     for name, zero in SAVED.items():
         model, opt = _build(zero)
-        straight = _train(model, opt, range(END))
+        straight = _harness.train_global_batches(model, opt, range(END))
         straight_params = _params(model)
         del model, opt
         model, opt = _build(zero)
-        first = _train(model, opt, range(SAVE_AT))
+        first = _harness.train_global_batches(model, opt, range(SAVE_AT))
         zerograph.save_checkpoint(f"{root}/{name}", model, opt, step=SAVE_AT)
         out[name] = (straight, straight_params, first)
     return out
@@ -94,7 +81,7 @@ def _resume_rank(root):
             assert int(state["step"]) == SAVE_AT
             for dev, host in zip(opt.device_params, opt.host_params):
                 assert torch.equal(dev.detach().to_local(), host.detach())
-        out.append((_train(model, opt, range(SAVE_AT, END)), _params(model)))
+        out.append((_harness.train_global_batches(model, opt, range(SAVE_AT, END)), _params(model)))
     return out
 
 
@@ -122,7 +109,7 @@ def test_resume_with_host_optimizer_is_exact(tmp_path):
     # process with offload_optimizer (its host optimizer holds unsharded states)
     model, opt = _build(OFFLOAD_OPTIMIZER)
     assert zerograph.load_checkpoint(f"{tmp_path}/offload_param", model, opt) == {"step": SAVE_AT}
-    losses = _train(model, opt, range(SAVE_AT, END))
+    losses = _harness.train_global_batches(model, opt, range(SAVE_AT, END))
     _harness.assert_same_training({"losses": saved["offload_param"][2] + losses, "params": _params(model)},
                                   ref_losses, ref_params)
 
