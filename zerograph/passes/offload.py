@@ -128,11 +128,6 @@ def offload_groups(gm: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node]]]:
     return out
 
 
-def offload_candidates(gm: fx.GraphModule) -> list[fx.Node]:
-    """The roots of :func:`offload_groups` (the values that get a host copy)."""
-    return [r for r, _ in offload_groups(gm)]
-
-
 def offload_activations(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Insert host copies of saved storages, copies back before their backward
     use, and the backward's aliases of the copies back."""
