@@ -109,3 +109,26 @@ class Blocks(nn.Module):
         for b in self.blocks:
             x = torch.relu(b(x))
         return x.sum()
+
+
+class BrokenBlocks(nn.Module):
+    """Groups of ``Linear`` + ``tanh`` (one group per list of widths) with a
+    graph break between groups: one compiled region per group. Every group
+    ends in ``tanh``, which saves its output for its backward, so the value a
+    group passes on is held by the group that made it (docs/planner.md)."""
+
+    def __init__(self, *groups):
+        super().__init__()
+        assert 1 <= len(groups) <= 3
+        self.groups = nn.ModuleList(
+            nn.Sequential(*(m for a, b in zip(w, w[1:]) for m in (nn.Linear(a, b), nn.Tanh()))) for w in groups)
+
+    def forward(self, x):
+        x = self.groups[0](x)
+        if len(self.groups) > 1:
+            torch._dynamo.graph_break()
+            x = self.groups[1](x)
+        if len(self.groups) > 2:
+            torch._dynamo.graph_break()
+            x = self.groups[2](x)
+        return x.sum()

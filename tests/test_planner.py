@@ -11,13 +11,13 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.tensor import DTensor
 
 import zerograph
-from tests._models import Blocks
+from tests._models import Blocks, BrokenBlocks
 from tests import _harness, _models
-from zerograph.passes.liveness import KINDS, plan_model
+from zerograph.passes.liveness import KINDS, held_by_forward
+from zerograph.passes.step_plan import plan_in_step, plan_model
 from zerograph.runtime.launch import spawn
 
 TIMEOUT = 400
@@ -217,29 +217,6 @@ def test_explain_cli(tmp_path):
     assert bad.returncode == 2 and "stage" in bad.stderr
 
 
-class BrokenBlocks(nn.Module):
-    """Groups of ``Linear`` + ``tanh`` (one group per list of widths) with a
-    graph break between groups: one compiled region per group. Every group
-    ends in ``tanh``, which saves its output for its backward, so the value a
-    group passes on is held by the group that made it (docs/planner.md)."""
-
-    def __init__(self, *groups):
-        super().__init__()
-        assert 1 <= len(groups) <= 3
-        self.groups = nn.ModuleList(
-            nn.Sequential(*(m for a, b in zip(w, w[1:]) for m in (nn.Linear(a, b), nn.Tanh()))) for w in groups)
-
-    def forward(self, x):
-        x = self.groups[0](x)
-        if len(self.groups) > 1:
-            torch._dynamo.graph_break()
-            x = self.groups[1](x)
-        if len(self.groups) > 2:
-            torch._dynamo.graph_break()
-            x = self.groups[2](x)
-        return x.sum()
-
-
 def _saved_bytes(graphs) -> int:
     """Bytes of the distinct storages a region's forward saves for its
     backward, read from the graphs' fake values: AOTAutograd returns them last
@@ -383,6 +360,14 @@ def test_prediction_equals_measurement_on_random_models(fake_world, widths, max_
     assert plan.peak_activation_bytes == sum(r.held["activation"] for r in plan.regions)
     if len(groups) > 1 and reuse == 0:
         assert plan.peak_activation_bytes > max(r.peak["activation"] for r in plan.regions)
+    # the memory limit's view at compile time: what each region holds, read
+    # from its forward graph alone (and the count of saved values recorded at
+    # partition), and each region composed with the regions run before it
+    regions = model._zg_runtime.ctx.regions
+    for region, compiled in zip(plan.regions, regions):
+        assert held_by_forward(compiled.graphs["forward"], compiled.num_saved) == region.held
+        assert plan_in_step(regions, region.index, plan.order) == plan.in_step(region.index)
+    assert max(plan.in_step(r.index).peak_total for r in plan.regions) == plan.peak_total_bytes
     assert info.memory.comm_bytes_per_step == info.comm_bytes_last_step == info.memory_measured.comm_last_step
     kept = next(r.details for r in info.passes if r.name == "zero_policy").get("kept_gather_elements", 0)
     assert kept <= max_live

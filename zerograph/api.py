@@ -165,7 +165,7 @@ class Inspection:
     regions: list[dict[str, Any]]
     passes: list[PassRecord]
     comm_bytes_last_step: dict[str, int]
-    # the liveness analysis of the final graphs (zerograph.passes.liveness.MemoryPlan; docs/planner.md)
+    # the liveness analysis of the final graphs (zerograph.passes.step_plan.MemoryPlan; docs/planner.md)
     memory: Any = None
     # with zerograph.track_memory: the measuring interpreter's record (zerograph.runtime.stats.MemoryTracker)
     memory_measured: Any = None
@@ -212,7 +212,7 @@ def inspect(model: nn.Module) -> Inspection:
         for stage, ctx in parts for r in ctx.regions
     ]
     records = [rec for _, ctx in parts for r in ctx.regions for recs in r.pass_records.values() for rec in recs]
-    from zerograph.passes.liveness import plan_model
+    from zerograph.passes.step_plan import plan_model
 
     first = parts[0][1]
     # the regions' execution order as the runtime recorded it (one context:

@@ -33,7 +33,8 @@ from zerograph.ops import REDUCE_GRAD, UNSHARD
 from zerograph.passes import PassContext, default_passes, run_passes
 from zerograph.passes.analysis import comm_bytes
 from zerograph.passes.deterministic_rng import unwrap_deterministic_rng
-from zerograph.passes.liveness import plan_region
+from zerograph.passes.liveness import saved_count
+from zerograph.passes.step_plan import plan_in_step
 from zerograph.passes.verify import verify_graph
 from zerograph.runtime import registry
 from zerograph.runtime.context import CompiledRegion
@@ -70,6 +71,7 @@ class ZerographBackend:
         self._run(joint, "joint", region)
         fw, bw = default_partition(joint, joint_inputs, **kwargs)
         unwrap_deterministic_rng(fw, bw)  # recomputed attention with dropout_p=0 needs no RNG state
+        region.num_saved = saved_count(bw)  # what the forward holds, before the backward is compiled
         return fw, bw
 
     def _compile(self, region, phase, gm, example_inputs):
@@ -107,8 +109,9 @@ class ZerographBackend:
         plan = None
         limit = self.config.zerograph.memory_limit_bytes
         if self.sharding is not None and limit is not None and phase in ("backward", "inference"):
-            forward = region.graphs.get("forward") if phase == "backward" else gm
-            plan = plan_region(forward, gm if phase == "backward" else None, region.index)
+            # this region composed with the regions that ran before it in this step (docs/planner.md)
+            order, reason = _step_order(self.sharding, region.index, phase)
+            plan = plan_in_step(self.sharding.regions, region.index, order, reason)
             check_region(self.sharding, plan, limit, _rank())
         if self.config.zerograph.compiler == "inductor":
             return inductor_compile(gm, example_inputs), plan
@@ -131,6 +134,32 @@ class ZerographBackend:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _step_order(sharding, index: int, phase: str) -> tuple[list[int] | None, str]:
+    """What the runtime knows, while region ``index``'s ``phase`` graph is
+    compiled, of the regions that ran before it in this step: ``(order,
+    "")`` with the region indices whose forward ran in this model call
+    (``ShardingContext.region_order``), or ``(None, why not)``.
+
+    A backward graph is compiled during the first backward through it, after
+    every forward of the call ran, so the recorded call includes the region;
+    an inference graph is compiled before its first run, so the regions
+    recorded so far ran before it. A call without grad saves nothing for a
+    backward. A pipeline stage's context sees neither this rank's other
+    stages nor the micro-batches in flight."""
+    stage = sharding.extra.get("pipeline_stage")
+    if stage is not None:
+        return None, (f"pipeline stage {stage}: this rank's other stages and its micro-batches "
+                      "in flight are not modelled")
+    if phase == "inference" and not torch.is_grad_enabled():
+        return [], ""
+    order = list(sharding.region_order)
+    if (phase == "backward" and index in order) or (phase == "inference" and sharding.recording_order):
+        return order, ""
+    if len(sharding.regions) <= 1:
+        return [], ""
+    return None, "not recorded by the runtime"
 
 
 def _recording_order(executable, sharding, index: int, phase: str):

@@ -301,7 +301,8 @@ class ZerographOptions(BaseModel):
     memory_limit_bytes: Optional[_Size] = Field(
         None,
         description="Per-rank memory the training step may use. When set, each compiled region is planned "
-        "(model states + the liveness analysis' step peak) as its backward graph is compiled, and "
+        "(model states + the liveness analysis' step peak, plus, with graph breaks, what the regions that ran "
+        "before it hold for their backward) as its backward graph is compiled, and "
         "zerograph.MemoryBudgetError is raised before the step runs if the total is over the limit, naming "
         "the largest consumer and the config keys that shrink it. null: no check (an out-of-memory error "
         "still gets the same advice).",

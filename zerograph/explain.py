@@ -32,7 +32,8 @@ import torch.distributed as dist
 from torch import nn
 
 from zerograph.config import Config
-from zerograph.passes.liveness import KINDS, MemoryPlan
+from zerograph.passes.liveness import KINDS
+from zerograph.passes.step_plan import MemoryPlan
 from zerograph.runtime.memory import host_state_bytes, model_state_bytes
 
 log = logging.getLogger(__name__)

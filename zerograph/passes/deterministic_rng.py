@@ -22,7 +22,6 @@ from __future__ import annotations
 import operator
 from typing import Optional
 
-import torch
 import torch.fx as fx
 
 _RUN_AND_SAVE = "run_and_save_rng_state"

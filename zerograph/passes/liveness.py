@@ -55,26 +55,11 @@ backward graph; entry ``i`` holds the bytes live right after node ``i`` ran
     ...
     backward all_gather_into_tensor_default   gathered=96   (fc2.weight re-gathered, padded 4x6)
 
-:func:`plan_region` analyses one region's forward and backward together;
-:func:`plan_model` all regions of a compiled model, with the communication
-per step; :func:`liveness` is the pass (one graph at a time).
+:func:`plan_region` analyses one region's forward and backward together
+(:class:`RegionPlan`); :func:`liveness` is the pass (one graph at a time).
 
-A model with graph breaks has several regions. A step runs their forwards in
-execution order and their backwards in reverse (the autograd engine's order
-along a chain of regions), and each region's saved values
-(:attr:`RegionPlan.held`) stay alive from the end of its forward to the start
-of its backward. :class:`MemoryPlan` composes the regions along that step
-(:attr:`MemoryPlan.step`): while a region runs, its own live bytes plus what
-the regions before it hold. The execution order is recorded by the runtime
-(``ShardingContext.region_order``: the regions whose forward ran in the
-latest model call); without it the plan says the order is unknown and its
-peaks are per region. Gradients that a later region's backward already
-returned are not held here: they are in ``param.grad`` (or the no-sync
-stash), which model states count (``gradients``), so they are not added
-again. A region's inputs are ``input`` in that region: a value one region
-returns and a later region saves counts in the held bytes of the earlier
-region only when the earlier region saves it too (a value a region saves
-for its own backward, such as the output of ``tanh`` or ``relu``).
+Composing a model's regions along a step (graph breaks, the memory limit)
+is :mod:`zerograph.passes.step_plan`.
 """
 
 from __future__ import annotations
@@ -127,6 +112,24 @@ def is_alias(node: fx.Node) -> bool:
     if target in _SHARES_STORAGE:
         return True
     return isinstance(target, torch._ops.OpOverload) and target.is_view
+
+
+def alias_source(node: fx.Node) -> fx.Node | None:
+    """The node whose storage ``node`` shares, or ``None`` when ``node``
+    allocates (or is not a call). A view shares its first input's storage; an
+    element of a view op's tuple output (``getitem`` of ``split``/``unbind``)
+    shares the storage of that op's input. The one aliasing rule of the
+    planner and of the offload pass."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem:
+        src = node.args[0]
+        if isinstance(src, fx.Node) and is_alias(src) and src.all_input_nodes:
+            return src.all_input_nodes[0]
+        return None
+    if is_alias(node) and node.all_input_nodes:
+        return node.all_input_nodes[0]
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,25 +190,21 @@ def storages(
             continue
         if node.op != "call_function":
             continue
+        if node.target is not operator.getitem and _tensor_val(node) is None:
+            _tuple_elements(node, unclaimed)
+            continue
+        source = alias_source(node)
+        if source is not None and source in root:
+            root[node] = root[source]
+            continue
         if node.target is operator.getitem:
             src = node.args[0]
-            if isinstance(src, fx.Node) and is_alias(src) and src.all_input_nodes:
-                base = root.get(src.all_input_nodes[0])
-                if base is not None:
-                    root[node] = base
-                    continue
             if _tensor_val(node) is not None:
                 root[node] = node
                 if isinstance(src, fx.Node):  # allocated by src; its tuple holds it until the last getitem
                     born_with[node] = src
             continue
-        if _tensor_val(node) is None:
-            _tuple_elements(node, unclaimed)
-            continue
         inputs = [a for a in node.all_input_nodes if a in root]
-        if is_alias(node) and inputs:
-            root[node] = root[inputs[0]]
-            continue
         root[node] = node
         tag = get_tag(node)
         role = tag.role if tag is not None else "compute"
@@ -396,13 +395,58 @@ def saved_inputs(forward: fx.GraphModule, backward: fx.GraphModule | None) -> di
     lowering replaced a saved marker node by its collective's output."""
     if backward is None:
         return {}
+    inputs = _saved_placeholders(backward)
+    tail = _saved_outputs(forward, len(inputs))
+    if tail is None:
+        return {}
+    return {b.name: f.name for b, f in zip(inputs, tail) if isinstance(f, fx.Node)}
+
+
+def _saved_placeholders(backward: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in backward.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+
+
+def saved_count(backward: fx.GraphModule) -> int:
+    """How many values the forward saves for ``backward``: its inputs that
+    are not ``tangents_*`` (the forward returns them last). The runtime
+    records this at partition time (``CompiledRegion.num_saved``), before the
+    backward graph is compiled, so that :func:`held_by_forward` can tell what
+    a region holds from its forward graph alone."""
+    return len(_saved_placeholders(backward))
+
+
+def _saved_outputs(forward: fx.GraphModule, num_saved: int) -> list | None:
+    """The last ``num_saved`` outputs of ``forward`` (the saved values), or
+    ``None`` when it returns fewer."""
     out_node = list(forward.graph.nodes)[-1]
     outs = list(out_node.args[0]) if out_node.op == "output" else []
-    inputs = [n for n in backward.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
-    if len(inputs) > len(outs):
-        return {}
-    tail = outs[len(outs) - len(inputs):]
-    return {b.name: f.name for b, f in zip(inputs, tail) if isinstance(f, fx.Node)}
+    if num_saved > len(outs):
+        return None
+    return outs[len(outs) - num_saved:]
+
+
+def _held(f_stores: list[Storage], saved: set[str]) -> dict[str, int]:
+    """Device bytes by kind of the forward storages that hold a saved value."""
+    held = dict.fromkeys(KINDS, 0)
+    for st in f_stores:
+        if st.kind in KINDS and st.location == "device" and saved.intersection(st.members):
+            held[st.kind] += st.nbytes
+    return held
+
+
+def held_by_forward(forward: fx.GraphModule, num_saved: int | None) -> dict[str, int]:
+    """:attr:`RegionPlan.held` from the forward graph alone: the device bytes
+    by kind of the forward's storages behind its last ``num_saved`` outputs,
+    the values AOTAutograd saves for the backward (:func:`saved_count`). The
+    backward graph is not needed, so this is known as soon as the region's
+    forward ran, before its backward is compiled. ``num_saved=None`` (not
+    recorded): every output counts as saved, an upper bound."""
+    out_node = list(forward.graph.nodes)[-1]
+    outs = list(out_node.args[0]) if out_node.op == "output" else []
+    tail = outs if num_saved is None else (_saved_outputs(forward, num_saved) or [])
+    saved = {f.name for f in tail if isinstance(f, fx.Node)}
+    f_stores, _, _ = storages(forward, "forward", saved=saved)
+    return _held(f_stores, saved)
 
 
 def plan_region(forward: fx.GraphModule, backward: fx.GraphModule | None, index: int = 0) -> RegionPlan:
@@ -429,211 +473,10 @@ def plan_region(forward: fx.GraphModule, backward: fx.GraphModule | None, index:
         comm_e = {k: comm_e[k] + b_e[k] for k in comm_e}
         colls += _collectives(backward, "backward")
     peak = {k: max((e.live[k] for e in tl), default=0) for k in KINDS}
-    saved = set(pairs.values())
-    held = dict.fromkeys(KINDS, 0)
-    for st in f_stores:
-        if st.kind in KINDS and st.location == "device" and saved.intersection(st.members):
-            held[st.kind] += st.nbytes
+    held = _held(f_stores, set(pairs.values()))
     host_peak = {k: max((e.host[k] for e in tl), default=0) for k in KINDS}
     return RegionPlan(index, tl, peak, max((e.total for e in tl), default=0), comm_b, comm_e, stores, colls, held,
                       host_peak, max((e.host_total for e in tl), default=0))
-
-
-@dataclasses.dataclass(frozen=True)
-class StepLive:
-    """One node of the composed step (:attr:`MemoryPlan.step`): a region's
-    own entry and the bytes the other regions hold meanwhile."""
-
-    region: int  # the region's index
-    run: int | None  # its position in MemoryPlan.order (None: not in the recorded model call)
-    node: NodeLive  # the region's own live bytes (its RegionPlan's timeline entry)
-    held: dict[str, int]  # by kind: what the regions run before it saved for their backward
-
-    @property
-    def phase(self) -> str:
-        return self.node.phase
-
-    @property
-    def name(self) -> str:
-        return self.node.name
-
-    @property
-    def index(self) -> int:
-        return self.node.index
-
-    @property
-    def role(self) -> str:
-        return self.node.role
-
-    @property
-    def live(self) -> dict[str, int]:
-        return {k: self.node.live[k] + self.held[k] for k in KINDS}
-
-    @property
-    def total(self) -> int:
-        return self.node.total + sum(self.held.values())
-
-
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """One graph of the composed step: a region's forward or backward, with
-    the bytes other regions hold while it runs."""
-
-    region: RegionPlan
-    run: int | None
-    phase: str
-    held: dict[str, int]
-
-    @property
-    def entries(self) -> list[StepLive]:
-        return [StepLive(self.region.index, self.run, e, self.held) for e in self.region.timeline
-                if e.phase == self.phase]
-
-
-@dataclasses.dataclass
-class MemoryPlan:
-    """Predicted per-rank memory during a step and communication per step.
-
-    ``order``: the region indices in the order their forward (or inference)
-    graph ran in the latest model call, as the runtime recorded it (a region
-    run twice appears twice); ``None`` when it was not recorded (a pipeline
-    rank with several stages, a model the runtime did not call). The step
-    (:attr:`step`, :meth:`segments`) runs those forwards in order, then their
-    backwards in reverse; each region's saved values (:attr:`RegionPlan.held`)
-    are held from its forward's end to its backward's start. Regions not in
-    ``order`` (another micro-batch's variant, an older recompile; every
-    region when the order is unknown) follow on their own, nothing held.
-    ``peak`` and ``peak_total_bytes`` are the largest over that timeline:
-    exact for one region; for several, with the order known, under the rules
-    of the module docstring (memory that eager code between regions holds is
-    not seen); with several regions and no order they are per region (a
-    lower bound)."""
-
-    regions: list[RegionPlan]
-    gradient_accumulation_steps: int = 1
-    order: list[int] | None = None
-
-    @property
-    def order_known(self) -> bool:
-        """Whether the regions' execution order is known (recorded, or one region)."""
-        return self.order is not None or len(self.regions) <= 1
-
-    def segments(self) -> list[Segment]:
-        """The step's graphs in execution order, each with what the other regions hold."""
-        by_index = {r.index: r for r in self.regions}
-        order = [i for i in (self.order or ()) if i in by_index]
-        out: list[Segment] = []
-        held = dict.fromkeys(KINDS, 0)
-        for run, i in enumerate(order):
-            region = by_index[i]
-            out.append(Segment(region, run, "forward", dict(held)))
-            held = {k: held[k] + region.held[k] for k in KINDS}
-        for run in reversed(range(len(order))):
-            region = by_index[order[run]]
-            held = {k: held[k] - region.held[k] for k in KINDS}
-            if any(e.phase == "backward" for e in region.timeline):
-                out.append(Segment(region, run, "backward", dict(held)))
-        zero = dict.fromkeys(KINDS, 0)
-        for region in self.regions:
-            if region.index in order:
-                continue
-            for phase in dict.fromkeys(e.phase for e in region.timeline):
-                out.append(Segment(region, None, phase, zero))
-        return out
-
-    @property
-    def step(self) -> list[StepLive]:
-        """The composed timeline: every node of :meth:`segments`, with ``live``
-        = the region's own bytes + what the other regions hold."""
-        return [e for seg in self.segments() for e in seg.entries]
-
-    @property
-    def peak(self) -> dict[str, int]:
-        step = self.step
-        return {k: max((e.live[k] for e in step), default=0) for k in KINDS}
-
-    @property
-    def peak_gathered_bytes(self) -> int:
-        return self.peak["gathered"]
-
-    @property
-    def peak_activation_bytes(self) -> int:
-        return self.peak["activation"]
-
-    @property
-    def peak_total_bytes(self) -> int:
-        return max((e.total for e in self.step), default=0)
-
-    @property
-    def peak_host(self) -> dict[str, int]:
-        """Host bytes the step's graphs hold (offload copies: gradient shards
-        copied back, saved activation copies), by kind, each kind's peak. Not
-        in :attr:`peak`. Per region: host copies that another region holds
-        meanwhile (offloaded activations across a graph break) are not added."""
-        return {k: max((r.host_peak[k] for r in self.regions), default=0) for k in KINDS}
-
-    @property
-    def peak_host_total_bytes(self) -> int:
-        return max((r.host_peak_total for r in self.regions), default=0)
-
-    @property
-    def comm_bytes_per_step(self) -> dict[str, int]:
-        n = self.gradient_accumulation_steps
-        return {k: n * sum(r.comm_bytes[k] for r in self.regions) for k in COMM_KINDS}
-
-    @property
-    def comm_elements_per_step(self) -> dict[str, int]:
-        n = self.gradient_accumulation_steps
-        return {k: n * sum(r.comm_elements[k] for r in self.regions) for k in COMM_KINDS}
-
-    def order_note(self) -> str:
-        """How the step's timeline was composed, in words."""
-        n = len(self.regions)
-        count = f"{n} region{'s' if n != 1 else ''}"
-        if n <= 1 and (self.order is None or self.order == [r.index for r in self.regions]):
-            return count
-        if self.order is None:
-            return (f"{n} regions, execution order unknown (not recorded by the runtime): "
-                    "peaks are per region, not composed")
-        with_backward = {r.index for r in self.regions if any(e.phase == "backward" for e in r.timeline)}
-        forward = " -> ".join(map(str, self.order))
-        backward = " -> ".join(str(i) for i in reversed(self.order) if i in with_backward) or "none"
-        note = (f"{count} in execution order: forward {forward}, backward {backward} "
-                "(earlier regions' saved values held meanwhile)")
-        rest = [str(r.index) for r in self.regions if r.index not in self.order]
-        if rest:
-            note += f"; not run in the recorded call, on their own: {', '.join(rest)}"
-        return note
-
-    def summary(self) -> str:
-        p = self.peak
-        lines = [
-            "predicted peak live bytes per rank: " + ", ".join(f"{k}={p[k]}" for k in KINDS)
-            + f", total={self.peak_total_bytes}; {self.order_note()}",
-            "predicted communication per step (bytes): "
-            + ", ".join(f"{k}={v}" for k, v in self.comm_bytes_per_step.items()),
-        ]
-        if self.peak_host_total_bytes:
-            h = self.peak_host
-            lines.insert(1, "predicted peak host bytes per rank (offload copies, not in the above): "
-                         + ", ".join(f"{k}={h[k]}" for k in KINDS) + f", total={self.peak_host_total_bytes}")
-        return "\n".join(lines)
-
-
-def plan_model(regions, gradient_accumulation_steps: int = 1, order: Iterable[int] | None = None) -> MemoryPlan:
-    """The plan of every compiled region that has a forward graph (training
-    regions; an inference-only region counts its ``inference`` graph).
-    ``order``: region indices in execution order (``ShardingContext.region_order``),
-    ``None`` when unknown."""
-    plans = []
-    for r in regions:
-        graphs = r.graphs if hasattr(r, "graphs") else r["graphs"]
-        index = r.index if hasattr(r, "index") else r["index"]
-        if "forward" in graphs:
-            plans.append(plan_region(graphs["forward"], graphs.get("backward"), index))
-        elif "inference" in graphs:
-            plans.append(plan_region(graphs["inference"], None, index))
-    return MemoryPlan(plans, gradient_accumulation_steps, list(order) if order is not None else None)
 
 
 def liveness(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -2,8 +2,8 @@
 
 The unit is a storage: a forward value that allocates (a non-alias node, the
 *root*) together with its aliases (views, ``detach``, ``t``: the nodes
-:func:`zerograph.passes.liveness.is_alias` says share their first input's
-storage, and ``getitem`` of an alias op such as ``split``). For every storage
+:func:`zerograph.passes.liveness.alias_source` says share another node's
+storage, including ``getitem`` of an alias op such as ``split``). For every storage
 the backward reads, through the root or through any of its aliases (and that
 no recomputed node reads), the pass inserts one copy of the root to the host
 right after the root is produced and one copy back to its device right before
@@ -39,14 +39,13 @@ zerograph's phase tags.
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from zerograph.metadata import NodeTag, get_tag, set_tag
-from zerograph.passes.liveness import is_alias
+from zerograph.passes.liveness import alias_source
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.runtime.offload import HOST
 
@@ -74,18 +73,6 @@ def backward_nodes(gm: fx.GraphModule) -> set[fx.Node]:
         (i > last and n.op != "placeholder") or (n.op == "placeholder" and n.name.startswith("tangents")))}
 
 
-def _alias_source(node: fx.Node) -> fx.Node | None:
-    """The node whose storage ``node`` shares, or ``None`` (it allocates)."""
-    if node.op != "call_function":
-        return None
-    if node.target is operator.getitem:
-        src = node.args[0]
-        return src if isinstance(src, fx.Node) and is_alias(src) else None
-    if is_alias(node) and node.args and isinstance(node.args[0], fx.Node):
-        return node.args[0]
-    return None
-
-
 def _eligible_root(node: fx.Node) -> bool:
     tag = get_tag(node)
     if node.op != "call_function" or tag is None or tag.phase != "forward" or tag.role != "compute":
@@ -107,7 +94,7 @@ def offload_groups(gm: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node]]]:
     for node in gm.graph.nodes:
         if node in backward or node.op not in ("call_function", "placeholder"):
             continue
-        src = _alias_source(node)
+        src = alias_source(node)
         if src is None or src not in root:
             root[node] = node
             members[node] = []

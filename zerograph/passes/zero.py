@@ -37,7 +37,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from zerograph import collectives
 from zerograph._torch_private import detect_fake_mode
 from zerograph.metadata import NodeTag, get_tag, set_tag
-from zerograph.ops import REDUCE_GRAD, UNSHARD
+from zerograph.ops import UNSHARD
 from zerograph.passes.bucketing import plan_buckets
 from zerograph.passes.manager import PassContext, PassResult
 

@@ -27,6 +27,11 @@ class CompiledRegion:
     graphs: dict[str, torch.fx.GraphModule] = dataclasses.field(default_factory=dict)
     pass_records: dict[str, list] = dataclasses.field(default_factory=dict)
     comm_bytes: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # how many of the forward graph's outputs are values saved for the backward
+    # (AOTAutograd returns them last), counted at partition time: the memory
+    # limit reads what a region holds from its forward graph before its
+    # backward graph is compiled (zerograph.passes.liveness.held_by_forward)
+    num_saved: int | None = None
 
 
 @dataclasses.dataclass(eq=False)

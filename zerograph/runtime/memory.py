@@ -2,18 +2,33 @@
 change when they do not fit.
 
 With ``zerograph.memory_limit_bytes`` set, the backend plans every compiled
-region (forward and backward together, :func:`zerograph.passes.liveness.plan_region`)
-as soon as its backward graph is compiled, adds this rank's model states, and
-raises :class:`MemoryBudgetError` before the backward runs when the total is
-over the limit. A ``torch.OutOfMemoryError`` raised while a graph is compiled
-or run becomes the same error. Either way the message names the largest
+region (forward and backward together) as soon as its backward graph is
+compiled (an inference-only region: its inference graph), adds this rank's
+model states, and raises :class:`MemoryBudgetError` before the backward runs
+when the total is over the limit. With graph breaks the region is composed
+with the step (:func:`zerograph.passes.step_plan.plan_in_step`): the regions
+whose forward ran before it in this model call hold their saved values
+while it runs, so their held bytes are added to its own peak, read from
+their forward graphs (their backward graphs are compiled later). When the
+execution order is unknown (not recorded by the runtime; a pipeline stage,
+whose context sees neither the rank's other stages nor its micro-batches in
+flight) the region is checked on its own, a lower bound, and the message
+says so. A ``torch.OutOfMemoryError`` raised while a graph is compiled or
+run becomes the same error. Either way the message names the largest
 consumer and the config keys that shrink it, with their current values::
 
-    zerograph.MemoryBudgetError: rank 0, region 0: predicted 1.20 GiB > memory_limit_bytes 1.00 GiB
+    zerograph.MemoryBudgetError: rank 0, region 1: predicted 1.20 GiB > zerograph.memory_limit_bytes 1.00 GiB
       model states (params 0.10 GiB, grads 0.10 GiB, optimizer states 0.20 GiB)   0.40 GiB
-      gathered parameters (peak)                                                 0.50 GiB  <- largest
+      saved by earlier regions (0) for their backward                            0.50 GiB  <- largest
+      gathered parameters (peak)                                                 0.10 GiB
       ...
-    To fit, change: zero_optimization.stage3_max_live_parameters (now 1000000000) ...
+      step peak, all kinds together (own 0.30 GiB + earlier regions')            0.80 GiB
+      execution order: forward 0 -> 1, then backward 1 -> 0; ...
+    To fit, change: activation_checkpointing.policy (now 'none') to "per_layer" or "memory_budget"; ...
+
+Analysis (what is live, what earlier regions hold) is the planner's
+(:mod:`zerograph.passes.liveness`); this module adds the model states,
+compares with the limit and words the advice.
 """
 
 from __future__ import annotations
@@ -28,7 +43,14 @@ GIB = float(1 << 30)
 
 
 class MemoryBudgetError(RuntimeError):
-    """The step does not fit this rank's memory (predicted or observed)."""
+    """The step does not fit this rank's memory (predicted or observed).
+
+    ``budget``: the :class:`Budget` behind the message (``None`` when the
+    step was not planned yet)."""
+
+    def __init__(self, message: str, budget: "Budget | None" = None):
+        super().__init__(message)
+        self.budget = budget
 
 
 def _shard_bytes(ctx) -> tuple[int, int, int, int]:
@@ -80,15 +102,42 @@ def host_state_bytes(ctx) -> dict[str, int]:
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """What occupies a rank's memory during one step, in bytes."""
+    """What occupies a rank's memory while one compiled region runs, in bytes."""
 
     model_states: dict[str, int]
-    step_peak: dict[str, int]  # liveness kinds: gathered, activation, gradient, other (each on its own)
-    step_peak_total: int  # the step's peak of all kinds together
+    step_peak: dict[str, int]  # the region's own, by liveness kind: gathered, activation, gradient, other (each on its own)
+    step_peak_total: int  # the region's own peak of all kinds together
+    # what the regions whose forward ran before it in the step hold for their
+    # backward meanwhile (graph breaks), by kind; ``earlier``: their indices
+    # in execution order, ``None`` when the order is unknown
+    earlier_held: dict[str, int] = dataclasses.field(default_factory=dict)
+    earlier: tuple[int, ...] | None = ()
+    note: str = ""  # how the region was composed with the others, in words
+
+    @property
+    def earlier_held_total(self) -> int:
+        return sum(self.earlier_held.values())
+
+    @property
+    def composed_peak_total(self) -> int:
+        """The step's peak while the region runs: its own + what earlier regions hold."""
+        return self.step_peak_total + self.earlier_held_total
 
     @property
     def total(self) -> int:
-        return sum(self.model_states.values()) + self.step_peak_total
+        return sum(self.model_states.values()) + self.composed_peak_total
+
+
+def region_budget(ctx, plan) -> Budget:
+    """This rank's model states and ``plan``'s peaks: a
+    :class:`~zerograph.passes.step_plan.RegionInStep` (the region composed
+    with the regions run before it, :func:`~zerograph.passes.step_plan.plan_in_step`)
+    or a :class:`~zerograph.passes.liveness.RegionPlan` (on its own)."""
+    states, _, _ = model_state_bytes(ctx)
+    if not hasattr(plan, "earlier_held"):  # a RegionPlan: the region alone
+        return Budget(states, dict(plan.peak), plan.peak_total)
+    own = plan.region
+    return Budget(states, dict(own.peak), own.peak_total, dict(plan.earlier_held), plan.earlier, plan.note())
 
 
 def fixes(config: Config, consumer: str) -> list[str]:
@@ -126,6 +175,12 @@ def fixes(config: Config, consumer: str) -> list[str]:
         if z.stage == 3 and z.offload_param.device == "none":
             out.append("zero_optimization.offload_param.device to \"cpu\" (parameter shards on the host)")
         return out + ["more data-parallel ranks (model states shrink as 1/world size)"]
+    if consumer == "earlier_regions":  # what earlier regions save for their backward (graph breaks)
+        out = fixes(config, "activation")
+        if z.stage == 3 and z.stage3_max_reuse_distance:
+            out.insert(-1, f"zero_optimization.stage3_max_reuse_distance (now {z.stage3_max_reuse_distance}) to 0, "
+                           "so no gathered parameter is kept for the backward")
+        return out
     if consumer == "gradient":
         return [f"zero_optimization.reduce_bucket_size (now {z.reduce_bucket_size}) lower", micro_fix]
     return [micro_fix]
@@ -142,8 +197,7 @@ def _gib(n: int) -> str:
 def explain_budget(config: Config, budget: Budget, *, where: str, headline: str) -> str:
     """A multi-line report of ``budget`` with the fixes for its largest consumer."""
     states = budget.model_states
-    parts = {"model_states": sum(states.values()), **{k: v for k, v in budget.step_peak.items()}}
-    largest = max(parts, key=parts.get)
+    parts = {"model_states": sum(states.values())}
     labels = {
         "model_states": "model states (params {params}, grads {grads}, optimizer states {optimizer_states})".format(
             **{k: _gib(v) for k, v in states.items()}),
@@ -152,11 +206,22 @@ def explain_budget(config: Config, budget: Budget, *, where: str, headline: str)
         "gradient": "gradients (peak)",
         "other": "temporaries (peak)",
     }
+    if budget.earlier:  # graph breaks: earlier regions' saved values, held while this region runs
+        parts["earlier_regions"] = budget.earlier_held_total
+        labels["earlier_regions"] = (f"saved by earlier regions ({', '.join(map(str, budget.earlier))}) "
+                                     "for their backward")
+    parts.update(budget.step_peak)
+    largest = max(parts, key=parts.get)
     lines = [f"{where}: {headline}"]
     for key, value in parts.items():
         mark = "  <- largest" if key == largest else ""
         lines.append(f"  {labels[key]:<76} {_gib(value)}{mark}")
-    lines.append(f"  step peak, all kinds together{'':<47} {_gib(budget.step_peak_total)}")
+    total_label = "step peak, all kinds together"
+    if budget.earlier:
+        total_label += f" (own {_gib(budget.step_peak_total)} + earlier regions')"
+    lines.append(f"  {total_label:<76} {_gib(budget.composed_peak_total)}")
+    if budget.note:
+        lines.append(f"  {budget.note}")
     lines.append("To fit, change: " + "; or ".join(fixes(config, largest)) + ".")
     lines.append("zerograph.explain(model, config, *batch) prints the plan without training (docs/planner.md).")
     return "\n".join(lines)
@@ -164,14 +229,15 @@ def explain_budget(config: Config, budget: Budget, *, where: str, headline: str)
 
 def check_region(ctx, plan, limit: int, rank: int) -> Budget:
     """Raise :class:`MemoryBudgetError` when this rank's model states plus
-    ``plan``'s peak (a :class:`~zerograph.passes.liveness.RegionPlan`) exceed
-    ``limit`` bytes; return the budget otherwise."""
-    states, _, _ = model_state_bytes(ctx)
-    budget = Budget(states, dict(plan.peak), plan.peak_total)
+    ``plan``'s peak exceed ``limit`` bytes; return the budget otherwise.
+    ``plan``: a :class:`~zerograph.passes.step_plan.RegionInStep` (the region
+    with what the regions run before it hold, :func:`region_budget`) or a
+    :class:`~zerograph.passes.liveness.RegionPlan`."""
+    budget = region_budget(ctx, plan)
     if budget.total > limit:
         raise MemoryBudgetError(explain_budget(
             ctx.config, budget, where=f"rank {rank}, region {plan.index}",
-            headline=f"predicted {_gib(budget.total)} > zerograph.memory_limit_bytes {_gib(limit)}"))
+            headline=f"predicted {_gib(budget.total)} > zerograph.memory_limit_bytes {_gib(limit)}"), budget)
     return budget
 
 
@@ -187,6 +253,6 @@ def out_of_memory(ctx, exc: BaseException, *, phase: str, plan=None, rank: int =
                  "To fit, change: " + "; or ".join(fixes(ctx.config, "model_states") + fixes(ctx.config, "activation")) + ".",
                  "zerograph.explain(model, config, *batch) shows where the memory goes (docs/planner.md)."]
         return MemoryBudgetError("\n".join(lines))
-    states, _, _ = model_state_bytes(ctx)
-    budget = Budget(states, dict(plan.peak), plan.peak_total)
-    return MemoryBudgetError(explain_budget(ctx.config, budget, where=where, headline=f"out of memory ({first})"))
+    budget = region_budget(ctx, plan)
+    return MemoryBudgetError(explain_budget(ctx.config, budget, where=where, headline=f"out of memory ({first})"),
+                             budget)
