@@ -58,6 +58,9 @@ STAGE3_SYSTEMS = ["zerograph stage 3", "zerograph stage 3 no-prefetch", "zerogra
 # collective on demand), "unbucketed" sets both bucket sizes to 0 (one
 # collective per parameter), "inductor" compiles the final graphs with
 # TorchInductor instead of running them op by op (``zerograph.compiler``)
+# "plain-optimizer": torch.optim.AdamW over model.parameters() (the DTensors)
+# instead of zerograph.make_optimizer's ShardOptimizer (the local shards)
+PLAIN_OPTIMIZER = "plain-optimizer"
 _VARIANTS = {"no-prefetch": {"zerograph": {"disabled_passes": ["schedule_collectives"]}},
              "unbucketed": {"zero_optimization": {"allgather_bucket_size": 0, "reduce_bucket_size": 0}},
              "inductor": {"zerograph": {"compiler": "inductor"}}}
@@ -168,6 +171,8 @@ def _prepare(name: str, model: torch.nn.Module) -> torch.nn.Module:
         words = name.split()
         config: dict = {"zero_optimization": {"stage": int(words[2])}, "zerograph": {}}
         for word in words[3:]:
+            if word == PLAIN_OPTIMIZER:
+                continue
             if word not in _VARIANTS:
                 raise ValueError(f"unknown variant {word!r} in {name!r}; choose from {sorted(_VARIANTS)}")
             for section, values in _VARIANTS[word].items():
@@ -209,7 +214,12 @@ def _build(name: str, spec: dict):
     n_root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("h."))
     t_prep = time.perf_counter()
     model = _prepare(name, model)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    if name.startswith("zerograph ") and PLAIN_OPTIMIZER not in name.split():
+        import zerograph
+
+        opt = zerograph.make_optimizer(model, torch.optim.AdamW, lr=LR)  # steps the local shards
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
     return model, opt, n_params, n_root, time.perf_counter() - t_prep
 
 
@@ -388,7 +398,8 @@ def build_report(per_rank: list[list[dict]], spec: dict, world: int, steps: int,
     model_desc = (
         f"GPT {spec['n_layer']} layers, d={spec['n_embd']}, {spec['n_head']} heads, vocab {spec['vocab_size']}, "
         f"seq {spec['block_size']}; Ψ = {psi:,} parameters ({psi * 4 / MiB:.2f} MiB fp32); "
-        f"batch {spec['batch']} per rank; world {world} (gloo); AdamW lr {LR}, fp32; "
+        f"batch {spec['batch']} per rank; world {world} (gloo); AdamW lr {LR}, fp32 (zerograph: "
+        f"zerograph.make_optimizer, unless '{PLAIN_OPTIMIZER}'; DDP, FSDP2: over model.parameters()); "
         f"{warmup} warmup + {steps} timed steps; 16Ψ/W = {ideal / MiB:.2f} MiB"
     )
     lines.append("")

@@ -42,7 +42,7 @@ def train(model: torch.nn.Module, args: argparse.Namespace) -> list[float]:
     model = zerograph.compile(model, config)  # initializes the process group from torchrun's environment
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = zerograph.make_optimizer(model, torch.optim.AdamW, lr=args.lr)  # AdamW on the local shards
     train_data, _ = textdata.split(textdata.load_corpus())
     device = next(iter(model.parameters())).device
     losses = []

@@ -132,3 +132,16 @@ class BrokenBlocks(nn.Module):
             torch._dynamo.graph_break()
             x = self.groups[2](x)
         return x.sum()
+
+
+class TinyMLP(nn.Module):
+    """``fc2(relu(fc1(x))).sum()``, 4 -> 6 -> 3 (fc2 without bias): the
+    small graph of the golden pass tests and docs/passes.md."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))).sum()

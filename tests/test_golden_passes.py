@@ -10,17 +10,8 @@ from expecttest import assert_expected_inline
 from torch import nn
 
 import zerograph
+from tests._models import TinyMLP
 from zerograph.graph_format import format_graph
-
-
-class TinyMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 6)
-        self.fc2 = nn.Linear(6, 3, bias=False)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x))).sum()
 
 
 UNBUCKETED = {"allgather_bucket_size": 0, "reduce_bucket_size": 0}

@@ -237,7 +237,7 @@ def _offload_optimizer_rank(stage, steps=2):
     """Train with offload_optimizer on the host; return (losses, full state dict, where states live)."""
     import torch.distributed as dist
 
-    from zerograph.runtime.offload import HostOptimizer, make_optimizer
+    from zerograph.runtime.optimizer import HostOptimizer, make_optimizer
 
     torch._dynamo.reset()
     world = dist.get_world_size()
@@ -252,10 +252,10 @@ def _offload_optimizer_rank(stage, steps=2):
         idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
         losses.append(_harness.step_mean_loss(model(idx, targets).loss, opt))
     # the optimizer's states belong to the host copies, not to the model's parameters
-    host_ids = {id(h) for h in opt.host_params}
-    assert all(id(p) in host_ids for p in opt.state) and len(opt.state) == len(opt.host_params)
+    host_ids = {id(h) for h in opt.masters}
+    assert all(id(p) in host_ids for p in opt.state) and len(opt.state) == len(opt.masters)
     assert all(h.data_ptr() != p.to_local().data_ptr() if hasattr(p, "to_local") else h.data_ptr() != p.data_ptr()
-               for h, p in zip(opt.host_params, opt.device_params))
+               for h, p in zip(opt.masters, opt.device_params))
     return losses, {k: v.clone() for k, v in zerograph.full_state_dict(model).items()}
 
 
@@ -267,15 +267,6 @@ def test_offload_optimizer_matches_eager_world2(stage):
     _harness.assert_same_training({"losses": losses, "params": params}, ref_losses, ref_params)
 
 
-def test_make_optimizer_plain_without_offload():
-    model = zerograph.compile(TinyMLP(), {})
-    from zerograph.runtime.offload import make_optimizer
-
-    assert isinstance(make_optimizer(model, torch.optim.SGD, lr=0.1), torch.optim.SGD)
-    with pytest.raises(ValueError, match="zerograph.compile"):
-        make_optimizer(TinyMLP(), torch.optim.SGD, lr=0.1)
-
-
 def _offload_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if "takes effect only" in r.getMessage()]
 
@@ -285,7 +276,7 @@ def test_offload_optimizer_warns_only_when_a_plain_optimizer_steps(builder, capl
     """The warning that offload_optimizer needs make_optimizer comes from the
     first step of a torch optimizer that holds the model's parameters, once;
     never at compile time, never for make_optimizer's HostOptimizer."""
-    from zerograph.runtime.offload import make_optimizer
+    from zerograph.runtime.optimizer import make_optimizer
 
     torch._dynamo.reset()
     caplog.set_level(logging.WARNING, logger="zerograph")

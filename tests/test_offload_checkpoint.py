@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 import zerograph
 from tests import _harness, _models
 from zerograph.runtime.launch import spawn
-from zerograph.runtime.offload import HostOptimizer, make_optimizer
+from zerograph.runtime.optimizer import HostOptimizer, make_optimizer
 
 TIMEOUT = 240
 SAVE_AT, END = 2, 4
@@ -76,10 +76,10 @@ def _resume_rank(root):
         assert [group["lr"] for group in opt.param_groups] == [_harness.LR]
         if isinstance(opt, HostOptimizer):
             # the loaded moments sit in the host optimizer; its masters are the loaded parameters
-            state = opt.state[opt.host_params[0]]
+            state = opt.state[opt.masters[0]]
             assert state["exp_avg"].device.type == "cpu" and not isinstance(state["exp_avg"], DTensor)
             assert int(state["step"]) == SAVE_AT
-            for dev, host in zip(opt.device_params, opt.host_params):
+            for dev, host in zip(opt.device_params, opt.masters):
                 assert torch.equal(dev.detach().to_local(), host.detach())
         out.append((_harness.train_global_batches(model, opt, range(SAVE_AT, END)), _params(model)))
     return out

@@ -20,6 +20,7 @@ from torch import nn
 
 import zerograph
 from tests import _harness, _models
+from tests._models import TinyMLP
 from zerograph.config import Config, ConfigError
 from zerograph.graph_format import format_graph
 from zerograph.metadata import get_tag
@@ -29,16 +30,6 @@ from zerograph.runtime.launch import spawn
 TIMEOUT = 300
 OFFLOAD = {"offload_param": {"device": "cpu"}}
 COPY = torch.ops.aten._to_copy.default
-
-
-class TinyMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 6)
-        self.fc2 = nn.Linear(6, 3, bias=False)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x))).sum()
 
 
 def _graphs(bucketed: bool):
@@ -219,7 +210,7 @@ def _offload_rank(cases, steps=2):
     return (losses, full state dict) per case, after checking where shards live."""
     import torch.distributed as dist
 
-    from zerograph.runtime.offload import HostOptimizer, make_optimizer
+    from zerograph.runtime.optimizer import HostOptimizer, make_optimizer
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out = []
@@ -231,7 +222,7 @@ def _offload_rank(cases, steps=2):
             assert isinstance(opt, HostOptimizer) and all(opt.resident)
             # the optimizer steps the host shards themselves: no second master copy
             assert all(_local(h).data_ptr() == _local(p).data_ptr()
-                       for h, p in zip(opt.host_params, opt.device_params))
+                       for h, p in zip(opt.masters, opt.device_params))
         else:
             opt = _harness._optimizer(model.parameters())
         losses = []
@@ -284,7 +275,7 @@ def test_offload_param_matches_eager_world1(entry, accumulation):
     """World size 1: nothing is gathered, but every shard still lives on the
     host and is copied to the device before use (eagerly: inside ``unshard``);
     with accumulation, the host gradients of two micro-batches add up."""
-    from zerograph.runtime.offload import make_optimizer
+    from zerograph.runtime.optimizer import make_optimizer
 
     ref_losses, ref_params = _harness.reference_run("gpt", 1, steps=2, accumulation=accumulation)
     torch._dynamo.reset()
@@ -376,7 +367,7 @@ def _inductor_offload_rank(steps: int):
     import torch.distributed as dist
 
     import zerograph._torch_private as private
-    from zerograph.runtime.offload import make_optimizer
+    from zerograph.runtime.optimizer import make_optimizer
 
     inductor_config.fx_graph_cache = False  # compile every graph (the test's cache dir is fresh, too)
     decomposed = []

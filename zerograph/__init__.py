@@ -11,7 +11,7 @@ from zerograph.explain import Explanation, explain
 from zerograph.config import Config, ConfigError
 from zerograph.runtime.errors import RankFailureError, TraceError
 from zerograph.runtime.memory import MemoryBudgetError
-from zerograph.runtime.offload import make_optimizer
+from zerograph.runtime.optimizer import make_optimizer
 from zerograph.passes import GraphPass, PassContext, PassList, PassResult, default_passes
 from zerograph import pipeline  # noqa: F401  (zerograph.pipeline.PipelineModeError, schedules)
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from zerograph.runtime.context import context_of
 from zerograph.runtime.errors import naming_failed_ranks
-from zerograph.runtime.offload import HostOptimizer
+from zerograph.runtime.optimizer import ShardOptimizer
 from zerograph.sharding import full_state_dict as _full_state_dict
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -73,13 +73,13 @@ def _optimizer_state(model: nn.Module, optimizer) -> dict[str, Any]:
     """The optimizer's state dict keyed by parameter name, shard-shaped
     states as DTensors: the same layout for a host optimizer (ZeRO-Offload)
     as for a plain one, so either loads the other's checkpoint."""
-    if isinstance(optimizer, HostOptimizer):
+    if isinstance(optimizer, ShardOptimizer):
         return optimizer.sharded_state_dict(model)
     return get_optimizer_state_dict(model, optimizer)
 
 
 def _set_optimizer_state(model: nn.Module, optimizer, state: dict[str, Any]) -> None:
-    if isinstance(optimizer, HostOptimizer):
+    if isinstance(optimizer, ShardOptimizer):
         optimizer.load_sharded_state_dict(model, state)
     else:
         set_optimizer_state_dict(model, optimizer, state)

@@ -250,7 +250,7 @@ class ZeroConfig(BaseModel):
         default_factory=OffloadConfig,
         description="ZeRO-Offload of optimizer state; null means no offload. Device \"cpu\": fp32 master "
         "shards and optimizer states on the host, the step runs there (build the optimizer with "
-        "zerograph.runtime.offload.make_optimizer); \"nvme\" is rejected. DeepSpeed: same key.",
+        "zerograph.make_optimizer); \"nvme\" is rejected. DeepSpeed: same key.",
     )
     offload_param: OffloadConfig = Field(
         default_factory=OffloadConfig,

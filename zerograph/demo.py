@@ -268,7 +268,8 @@ def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str
         out["params"] += nbytes(p)
         if p.grad is not None:
             out["grads"] += nbytes(p.grad)
-        for value in opt.state.get(p, {}).values():
+    for state in opt.state.values():  # keyed by the parameters, or by make_optimizer's masters
+        for value in state.values():
             if isinstance(value, torch.Tensor):
                 out["step_counters" if value.dim() == 0 else "optimizer"] += nbytes(value)
     return out
@@ -367,7 +368,7 @@ def _rank_main(plan: _Plan) -> dict[str, Any]:
     torch.manual_seed(a["seed"])  # the same initial model on every rank
     model = GPT(GPTConfig(**plan.model))
     model = zerograph.compile(model, plan.zerograph)
-    opt = torch.optim.AdamW(model.parameters(), lr=a["lr"])
+    opt = zerograph.make_optimizer(model, torch.optim.AdamW, lr=a["lr"])  # steps the local shards
 
     setup_time = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -347,9 +347,15 @@ def _held_of(region) -> dict[str, int]:
     graphs = _field(region, "graphs")
     if "forward" not in graphs:  # an inference graph saves nothing
         return dict.fromkeys(KINDS, 0)
+    cached = _field(region, "held_bytes")  # a CompiledRegion's final forward graph is analysed once
+    if cached is not None:
+        return dict(cached)
     backward = graphs.get("backward")
     num_saved = saved_count(backward) if backward is not None else _field(region, "num_saved")
-    return held_by_forward(graphs["forward"], num_saved)
+    held = held_by_forward(graphs["forward"], num_saved)
+    if not isinstance(region, dict) and num_saved is not None:
+        region.held_bytes = dict(held)
+    return held
 
 
 def plan_in_step(regions, index: int, order: Iterable[int] | None, reason: str = "") -> RegionInStep:

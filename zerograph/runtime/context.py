@@ -32,6 +32,9 @@ class CompiledRegion:
     # limit reads what a region holds from its forward graph before its
     # backward graph is compiled (zerograph.passes.liveness.held_by_forward)
     num_saved: int | None = None
+    # what the forward holds for the backward, by kind, once computed
+    # (zerograph.passes.step_plan: the memory limit reads it for every later region)
+    held_bytes: dict[str, int] | None = None
 
 
 @dataclasses.dataclass(eq=False)
