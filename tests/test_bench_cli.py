@@ -47,6 +47,10 @@ def test_bench_bad_options_are_errors_naming_the_option(capsys):
     assert "--n-embd (30) must be a multiple of --n-head (4)" in capsys.readouterr().err
     assert cli.main(["bench", "--steps", "0"]) == 2
     assert "--steps and --warmup must be >= 1" in capsys.readouterr().err
+    assert cli.main(["bench", "--systems", ","]) == 2  # not an IndexError from an empty report
+    assert "--systems ',' names no system; choose from 'zerograph stage 0'" in capsys.readouterr().err
+    assert cli.main(["bench", "--timeout", "0"]) == 2  # not a TimeoutError traceback from the launch
+    assert "--timeout must be > 0 seconds, got 0" in capsys.readouterr().err
 
 
 def test_bench_without_a_source_checkout_says_what_is_needed(tmp_path):

@@ -134,3 +134,63 @@ def test_reshard_zero3_world2_to_zero3_world4(zero3_world2_checkpoint):
     config = {"train_micro_batch_size_per_gpu": _harness.PER_RANK_BATCH // 2, "zero_optimization": {"stage": 3}}
     result = spawn(_reshard_run, 4, config, path, "resume", timeout=240)[0]
     _assert_continues_like_reference(result, ref_losses, ref_params)
+
+
+def test_resume_with_other_accumulation_steps_keeps_the_step_boundaries(tmp_path):
+    """Saved with gradient_accumulation_steps 2 after one optimizer step,
+    resumed with 4 on the same global batch (as when halving the world size):
+    the first boundary after the load is the 4th micro-batch, so clipping
+    sees whole steps and training equals eager PyTorch."""
+
+    def train(model, opt, steps, accumulation):
+        for step in steps:
+            idx, targets = _models.global_batch(step, 8)
+            for micro_idx, micro_t in zip(idx.chunk(accumulation), targets.chunk(accumulation)):
+                model(micro_idx, micro_t).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    path = tmp_path / "ckpt"
+    model = zerograph.shard(_models.make_gpt(), {"gradient_accumulation_steps": 2, "gradient_clipping": 0.3})
+    opt = _harness._optimizer(model.parameters())
+    train(model, opt, [0], 2)
+    zerograph.save_checkpoint(path, model, opt)
+    model = zerograph.shard(_models.make_gpt(), {"gradient_accumulation_steps": 4, "gradient_clipping": 0.3})
+    opt = _harness._optimizer(model.parameters())
+    zerograph.load_checkpoint(path, model, opt)
+    train(model, opt, [1, 2], 4)
+    assert model._zg_runtime.ctx.step == 3
+
+    ref_losses, ref_params = _harness.reference_run("gpt", 2, clip=0.3, steps=3)
+    for key, ref in ref_params.items():
+        torch.testing.assert_close(zerograph.full_state_dict(model)[key], ref, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("builder", ["plain", "make_optimizer"])
+def test_checkpoint_of_an_optimizer_that_has_not_stepped_resumes_exactly(tmp_path, builder):
+    """A checkpoint saved before the optimizer's first step (at the start, or
+    while fp16 overflows skip the first steps) neither changes the run that
+    saves it nor gives the resumed run AdamW states it did not have: torch's
+    state-dict helpers (and ShardOptimizer's, which mirror them) fill an
+    empty optimizer with a zero-gradient step."""
+
+    def run(save=None, load=None):
+        model = zerograph.shard(_models.make_gpt(), {})
+        if builder == "plain":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        else:
+            opt = zerograph.make_optimizer(model, torch.optim.AdamW, lr=1e-2)
+        if save:
+            zerograph.save_checkpoint(save, model, opt)
+        if load:
+            zerograph.load_checkpoint(load, model, opt)
+        losses = _harness.train_global_batches(model, opt, range(2))
+        return losses, zerograph.full_state_dict(model), [s["step"] for s in opt.state.values()]
+
+    straight = run()
+    for result in (run(save=tmp_path / "ckpt"), run(load=tmp_path / "ckpt")):
+        assert result[0] == straight[0]
+        assert result[2] == straight[2]
+        for key, value in straight[1].items():
+            assert torch.equal(result[1][key], value), key

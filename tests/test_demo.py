@@ -161,3 +161,5 @@ def test_cli_bad_config_is_an_error_before_spawning(tmp_path, capsys):
     assert cli.main(["demo", "--config", str(bad), "--stage", "3"]) == 2
     assert cli.main(["demo", "--config", str(bad)]) == 2
     assert "zero_optimization.stage" in capsys.readouterr().err
+    assert cli.main(["demo", "--timeout", "0"]) == 2  # not a TimeoutError traceback from the launch
+    assert "--timeout must be positive" in capsys.readouterr().err

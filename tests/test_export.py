@@ -102,3 +102,16 @@ def test_export_of_a_non_hf_model_needs_a_config(tmp_path):
     model = zerograph.shard(_models.make_gpt(), {})
     with pytest.raises(TypeError, match="not a Hugging Face model"):
         zerograph.export_pretrained(model, tmp_path / "x")
+
+
+def test_save_pretrained_of_a_sharded_model_names_export_pretrained(tmp_path, fake_world):
+    """Hugging Face's own save_pretrained would write this rank's shards (and
+    fails deep inside with a DTensor error): it says to use export_pretrained.
+    With a full state dict it saves as usual."""
+    model = zerograph.shard(_models.make_hf_gpt2(), _config(3))
+    with pytest.raises(TypeError, match=r"zerograph\.export_pretrained\(model, path\) on every rank"):
+        model.save_pretrained(tmp_path / "shards")
+    assert not (tmp_path / "shards" / "model.safetensors").exists()
+    full = {k: torch.zeros(v.shape) for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "full", state_dict=full)
+    assert (tmp_path / "full" / "model.safetensors").exists()

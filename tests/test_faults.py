@@ -257,3 +257,53 @@ def test_naming_failed_ranks_translates_collective_failures_once():
         with naming_failed_ranks(None, "forward"):
             raise gloo
     assert info.value is gloo
+
+
+# -- pipeline parallelism: sends and receives between stages -------------------
+
+def _pipeline_crash_run(workdir: str, timeout_s: float, freeze_s: float):
+    """p=2 stages on 2 ranks: rank 1 dies (after sleeping ``freeze_s``: a hung
+    rank) before optimizer step 2; rank 0 runs its forwards and then waits
+    for rank 1's gradient in its first backward. Rank 0 returns what the
+    RankFailureError says."""
+    import torch.distributed as dist
+
+    torch._dynamo.reset()
+    config = {"pipeline": {"stages": 2, "micro_batches": 2}, "zerograph": {"collective_timeout_s": timeout_s}}
+    model = zerograph.compile(_models.make_gpt(), config, example_batch=_models.global_batch(0, 4))
+    opt = _harness._optimizer(model.parameters())
+    try:
+        for step in range(3):
+            if step == 1 and dist.get_rank() == 1:
+                _die(workdir, freeze_s)
+            model.train_step(_models.global_batch(step, 4))
+            opt.step()
+            opt.zero_grad()
+    except RankFailureError as exc:
+        return {"ranks": exc.ranks, "step": exc.step, "phase": exc.phase, "message": str(exc), "at": time.time()}
+    except Exception as exc:  # noqa: BLE001 -- reported to the test
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"finished": True}
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("freeze_s", [0.0, 30.0], ids=["dead", "hung"])
+def test_dead_or_hung_pipeline_stage_is_named_within_the_timeout(tmp_path, freeze_s):
+    """A stage's receive from a dead rank raises RankFailureError naming it;
+    from a hung one, it fails after zerograph.collective_timeout_s (gloo's
+    point-to-point waits ignore the group's timeout: 80 s here) and says
+    every rank is alive."""
+    timeout_s = 3.0
+    results = spawn(_pipeline_crash_run, 2, str(tmp_path), timeout_s, freeze_s, timeout=80, raise_on_failure=False)
+    died_at = json.load(open(tmp_path / "died_at"))
+    res = results[0]
+    assert isinstance(res, dict) and "ranks" in res, res
+    assert res["step"] == 2 and res["phase"] == "backward", res
+    assert "collective_timeout_s (now 3 s)" in res["message"], res["message"]
+    if freeze_s:
+        assert res["ranks"] == [] and "every rank is alive" in res["message"], res
+        assert timeout_s * 0.9 < res["at"] - died_at < timeout_s + 8, res["at"] - died_at
+    else:
+        assert res["ranks"] == [1], res
+        assert "rank 1 stopped responding in the backward of optimizer step 2" in res["message"], res["message"]
+        assert res["at"] - died_at < timeout_s + 5, res["at"] - died_at

@@ -566,3 +566,42 @@ def test_two_stages_times_two_data_parallel_all_models_and_stages():
         for name in ("hf_gpt2_4", "llama") for s in (0, 2)
     ]
     _check(spawn(_train, 4, runs, timeout=TIMEOUT), runs)
+
+
+def _resume_with_dropout(path: str):
+    """Interleaved p=2 x v=2 with dropout: train step 0, save, train step 1;
+    load the checkpoint and train step 1 again. The load must restore every
+    rank's RNG (for the same dropout masks) and every stage's step counter."""
+    import logging
+
+    torch._dynamo.reset()
+    torch.manual_seed(1234)
+    model = zerograph.models.GPT(zerograph.models.GPTConfig(
+        vocab_size=_models.VOCAB, block_size=_models.SEQ, n_layer=4, n_head=2, n_embd=30, dropout=0.2))
+    config = {"pipeline": {"stages": 2, "micro_batches": 2, "schedule": "interleaved_1f1b"}}
+    model = zerograph.compile(model, config, example_batch=_batch("gpt", 0, GLOBAL_ROWS))
+    opt = _harness._optimizer(model.parameters())
+    model.train_step(_batch("gpt", 0, GLOBAL_ROWS))
+    opt.step()
+    opt.zero_grad()
+    zerograph.save_checkpoint(path, model, opt)
+    first = model.train_step(_batch("gpt", 1, GLOBAL_ROWS))
+    opt.step()
+    opt.zero_grad()
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("zerograph.checkpoint").addHandler(handler)
+    zerograph.load_checkpoint(path, model, opt)
+    steps = [rt.ctx.step for _, rt in model.stage_runtimes()]
+    again = model.train_step(_batch("gpt", 1, GLOBAL_ROWS))
+    return first, again, steps, warnings
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_checkpoint_resume_restores_rng_and_every_stage_counter(tmp_path):
+    results = spawn(_resume_with_dropout, 2, str(tmp_path / "ckpt"), timeout=TIMEOUT)
+    for rank, (first, again, steps, warnings) in enumerate(results):
+        assert not [w for w in warnings if "RNG states not restored" in w], (rank, warnings)
+        assert steps == [1, 1], (rank, steps)  # both model stages of this rank
+        assert again == first, (rank, first, again)  # the same dropout masks: bit-identical

@@ -217,6 +217,21 @@ def test_explain_cli(tmp_path):
     assert bad.returncode == 2 and "stage" in bad.stderr
 
 
+@pytest.mark.timeout(120)
+def test_explain_cli_bad_options_are_errors_not_tracebacks(tmp_path, capsys):
+    import zerograph.__main__ as cli
+
+    stage3 = '{"zero_optimization": {"stage": 3}}'
+    for flag, value in (("--batch-size", "-1"), ("--batch-size", "0"), ("--seq-len", "0")):
+        assert cli.main(["explain", stage3, flag, value]) == 2, flag
+        assert f"{flag} must be >= 1, got {value}" in capsys.readouterr().err
+    assert cli.main(["explain", '{"pipeline": {"stages": 2}}']) == 2
+    assert "does not split pipelines (pipeline.stages=2)" in capsys.readouterr().err
+    missing = tmp_path / "no-such-dir" / "trace.json"
+    assert cli.main(["explain", stage3, "--trace", str(missing)]) == 2
+    assert f"--trace {missing}: cannot write the Chrome trace" in capsys.readouterr().err
+
+
 def _saved_bytes(graphs) -> int:
     """Bytes of the distinct storages a region's forward saves for its
     backward, read from the graphs' fake values: AOTAutograd returns them last

@@ -191,3 +191,56 @@ def test_inductor_compiler_matches_eager():
     # AdamW-visible gradients), so fp32 agreement is to a few ulps, not bitwise.
     configs = [{"zero_optimization": {"stage": 3}, "zerograph": {"compiler": "inductor"}}]
     _check("gpt", 2, configs, rtol=1e-5, atol=1e-5)
+
+
+class _TwoHeads(torch.nn.Module):
+    """Micro-batch 0 of a step reads head ``a``, micro-batch 1 head ``b``: at
+    the accumulation boundary ``a``'s stashed gradients are flushed. The heads
+    have 97 rows, which 2 ranks shard unevenly (49 + 48)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(97, 16)
+        self.a = torch.nn.Linear(16, 97)
+        self.b = torch.nn.Linear(16, 97)
+
+    def forward(self, idx, targets, head: str):
+        logits = (self.a if head == "a" else self.b)(self.emb(idx))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _two_heads_run(steps):
+    import torch.distributed as dist
+
+    import zerograph
+    from tests import _models
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = zerograph.compile(_TwoHeads(), {"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 2})
+    opt = _harness._optimizer(model.parameters())
+    for step in range(steps):
+        idx, targets = _models.global_batch(step, 4 * world)
+        for head, micro_idx, micro_t in zip("ab", idx.chunk(world)[rank].chunk(2), targets.chunk(world)[rank].chunk(2)):
+            model(micro_idx, micro_t, head).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.clone() for k, v in zerograph.full_state_dict(model).items()}
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_accumulation_flushes_unevenly_sharded_gradients_of_parameters_the_last_micro_batch_skips():
+    from tests import _models
+
+    params = spawn(_two_heads_run, 2, 2, timeout=TIMEOUT)[0]
+    model = _TwoHeads()
+    opt = _harness._optimizer(model.parameters())
+    for step in range(2):
+        idx, targets = _models.global_batch(step, 8)
+        for rank_idx, rank_t in zip(idx.chunk(2), targets.chunk(2)):
+            for head, micro_idx, micro_t in zip("ab", rank_idx.chunk(2), rank_t.chunk(2)):
+                (model(micro_idx, micro_t, head) / 4).backward()
+        opt.step()
+        opt.zero_grad()
+    for key, ref in model.state_dict().items():
+        torch.testing.assert_close(params[key], ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")

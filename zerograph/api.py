@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from zerograph.backend import ZerographBackend
 from zerograph.config import Config, ConfigError
@@ -41,6 +42,24 @@ def _zerograph_train_step(self, batch) -> float:
     with naming_failed_ranks(ctx, "optimizer step boundary"):  # the loss all-reduce; passes name their own
         return eager_train_step(self, batch, ctx.extra.get("loss_fn"), ctx.config.gradient_accumulation_steps,
                                 ctx.dp.group, ctx.world_size, ctx.dp.device)
+
+
+def _save_pretrained_of(base: type):
+    """Hugging Face's ``save_pretrained`` for a sharded ``base`` model: it would
+    write this rank's DTensor shards, so it is refused unless given a full
+    ``state_dict``."""
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        if state_dict is None and any(isinstance(p, DTensor) for p in self.parameters()):
+            raise TypeError(
+                f"{base.__name__}.save_pretrained would save this rank's ZeRO shards, not the model: call "
+                "zerograph.export_pretrained(model, path) on every rank instead (it gathers the full weights and "
+                "writes them from rank 0), or pass state_dict=zerograph.full_state_dict(model), gathered on "
+                "every rank"
+            )
+        return base.save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
+
+    return save_pretrained
 
 
 def shard(
@@ -93,12 +112,15 @@ def shard(
         # warns when a plain torch optimizer, not make_optimizer's, steps these parameters
         watch_plain_optimizer(model, params)
     base = type(model)
-    model.__class__ = type(base.__name__, (base,), {
+    attrs = {
         "__call__": _zerograph_call,
         "train_step": _zerograph_train_step,
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
-    })
+    }
+    if callable(getattr(base, "save_pretrained", None)):  # Hugging Face
+        attrs["save_pretrained"] = _save_pretrained_of(base)
+    model.__class__ = type(base.__name__, (base,), attrs)
     log.info("zerograph: sharded %s with ZeRO stage %d on %d rank(s)", base.__name__, cfg.stage, dp.world_size)
     return model
 

@@ -89,12 +89,16 @@ def run(args: argparse.Namespace) -> str:
     systems = list(bench.LARGE_SYSTEMS if large else bench.SMALL_SYSTEMS)
     if args.systems:
         systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+        if not systems:
+            raise ValueError(f"--systems {args.systems!r} names no system; choose from {', '.join(map(repr, known))}")
         unknown = [s for s in systems if s not in known]
         if unknown:
             raise ValueError(f"--systems: unknown {', '.join(map(repr, unknown))}; choose from "
                              f"{', '.join(map(repr, known))}")
     if args.world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
     steps = args.steps if args.steps is not None else (3 if large else 10)
     warmup = args.warmup if args.warmup is not None else (2 if large else 3)
     if steps < 1 or warmup < 1:

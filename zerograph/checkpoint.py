@@ -85,6 +85,15 @@ def _set_optimizer_state(model: nn.Module, optimizer, state: dict[str, Any]) -> 
         set_optimizer_state_dict(model, optimizer, state)
 
 
+def _never_stepped(optimizer) -> bool:
+    """An optimizer without states (before its first step). torch's
+    state-dict helpers (and :class:`ShardOptimizer`'s, which mirror them)
+    fill such an optimizer in with a zero-gradient step at lr 0 (AdamW:
+    ``step`` 1, zero moments), which would change the saving run and give the
+    resumed one a different bias correction."""
+    return optimizer is not None and not optimizer.state
+
+
 def _rng_state() -> bytes:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -100,7 +109,10 @@ def _runtime_state(model: nn.Module) -> dict[str, Any]:
         return {}
     ctx = runtime.ctx
     state: dict[str, Any] = {"step": ctx.step, "micro_step": ctx.micro_step,
-                             "config": ctx.config.to_dict(), "world_size": ctx.world_size,
+                             "config": ctx.config.to_dict(),
+                             # every rank's RNG state is saved: the global world size decides whether
+                             # they can be restored (a pipeline stage's ctx.world_size is only its dp group)
+                             "world_size": _dist()[1],
                              "stage": ctx.config.zero_optimization.stage}
     if runtime.scaler is not None:
         state["loss_scaler"] = runtime.scaler.state_dict()
@@ -124,13 +136,14 @@ def _save(path: Path, model: nn.Module, optimizer, extra: dict[str, Any]) -> Pat
     rank, world = _dist()
     tmp = Path(_broadcast_str(f"{path}.tmp-{uuid.uuid4().hex}"))
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    fresh = _never_stepped(optimizer)
     if optimizer is not None:
         state["optim"] = _optimizer_state(model, optimizer)
     state[f"rng/rank{rank}"] = _rng_state()
     try:
         if rank == 0:
             buf = io.BytesIO()  # one opaque value: DCP would flatten a dict into keys
-            torch.save({"extra": dict(extra), "zerograph": _runtime_state(model)}, buf)
+            torch.save({"extra": dict(extra), "zerograph": _runtime_state(model), "optimizer_fresh": fresh}, buf)
             state["zerograph_extra"] = buf.getvalue()
         dcp.save(state, checkpoint_id=str(tmp))
         _barrier()
@@ -138,6 +151,9 @@ def _save(path: Path, model: nn.Module, optimizer, extra: dict[str, Any]) -> Pat
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if fresh:  # undo the zero-gradient step that filled the states in (see _never_stepped)
+            optimizer.state.clear()
     if rank == 0:
         marker = {"world_size": world, "has_optimizer": optimizer is not None, "torch": torch.__version__}
         with open(tmp / COMMIT_MARKER, "w") as f:
@@ -185,6 +201,22 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
         return _load(Path(path), _unwrap(model), optimizer)
 
 
+def _resumed_micro_step(saved: dict[str, Any], accumulation: int) -> int:
+    """The micro-batch counter to resume with: the saved run's completed
+    optimizer steps counted in this run's ``gradient_accumulation_steps``, so
+    the next boundary comes after a whole step's micro-batches also when the
+    accumulation changed (e.g. with the world size)."""
+    micro = saved["micro_step"]
+    saved_accumulation = saved.get("config", {}).get("gradient_accumulation_steps", accumulation)
+    if saved_accumulation == accumulation:
+        return micro
+    steps, within = divmod(micro, saved_accumulation)
+    if within:
+        log.warning("zerograph: checkpoint saved after %d of %d micro-batches of a step; the next step starts "
+                    "afresh with gradient_accumulation_steps %d", within, saved_accumulation, accumulation)
+    return steps * accumulation
+
+
 def _load(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
     _check_committed(path)
     rank, world = _dist()
@@ -203,6 +235,8 @@ def _load(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
     if optimizer is not None:
         _set_optimizer_state(model, optimizer, state["optim"])
     payload = torch.load(io.BytesIO(state["zerograph_extra"]), weights_only=False)
+    if payload.get("optimizer_fresh") and optimizer is not None:
+        optimizer.state.clear()  # saved before its first step: keep the learning rates, no states
     zg = payload.get("zerograph", {})
     saved_world = zg.get("world_size", world)
     if state.get(rng_key) is not None and saved_world == world:
@@ -213,9 +247,13 @@ def _load(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
     elif saved_world != world:
         log.warning("zerograph: checkpoint saved on %d rank(s), loaded on %d: RNG states not restored", saved_world, world)
     runtime = getattr(model, "_zg_runtime", None)
-    if runtime is not None and zg:
+    # a pipeline model runs one compiled stage per chunk, each with its own counters
+    runtimes = [rt for _, rt in model.stage_runtimes()] if hasattr(model, "stage_runtimes") else [runtime]
+    for runtime in runtimes:
+        if runtime is None or not zg:
+            continue
         runtime.ctx.step = zg["step"]
-        runtime.ctx.micro_step = zg["micro_step"]
+        runtime.ctx.micro_step = _resumed_micro_step(zg, runtime.ctx.config.gradient_accumulation_steps)
         if runtime.scaler is not None and "loss_scaler" in zg:
             runtime.scaler.load_state_dict(zg["loss_scaler"])
     log.info("zerograph: checkpoint loaded from %s", path)

@@ -175,6 +175,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         raise ValueError(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
     if args.lr <= 0 or args.temperature <= 0:
         raise ValueError("--lr and --temperature must be positive")
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be positive (seconds before the run is stopped), got {args.timeout:g}")
     if args.sample_bytes < 0 or args.top_k < 0:
         raise ValueError("--sample-bytes and --top-k must not be negative")
     zg = _zerograph_config(args)

@@ -241,6 +241,11 @@ def explain(model: nn.Module, config: Config | dict | str | os.PathLike | None =
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     cfg = Config.load(config)
+    if cfg.pipeline.stages > 1:
+        raise ValueError(
+            f"zerograph.explain plans ZeRO inside one data-parallel group and does not split pipelines "
+            f"(pipeline.stages={cfg.pipeline.stages}); explain the config without its pipeline section, "
+            "or compile the pipeline and read zerograph.inspect(model) for each stage")
     own_group = not dist.is_initialized()
     if own_group:
         from zerograph._torch_private import fake_store
@@ -313,8 +318,10 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of ``python -m zerograph explain``."""
     try:
         cfg = _load_config(args.config)
-        if args.world_size < 1:
-            raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+        for flag, value in (("--world-size", args.world_size), ("--batch-size", args.batch_size),
+                            ("--seq-len", args.seq_len)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
         model, vocab, hf = _build_model(args.model, args.seq_len)
         batch = args.batch_size or cfg.train_micro_batch_size_per_gpu or 1
         if cfg.train_batch_size is not None and cfg.train_micro_batch_size_per_gpu is None:
@@ -331,6 +338,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(report)
     if args.trace:
-        report.write_chrome_trace(args.trace)
+        try:
+            report.write_chrome_trace(args.trace)
+        except OSError as exc:
+            print(f"zerograph explain: error: --trace {args.trace}: cannot write the Chrome trace: {exc}",
+                  file=sys.stderr)
+            return 2
         print(f"\nChrome trace written to {args.trace} (open it in https://ui.perfetto.dev)")
     return 0

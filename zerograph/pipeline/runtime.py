@@ -26,9 +26,11 @@ micro-batches).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -38,7 +40,8 @@ from torch.distributed.tensor import DTensor
 from zerograph.pipeline import step as step_mod
 from zerograph.pipeline.schedule import Schedule
 from zerograph.pipeline.split import PipelineSplit, StagePlan
-from zerograph.runtime.dist import PipelineGroups
+from zerograph.runtime.dist import PipelineGroups, RankMonitor
+from zerograph.runtime.errors import explain_collective_failure, is_collective_failure
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,15 @@ class PipelineModel(nn.Module):
         self._original_keys = original_keys  # per stage: stage state-dict key -> the user's keys
         self._actions = schedule.actions[groups.stage]
         self.last_stats: dict[str, float] = {}
+        # Sends and receives between stages wait at most zerograph.collective_timeout_s (gloo's
+        # point-to-point waits ignore the group's timeout), and a failure names the dead rank from
+        # the heartbeats of every rank (docs/troubleshooting.md#a-rank-died).
+        self._timeout_s = float(self._zg_runtime.ctx.config.zerograph.collective_timeout_s)
+        self._monitor = None
+        if dist.is_initialized() and dist.get_world_size() > 1 and str(dist.get_backend()) in ("gloo", "nccl"):
+            self._monitor = RankMonitor.for_group(dist.group.WORLD, self._timeout_s)
+            weakref.finalize(self, self._monitor.stop)
+        self._phase = "forward"
         self._tie_groups = self._make_tie_groups()
         self._sync_tied()
 
@@ -121,7 +133,8 @@ class PipelineModel(nn.Module):
             stages = self._split.tied[name]
             for d in range(dp):
                 ranks = list(dict.fromkeys((k % self.groups.stages) * dp + d for k in stages))
-                group = dist.new_group(ranks) if len(ranks) > 1 else None
+                timeout = datetime.timedelta(seconds=self._timeout_s)
+                group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
                 if d != self.groups.dp.rank:
                     continue
                 for k in stages:
@@ -167,6 +180,7 @@ class PipelineModel(nn.Module):
         through the schedule; returns the mean loss over the micro-batches and
         data-parallel ranks. Then call ``opt.step()`` and ``opt.zero_grad()``."""
         t0 = time.perf_counter()
+        step = self._zg_runtime.ctx.step + 1  # the optimizer step in progress, for error messages
         device = self.groups.dp.device
         micro = step_mod.split_batch(batch, self.schedule.micro_batches)
         needed = sorted({j for plan in self._plans.values() for j in plan.batch_inputs})
@@ -180,11 +194,20 @@ class PipelineModel(nn.Module):
                     "every train_step batch must have the shape of compile's example_batch (drop a last, smaller batch)"
                 )
             inputs.append({j: flat[j].to(device) for j in needed})
-        compute_s, losses = self._run(inputs, device)
-        self._sum_tied_grads()
-        if self._clip > 0:
-            self._clip_grads(device)
-        loss = self._mean_loss(losses, device)
+        try:
+            compute_s, losses = self._run(inputs, device)
+            self._phase = "optimizer step boundary"
+            self._sum_tied_grads()
+            if self._clip > 0:
+                self._clip_grads(device)
+            loss = self._mean_loss(losses, device)
+        except RuntimeError as exc:
+            if dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(exc):
+                err = explain_collective_failure(exc, self._monitor, step=step, phase=self._phase,
+                                                 timeout_s=self._timeout_s, rank=dist.get_rank())
+                log.error("%s", err)
+                raise err from exc
+            raise
         wall = time.perf_counter() - t0
         self.last_stats = {"wall_s": wall, "compute_s": compute_s, "bubble": 1.0 - compute_s / wall if wall else 0.0,
                            "peak_in_flight": self._peak}
@@ -218,10 +241,12 @@ class PipelineModel(nn.Module):
             bufs = [torch.empty(v.shape, dtype=v.dtype, device=device) for v in specs]
             pending[(a.kind, k, a.micro)] = ([dist.irecv(b, src) for b in bufs], bufs)
 
+        timeout = datetime.timedelta(seconds=self._timeout_s)
+
         def take(kind: str, k: int, i: int) -> list[torch.Tensor]:
             works, bufs = pending.pop((kind, k, i))
             for w in works:
-                w.wait()
+                w.wait(timeout)
             return bufs
 
         for n, j in enumerate(compute_at):
@@ -234,6 +259,7 @@ class PipelineModel(nn.Module):
             a = acts[j]
             k = schedule.stage_of(me, a)
             plan, module = self._plans[k], self._modules_by_stage[k]
+            self._phase = "forward" if a.kind == "F" else "backward"
             if a.kind == "F":
                 received = take("RECV_ACT", k, a.micro) if plan.incoming else []
                 tc = time.perf_counter()  # compute time excludes waiting for the input
@@ -279,7 +305,7 @@ class PipelineModel(nn.Module):
                         sends.append(dist.isend(t.contiguous(), dst))
                 i += 1
         for w in sends:
-            w.wait()
+            w.wait(timeout)
         return compute_s, losses
 
     def _mean_loss(self, losses, device) -> float:

@@ -120,6 +120,8 @@ def pipeline_groups(stages: int, timeout_s: float = 300.0, device: str | None = 
         )
     dp = world // stages
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if world > 1:  # stages exchange activations, tied gradients and the loss on the default group
+        apply_collective_timeout(dist.group.WORLD, timeout_s)
     stage, dp_rank = divmod(rank, dp)
     if dp == 1:
         group = DataParallelGroup(rank=0, world_size=1, device=dev, mesh=None, group_name="")

@@ -226,7 +226,9 @@ class TrainingRuntime:
             reduced = torch.ops.zerograph.reduce_grad(torch.zeros_like(held), self.ctx.tag, name)
             param = named[name]
             if isinstance(param, DTensor):
-                reduced = DTensor.from_local(reduced, param.device_mesh, param.placements, run_check=False)
+                # shape/stride given: an uneven shard (97 rows on 2 ranks) cannot imply the global shape
+                reduced = DTensor.from_local(reduced, param.device_mesh, param.placements, run_check=False,
+                                             shape=param.shape, stride=param.stride())
             param.grad = reduced if param.grad is None else param.grad + reduced
 
     def _finish(self) -> None:
