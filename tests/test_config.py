@@ -300,7 +300,7 @@ def test_optimizer_and_scheduler_sections_rejected():
     assert_expected_inline(
         msg,
         """\
-unknown config key 'optimizer': zerograph does not build the optimizer: create a plain torch optimizer yourself from model.parameters(), and delete the 'optimizer' section
+unknown config key 'optimizer': zerograph does not build the optimizer from the config: create it yourself with zerograph.make_optimizer(model, torch.optim.AdamW, lr=...) (or torch.optim.AdamW(model.parameters(), ...)), and delete the 'optimizer' section
 unknown config key 'scheduler': zerograph does not build the LR scheduler: create a plain torch scheduler yourself on your optimizer, and delete the 'scheduler' section""",
     )
 
@@ -393,6 +393,33 @@ def test_inactive_settings():
     ]  # stage3_max_reuse_distance takes effect (zero_policy)
     assert Config().inactive_settings() == []
     assert Config.load({"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}).inactive_settings() == []
+
+
+def test_hugging_face_trainer_zero3_config_loads():
+    """The ZeRO-3 config of Hugging Face's Trainer docs (its "auto" values
+    filled in) loads: the DeepSpeed-only keys are accepted and listed as
+    inactive when changed; keys zerograph cannot honour get a message naming
+    what to use instead."""
+    cfg = Config.load({
+        "bf16": {"enabled": True},
+        "zero_optimization": {
+            "stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+            "reduce_bucket_size": 1048576, "stage3_prefetch_bucket_size": 943718,
+            "stage3_param_persistence_threshold": 10240, "stage3_max_live_parameters": 1e9,
+            "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "steps_per_print": 2000,
+        "train_micro_batch_size_per_gpu": 4, "wall_clock_breakdown": False, "zero_allow_untested_optimizer": True,
+    })
+    assert cfg.stage == 3 and cfg.zero_optimization.stage3_param_persistence_threshold == 10240
+    assert [line.split("=")[0] for line in cfg.inactive_settings()] == [
+        "zero_allow_untested_optimizer", "zero_optimization.stage3_gather_16bit_weights_on_model_save"]
+    with pytest.raises(ConfigError) as info:
+        Config.load({"amp": {"enabled": True}, "communication_data_type": "fp16", "elasticity": {}})
+    message = str(info.value)
+    assert "'amp': NVIDIA Apex AMP is not supported: use the 'bf16' or 'fp16' section" in message
+    assert "'communication_data_type': zerograph communicates in the compute dtype" in message
+    assert "'elasticity': elastic training is not supported" in message
 
 
 # -- documentation -------------------------------------------------------------

@@ -52,3 +52,31 @@ def test_plain_model_with_zerograph_backend_matches_eager():
     compiled = torch.compile(model, backend="zerograph")
     idx, targets = _models.global_batch(0, 4)
     torch.testing.assert_close(compiled(idx, targets).loss, ref(idx, targets).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_plain_model_with_zerograph_backend_refuses_a_config_that_needs_sharding():
+    """A plain model compiled with options={"config": ...}: the backend alone
+    runs passes, so a config asking for ZeRO, precision, clipping or
+    accumulation (which need zerograph.shard) is an error naming the keys and
+    the fix, not ranks silently training on their own. Pass-only settings work."""
+    from zerograph.config import ConfigError
+
+    torch._dynamo.reset()
+    idx, targets = _models.global_batch(0, 4)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "bf16": {"enabled": True},
+              "zero_optimization": {"stage": 3}}
+    compiled = torch.compile(_models.make_gpt(), backend="zerograph", options={"config": config})
+    with pytest.raises(Exception) as info:  # Dynamo reports the backend's ConfigError as BackendCompilerFailed
+        compiled(idx, targets)
+    message = str(info.value)
+    assert f"{ConfigError.__name__}: torch.compile(model, backend=" in message
+    assert "gradient_clipping, bf16.enabled, zero_optimization.stage" in message
+    assert "torch.compile(zerograph.shard(model, config), backend=\"zerograph\")" in message
+    assert "train_micro_batch_size_per_gpu" not in message
+
+    torch._dynamo.reset()
+    ref = _models.make_gpt()
+    ok = torch.compile(_models.make_gpt(), backend="zerograph",
+                       options={"config": {"train_micro_batch_size_per_gpu": 4,
+                                           "activation_checkpointing": {"policy": "per_layer"}}})
+    torch.testing.assert_close(ok(idx, targets).loss, ref(idx, targets).loss, rtol=1e-6, atol=1e-6)

@@ -28,7 +28,7 @@ from zerograph._torch_private import (
     inductor_decompositions,
     make_boxed_func,
 )
-from zerograph.config import Config
+from zerograph.config import Config, ConfigError
 from zerograph.ops import REDUCE_GRAD, UNSHARD
 from zerograph.passes import PassContext, default_passes, run_passes
 from zerograph.passes.analysis import comm_bytes
@@ -211,6 +211,27 @@ def zerograph_backend(gm: fx.GraphModule, example_inputs, options: dict | None =
         backend = sharding.extra.get("backend") or ZerographBackend(sharding)
     else:
         config = Config.load((options or {}).get("config"))
+        _check_unsharded_config(config)
         log.info("zerograph backend: model has no sharded parameters; running passes without ZeRO")
         backend = ZerographBackend(None, config)
     return backend(gm, example_inputs)
+
+
+# what the backend alone (a model zerograph.shard did not prepare) carries out:
+# its passes and activation checkpointing; batch sizes and logging keys are inert
+_BACKEND_ONLY = ("zerograph", "activation_checkpointing", "train_batch_size", "train_micro_batch_size_per_gpu",
+                 "steps_per_print", "wall_clock_breakdown")
+
+
+def _check_unsharded_config(config: Config) -> None:
+    """Refuse a config that needs zerograph's runtime (ZeRO sharding, mixed
+    precision, clipping, accumulation, pipelines) on a model that
+    ``zerograph.shard`` did not prepare: without it each rank would train on
+    its own, silently."""
+    changed = config.changed_settings(skip=_BACKEND_ONLY)
+    if changed:
+        raise ConfigError(
+            f"torch.compile(model, backend=\"zerograph\", options={{\"config\": ...}}) got {', '.join(changed)}, "
+            "which need the model's parameters sharded by zerograph first; the backend alone only runs the passes. "
+            "Use torch.compile(zerograph.shard(model, config), backend=\"zerograph\") or zerograph.compile(model, config)"
+        )

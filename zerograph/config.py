@@ -210,6 +210,29 @@ class ZeroConfig(BaseModel):
         "DeepSpeed: same key.",
         json_schema_extra=_BUCKETING,
     )
+    stage3_gather_16bit_weights_on_model_save: StrictBool = Field(
+        False,
+        description="Gather full 16-bit weights when the model is saved. zerograph.export_pretrained and "
+        "zerograph.full_state_dict always gather the full weights. DeepSpeed: same key.",
+        json_schema_extra=_no_effect("zerograph.export_pretrained and full_state_dict always gather full weights"),
+    )
+    sub_group_size: _Size = Field(
+        1_000_000_000,
+        description="Elements per optimizer sub-group step (DeepSpeed's offload granularity). "
+        "DeepSpeed: same key.",
+        json_schema_extra=_no_effect("the optimizer steps each parameter's shard; there are no sub-groups"),
+    )
+    round_robin_gradients: StrictBool = Field(
+        False,
+        description="Stage 1/2 offload: interleave gradient copies across ranks. DeepSpeed: same key.",
+        json_schema_extra=_no_effect("gradients are reduced in the compiled backward's order"),
+    )
+    ignore_unused_parameters: StrictBool = Field(
+        True,
+        description="Stage 1/2: allow parameters that get no gradient. zerograph always does "
+        "(the optimizer skips them). DeepSpeed: same key.",
+        json_schema_extra=_no_effect("parameters without a gradient are always allowed and skipped by the optimizer"),
+    )
     reduce_bucket_size: _Size = Field(
         500_000_000,
         description="At most this many elements per fused gradient reduction. Buckets never span "
@@ -545,6 +568,12 @@ class Config(BaseModel):
         None,
         description="Logging only: log progress every this many steps. DeepSpeed: same key.",
     )
+    zero_allow_untested_optimizer: StrictBool = Field(
+        False,
+        description="Allow optimizers DeepSpeed has not tested with ZeRO. zerograph takes any torch "
+        "optimizer (zerograph.make_optimizer). DeepSpeed: same key.",
+        json_schema_extra=_no_effect("any torch optimizer works with zerograph"),
+    )
     wall_clock_breakdown: StrictBool = Field(
         False, description="Logging only: log a timing breakdown. DeepSpeed: same key."
     )
@@ -687,6 +716,13 @@ class Config(BaseModel):
             return micro * gas * world_size, micro, gas
         return None, None, gas
 
+    def changed_settings(self, *, skip: tuple[str, ...] = ()) -> list[str]:
+        """Dotted names of the settings whose value differs from the default,
+        leaving out the top-level keys and sections named in ``skip``."""
+        out: list[str] = []
+        _collect_changed(self.to_dict(), Config().to_dict(), "", skip, out)
+        return out
+
     def inactive_settings(self) -> list[str]:
         """One line for each changed setting that has no effect yet."""
         lines: list[str] = []
@@ -694,15 +730,30 @@ class Config(BaseModel):
         return lines
 
 
+def _collect_changed(value: Any, default: Any, prefix: str, skip: tuple[str, ...], out: list[str]) -> None:
+    if isinstance(value, dict) and isinstance(default, dict):
+        for key, sub in value.items():
+            if prefix or key not in skip:
+                _collect_changed(sub, default.get(key), f"{prefix}{key}" if not prefix else f"{prefix}.{key}", skip, out)
+    elif value != default:
+        out.append(prefix)
+
+
 # ---------------------------------------------------------------------------
 # Error messages
 
 
 _REMOVED_SECTIONS = {
-    "optimizer": "zerograph does not build the optimizer: create a plain torch optimizer yourself "
-    "from model.parameters(), and delete the 'optimizer' section",
+    "optimizer": "zerograph does not build the optimizer from the config: create it yourself with "
+    "zerograph.make_optimizer(model, torch.optim.AdamW, lr=...) (or torch.optim.AdamW(model.parameters(), ...)), "
+    "and delete the 'optimizer' section",
     "scheduler": "zerograph does not build the LR scheduler: create a plain torch scheduler "
     "yourself on your optimizer, and delete the 'scheduler' section",
+    "amp": "NVIDIA Apex AMP is not supported: use the 'bf16' or 'fp16' section, and delete the 'amp' section",
+    "communication_data_type": "zerograph communicates in the compute dtype (fp32, or the 'bf16'/'fp16' "
+    "section's): delete 'communication_data_type'",
+    "elasticity": "elastic training is not supported: launch with a fixed world size and resume from a "
+    "checkpoint at another world size (zerograph.load_checkpoint reshards), and delete the 'elasticity' section",
 }
 
 
