@@ -322,20 +322,25 @@ def _run_interleaved(systems: list[str], spec: dict, steps: int, warmup: int) ->
     for name in systems:
         model, opt, n_params, n_root, prep_s = _build(name, spec)
         runs.append({"name": name, "model": model, "opt": opt, "n_params": n_params, "n_root_params": n_root,
-                     "times": [], "losses": [], "prep_s": prep_s, "state_bytes": 0, "warmup_s": 0.0})
+                     "times": [], "phases": [], "losses": [], "prep_s": prep_s, "state_bytes": 0,
+                     "warmup_s": 0.0})
 
     def one_step(run, i):
         idx, targets = batches[i]
         dist.barrier()
         t0 = time.perf_counter()
         loss = run["model"](idx, targets).loss
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         run["opt"].step()
         if i == 0:
             run["state_bytes"] = model_state_bytes(run["model"], run["opt"])
         run["opt"].zero_grad()
         elapsed = time.perf_counter() - t0
         run["losses"].append(loss.item())
+        if i >= warmup:
+            run["phases"].append((t1 - t0, t2 - t1, t0 + elapsed - t2))
         return elapsed
 
     for run in runs:
@@ -457,6 +462,14 @@ def build_report(per_rank: list[list[dict]], spec: dict, world: int, steps: int,
                 f"{n}: " + "/".join(f"{r['rss_before'] / MiB:.0f}" for r in row["ranks"]) for n, row in rows.items()
             )
         )
+    if all(r.get("phases") for row in rows.values() for r in row["ranks"]):  # --interleave
+        lines += ["", "| system | forward ms | backward ms | opt.step + zero_grad ms |", "|---|---|---|---|"]
+        for name, row in rows.items():
+            ranks = row["ranks"]
+            cells = [1e3 * statistics.median(max(r["phases"][s][k] for r in ranks) for s in range(len(ranks[0]["phases"])))
+                     for k in range(3)]
+            lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+        lines += ["", "Phases (--interleave): median over the timed steps of the slowest rank's time in each phase."]
     return "\n".join(lines)
 
 

@@ -80,3 +80,14 @@ def test_plain_model_with_zerograph_backend_refuses_a_config_that_needs_sharding
                        options={"config": {"train_micro_batch_size_per_gpu": 4,
                                            "activation_checkpointing": {"policy": "per_layer"}}})
     torch.testing.assert_close(ok(idx, targets).loss, ref(idx, targets).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_preparing_a_prepared_model_again_is_an_error_naming_the_fix():
+    import zerograph
+
+    model = zerograph.compile(_models.make_gpt(), {"zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match=r"already prepared by zerograph.compile/shard \(ZeRO stage 3\).*"
+                                         r"full_state_dict"):
+        zerograph.compile(model, {})
+    with pytest.raises(ValueError, match="already prepared"):
+        zerograph.shard(torch.compile(model, backend="zerograph"), {"zero_optimization": {"stage": 1}})

@@ -81,6 +81,14 @@ def shard(
     then compiles it with this config and pass list.
     """
     cfg = Config.load(config)
+    prepared = getattr(getattr(model, "_orig_mod", model), "_zg_runtime", None)
+    if prepared is not None:
+        raise ValueError(
+            f"zerograph: this {type(model).__name__} is already prepared by zerograph.compile/shard (ZeRO stage "
+            f"{prepared.ctx.config.stage}); its parameters are shards. Use it as it is, or pass a fresh "
+            "nn.Module (for another config, load the weights into it: "
+            "model.load_state_dict(zerograph.full_state_dict(prepared_model)))"
+        )
     for line in cfg.inactive_settings():
         log.warning("zerograph: %s", line)
     pass_list = passes.copy() if passes is not None else default_passes()
