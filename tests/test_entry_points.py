@@ -91,3 +91,18 @@ def test_preparing_a_prepared_model_again_is_an_error_naming_the_fix():
         zerograph.compile(model, {})
     with pytest.raises(ValueError, match="already prepared"):
         zerograph.shard(torch.compile(model, backend="zerograph"), {"zero_optimization": {"stage": 1}})
+
+
+def test_many_models_in_one_process_each_compile():
+    """Each compiled model has a Dynamo cache of its own (its call frame's
+    own code object): past torch._dynamo.config.recompile_limit models in one
+    process, a new model still compiles instead of silently running eagerly."""
+    import zerograph
+    from tests._models import TinyMLP
+
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    models = [zerograph.compile(TinyMLP(), {}) for _ in range(limit + 2)]
+    for model in models:
+        model(torch.randn(2, 4)).backward()
+    assert [len(zerograph.inspect(m).regions) for m in models] == [1] * len(models)

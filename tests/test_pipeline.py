@@ -6,6 +6,7 @@ nanoGPT model, Hugging Face GPT-2 and Llama, and p=2 x dp=2 with ZeRO-3
 (world 4) on the nanoGPT model, each also with interleaved 1F1B (p=2, v=2:
 four model stages, on 4-block models); losses of 5 AdamW steps and every
 parameter afterwards must match the eager reference (fp32, rtol 1e-5).
+``eval_step`` must return the eager loss and leave training bit-identical.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from zerograph.pipeline import (
     ScheduleError,
     SplitError,
     format_grid,
+    forward_only,
     gpipe,
     interleaved_one_f_one_b,
     one_f_one_b,
@@ -534,6 +536,7 @@ def test_two_stages_match_eager():
     _check(results, runs, clip={2: 0.05, 6: 0.05, 8: 0.05})
     for rank, rank_results in enumerate(results):  # model(...) in pipeline mode says to use train_step
         assert "call loss = model.train_step(batch) instead" in rank_results[0]["misuse"]
+        assert "call loss = model.eval_step(batch)" in rank_results[0]["misuse"]  # evaluation
         assert rank_results[0]["stages"] == [rank]
         # interleaved: inspect shows both of this rank's stages (rank r holds stages r and r + 2)
         assert rank_results[6]["stages"] == rank_results[7]["stages"] == [rank, rank + 2]
@@ -605,3 +608,129 @@ def test_checkpoint_resume_restores_rng_and_every_stage_counter(tmp_path):
         assert not [w for w in warnings if "RNG states not restored" in w], (rank, warnings)
         assert steps == [1, 1], (rank, steps)  # both model stages of this rank
         assert again == first, (rank, first, again)  # the same dropout masks: bit-identical
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: eval_step
+
+
+def test_forward_only_schedules_simulate_without_deadlock():
+    """eval_step's schedule: each rank's forwards in the training order, with the
+    activation transfers; the simulator checks it as it checks training schedules."""
+    assert_expected_inline(str(forward_only(interleaved_one_f_one_b(2, 4, 2))), """\
+interleaved_1f1b forward: 2 ranks x 2 virtual stages = 4 stages, 4 micro-batches
+  rank 0: 0F0 0SEND_ACT(0) 0F1 0SEND_ACT(1) 2RECV_ACT(0) 2F0 2SEND_ACT(0) 2RECV_ACT(1) 2F1 2SEND_ACT(1) 0F2 0SEND_ACT(2) 0F3 0SEND_ACT(3) 2RECV_ACT(2) 2F2 2SEND_ACT(2) 2RECV_ACT(3) 2F3 2SEND_ACT(3)
+  rank 1: 1RECV_ACT(0) 1F0 1SEND_ACT(0) 1RECV_ACT(1) 1F1 1SEND_ACT(1) 3RECV_ACT(0) 3F0 3RECV_ACT(1) 3F1 1RECV_ACT(2) 1F2 1SEND_ACT(2) 1RECV_ACT(3) 1F3 1SEND_ACT(3) 3RECV_ACT(2) 3F2 3RECV_ACT(3) 3F3""")
+    for p in (2, 3, 4):
+        for m in (1, 4, 5):
+            for schedule in (one_f_one_b(p, m), gpipe(p, m)):
+                timeline = simulate(forward_only(schedule))
+                assert len(timeline.grid) == m + p - 1 and timeline.peak_in_flight == (0,) * p
+        for v in (2, 3, 4):
+            for m in (p, 2 * p, 3 * p):
+                timeline = simulate(forward_only(interleaved_one_f_one_b(p, m, v)))
+                assert all(a is None or a.kind == "F" for row in timeline.grid for a in row)
+    with pytest.raises(ScheduleError, match=r"F must run each micro-batch 0..1 exactly once; got \[0\]"):
+        simulate(_edit(forward_only(one_f_one_b(1, 2)), 0, ["F0"]))
+
+
+def make_gpt4_dropout():
+    """gpt4 with dropout (and attention dropout): traced in training mode."""
+    torch.manual_seed(1234)
+    return zerograph.models.GPT(zerograph.models.GPTConfig(
+        vocab_size=_models.VOCAB, block_size=_models.SEQ, n_layer=4, n_head=2, n_embd=30, dropout=0.2))
+
+
+_EVAL_MODELS = {"gpt": _models.make_gpt, "gpt4": make_gpt4, "gpt4_dropout": make_gpt4_dropout,
+                "gpt_dropout": lambda: _models.make_gpt(dropout=0.2)}
+EVAL_BATCH = 100  # the eval batch: global_batch(EVAL_BATCH, rows), unlike every training batch
+
+
+def _eval_and_train(runs, steps: int = 4, eval_after: int = 2):
+    """On each rank, for each (model, config): train ``steps`` steps twice from
+    the same start, once with eval_step calls after step ``eval_after`` (in
+    training mode, then after model.eval(), then model.train() again) and once
+    without; return the losses, final parameters and counters of both, the
+    eval losses and the full state dict at the eval point."""
+    out = []
+    for name, config in runs:
+        cfg = Config.load(config)
+        got = {}
+        for with_eval in (True, False):
+            torch._dynamo.reset()
+            torch.manual_seed(0)  # the same dropout masks in both runs, unless eval_step draws from the RNG
+            model = _EVAL_MODELS[name]()
+            pipeline = cfg.pipeline.stages > 1
+            dp_world = torch.distributed.get_world_size() // max(cfg.pipeline.stages, 1)
+            example = _batch("gpt", 0, GLOBAL_ROWS // dp_world)
+            model = zerograph.compile(model, cfg, example_batch=example) if pipeline else zerograph.compile(model, cfg)
+            dp = model.groups.dp if pipeline else model._zg_runtime.ctx.dp
+            runtimes = [rt for _, rt in model.stage_runtimes()] if pipeline else [model._zg_runtime]
+            opt = _harness._optimizer(model.parameters())
+            losses, evals, state, counters = [], {}, None, None
+            for step in range(steps):
+                if with_eval and step == eval_after:
+                    before = ([(rt.ctx.step, rt.ctx.micro_step, dict(rt.ctx.stats.current)) for rt in runtimes],
+                              dict(getattr(model, "last_stats", {})), torch.get_rng_state())
+                    eval_rows = _rows_of(_batch("gpt", EVAL_BATCH, GLOBAL_ROWS), dp.rank, dp.world_size)
+                    evals["train_mode"] = model.eval_step(eval_rows)
+                    model.eval()
+                    evals["eval_mode"] = model.eval_step(eval_rows)
+                    evals["eval_mode_again"] = model.eval_step(eval_rows)
+                    model.train()
+                    after = ([(rt.ctx.step, rt.ctx.micro_step, dict(rt.ctx.stats.current)) for rt in runtimes],
+                             dict(getattr(model, "last_stats", {})), torch.get_rng_state())
+                    counters = (before[:2] == after[:2], torch.equal(before[2], after[2]))
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    evals["grads"] = len(grads)
+                    state = {k: v.float().clone() for k, v in zerograph.full_state_dict(model).items()}
+                losses.append(model.train_step(_rows_of(_batch("gpt", step, GLOBAL_ROWS), dp.rank, dp.world_size)))
+                opt.step()
+                opt.zero_grad()
+            params = {k: v.float().clone() for k, v in zerograph.full_state_dict(model).items()}
+            got[with_eval] = {"losses": losses, "params": params, "evals": evals, "state": state, "counters": counters}
+        out.append(got)
+    return out
+
+
+def _eager_eval_loss(name: str, state: dict) -> float:
+    model = _EVAL_MODELS[name]()
+    model.load_state_dict(state)
+    model.eval()
+    idx, targets = _models.global_batch(EVAL_BATCH, GLOBAL_ROWS)
+    with torch.no_grad():
+        return model(idx, targets).loss.item()
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_eval_step_matches_eager_and_leaves_training_bit_identical():
+    """eval_step (1F1B p=2, interleaved p=2 x v=2 with dropout, and without a
+    pipeline: ZeRO-3 over 2 ranks with accumulation) returns the eager model's
+    loss on the same batch after two training steps, in eval mode; calling it
+    in the middle of training changes nothing: the following losses and
+    parameters are bitwise those of a run without it (dropout masks included)."""
+    pp = {"stages": 2, "micro_batches": 4}
+    runs = [
+        ("gpt", {"pipeline": pp}),
+        ("gpt4_dropout", {"pipeline": {**pp, "schedule": "interleaved_1f1b"}, "zero_optimization": {"stage": 3}}),
+        ("gpt_dropout", {"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 2}),  # no pipeline
+    ]
+    results = spawn(_eval_and_train, 2, runs, timeout=TIMEOUT)
+    for i, (name, config) in enumerate(runs):
+        ref = _eager_eval_loss(name, results[0][i][True]["state"])
+        for rank, rank_results in enumerate(results):
+            with_eval, without = rank_results[i][True], rank_results[i][False]
+            where = f"{name} {config}, rank {rank}"
+            evals = with_eval["evals"]
+            # eval mode: dropout off, so the eager model's loss, the same on every call and rank
+            assert evals["eval_mode"] == pytest.approx(ref, rel=1e-5), (where, evals, ref)
+            assert evals["eval_mode_again"] == evals["eval_mode"], where
+            if "dropout" in name:  # training mode: dropout on (masks from a forked RNG)
+                assert evals["train_mode"] != evals["eval_mode"], (where, evals)
+            else:
+                assert evals["train_mode"] == evals["eval_mode"], (where, evals)
+            assert evals["grads"] == 0, where  # no gradients accumulated
+            assert with_eval["counters"] == (True, True), (where, with_eval["counters"])  # counters, stats, RNG
+            assert with_eval["losses"] == without["losses"], (where, with_eval["losses"], without["losses"])
+            for key, value in without["params"].items():
+                assert torch.equal(with_eval["params"][key], value), (where, key)

@@ -16,7 +16,7 @@ from zerograph.backend import ZerographBackend
 from zerograph.config import Config, ConfigError
 from zerograph.passes import PassList, PassRecord, default_passes
 from zerograph.runtime.context import ShardingContext, context_of
-from zerograph.pipeline.step import eager_train_step
+from zerograph.pipeline.step import eager_eval_step, eager_train_step
 from zerograph.runtime.dist import DataParallelGroup, data_parallel_group
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.offload import watch_plain_optimizer
@@ -42,6 +42,22 @@ def _zerograph_train_step(self, batch) -> float:
     with naming_failed_ranks(ctx, "optimizer step boundary"):  # the loss all-reduce; passes name their own
         return eager_train_step(self, batch, ctx.extra.get("loss_fn"), ctx.config.gradient_accumulation_steps,
                                 ctx.dp.group, ctx.world_size, ctx.dp.device)
+
+
+def _zerograph_eval_step(self, batch) -> float:
+    """The forwards of ``train_step`` under ``torch.no_grad()``: the mean loss
+    over the ``gradient_accumulation_steps`` micro-batches of ``batch`` and
+    the data-parallel ranks, without gradients and without touching the step
+    counters, the step's communication counts or the RNG state. The model
+    runs in its own mode (``model.eval()`` turns dropout off)."""
+    ctx = self._zg_runtime.ctx
+    current = ctx.stats.current.copy()
+    try:
+        with naming_failed_ranks(ctx, "eval_step"):
+            return eager_eval_step(self, batch, ctx.extra.get("loss_fn"), ctx.config.gradient_accumulation_steps,
+                                   ctx.dp.group, ctx.world_size, ctx.dp.device)
+    finally:
+        ctx.stats.current = current  # eval_step's gathers do not count in the training step's bytes
 
 
 def _save_pretrained_of(base: type):
@@ -123,6 +139,7 @@ def shard(
     attrs = {
         "__call__": _zerograph_call,
         "train_step": _zerograph_train_step,
+        "eval_step": _zerograph_eval_step,
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
     }
@@ -173,6 +190,10 @@ def compile(
         # when the model's forward is a torch.nn class (nn.Sequential).
         return call_impl(*args, **kwargs)
 
+    # Dynamo keeps its compiled graphs and its recompile limit per code object: a
+    # code object of this model's own keeps models compiled in one process (or a
+    # pipeline rank's stages) from sharing, and exhausting, one budget
+    call_model.__code__ = call_model.__code__.replace()
     runtime.compiled = torch.compile(call_model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     return model
 

@@ -6,7 +6,15 @@ See docs/pipeline.md.
 """
 
 from zerograph.pipeline.runtime import PipelineModeError, PipelineModel
-from zerograph.pipeline.schedule import Action, Schedule, build, gpipe, interleaved_one_f_one_b, one_f_one_b
+from zerograph.pipeline.schedule import (
+    Action,
+    Schedule,
+    build,
+    forward_only,
+    gpipe,
+    interleaved_one_f_one_b,
+    one_f_one_b,
+)
 from zerograph.pipeline.simulate import ScheduleError, Timeline, format_grid, simulate
 from zerograph.pipeline.split import PipelineSplit, SplitError, split_graph
 
@@ -21,6 +29,7 @@ __all__ = [
     "Timeline",
     "build",
     "format_grid",
+    "forward_only",
     "gpipe",
     "interleaved_one_f_one_b",
     "one_f_one_b",

@@ -11,6 +11,7 @@ from torch import nn
 
 from zerograph.config import Config, ConfigError, PipelineConfig
 from zerograph.pipeline import step as step_mod
+from zerograph.pipeline.modes import follow_training_mode
 from zerograph.pipeline.runtime import PipelineModel
 from zerograph.pipeline.schedule import build
 from zerograph.pipeline.simulate import format_grid, simulate
@@ -102,6 +103,8 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
     for st in split.stages:  # other ranks' stages' parameters are not this rank's to keep
         if st.index not in modules:
             st.module = None
+    for module in modules.values():  # dropout follows stage.training (model.eval() for eval_step)
+        follow_training_mode(module)
     chunks = {k: compile_stage(modules[k], stage_cfg, group=groups.dp) for k in mine}
     for k, chunk in chunks.items():  # the memory limit checks a stage's regions on their own (backend._step_order)
         chunk._zg_runtime.ctx.extra["pipeline_stage"] = k

@@ -17,6 +17,10 @@ micro-batch):
   output gradients (the loss on the last stage), then the inputs' gradients
   go back.
 
+:meth:`PipelineModel.eval_step` runs the :func:`~zerograph.pipeline.schedule.forward_only`
+list of the schedule under ``torch.no_grad()``: the same receives and sends
+of activations, no backward, nothing saved.
+
 After the last backward: gradients of tied parameters are summed over the
 stages that read them, then clipped by the global norm over every stage.
 Micro-batch gradients are averaged by zerograph's gradient scale
@@ -38,7 +42,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from zerograph.pipeline import step as step_mod
-from zerograph.pipeline.schedule import Schedule
+from zerograph.pipeline.schedule import Schedule, forward_only
+from zerograph.pipeline.simulate import simulate
 from zerograph.pipeline.split import PipelineSplit, StagePlan
 from zerograph.runtime.dist import PipelineGroups, RankMonitor
 from zerograph.runtime.errors import explain_collective_failure, is_collective_failure
@@ -62,7 +67,8 @@ def _parameter(module: nn.Module, target: str) -> nn.Parameter:
 
 
 class PipelineModel(nn.Module):
-    """This rank's pipeline stage(s); train it with :meth:`train_step`.
+    """This rank's pipeline stage(s); train it with :meth:`train_step`,
+    evaluate it with :meth:`eval_step`.
 
     ``chunks[c]`` is the compiled module of model stage ``stage_ids[c]``
     (one stage per rank, or ``v`` with interleaved 1F1B: ``r, r + p, …``)."""
@@ -84,6 +90,9 @@ class PipelineModel(nn.Module):
         self._fallback_state = fallback_state  # the user's state dict, for keys no stage reads
         self._original_keys = original_keys  # per stage: stage state-dict key -> the user's keys
         self._actions = schedule.actions[groups.stage]
+        self.eval_schedule = forward_only(schedule)
+        simulate(self.eval_schedule)  # raises ScheduleError on a deadlock, as for the training schedule
+        self._eval_actions = self.eval_schedule.actions[groups.stage]
         self.last_stats: dict[str, float] = {}
         # Sends and receives between stages wait at most zerograph.collective_timeout_s (gloo's
         # point-to-point waits ignore the group's timeout), and a failure names the dead rank from
@@ -114,7 +123,8 @@ class PipelineModel(nn.Module):
         raise PipelineModeError(
             "this model is split into pipeline stages (pipeline.stages > 1): a forward call cannot return "
             "a loss for loss.backward(); call loss = model.train_step(batch) instead, which runs the "
-            "forward and backward of every micro-batch through the schedule"
+            "forward and backward of every micro-batch through the schedule. For evaluation (validation "
+            "loss) call loss = model.eval_step(batch): the forwards only, under torch.no_grad()"
         )
 
     # -- tied parameters --------------------------------------------------------
@@ -182,6 +192,24 @@ class PipelineModel(nn.Module):
         t0 = time.perf_counter()
         step = self._zg_runtime.ctx.step + 1  # the optimizer step in progress, for error messages
         device = self.groups.dp.device
+        inputs = self._micro_inputs(batch, device, "train_step")
+        try:
+            compute_s, losses = self._run(inputs, device)
+            self._phase = "optimizer step boundary"
+            self._sum_tied_grads()
+            if self._clip > 0:
+                self._clip_grads(device)
+            loss = self._mean_loss(losses, device)
+        except RuntimeError as exc:
+            self._raise_collective_failure(exc, step)
+            raise
+        wall = time.perf_counter() - t0
+        self.last_stats = {"wall_s": wall, "compute_s": compute_s, "bubble": 1.0 - compute_s / wall if wall else 0.0,
+                           "peak_in_flight": self._peak}
+        return loss
+
+    def _micro_inputs(self, batch, device, caller: str) -> list[dict[int, torch.Tensor]]:
+        """Per micro-batch: the batch tensors this rank's stages read, on ``device``."""
         micro = step_mod.split_batch(batch, self.schedule.micro_batches)
         needed = sorted({j for plan in self._plans.values() for j in plan.batch_inputs})
         inputs = []
@@ -191,27 +219,99 @@ class PipelineModel(nn.Module):
             if shapes != self._example_shapes:
                 raise ValueError(
                     f"micro-batch {i} has tensor shapes {shapes}, but the pipeline was traced with {self._example_shapes}; "
-                    "every train_step batch must have the shape of compile's example_batch (drop a last, smaller batch)"
+                    f"every {caller} batch must have the shape of compile's example_batch (drop a last, smaller batch)"
                 )
             inputs.append({j: flat[j].to(device) for j in needed})
+        return inputs
+
+    def _raise_collective_failure(self, exc: RuntimeError, step: int) -> None:
+        """A failed send, receive or collective as a RankFailureError naming the dead rank."""
+        if dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(exc):
+            err = explain_collective_failure(exc, self._monitor, step=step, phase=self._phase,
+                                             timeout_s=self._timeout_s, rank=dist.get_rank())
+            log.error("%s", err)
+            raise err from exc
+
+    def eval_step(self, batch) -> float:
+        """Forward of every micro-batch of ``batch`` (this data-parallel rank's
+        rows, the shape of ``train_step``'s batches) through the stages,
+        under ``torch.no_grad()``; returns the mean loss over the micro-batches
+        and data-parallel ranks, on every rank, as :meth:`train_step` does.
+
+        Training is not disturbed: no gradients, no backward, and the step
+        and micro-step counters, ``last_stats``, the communication counts of
+        the step in progress and the RNG state are as before the call (dropout
+        in training mode draws its masks from a forked RNG). Stages run in
+        their own mode: after ``model.eval()`` dropout is off; call
+        ``model.train()`` before training again. Collective: call it on every rank."""
+        device = self.groups.dp.device
+        step = self._zg_runtime.ctx.step + 1
+        inputs = self._micro_inputs(batch, device, "eval_step")
+        stats = [(rt.ctx.stats, rt.ctx.stats.current.copy()) for _, rt in self.stage_runtimes()]
+        phase = self._phase
+        devices = [device] if device.type == "cuda" else []
         try:
-            compute_s, losses = self._run(inputs, device)
-            self._phase = "optimizer step boundary"
-            self._sum_tied_grads()
-            if self._clip > 0:
-                self._clip_grads(device)
-            loss = self._mean_loss(losses, device)
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                losses = self._run_forward(inputs, device)
+                loss = self._mean_loss(losses, device)
         except RuntimeError as exc:
-            if dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(exc):
-                err = explain_collective_failure(exc, self._monitor, step=step, phase=self._phase,
-                                                 timeout_s=self._timeout_s, rank=dist.get_rank())
-                log.error("%s", err)
-                raise err from exc
+            self._raise_collective_failure(exc, step)
             raise
-        wall = time.perf_counter() - t0
-        self.last_stats = {"wall_s": wall, "compute_s": compute_s, "bubble": 1.0 - compute_s / wall if wall else 0.0,
-                           "peak_in_flight": self._peak}
+        finally:
+            for st, current in stats:  # eval_step's gathers do not count in the training step's bytes
+                st.current = current
+            self._phase = phase
         return loss
+
+    def _run_forward(self, inputs, device) -> list[torch.Tensor]:
+        """Execute this rank's forward-only action list (:attr:`eval_schedule`):
+        receive, forward, send; each output lives until it is sent."""
+        schedule, me = self.eval_schedule, self.groups.stage
+        last = schedule.model_stages - 1
+        acts = self._eval_actions
+        pending: dict[tuple[int, int], tuple[list, list[torch.Tensor]]] = {}
+        outs: dict[tuple[int, int], tuple] = {}
+        sends: list = []
+        losses: list[torch.Tensor] = []
+        timeout = datetime.timedelta(seconds=self._timeout_s)
+        compute_at = [j for j, a in enumerate(acts) if a.kind == "F"]
+        for n, j in enumerate(compute_at):
+            # post this forward's receives and the next one's
+            stop = compute_at[n + 2] if n + 2 < len(compute_at) else len(acts)
+            start = compute_at[n - 1] + 1 if n > 0 else 0
+            for r in range(start, stop):
+                a = acts[r]
+                k = schedule.stage_of(me, a)
+                if a.kind == "RECV_ACT" and (k, a.micro) not in pending:
+                    src = self._rank_of_stage(k - 1)
+                    bufs = [torch.empty(v.shape, dtype=v.dtype, device=device) for v in self._plans[k].incoming]
+                    pending[(k, a.micro)] = ([dist.irecv(b, src) for b in bufs], bufs)
+            a = acts[j]
+            k = schedule.stage_of(me, a)
+            plan, module = self._plans[k], self._modules_by_stage[k]
+            self._phase = "eval_step forward"
+            received = []
+            if plan.incoming:
+                works, received = pending.pop((k, a.micro))
+                for w in works:
+                    w.wait(timeout)
+            out = module(*[inputs[a.micro][b] for b in plan.batch_inputs], *received)
+            if k == last:
+                losses.append(out[0])
+            else:
+                outs[(k, a.micro)] = tuple(out)
+            i = j + 1
+            while i < len(acts) and acts[i].kind != "F":
+                b = acts[i]
+                if b.kind == "SEND_ACT":
+                    kb = schedule.stage_of(me, b)
+                    dst = self._rank_of_stage(kb + 1)
+                    for t in outs.pop((kb, b.micro)):
+                        sends.append(dist.isend(t.contiguous(), dst))
+                i += 1
+        for w in sends:
+            w.wait(timeout)
+        return losses
 
     def _run(self, inputs, device):
         """Execute this rank's action list. Keys are (model stage, micro-batch);

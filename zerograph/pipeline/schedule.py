@@ -61,6 +61,7 @@ class Schedule:
     micro_batches: int
     actions: tuple[tuple[Action, ...], ...]  # actions[rank]
     virtual_stages: int = 1
+    forward_only: bool = False  # evaluation: forwards and their activations, no backward
 
     @property
     def model_stages(self) -> int:
@@ -228,6 +229,21 @@ def interleaved_one_f_one_b(stages: int, micro_batches: int, virtual_stages: int
         order += [("B", j) for j in range(total - warmup, total)]
         compute.append([Action(kind, micro(j), chunk(j, kind == "F") * p + r) for kind, j in order])
     return Schedule("interleaved_1f1b", p, m, _place_receives(compute, p, v), virtual_stages=v)
+
+
+def forward_only(schedule: Schedule) -> Schedule:
+    """The evaluation schedule of ``schedule``: each rank runs its forwards
+    in the training order, with the activation transfers placed as for
+    training (in send order per pair of ranks), and no backward. Nothing is
+    kept for a backward. :func:`~zerograph.pipeline.simulate.simulate` checks it
+    like a training schedule (``PipelineModel`` does before using it)::
+
+        rank 0: 0F0 0F1 2F0 2F1 0F2 0F3 2F2 2F3     (interleaved, p=2, v=2, m=4)
+    """
+    compute = [[a for a in acts if a.kind == "F"] for acts in schedule.actions]
+    p, v = schedule.stages, schedule.virtual_stages
+    return dataclasses.replace(schedule, name=f"{schedule.name} forward", forward_only=True,
+                               actions=_place_receives(compute, p, v))
 
 
 SCHEDULES = {"1f1b": one_f_one_b, "gpipe": gpipe, "interleaved_1f1b": interleaved_one_f_one_b}

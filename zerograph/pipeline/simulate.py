@@ -14,11 +14,13 @@ stages' activations and gradients). It rejects, with a
   order per pair of ranks differs between sender and receiver),
 * an action on a stage its rank does not hold,
 * a forward whose activations were not received, a backward before its
-  forward or without its incoming gradient, missing or repeated micro-batches,
+  forward or without its incoming gradient, missing or repeated micro-batches
+  (a ``forward_only`` schedule has forwards only),
 * messages sent but never received.
 
 The result is the step x rank timeline (printable with :func:`format_grid`)
-and the peak number of (stage, micro-batch) forwards in flight per rank.
+and the peak number of (stage, micro-batch) forwards in flight per rank
+(0 for a forward-only evaluation schedule, which runs no backward).
 Without interleaving, rank ``s`` is stage ``s`` and messages say "stage".
 """
 
@@ -82,7 +84,7 @@ def simulate(schedule: Schedule) -> Timeline:
                     _check_compute(where(s), k, a, n, received[s], forwarded[s])
                     if a.kind == "F":
                         forwarded[s].add((k, a.micro))
-                        in_flight[s] += 1
+                        in_flight[s] += not schedule.forward_only  # evaluation keeps nothing for a backward
                         peak[s] = max(peak[s], in_flight[s])
                     else:
                         in_flight[s] -= 1
@@ -136,7 +138,7 @@ def _check_coverage(schedule: Schedule, where) -> None:
                     f"(it holds {', '.join(map(str, schedule.stages_of(s)))})"
                 )
         for k in schedule.stages_of(s):
-            for kind in ("F", "B"):
+            for kind in ("F",) if schedule.forward_only else ("F", "B"):
                 got = sorted(a.micro for a in acts if a.kind == kind and schedule.stage_of(s, a) == k)
                 if got != list(range(m)):
                     on = "" if schedule.virtual_stages == 1 else f" on stage {k}"

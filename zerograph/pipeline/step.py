@@ -135,3 +135,19 @@ def eager_train_step(model, batch, loss_fn: LossFn | None, accumulation: int, gr
         loss.backward()
         total += loss.detach().float().cpu() / accumulation
     return mean_over_group(total, group, world, device)
+
+
+def eager_eval_step(model, batch, loss_fn: LossFn | None, accumulation: int, group, world: int,
+                    device=None) -> float:
+    """Without a pipeline: the forwards of :func:`eager_train_step` under
+    ``torch.no_grad()`` (the same micro-batches, so the value is comparable to
+    its loss); returns the mean loss over the micro-batches and the
+    data-parallel ranks. The RNG state is restored afterwards (dropout in
+    training mode draws from a forked RNG)."""
+    total = torch.zeros((), dtype=torch.float32)
+    devices = [device] if device is not None and torch.device(device).type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        for micro in split_batch(batch, accumulation, "gradient_accumulation_steps"):
+            loss = loss_of(call_model(model, micro), micro, loss_fn)
+            total += loss.float().cpu() / accumulation
+    return mean_over_group(total, group, world, device)
