@@ -21,9 +21,17 @@ def _stage_configs():
     return [{"zero_optimization": {"stage": s}, "zerograph": {"verify_graphs": True}} for s in STAGES]
 
 
+# world 4 on this 2-core CI runs four ranks on two cores: the Hugging Face
+# models there take about 2 minutes together, so they run nightly
+# (`pytest -m slow`); CI keeps world 4 for the nanoGPT model and world 1-2 for all
+_WORLD4_NIGHTLY = pytest.mark.slow
+
+
 @pytest.mark.timeout(TIMEOUT + 30)
-@pytest.mark.parametrize("world", [1, 2, 4])
-@pytest.mark.parametrize("model_name", ["gpt", "hf_gpt2", "llama"])
+@pytest.mark.parametrize("model_name,world", [
+    (name, world) if world < 4 or name == "gpt" else pytest.param(name, world, marks=_WORLD4_NIGHTLY)
+    for world in (1, 2, 4) for name in ("gpt", "hf_gpt2", "llama")
+])
 def test_stages_match_eager(model_name, world):
     ref_losses, ref_params = _harness.reference_run(model_name, world)
     results = spawn(_harness.zerograph_run, world, model_name, _stage_configs(), timeout=TIMEOUT)
