@@ -16,7 +16,7 @@ from zerograph.backend import ZerographBackend
 from zerograph.config import Config, ConfigError
 from zerograph.passes import PassList, PassRecord, default_passes
 from zerograph.runtime.context import ShardingContext, context_of
-from zerograph.pipeline.step import eager_eval_step, eager_train_step
+from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
 from zerograph.runtime.dist import DataParallelGroup, data_parallel_group
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.offload import watch_plain_optimizer
@@ -51,13 +51,9 @@ def _zerograph_eval_step(self, batch) -> float:
     counters, the step's communication counts or the RNG state. The model
     runs in its own mode (``model.eval()`` turns dropout off)."""
     ctx = self._zg_runtime.ctx
-    current = ctx.stats.current.copy()
-    try:
-        with naming_failed_ranks(ctx, "eval_step"):
-            return eager_eval_step(self, batch, ctx.extra.get("loss_fn"), ctx.config.gradient_accumulation_steps,
-                                   ctx.dp.group, ctx.world_size, ctx.dp.device)
-    finally:
-        ctx.stats.current = current  # eval_step's gathers do not count in the training step's bytes
+    with evaluating([ctx], ctx.dp.device), naming_failed_ranks(ctx, "eval_step"):
+        return eager_eval_step(self, batch, ctx.extra.get("loss_fn"), ctx.config.gradient_accumulation_steps,
+                               ctx.dp.group, ctx.world_size, ctx.dp.device)
 
 
 def _save_pretrained_of(base: type):

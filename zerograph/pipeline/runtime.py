@@ -55,6 +55,15 @@ class PipelineModeError(RuntimeError):
     """A pipeline-parallel model was used like a plain one."""
 
 
+def _receive_window(compute_at: list[int], n: int, end: int) -> range:
+    """Action indices whose receives are posted before the ``n``-th compute
+    action (at ``compute_at[n]``) runs: those after the previous compute up
+    to the one after next, so receiving the next input overlaps this compute."""
+    start = compute_at[n - 1] + 1 if n > 0 else 0
+    stop = compute_at[n + 2] if n + 2 < len(compute_at) else end
+    return range(start, stop)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -247,19 +256,15 @@ class PipelineModel(nn.Module):
         device = self.groups.dp.device
         step = self._zg_runtime.ctx.step + 1
         inputs = self._micro_inputs(batch, device, "eval_step")
-        stats = [(rt.ctx.stats, rt.ctx.stats.current.copy()) for _, rt in self.stage_runtimes()]
         phase = self._phase
-        devices = [device] if device.type == "cuda" else []
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            with step_mod.evaluating([rt.ctx for _, rt in self.stage_runtimes()], device):
                 losses = self._run_forward(inputs, device)
                 loss = self._mean_loss(losses, device)
         except RuntimeError as exc:
             self._raise_collective_failure(exc, step)
             raise
         finally:
-            for st, current in stats:  # eval_step's gathers do not count in the training step's bytes
-                st.current = current
             self._phase = phase
         return loss
 
@@ -276,10 +281,7 @@ class PipelineModel(nn.Module):
         timeout = datetime.timedelta(seconds=self._timeout_s)
         compute_at = [j for j, a in enumerate(acts) if a.kind == "F"]
         for n, j in enumerate(compute_at):
-            # post this forward's receives and the next one's
-            stop = compute_at[n + 2] if n + 2 < len(compute_at) else len(acts)
-            start = compute_at[n - 1] + 1 if n > 0 else 0
-            for r in range(start, stop):
+            for r in _receive_window(compute_at, n, len(acts)):  # this forward's receives and the next one's
                 a = acts[r]
                 k = schedule.stage_of(me, a)
                 if a.kind == "RECV_ACT" and (k, a.micro) not in pending:
@@ -351,9 +353,7 @@ class PipelineModel(nn.Module):
 
         for n, j in enumerate(compute_at):
             # post this compute's receives and the next one's (overlap with this compute)
-            stop = compute_at[n + 2] if n + 2 < len(compute_at) else len(acts)
-            start = compute_at[n - 1] + 1 if n > 0 else 0
-            for i in range(start, stop):
+            for i in _receive_window(compute_at, n, len(acts)):
                 if acts[i].kind.startswith("RECV"):
                     post(i)
             a = acts[j]

@@ -10,6 +10,7 @@ itself when it is a scalar tensor.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -137,17 +138,32 @@ def eager_train_step(model, batch, loss_fn: LossFn | None, accumulation: int, gr
     return mean_over_group(total, group, world, device)
 
 
+@contextlib.contextmanager
+def evaluating(contexts, device=None):
+    """What an ``eval_step`` runs under, so that training is not disturbed:
+    ``torch.no_grad()``, a forked RNG (dropout in training mode draws its
+    masks from it; the state is restored afterwards), and the communication
+    counts of the step in progress of every ``ShardingContext`` in
+    ``contexts`` restored afterwards (evaluation's gathers are not the
+    training step's)."""
+    saved = [(ctx.stats, ctx.stats.current.copy()) for ctx in contexts]
+    devices = [device] if device is not None and torch.device(device).type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for stats, current in saved:
+            stats.current = current
+
+
 def eager_eval_step(model, batch, loss_fn: LossFn | None, accumulation: int, group, world: int,
                     device=None) -> float:
-    """Without a pipeline: the forwards of :func:`eager_train_step` under
-    ``torch.no_grad()`` (the same micro-batches, so the value is comparable to
-    its loss); returns the mean loss over the micro-batches and the
-    data-parallel ranks. The RNG state is restored afterwards (dropout in
-    training mode draws from a forked RNG)."""
+    """Without a pipeline: the forwards of :func:`eager_train_step` (the same
+    micro-batches, so the value is comparable to its loss); returns the mean
+    loss over the micro-batches and the data-parallel ranks. Call it under
+    :func:`evaluating`."""
     total = torch.zeros((), dtype=torch.float32)
-    devices = [device] if device is not None and torch.device(device).type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        for micro in split_batch(batch, accumulation, "gradient_accumulation_steps"):
-            loss = loss_of(call_model(model, micro), micro, loss_fn)
-            total += loss.float().cpu() / accumulation
+    for micro in split_batch(batch, accumulation, "gradient_accumulation_steps"):
+        loss = loss_of(call_model(model, micro), micro, loss_fn)
+        total += loss.float().cpu() / accumulation
     return mean_over_group(total, group, world, device)

@@ -62,7 +62,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from zerograph._torch_private import dtensor_with_local, tensor_version
-from zerograph.runtime.offload import HOST, pin_host_memory
+from zerograph.runtime.offload import HOST, _local, pin_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,6 @@ def check_elementwise(optimizer_cls) -> None:
             f"optimizers ({', '.join(c.__name__ for c in ELEMENTWISE)}, and their subclasses) can. Use one of them "
             "with offload_optimizer/offload_param, or turn the offload off and build the optimizer over "
             "model.parameters() (zerograph.make_optimizer does that for you)")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class ShardOptimizer:
