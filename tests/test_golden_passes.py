@@ -82,13 +82,13 @@ sum: f32[1, 6] = aten.sum.dim_IntList(threshold_backward, [0], True)
 view_1: f32[6] = aten.view(sum, [6])
 t_7: f32[6, 4] = aten.t(t_6)
 wait_tensor_default_1: f32[2, 6] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default)  # wait fc2.weight
-mul_tensor: f32[2, 6] = aten.mul.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc2.weight
+mul_tensor: f32[2, 6] = aten.mul_.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc2.weight
 reduce_scatter_tensor_default_1: f32[3] = _c10d_functional.reduce_scatter_tensor(view_1, 'sum', 2, '0')  # reduce_scatter fc1.bias
 wait_tensor_default_2: f32[3] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_1)  # wait fc1.bias
-mul_tensor_1: f32[3] = aten.mul.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.bias
+mul_tensor_1: f32[3] = aten.mul_.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.bias
 reduce_scatter_tensor_default_2: f32[3, 4] = _c10d_functional.reduce_scatter_tensor(t_7, 'sum', 2, '0')  # reduce_scatter fc1.weight
 wait_tensor_default_3: f32[3, 4] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_2)  # wait fc1.weight
-mul_tensor_2: f32[3, 4] = aten.mul.Tensor(wait_tensor_default_3, 0.5)  # comm_prep fc1.weight
+mul_tensor_2: f32[3, 4] = aten.mul_.Tensor(wait_tensor_default_3, 0.5)  # comm_prep fc1.weight
 return [mul_tensor_2, mul_tensor_1, None, mul_tensor]""")
 
 
@@ -165,13 +165,13 @@ sum: f32[1, 6] = aten.sum.dim_IntList(threshold_backward, [0], True)
 view: f32[6] = aten.view(sum, [6])
 t_7: f32[6, 4] = aten.t(t_6)
 wait_tensor_default: f32[2, 6] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default)  # wait fc2.weight
-mul_tensor: f32[2, 6] = aten.mul.Tensor(wait_tensor_default, 0.5)  # comm_prep fc2.weight
+mul_tensor: f32[2, 6] = aten.mul_.Tensor(wait_tensor_default, 0.5)  # comm_prep fc2.weight
 reduce_scatter_tensor_default_1: f32[3] = _c10d_functional.reduce_scatter_tensor(view, 'sum', 2, '0')  # reduce_scatter fc1.bias
 wait_tensor_default_1: f32[3] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_1)  # wait fc1.bias
-mul_tensor_1: f32[3] = aten.mul.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc1.bias
+mul_tensor_1: f32[3] = aten.mul_.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc1.bias
 reduce_scatter_tensor_default_2: f32[3, 4] = _c10d_functional.reduce_scatter_tensor(t_7, 'sum', 2, '0')  # reduce_scatter fc1.weight
 wait_tensor_default_2: f32[3, 4] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_2)  # wait fc1.weight
-mul_tensor_2: f32[3, 4] = aten.mul.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.weight
+mul_tensor_2: f32[3, 4] = aten.mul_.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.weight
 return [mul_tensor_2, mul_tensor_1, None, mul_tensor]""")
 
 
@@ -201,13 +201,13 @@ sum: f32[1, 6] = aten.sum.dim_IntList(threshold_backward, [0], True)
 view: f32[6] = aten.view(sum, [6])
 t_7: f32[6, 4] = aten.t(t_6)
 wait_tensor_default: f32[2, 6] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default)  # wait fc2.weight
-mul_tensor: f32[2, 6] = aten.mul.Tensor(wait_tensor_default, 0.5)  # comm_prep fc2.weight
+mul_tensor: f32[2, 6] = aten.mul_.Tensor(wait_tensor_default, 0.5)  # comm_prep fc2.weight
 reduce_scatter_tensor_default_1: f32[3] = _c10d_functional.reduce_scatter_tensor(view, 'sum', 2, '0')  # reduce_scatter fc1.bias
 wait_tensor_default_1: f32[3] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_1)  # wait fc1.bias
-mul_tensor_1: f32[3] = aten.mul.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc1.bias
+mul_tensor_1: f32[3] = aten.mul_.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc1.bias
 reduce_scatter_tensor_default_2: f32[3, 4] = _c10d_functional.reduce_scatter_tensor(t_7, 'sum', 2, '0')  # reduce_scatter fc1.weight
 wait_tensor_default_2: f32[3, 4] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_2)  # wait fc1.weight
-mul_tensor_2: f32[3, 4] = aten.mul.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.weight
+mul_tensor_2: f32[3, 4] = aten.mul_.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.weight
 return [mul_tensor_2, mul_tensor_1, None, mul_tensor]""")
 
 
@@ -277,10 +277,10 @@ view_default_1: f32[2, 12] = aten.view(t_7, [2, 12])  # comm_prep fc1.bias,fc1.w
 cat_default: f32[2, 15] = aten.cat([view_default, view_default_1], 1)  # comm_prep fc1.bias,fc1.weight
 view_default_2: f32[30] = aten.view(cat_default, [30])  # comm_prep fc1.bias,fc1.weight
 wait_tensor_default_1: f32[2, 6] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default)  # wait fc2.weight
-mul_tensor: f32[2, 6] = aten.mul.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc2.weight
+mul_tensor: f32[2, 6] = aten.mul_.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc2.weight
 reduce_scatter_tensor_default_1: f32[15] = _c10d_functional.reduce_scatter_tensor(view_default_2, 'sum', 2, '0')  # reduce_scatter fc1.bias,fc1.weight
 wait_tensor_default_2: f32[15] = _c10d_functional.wait_tensor(reduce_scatter_tensor_default_1)  # wait fc1.bias,fc1.weight
-mul_tensor_1: f32[15] = aten.mul.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.bias,fc1.weight
+mul_tensor_1: f32[15] = aten.mul_.Tensor(wait_tensor_default_2, 0.5)  # comm_prep fc1.bias,fc1.weight
 slice_tensor_1: f32[3] = aten.slice.Tensor(mul_tensor_1, 0, 0, 3)  # comm_prep fc1.bias,fc1.weight
 view_default_3: f32[3] = aten.view(slice_tensor_1, [3])  # comm_prep fc1.bias,fc1.weight
 slice_tensor_2: f32[12] = aten.slice.Tensor(mul_tensor_1, 0, 3, 15)  # comm_prep fc1.bias,fc1.weight
@@ -354,3 +354,63 @@ def test_tied_parameter_is_gathered_and_reduced_once(fake_world):
     assert count(info.backward, "reduce_scatter") == 1
     dedupe = next(r for r in info.passes if r.name == "dedupe_markers")
     assert dedupe.details == {"removed": 1}
+
+
+def _functional_backward(stage):
+    """The bucketed backward graph with every pass but reuse_comm_buffers, and the model's config."""
+    passes = zerograph.default_passes().disable("reuse_comm_buffers")
+    model, info = _compiled_graphs(stage, bucketed=True, passes=passes)
+    return info.backward[0], zerograph.inspect(model)
+
+
+def _in_place_targets(gm):
+    return sorted(str(n.target) for n in gm.graph.nodes if str(n.target).endswith("_.default") or
+                  str(n.target).endswith("_.Tensor"))
+
+
+def test_stage1_bucketed_all_reduce_and_average_run_in_place(fake_world):
+    _, info = _compiled_graphs(1, bucketed=True)
+    text = format_graph(info.backward[0], canonical=True)
+    tail = text[text.index("cat_default"):]
+    assert_expected_inline(tail, """\
+cat_default: f32[30] = aten.cat([view_default, view_default_1])  # comm_prep fc1.bias,fc1.weight
+wait_tensor_default: f32[3, 6] = _c10d_functional.wait_tensor(all_reduce_default)  # wait fc2.weight
+slice_tensor: f32[2, 6] = aten.slice.Tensor(wait_tensor_default, 0, 0, 2)  # comm_prep fc2.weight
+mul_tensor: f32[2, 6] = aten.mul_.Tensor(slice_tensor, 0.5)  # comm_prep fc2.weight
+all_reduce_default_1: f32[30] = _c10d_functional.all_reduce_(cat_default, 'sum', '0')  # all_reduce fc1.bias,fc1.weight
+wait_tensor_default_1: f32[30] = _c10d_functional.wait_tensor(all_reduce_default_1)  # wait fc1.bias,fc1.weight
+mul_tensor_1: f32[30] = aten.mul_.Tensor(wait_tensor_default_1, 0.5)  # comm_prep fc1.bias,fc1.weight
+slice_tensor_1: f32[6] = aten.slice.Tensor(mul_tensor_1, 0, 0, 6)  # comm_prep fc1.bias,fc1.weight
+view_default_2: f32[6] = aten.view(slice_tensor_1, [6])  # comm_prep fc1.bias,fc1.weight
+slice_tensor_2: f32[3] = aten.slice.Tensor(view_default_2, 0, 0, 3)  # comm_prep fc1.bias,fc1.weight
+slice_tensor_3: f32[24] = aten.slice.Tensor(mul_tensor_1, 0, 6, 30)  # comm_prep fc1.bias,fc1.weight
+view_default_3: f32[6, 4] = aten.view(slice_tensor_3, [6, 4])  # comm_prep fc1.bias,fc1.weight
+slice_tensor_4: f32[3, 4] = aten.slice.Tensor(view_default_3, 0, 0, 3)  # comm_prep fc1.bias,fc1.weight
+return [slice_tensor_4, slice_tensor_2, None, mul_tensor]""")
+    record = next(r for r in info.passes if r.name == "reuse_comm_buffers" and r.phase == "backward")
+    assert record.details == {"in_place": ["all_reduce_default", "mul_tensor", "all_reduce_default_1", "mul_tensor_1"]}
+    # the planner sees the in-place results as the buckets' storage: no second bucket-sized buffer
+    assert record.nodes_after == record.nodes_before
+
+
+def test_reuse_comm_buffers_leaves_buffers_with_other_readers_and_inductor_graphs(fake_world):
+    from zerograph.config import Config
+    from zerograph.passes.inplace import reuse_comm_buffers
+    from zerograph.passes.manager import PassContext
+
+    gm, _ = _functional_backward(1)
+    assert _in_place_targets(gm) == []
+    eager = Config.load({"zero_optimization": {"stage": 1}})
+    inductor = Config.load({"zero_optimization": {"stage": 1}, "zerograph": {"compiler": "inductor"}})
+    assert not reuse_comm_buffers(gm, PassContext("backward", None, inductor)).changed
+    # a second reader of the first bucket's buffer, after the all-reduce, keeps that all-reduce functional
+    cat = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(output):
+        extra = gm.graph.call_function(torch.ops.aten.sum.default, (cat,))
+    output.args = (list(output.args[0]) + [extra],)
+    (kept,) = [u for u in cat.users if u is not extra]
+    result = reuse_comm_buffers(gm, PassContext("backward", None, eager))
+    assert kept.target is torch.ops._c10d_functional.all_reduce.default  # still functional
+    assert len(result.details["in_place"]) == 3 and kept.name not in result.details["in_place"]
+    assert _in_place_targets(gm) == ["_c10d_functional.all_reduce_.default", "aten.mul_.Tensor", "aten.mul_.Tensor"]

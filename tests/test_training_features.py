@@ -175,6 +175,31 @@ def test_nonfinite_gradients_raise_with_step_or_skip(precision):
         assert rank_result["finite_at_end"] is True
 
 
+def _huge_finite_run():
+    """Gradients of 1e38 per element: each is finite, their fp32 sum is inf."""
+    import torch.distributed as dist
+
+    import zerograph
+
+    torch.manual_seed(0)
+    model = zerograph.compile(torch.nn.Linear(8, 8, bias=False), {"zero_optimization": {"stage": 3}})
+    opt = torch.optim.SGD(model.parameters(), lr=1e-38)
+    before = zerograph.full_state_dict(model)["weight"].clone()
+    x = torch.ones(4, 8) * (dist.get_rank() + 1)
+    (model(x) * 1e38 / 12).sum().backward()  # every weight gradient: 4 * (1 + 2) / 2 * 1e38 / 12 = 0.5e38
+    opt.step()
+    after = zerograph.full_state_dict(model)["weight"]
+    return {"change": (before - after).tolist()}
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_huge_finite_gradients_are_not_reported_nonfinite():
+    # the fast check sums each gradient; a sum that overflows falls back to the element-wise check
+    for rank_result in spawn(_huge_finite_run, 2, timeout=TIMEOUT):
+        change = torch.tensor(rank_result["change"])
+        torch.testing.assert_close(change, torch.full((8, 8), 0.5), rtol=1e-5, atol=0)
+
+
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_fp16_nan_skips_the_step_and_lowers_the_scale_even_with_raise():
     # fp16 treats nan like an overflow whatever zerograph.nonfinite_grads says.

@@ -36,12 +36,27 @@ __all__ = [
     "size_hint",
     "dtensor_with_local",
     "tensor_version",
+    "is_view_op",
+    "is_inplace_op",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # type: ignore[assignment]
 
 # Functional collectives live in an underscore op namespace.
 c10d_functional = torch.ops._c10d_functional
+
+
+def is_view_op(target) -> bool:
+    """``target`` is an ATen/custom op whose schema says it returns a view of an input."""
+    return isinstance(target, torch._ops.OpOverload) and target.is_view
+
+
+def is_inplace_op(target) -> bool:
+    """``target`` is an op that overwrites its first input and returns it (``mul_``, ``all_reduce_``)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    returns = target._schema.returns
+    return bool(returns) and returns[0].alias_info is not None and returns[0].alias_info.is_write
 
 
 def resolve_process_group(group_name: str):

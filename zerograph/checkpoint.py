@@ -4,9 +4,11 @@
     extra = zerograph.load_checkpoint("ckpt/step-100", model, opt)   # {"step": 100, ...}
 
 Every rank writes its own parameter and optimizer-state shards (DTensors at
-ZeRO stages 1-3, full tensors at stage 0, deduplicated by DCP). Loading
-reshards: a checkpoint saved at one world size or ZeRO stage loads into a
-model sharded another way. Writes go to ``<path>.tmp-<uuid>``; after every
+ZeRO stages 1-3, full tensors at stage 0, deduplicated by DCP), under the
+original model's names (:class:`CheckpointNames`: a tied weight once; a
+pipeline rank its own stages' tensors). Loading reshards: a checkpoint saved
+at one world size, ZeRO stage or pipeline layout loads into a model sharded
+or split another way, or without a pipeline. Writes go to ``<path>.tmp-<uuid>``; after every
 rank has written, rank 0 writes the commit marker and renames the directory
 to ``path``, so a crash mid-save leaves the previous checkpoint whole.
 Collective: call both functions on every rank. Multi-node runs need a
@@ -31,6 +33,7 @@ from torch import nn
 
 from zerograph.runtime.context import context_of
 from zerograph.runtime.errors import naming_failed_ranks
+from zerograph.checkpoint_names import CheckpointNames
 from zerograph.runtime.optimizer import ShardOptimizer
 from zerograph.sharding import full_state_dict as _full_state_dict
 from torch.distributed.checkpoint.state_dict import (
@@ -135,10 +138,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 def _save(path: Path, model: nn.Module, optimizer, extra: dict[str, Any]) -> Path:
     rank, world = _dist()
     tmp = Path(_broadcast_str(f"{path}.tmp-{uuid.uuid4().hex}"))
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    names = CheckpointNames.of(model)
+    state: dict[str, Any] = {"model": names.model_to_save(get_model_state_dict(model))}
     fresh = _never_stepped(optimizer)
     if optimizer is not None:
-        state["optim"] = _optimizer_state(model, optimizer)
+        state["optim"] = names.optimizer_to_save(_optimizer_state(model, optimizer))
     state[f"rng/rank{rank}"] = _rng_state()
     try:
         if rank == 0:
@@ -220,20 +224,26 @@ def _resumed_micro_step(saved: dict[str, Any], accumulation: int) -> int:
 def _load(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
     _check_committed(path)
     rank, world = _dist()
-    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    keys = saved.keys()
     has_optim = any(k.startswith("optim.") for k in keys)
     if optimizer is not None and not has_optim:
         raise ValueError(f"zerograph: {path} holds no optimizer state; call load_checkpoint(path, model) without it")
-    state: dict[str, Any] = {"model": get_model_state_dict(model), "zerograph_extra": None}
+    names = CheckpointNames.of(model)
+    own_model = get_model_state_dict(model)
+    state: dict[str, Any] = {"model": names.model_to_load(own_model, keys), "zerograph_extra": None}
+    own_optim = None
     if optimizer is not None:
-        state["optim"] = _optimizer_state(model, optimizer)
+        own_optim = _optimizer_state(model, optimizer)
+        state["optim"] = names.optimizer_to_load(own_optim)
+    names.check(path, state, saved)
     rng_key = f"rng/rank{rank}"
     if rng_key in keys:
         state[rng_key] = None
     dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, names.model_loaded(own_model, state["model"]))
     if optimizer is not None:
-        _set_optimizer_state(model, optimizer, state["optim"])
+        _set_optimizer_state(model, optimizer, names.optimizer_loaded(own_optim, state["optim"]))
     payload = torch.load(io.BytesIO(state["zerograph_extra"]), weights_only=False)
     if payload.get("optimizer_fresh") and optimizer is not None:
         optimizer.state.clear()  # saved before its first step: keep the learning rates, no states

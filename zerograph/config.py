@@ -360,7 +360,8 @@ class ZerographOptions(BaseModel):
         "raise",
         description="bf16/fp32 gradients with nan/inf at an optimizer step: \"raise\" a FloatingPointError "
         "naming the step and parameters, \"skip\" the step (gradients dropped, as fp16 overflow does), or "
-        "\"ignore\" (no check, no per-step synchronization). fp16 always skips and lowers the loss scale.",
+        "\"ignore\" (no check). The check reads each gradient once (an fp32 sum) and all-reduces one flag per "
+        "step. fp16 always skips and lowers the loss scale.",
     )
     device: Optional[Annotated[StrictStr, annotated_types.MinLen(3)]] = Field(
         None,

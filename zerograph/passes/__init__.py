@@ -7,6 +7,7 @@ from zerograph.passes.analysis import comm_analysis
 from zerograph.passes.checkpointing import activation_checkpointing
 from zerograph.passes.liveness import liveness
 from zerograph.passes.fusion import FUSION_PASSES
+from zerograph.passes.inplace import reuse_comm_buffers
 from zerograph.passes.manager import GraphPass, PassContext, PassList, PassRecord, PassResult, run_passes
 from zerograph.passes.scheduling import schedule_collectives
 from zerograph.passes.tagging import tag_nodes
@@ -44,6 +45,7 @@ def default_passes() -> PassList:
             GraphPass("lower_markers", lower_markers),
             GraphPass("schedule_collectives", schedule_collectives),
             GraphPass("dce", dce),
+            GraphPass("reuse_comm_buffers", reuse_comm_buffers),
             GraphPass("comm_analysis", comm_analysis, analysis=True),
             GraphPass("liveness", liveness, analysis=True),
         ]

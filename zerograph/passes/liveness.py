@@ -71,7 +71,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
-from zerograph._torch_private import c10d_functional, size_hint
+from zerograph._torch_private import c10d_functional, is_inplace_op, is_view_op, size_hint
 from zerograph.metadata import COLLECTIVE_ROLES, get_tag
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.runtime.stats import KINDS as COMM_KINDS
@@ -107,11 +107,12 @@ _SHARES_STORAGE = {_WAIT, torch.ops.aten._unsafe_view.default}
 
 
 def is_alias(node: fx.Node) -> bool:
-    """``node`` returns (a view of) its first input's storage."""
+    """``node`` returns (a view of) its first input's storage: a view, or an
+    in-place op (see zerograph/passes/inplace.py)."""
     target = node.target
     if target in _SHARES_STORAGE:
         return True
-    return isinstance(target, torch._ops.OpOverload) and target.is_view
+    return is_view_op(target) or is_inplace_op(target)
 
 
 def alias_source(node: fx.Node) -> fx.Node | None:

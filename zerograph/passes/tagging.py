@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from zerograph._torch_private import is_view_op
 from zerograph.metadata import NodeTag, get_tag, layer_of, module_path_from_meta, set_tag
 from zerograph.ops import REDUCE_GRAD, UNSHARD
 from zerograph.passes.manager import PassContext, PassResult
@@ -29,7 +30,7 @@ def is_view_or_cast(node: fx.Node) -> bool:
     target = node.target
     if target in _CASTS:
         return True
-    return isinstance(target, torch._ops.OpOverload) and target.is_view
+    return is_view_op(target)
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:

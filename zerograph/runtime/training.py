@@ -247,6 +247,28 @@ class TrainingRuntime:
         self.ctx.step += 1
         self.ctx.stats.end_step()
 
+    def _nonfinite_anywhere(self, grads) -> bool:
+        """Whether any rank's gradients hold a nan or inf (collective).
+
+        Fast path, one read of each gradient: nan and inf propagate through
+        a sum, so finite fp32 sums on every rank prove every element finite.
+        Finite values can also sum to inf (overflow), so when some rank's
+        sum is not finite, every rank checks its gradients element by
+        element before anything is reported."""
+        device = self.ctx.dp.device
+        local = [g for g, _ in grads if g.numel()]
+        if not local:
+            total = torch.zeros((), device=device)
+        else:
+            total = torch.stack([g.sum(dtype=torch.float32) for g in local]).sum()
+        suspect = (~torch.isfinite(total)).to(torch.float32)
+        if not bool(self._all_reduce(suspect, dist.ReduceOp.MAX).item()):
+            return False
+        found = torch.zeros((), device=device)
+        for g in local:
+            found = torch.maximum(found, (~torch.isfinite(g)).any().to(found.dtype))
+        return bool(self._all_reduce(found, dist.ReduceOp.MAX).item())
+
     def _nonfinite_names(self) -> list[str]:
         named = self.named_params or {}
         bad = []
@@ -263,12 +285,7 @@ class TrainingRuntime:
         """bf16/fp32: nan/inf in any rank's gradients raises (naming the step
         and this rank's offending parameters) or, with ``nonfinite_grads:
         skip``, drops the gradients so the optimizer skips the step."""
-        device = self.ctx.dp.device
-        found = torch.zeros((), device=device)
-        for g, _ in self._local_grads():
-            if g.numel():
-                found = torch.maximum(found, (~torch.isfinite(g)).any().to(found.dtype))
-        if not bool(self._all_reduce(found, dist.ReduceOp.MAX).item()):
+        if not self._nonfinite_anywhere(self._local_grads()):
             return True
         step = self.ctx.step + 1
         names = self._nonfinite_names()
@@ -287,12 +304,7 @@ class TrainingRuntime:
     def _unscale(self, grads) -> bool:
         """Unscale fp16 gradients; on overflow on any rank drop them (the
         optimizer then skips the step) and return False."""
-        device = self.ctx.dp.device
-        found = torch.zeros((), device=device)
-        for g, _ in grads:
-            if g.numel():
-                found = torch.maximum(found, (~torch.isfinite(g)).any().to(found.dtype))
-        overflow = bool(self._all_reduce(found, dist.ReduceOp.MAX).item())
+        overflow = self._nonfinite_anywhere(grads)
         self.scaler.update(overflow)
         if overflow:
             for p in self.params:
