@@ -1,7 +1,7 @@
 """zerograph's 1F1B and interleaved 1F1B pipelines vs torch.distributed.pipelining's
 Schedule1F1B and ScheduleInterleaved1F1B.
 
-    python benchmarks/bench_pipeline.py [--stages P] [--virtual V] [--micro M[,M...]] [--steps N] [--warmup K] [--out FILE.md]
+    python benchmarks/bench_pipeline.py [--stages P] [--virtual V] [--micro M[,M...]] [--steps N] [--warmup K] [--inductor] [--out FILE.md]
 
 Same model (nanoGPT-style, untied embedding so that the hand-split torch
 stages need no weight sharing), same batches, same AdamW, one launch of P
@@ -21,6 +21,11 @@ stage). For each micro-batch count M:
   ``split_points`` at the same blocks, and ``ScheduleInterleaved1F1B`` over
   V ``PipelineStage`` objects per rank (when this torch has it). M must be a
   multiple of P.
+
+* **inductor** (``--inductor``): each zerograph system once more with
+  ``zerograph.compiler: "inductor"`` (the stage graphs compiled by
+  TorchInductor instead of run op by op), compared with the same torch
+  schedule.
 
 Reported per system: median step time (with the optimizer step); the
 measured bubble fraction, i.e. the share of the pipelined part of a step
@@ -189,17 +194,18 @@ def _setup_torch(p, m, v=1):
     return step
 
 
-def _setup_zerograph(p, m, example, v=1):
-    """A step function for zerograph's pipeline, split at the same blocks."""
+def _setup_zerograph(p, m, example, v=1, compiler="eager"):
+    """A step function for zerograph's pipeline, split at the same blocks
+    (``compiler``: ``zerograph.compiler``, how the stage graphs run)."""
     import zerograph
 
     cuts = _cut(p * v, MODEL["n_layer"])
     pipeline = {"stages": p, "micro_batches": m, "split_points": [f"h.{c}" for c in cuts[1:-1]]}
     if v > 1:
         pipeline.update(schedule="interleaved_1f1b", virtual_stages=v)
-    config = {"pipeline": pipeline}
+    config = {"pipeline": pipeline, "zerograph": {"compiler": compiler}}
     if "nonfinite_grads" in zerograph.config.ZerographOptions.model_fields:
-        config["zerograph"] = {"nonfinite_grads": "ignore"}  # torch's schedule does not check either
+        config["zerograph"]["nonfinite_grads"] = "ignore"  # torch's schedule does not check either
     model = zerograph.compile(_model(), config, example_batch=example)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
 
@@ -216,18 +222,27 @@ def _setup_zerograph(p, m, example, v=1):
 
 SYSTEMS = ("zerograph 1F1B", "torch.distributed.pipelining Schedule1F1B")
 INTERLEAVED = ("zerograph interleaved 1F1B", "torch.distributed.pipelining ScheduleInterleaved1F1B")
+INDUCTOR = " inductor"  # suffix: the same zerograph system with zerograph.compiler "inductor"
 
 
-def _systems(virtual: int) -> tuple[str, ...]:
+def _systems(virtual: int, inductor: bool = False) -> tuple[str, ...]:
+    names = SYSTEMS + ((SYSTEMS[0] + INDUCTOR,) if inductor else ())
     if virtual < 2:
-        return SYSTEMS
+        return names
     from torch.distributed import pipelining
 
     torch_has = hasattr(pipelining, "ScheduleInterleaved1F1B")
-    return SYSTEMS + (INTERLEAVED if torch_has else INTERLEAVED[:1])
+    names += (INTERLEAVED if torch_has else INTERLEAVED[:1]) + ((INTERLEAVED[0] + INDUCTOR,) if inductor else ())
+    return names
 
 
-def _worker(p, micro, steps, warmup, model_cfg, virtual=1):
+def _pairs(names) -> list[tuple[str, str]]:
+    """(zerograph system, the torch system it is compared with), for those that ran."""
+    pairs = [(ours + suffix, theirs) for ours, theirs in (SYSTEMS, INTERLEAVED) for suffix in ("", INDUCTOR)]
+    return [pair for pair in pairs if all(n in names for n in pair)]
+
+
+def _worker(p, micro, steps, warmup, model_cfg, virtual=1, inductor=False):
     """All systems live side by side and take turns step by step, so that
     load from other processes on the machine hits them alike."""
     import torch.distributed as dist
@@ -240,8 +255,10 @@ def _worker(p, micro, steps, warmup, model_cfg, virtual=1):
         SYSTEMS[1]: lambda m: _setup_torch(p, m),
         INTERLEAVED[0]: lambda m: _setup_zerograph(p, m, batches[0], virtual),
         INTERLEAVED[1]: lambda m: _setup_torch(p, m, virtual),
+        SYSTEMS[0] + INDUCTOR: lambda m: _setup_zerograph(p, m, batches[0], compiler="inductor"),
+        INTERLEAVED[0] + INDUCTOR: lambda m: _setup_zerograph(p, m, batches[0], virtual, compiler="inductor"),
     }
-    names = _systems(virtual)
+    names = _systems(virtual, inductor)
     for m in micro:
         torch._dynamo.reset()
         runners = {name: setups[name](m) for name in names}
@@ -269,6 +286,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--large", action="store_true", help="d=256, seq 128 (the foundation benchmark GPT, untied)")
     ap.add_argument("--layers", type=int, help="blocks of the GPT (default 4)")
+    ap.add_argument("--inductor", action="store_true",
+                    help="also run each zerograph system with zerograph.compiler \"inductor\" (compiled stage graphs)")
     ap.add_argument("--out")
     args = ap.parse_args()
     micro = [int(x) for x in args.micro.split(",")]
@@ -283,9 +302,9 @@ def main():
     from zerograph.runtime.launch import spawn
 
     load_before = os.getloadavg()[0]
-    results = spawn(_worker, p, p, micro, args.steps, args.warmup, dict(MODEL), v, timeout=args.timeout)
+    results = spawn(_worker, p, p, micro, args.steps, args.warmup, dict(MODEL), v, args.inductor, timeout=args.timeout)
     load_after = os.getloadavg()[0]
-    names = _systems(v)
+    names = _systems(v, args.inductor)
     params = sum(x.numel() for x in _model().parameters())
     lines = [
         f"Pipeline benchmark: GPT {MODEL['n_layer']} layers, d={MODEL['n_embd']}, vocab {MODEL['vocab_size']}, "
@@ -299,7 +318,7 @@ def main():
     ]
 
     def formula(name, m):
-        vv = v if name in INTERLEAVED else 1
+        vv = v if name.removesuffix(INDUCTOR) in INTERLEAVED else 1
         return (p - 1) / (vv * m + p - 1)
 
     for m in micro:
@@ -310,9 +329,8 @@ def main():
             peaks = ", ".join(str(pk) for _, _, pk in per_rank)
             lines.append(f"| {name} | {m} | {step * 1e3:.1f} | {bubbles} | {formula(name, m):.3f} | {peaks} |")
     lines.append("")
-    pairs = [pair for pair in (SYSTEMS, INTERLEAVED) if all(n in names for n in pair)]
     for m in micro:
-        for ours, theirs in pairs:
+        for ours, theirs in _pairs(names):
             z = max(r[(ours, m)][0] for r in results)
             t = max(r[(theirs, m)][0] for r in results)
             zb = min(r[(ours, m)][1] for r in results)

@@ -546,6 +546,24 @@ def test_two_stages_match_eager():
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
+def test_two_stages_with_the_inductor_executor_match_eager():
+    """The stage graphs compiled by Inductor (the faster executor on CPU, see
+    docs/benchmarks.md): 1F1B and interleaved 1F1B, p=2 (world 2). Inductor
+    fuses and reorders float arithmetic, so agreement is to a few fp32 ulps."""
+    inductor = {"compiler": "inductor"}
+    runs = [
+        ("gpt", {"pipeline": {"stages": 2, "micro_batches": 4}, "zerograph": inductor}),
+        ("gpt4", {"pipeline": {"stages": 2, "micro_batches": 4, "schedule": "interleaved_1f1b"},
+                  "zerograph": inductor}),
+    ]
+    results = spawn(_train, 2, runs, timeout=TIMEOUT)
+    for i, (name, _) in enumerate(runs):
+        ref_losses, ref_params = _reference(name)
+        for rank_results in results:
+            _harness.assert_same_training(rank_results[i], ref_losses, ref_params, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
 def test_two_stages_times_two_data_parallel_zero3_match_eager():
     """p=2 x dp=2 (world 4), ZeRO-3 inside each stage's data-parallel group;
     also interleaved 1F1B (v=2): each rank shards two model stages over its group."""
