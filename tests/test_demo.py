@@ -163,3 +163,11 @@ def test_cli_bad_config_is_an_error_before_spawning(tmp_path, capsys):
     assert "zero_optimization.stage" in capsys.readouterr().err
     assert cli.main(["demo", "--timeout", "0"]) == 2  # not a TimeoutError traceback from the launch
     assert "--timeout must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_cli_launch_past_its_timeout_is_an_error_not_a_traceback(tmp_path, capsys):
+    # the ranks cannot even import torch in 0.5 s: the launch stops them and says which knob to turn
+    assert cli.main(["demo", "--timeout", "0.5", "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "did not finish within" in err and "raise --timeout" in err and "Traceback" not in err

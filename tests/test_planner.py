@@ -227,6 +227,10 @@ def test_explain_cli_bad_options_are_errors_not_tracebacks(tmp_path, capsys):
         assert f"{flag} must be >= 1, got {value}" in capsys.readouterr().err
     assert cli.main(["explain", '{"pipeline": {"stages": 2}}']) == 2
     assert "does not split pipelines (pipeline.stages=2)" in capsys.readouterr().err
+    assert cli.main(["explain", "[1, 2]"]) == 2  # inline JSON that is not an object, not a file name
+    assert "inline config: expected a JSON object" in capsys.readouterr().err
+    assert cli.main(["explain", '{"zero_optimization": ']) == 2
+    assert "inline config: invalid JSON at column" in capsys.readouterr().err
     missing = tmp_path / "no-such-dir" / "trace.json"
     assert cli.main(["explain", stage3, "--trace", str(missing)]) == 2
     assert f"--trace {missing}: cannot write the Chrome trace" in capsys.readouterr().err

@@ -146,5 +146,9 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"zerograph bench: error: {exc}", file=sys.stderr)
         return 2
+    except TimeoutError as exc:  # the launch stopped every rank
+        print(f"zerograph bench: error: {exc} (--timeout {args.timeout:g}); every rank was stopped: "
+              "raise --timeout or lower --steps", file=sys.stderr)
+        return 1
     print(report)
     return 0

@@ -111,6 +111,10 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, zerograph.ConfigError) as e:  # bad options or config: no traceback
         print(f"zerograph demo: error: {e}", file=sys.stderr)
         return 2
+    except TimeoutError as e:  # the launch stopped every rank: say which knob to turn
+        print(f"zerograph demo: error: {e} (--timeout {args.timeout:g}); every rank was stopped before the run "
+              "finished: raise --timeout or lower --steps", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -309,9 +309,17 @@ def _build_model(name: str, seq_len: int):
 
 
 def _load_config(text: str) -> Config:
-    if text.lstrip().startswith("{"):
-        return Config.load(json.loads(text))
-    return Config.load(text)
+    """The CONFIG argument: inline JSON (it starts with ``{`` or ``[``) or a file path."""
+    if not text.lstrip().startswith(("{", "[")):
+        return Config.load(text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"inline config: invalid JSON at column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"inline config: expected a JSON object such as '{{\"zero_optimization\": {{\"stage\": 3}}}}'; "
+                         f"got a {type(data).__name__}")
+    return Config.load(data)
 
 
 def main(args: argparse.Namespace) -> int:
