@@ -58,12 +58,16 @@ STAGE3_SYSTEMS = ["zerograph stage 3", "zerograph stage 3 no-prefetch", "zerogra
 # collective on demand), "unbucketed" sets both bucket sizes to 0 (one
 # collective per parameter), "inductor" compiles the final graphs with
 # TorchInductor instead of running them op by op (``zerograph.compiler``)
+# "reuse-1e9": stage3_max_reuse_distance 1e9 (DeepSpeed's default; zerograph's is 0)
 # "plain-optimizer": torch.optim.AdamW over model.parameters() (the DTensors)
 # instead of zerograph.make_optimizer's ShardOptimizer (the local shards)
 PLAIN_OPTIMIZER = "plain-optimizer"
 _VARIANTS = {"no-prefetch": {"zerograph": {"disabled_passes": ["schedule_collectives"]}},
              "unbucketed": {"zero_optimization": {"allgather_bucket_size": 0, "reduce_bucket_size": 0}},
-             "inductor": {"zerograph": {"compiler": "inductor"}}}
+             "inductor": {"zerograph": {"compiler": "inductor"}},
+             # DeepSpeed's default reuse distance: gathered parameters stay from the forward into the
+             # backward (no backward re-gather); model states unchanged, a higher transient peak
+             "reuse-1e9": {"zero_optimization": {"stage3_max_reuse_distance": 1_000_000_000}}}
 
 LR = 1e-4
 SEED = 0
