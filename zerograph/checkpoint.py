@@ -32,6 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from zerograph.runtime.context import context_of
+from zerograph.runtime.dist import rank_and_world as _dist
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.checkpoint_names import CheckpointNames
 from zerograph.runtime.optimizer import ShardOptimizer
@@ -51,12 +52,6 @@ __all__ = ["save_checkpoint", "load_checkpoint", "COMMIT_MARKER", "export_pretra
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:

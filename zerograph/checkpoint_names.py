@@ -16,13 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from zerograph.runtime.dist import rank_and_world as _dist
 from zerograph.runtime.offload import _local
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -38,6 +38,7 @@ import zerograph
 from zerograph.config import Config
 from zerograph.models import GPT, GPTConfig
 from zerograph.models import data as textdata
+from zerograph.runtime.offload import _local
 from zerograph.runtime.stats import KINDS, CommStats
 
 __all__ = ["DemoResult", "add_arguments", "ascii_curve", "main", "parse_args", "run"]
@@ -246,12 +247,6 @@ class _Progress:
         if self.enabled:
             sys.stderr.write("\n")
             sys.stderr.flush()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:

@@ -80,7 +80,7 @@ def _same_layout(node: fx.Node) -> bool:
 
 
 def _eligible(node: fx.Node, root: dict[fx.Node, fx.Node]) -> bool:
-    new, role = _IN_PLACE[node.target]
+    _, role = _IN_PLACE[node.target]
     tag = get_tag(node)
     if tag is None or tag.role != role:
         return False

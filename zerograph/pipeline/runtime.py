@@ -47,6 +47,7 @@ from zerograph.pipeline.simulate import simulate
 from zerograph.pipeline.split import PipelineSplit, StagePlan
 from zerograph.runtime.dist import PipelineGroups, RankMonitor
 from zerograph.runtime.errors import explain_collective_failure, is_collective_failure
+from zerograph.runtime.offload import _local
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,6 @@ def _receive_window(compute_at: list[int], n: int, end: int) -> range:
     start = compute_at[n - 1] + 1 if n > 0 else 0
     stop = compute_at[n + 2] if n + 2 < len(compute_at) else end
     return range(start, stop)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _parameter(module: nn.Module, target: str) -> nn.Parameter:

@@ -37,6 +37,13 @@ class DataParallelGroup:
         return None if self.mesh is None else self.mesh.get_group()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the default group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def default_device(requested: str | None = None, model_device: torch.device | None = None) -> torch.device:
     """Where this rank's shards live.
 
