@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import zerograph.bench_cli as bench_cli
+import zerograph.cli.bench as bench_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--world-size", "2", "--steps", "2", "--warmup", "1", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",

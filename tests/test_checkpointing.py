@@ -13,8 +13,8 @@ import zerograph
 from tests import _harness, _models
 from zerograph.config import Config, ConfigError
 from zerograph.passes import GraphPass, default_passes
-from zerograph.passes.checkpoint_policy import predict_saved_bytes
-from zerograph.passes.checkpointing import activation_checkpointing, predict_saved
+from zerograph.planner.recompute_policy import predict_saved_bytes
+from zerograph.passes.activation_checkpointing import activation_checkpointing, predict_saved
 from zerograph.passes.manager import PassResult
 from zerograph.runtime.launch import spawn
 

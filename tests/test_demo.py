@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import zerograph.__main__ as cli
-import zerograph.demo as demo
+import zerograph.cli.demo as demo
 from zerograph.models import GPT, GPTConfig
 from zerograph.models import data as textdata
 

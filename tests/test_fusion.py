@@ -123,7 +123,7 @@ def test_fused_nodes_keep_the_module_path():
     _fuse_all(gm)
     fused = {n.target.__name__: n for n in gm.graph.nodes
              if n.op == "call_function" and n.target.__module__.startswith("zerograph.kernels")}
-    from zerograph.metadata import module_path_from_meta
+    from zerograph.graph.tags import module_path_from_meta
 
     assert module_path_from_meta(fused["rms_norm"]) == "norm"
     assert module_path_from_meta(fused["layer_norm"]) == "ln"
@@ -512,7 +512,7 @@ placeholder l_x_
 placeholder l_y_
 view_1 = view(l_y_, -1)
 reshape = torch.reshape(l_x_, (-1, 12))
-linear_cross_entropy_fp32 = zerograph.passes.patterns.linear_cross_entropy_fp32(reshape, l_self_modules_lm_head_parameters_weight_, view_1, None, -1, 'mean')
+linear_cross_entropy_fp32 = zerograph.passes.fusion.patterns.linear_cross_entropy_fp32(reshape, l_self_modules_lm_head_parameters_weight_, view_1, None, -1, 'mean')
 return (linear_cross_entropy_fp32,)""")
     w = head.lm_head.weight
     xa, wa = x.clone().requires_grad_(), w.detach().clone().requires_grad_()

@@ -11,7 +11,7 @@ from torch import nn
 
 import zerograph
 from tests._models import TinyMLP
-from zerograph.graph_format import format_graph
+from zerograph.graph.format import format_graph
 
 
 UNBUCKETED = {"allgather_bucket_size": 0, "reduce_bucket_size": 0}
@@ -338,7 +338,7 @@ class TiedEmbedding(nn.Module):
 
 
 def test_tied_parameter_is_gathered_and_reduced_once(fake_world):
-    from zerograph.metadata import get_tag
+    from zerograph.graph.tags import get_tag
 
     model = zerograph.compile(TiedEmbedding(), {"zero_optimization": {"stage": 3}})
     model(torch.tensor([[1, 2, 3]])).backward()
@@ -395,7 +395,7 @@ return [slice_tensor_4, slice_tensor_2, None, mul_tensor]""")
 
 def test_reuse_comm_buffers_leaves_buffers_with_other_readers_and_inductor_graphs(fake_world):
     from zerograph.config import Config
-    from zerograph.passes.inplace import reuse_comm_buffers
+    from zerograph.passes.reuse_comm_buffers import reuse_comm_buffers
     from zerograph.passes.manager import PassContext
 
     gm, _ = _functional_backward(1)

@@ -7,7 +7,7 @@ import torch
 
 import zerograph
 from tests import _harness, _models
-from zerograph.passes.step_plan import plan_in_step
+from zerograph.planner.step_plan import plan_in_step
 from zerograph.runtime.memory import check_region, model_state_bytes
 
 

@@ -14,7 +14,7 @@ import zerograph
 from tests import _harness, _models
 from tests.test_checkpointing import _eager_step, saved_bytes
 from zerograph.config import Config
-from zerograph.graph_format import format_graph
+from zerograph.graph.format import format_graph
 from zerograph.runtime.launch import spawn
 
 TIMEOUT = 300

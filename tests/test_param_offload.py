@@ -22,9 +22,9 @@ import zerograph
 from tests import _harness, _models
 from tests._models import TinyMLP
 from zerograph.config import Config, ConfigError
-from zerograph.graph_format import format_graph
-from zerograph.metadata import get_tag
-from zerograph.passes.liveness import saved_inputs
+from zerograph.graph.format import format_graph
+from zerograph.graph.tags import get_tag
+from zerograph.planner.liveness import saved_inputs
 from zerograph.runtime.launch import spawn
 
 TIMEOUT = 300

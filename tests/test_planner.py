@@ -16,8 +16,8 @@ from torch.distributed.tensor import DTensor
 import zerograph
 from tests._models import Blocks, BrokenBlocks
 from tests import _harness, _models
-from zerograph.passes.liveness import KINDS, held_by_forward
-from zerograph.passes.step_plan import plan_in_step, plan_model
+from zerograph.planner.liveness import KINDS, held_by_forward
+from zerograph.planner.step_plan import plan_in_step, plan_model
 from zerograph.runtime.launch import spawn
 
 TIMEOUT = 400

@@ -10,7 +10,7 @@ from torch import nn
 import zerograph
 from tests._models import Blocks
 from zerograph._torch_private import c10d_functional
-from zerograph.metadata import get_tag
+from zerograph.graph.tags import get_tag
 
 
 def _graphs(**zero):

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help). Only commands that exist are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("zerograph.demo", "train a small byte-level GPT with ZeRO on local processes and report memory, "
+    "demo": ("zerograph.cli.demo", "train a small byte-level GPT with ZeRO on local processes and report memory, "
                                "communication, loss and the saved checkpoint"),
-    "explain": ("zerograph.explain", "trace a model without training it and print the passes, per-rank memory and "
+    "explain": ("zerograph.cli.explain", "trace a model without training it and print the passes, per-rank memory and "
                                      "communication per step next to DDP and FSDP2, optionally as a Chrome trace"),
-    "bench": ("zerograph.bench_cli", "benchmark zerograph's ZeRO stages against DDP and FSDP2 on local processes "
+    "bench": ("zerograph.cli.bench", "benchmark zerograph's ZeRO stages against DDP and FSDP2 on local processes "
                                      "(needs the source checkout's benchmarks/ directory)"),
 }
 

@@ -13,16 +13,17 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from zerograph.backend import ZerographBackend
+from zerograph.graph import markers  # noqa: F401  (registers the marker ops parameter reads call)
 from zerograph.config import Config, ConfigError
 from zerograph.passes import PassList, PassRecord, default_passes
-from zerograph.runtime.context import ShardingContext, context_of
+from zerograph.runtime.state import ShardingContext, context_of
 from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
 from zerograph.runtime.dist import DataParallelGroup, data_parallel_group
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.offload import watch_plain_optimizer
 from zerograph.runtime.training import TrainingRuntime
-from zerograph.sharding import full_state_dict as _full_state_dict
-from zerograph.sharding import shard_parameters
+from zerograph.runtime.sharding import full_state_dict as _full_state_dict
+from zerograph.runtime.sharding import shard_parameters
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +213,9 @@ class Inspection:
     regions: list[dict[str, Any]]
     passes: list[PassRecord]
     comm_bytes_last_step: dict[str, int]
-    # the liveness analysis of the final graphs (zerograph.passes.step_plan.MemoryPlan; docs/planner.md)
+    # the liveness analysis of the final graphs (zerograph.planner.step_plan.MemoryPlan; docs/planner.md)
     memory: Any = None
-    # with zerograph.track_memory: the measuring interpreter's record (zerograph.runtime.stats.MemoryTracker)
+    # with zerograph.track_memory: the measuring interpreter's record (zerograph.planner.measured.MemoryTracker)
     memory_measured: Any = None
 
     @property
@@ -259,7 +260,7 @@ def inspect(model: nn.Module) -> Inspection:
         for stage, ctx in parts for r in ctx.regions
     ]
     records = [rec for _, ctx in parts for r in ctx.regions for recs in r.pass_records.values() for rec in recs]
-    from zerograph.passes.step_plan import plan_model
+    from zerograph.planner.step_plan import plan_model
 
     first = parts[0][1]
     # the regions' execution order as the runtime recorded it (one context:

@@ -445,7 +445,7 @@ class PipelineModel(nn.Module):
         """The whole model's state dict (original keys), gathered from every
         stage and data-parallel rank. Collective; meant for small models and tests
         (it moves every tensor through ``all_gather_object``)."""
-        from zerograph.sharding import full_state_dict
+        from zerograph.runtime.sharding import full_state_dict
 
         mine = {}
         for k, module in self._modules_by_stage.items():

@@ -3,7 +3,7 @@
 The model's forward, with the loss, is traced by ``torch.export`` (non-strict,
 so Hugging Face models trace) on one micro-batch. Every op node carries its
 module path (``nn_module_stack``, read with
-:func:`zerograph.metadata.module_path_from_meta`). The *blocks* are the
+:func:`zerograph.graph.tags.module_path_from_meta`). The *blocks* are the
 modules whose path ends in an index (``transformer.h.3``, ``model.layers.0``).
 Stage boundaries may only fall where a block starts, or right after the
 last block; each stage is a contiguous run of the graph's nodes.
@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from zerograph.metadata import module_path_from_meta
+from zerograph.graph.tags import module_path_from_meta
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,11 @@ import re
 import torch
 from torch import nn
 
-import zerograph
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
 _OP = re.compile(r"call_(?:function|method|module) (?:<(?:built-in )?function (?P<fn>[\w.]+)[^>]*>|(?P<op>[^\s(]+))")
 _DEVICES = re.compile(r"found two different devices (?P<a>[\w:]+), (?P<b>[\w:]+)")
-_OWN_DIRS = (os.path.dirname(zerograph.__file__), os.path.dirname(nn.__file__).rsplit(os.sep, 1)[0])
+_OWN_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(nn.__file__).rsplit(os.sep, 1)[0])
 
 
 class TraceError(RuntimeError):
@@ -140,7 +139,7 @@ def naming_failed_ranks(ctx, phase: str):
     compiled graphs, the eager marker ops (code Dynamo left outside a graph),
     the end-of-step reductions, ``full_state_dict``, ``train_step`` and the
     checkpoint functions. ``ctx``: the model's
-    :class:`~zerograph.runtime.context.ShardingContext` (None: errors pass
+    :class:`~zerograph.runtime.state.ShardingContext` (None: errors pass
     unchanged); its :class:`~zerograph.runtime.training.TrainingRuntime`
     registers the translation (heartbeat check) as
     ``ctx.extra["collective_failure"]``. ``phase``: see :class:`RankFailureError`."""

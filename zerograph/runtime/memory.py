@@ -6,7 +6,7 @@ region (forward and backward together) as soon as its backward graph is
 compiled (an inference-only region: its inference graph), adds this rank's
 model states, and raises :class:`MemoryBudgetError` before the backward runs
 when the total is over the limit. With graph breaks the region is composed
-with the step (:func:`zerograph.passes.step_plan.plan_in_step`): the regions
+with the step (:func:`zerograph.planner.step_plan.plan_in_step`): the regions
 whose forward ran before it in this model call hold their saved values
 while it runs, so their held bytes are added to its own peak, read from
 their forward graphs (their backward graphs are compiled later). When the
@@ -27,7 +27,7 @@ consumer and the config keys that shrink it, with their current values::
     To fit, change: activation_checkpointing.policy (now 'none') to "per_layer" or "memory_budget"; ...
 
 Analysis (what is live, what earlier regions hold) is the planner's
-(:mod:`zerograph.passes.liveness`); this module adds the model states,
+(:mod:`zerograph.planner.liveness`); this module adds the model states,
 compares with the limit and words the advice.
 """
 
@@ -130,9 +130,9 @@ class Budget:
 
 def region_budget(ctx, plan) -> Budget:
     """This rank's model states and ``plan``'s peaks: a
-    :class:`~zerograph.passes.step_plan.RegionInStep` (the region composed
-    with the regions run before it, :func:`~zerograph.passes.step_plan.plan_in_step`)
-    or a :class:`~zerograph.passes.liveness.RegionPlan` (on its own)."""
+    :class:`~zerograph.planner.step_plan.RegionInStep` (the region composed
+    with the regions run before it, :func:`~zerograph.planner.step_plan.plan_in_step`)
+    or a :class:`~zerograph.planner.liveness.RegionPlan` (on its own)."""
     states, _, _ = model_state_bytes(ctx)
     if not hasattr(plan, "earlier_held"):  # a RegionPlan: the region alone
         return Budget(states, dict(plan.peak), plan.peak_total)
@@ -230,9 +230,9 @@ def explain_budget(config: Config, budget: Budget, *, where: str, headline: str)
 def check_region(ctx, plan, limit: int, rank: int) -> Budget:
     """Raise :class:`MemoryBudgetError` when this rank's model states plus
     ``plan``'s peak exceed ``limit`` bytes; return the budget otherwise.
-    ``plan``: a :class:`~zerograph.passes.step_plan.RegionInStep` (the region
+    ``plan``: a :class:`~zerograph.planner.step_plan.RegionInStep` (the region
     with what the regions run before it hold, :func:`region_budget`) or a
-    :class:`~zerograph.passes.liveness.RegionPlan`."""
+    :class:`~zerograph.planner.liveness.RegionPlan`."""
     budget = region_budget(ctx, plan)
     if budget.total > limit:
         raise MemoryBudgetError(explain_budget(

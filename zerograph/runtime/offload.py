@@ -3,7 +3,7 @@
 
 Where "the host" is, and whether host buffers are pinned, is decided here and
 nowhere else (:data:`HOST`, :func:`pin_host_memory`); the lowering of
-``offload_param`` (the copies in :mod:`zerograph.collectives`) and the
+``offload_param`` (the copies in :mod:`zerograph.graph.collectives`) and the
 parameter storage (:func:`host_shard`) read it from here.
 
 The optimizer side (host fp32 masters and states, the step on the host) is

@@ -35,7 +35,7 @@ mechanism is exercised there too. With ``offload_param`` the parameter shards
 already live on the host in the master dtype: each such shard is its own
 master (``host_resident``), stepped in place with no copies (the compiled
 backward already copied its gradient shard to the host, see
-:func:`zerograph.collectives.reduce_param_grad`).
+:func:`zerograph.graph.collectives.reduce_param_grad`).
 
 Checkpoints (:mod:`zerograph.checkpoint`) see a :class:`ShardOptimizer`
 through :meth:`~ShardOptimizer.sharded_state_dict` and

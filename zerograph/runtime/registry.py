@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from zerograph.runtime.context import ShardingContext
-
-_contexts: "weakref.WeakValueDictionary[str, ShardingContext]" = weakref.WeakValueDictionary()
+# tag -> the model's runtime state (zerograph.runtime.state); typed loosely so
+# this module imports nothing of zerograph's
+_contexts: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 _counter = itertools.count()
 
 
@@ -23,13 +22,13 @@ def new_tag() -> str:
     return f"zg{next(_counter)}"
 
 
-def register(ctx: "ShardingContext", tag: str | None = None) -> None:
+def register(ctx: Any, tag: str | None = None) -> None:
     """Register ``ctx`` under its tag (or an alias of it: one context may be
     named by several tags, e.g. its no-sync variant)."""
     _contexts[tag or ctx.tag] = ctx
 
 
-def lookup(tag: str) -> "ShardingContext":
+def lookup(tag: str) -> Any:
     try:
         return _contexts[tag]
     except KeyError:

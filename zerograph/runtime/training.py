@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from zerograph._torch_private import dynamo_exception_types, queue_backward_callback
-from zerograph.runtime.context import ShardingContext
+from zerograph.runtime.state import ShardingContext
 from zerograph.runtime.dist import RankMonitor
 from zerograph.runtime.memory import MemoryBudgetError
 from zerograph.runtime.errors import (

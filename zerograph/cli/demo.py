@@ -10,7 +10,7 @@ keys, loadable by a plain ``GPT``).
 
 Use it from Python with :func:`run`, which takes the CLI's arguments::
 
-    result = zerograph.demo.run(["--steps", "20", "--n-layer", "1"])
+    result = zerograph.cli.demo.run(["--steps", "20", "--n-layer", "1"])
     result.report, result.paths["model"], result.train_losses
 
 The report is the demo's user-facing output and goes to stdout; the progress

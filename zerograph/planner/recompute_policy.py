@@ -2,7 +2,7 @@
 
 A policy looks at the forward nodes of the joint graph and returns, per node,
 a :class:`~torch.utils.checkpoint.CheckpointPolicy` for AOTAutograd's
-partitioner. The mechanism (:mod:`zerograph.passes.checkpointing`) writes
+partitioner. The mechanism (:mod:`zerograph.passes.activation_checkpointing`) writes
 these into ``node.meta["recompute"]``.
 
 Rules shared by every policy:
@@ -27,9 +27,9 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from zerograph._torch_private import size_hint
-from zerograph.metadata import get_tag
-from zerograph.passes.deterministic_rng import dropout_p, unwrap_deterministic_rng
-from zerograph.passes.liveness import is_alias
+from zerograph.graph.tags import get_tag
+from zerograph.graph.deterministic_rng import dropout_p, unwrap_deterministic_rng
+from zerograph.planner.liveness import is_alias
 
 log = logging.getLogger(__name__)
 

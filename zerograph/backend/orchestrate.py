@@ -28,17 +28,16 @@ from zerograph._torch_private import (
     inductor_decompositions,
     make_boxed_func,
 )
-from zerograph.config import Config, ConfigError
-from zerograph.ops import REDUCE_GRAD, UNSHARD
+from zerograph.config import Config
 from zerograph.passes import PassContext, default_passes, run_passes
-from zerograph.passes.analysis import comm_bytes
-from zerograph.passes.deterministic_rng import unwrap_deterministic_rng
-from zerograph.passes.liveness import saved_count
-from zerograph.passes.step_plan import plan_in_step
-from zerograph.passes.verify import verify_graph
-from zerograph.runtime import registry
-from zerograph.runtime.context import CompiledRegion
+from zerograph.passes.comm_analysis import comm_bytes
+from zerograph.graph.deterministic_rng import unwrap_deterministic_rng
+from zerograph.planner.liveness import saved_count
+from zerograph.planner.step_plan import plan_in_step
+from zerograph.graph.verify import verify_graph
+from zerograph.runtime.state import CompiledRegion
 from zerograph.runtime.memory import check_region, out_of_memory
+from zerograph.planner.measured import tracker_of
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class ZerographBackend:
         static = region.comm_bytes[phase]
         stats = self.sharding.stats if self.sharding is not None else None
         if stats is not None and self.config.zerograph.track_memory:  # measuring interpreter (docs/planner.md)
-            executable = stats.memory_tracker().executable(gm, phase, region.index, self.sharding.dp.device)
+            executable = tracker_of(stats).executable(gm, phase, region.index, self.sharding.dp.device)
         if self.sharding is not None:  # the regions' execution order, for the planner (runtime/context.py)
             executable = _recording_order(executable, self.sharding, region.index, phase)
         if self.sharding is not None:  # an OOM names the budget to change (runtime/memory.py)
@@ -186,52 +185,3 @@ def _translate_oom(executable, sharding, phase, plan):
 
     run._boxed_call = True
     return run
-
-
-_MARKERS = (UNSHARD, REDUCE_GRAD, torch.ops.zerograph.unshard, torch.ops.zerograph.reduce_grad)
-
-
-def _context_of(gm: fx.GraphModule):
-    """The sharding context named by the first marker op in a Dynamo graph
-    (Dynamo records the op packet, AOTAutograd the overload)."""
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _MARKERS:
-            return registry.lookup(node.args[1])
-    return None
-
-
-def zerograph_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
-    """Entry point of ``torch.compile(..., backend="zerograph")``.
-
-    ``options={"config": <path | dict>}`` sets the config for a model that
-    :func:`zerograph.compile` did not prepare.
-    """
-    sharding = _context_of(gm)
-    if sharding is not None:
-        backend = sharding.extra.get("backend") or ZerographBackend(sharding)
-    else:
-        config = Config.load((options or {}).get("config"))
-        _check_unsharded_config(config)
-        log.info("zerograph backend: model has no sharded parameters; running passes without ZeRO")
-        backend = ZerographBackend(None, config)
-    return backend(gm, example_inputs)
-
-
-# what the backend alone (a model zerograph.shard did not prepare) carries out:
-# its passes and activation checkpointing; batch sizes and logging keys are inert
-_BACKEND_ONLY = ("zerograph", "activation_checkpointing", "train_batch_size", "train_micro_batch_size_per_gpu",
-                 "steps_per_print", "wall_clock_breakdown")
-
-
-def _check_unsharded_config(config: Config) -> None:
-    """Refuse a config that needs zerograph's runtime (ZeRO sharding, mixed
-    precision, clipping, accumulation, pipelines) on a model that
-    ``zerograph.shard`` did not prepare: without it each rank would train on
-    its own, silently."""
-    changed = config.changed_settings(skip=_BACKEND_ONLY)
-    if changed:
-        raise ConfigError(
-            f"torch.compile(model, backend=\"zerograph\", options={{\"config\": ...}}) got {', '.join(changed)}, "
-            "which need the model's parameters sharded by zerograph first; the backend alone only runs the passes. "
-            "Use torch.compile(zerograph.shard(model, config), backend=\"zerograph\") or zerograph.compile(model, config)"
-        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from zerograph._torch_private import c10d_functional
-from zerograph.metadata import COLLECTIVE_ROLES, get_tag
+from zerograph.graph.tags import COLLECTIVE_ROLES, get_tag
 
 
 class GraphVerificationError(AssertionError):

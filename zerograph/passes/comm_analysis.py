@@ -6,7 +6,7 @@ from collections import Counter
 
 import torch.fx as fx
 
-from zerograph.metadata import COLLECTIVE_ROLES, get_tag
+from zerograph.graph.tags import COLLECTIVE_ROLES, get_tag
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.runtime.stats import collective_buffer_bytes
 

@@ -1,6 +1,6 @@
 """``activation_checkpointing`` (joint graph): the mechanism.
 
-Writes the decisions of :func:`zerograph.passes.checkpoint_policy.choose` into
+Writes the decisions of :func:`zerograph.planner.recompute_policy.choose` into
 ``node.meta["recompute"]``; AOTAutograd's default partitioner then saves the
 ``MUST_SAVE`` nodes for the backward and copies the ``*_RECOMPUTE`` ones into
 the backward graph. With ``per_layer`` on a GPT block, the forward saves only
@@ -11,9 +11,9 @@ recomputes the block's pointwise ops and matmuls from it::
     mm = aten.mm(view, t)        # recomputed
     gelu = aten.gelu(view_1)     # recomputed
 
-``memory_budget`` uses :func:`~zerograph.passes.checkpoint_policy.choose_for_budget`
+``memory_budget`` uses :func:`~zerograph.planner.recompute_policy.choose_for_budget`
 (the same tags, chosen to fit a byte budget). With ``offload_activations`` the pass
-then runs :func:`zerograph.passes.offload.offload_activations` on what is still
+then runs :func:`zerograph.passes.offload_activations.offload_activations` on what is still
 saved (``aten._to_copy`` to the host after the forward use, back before the
 backward use). :func:`predict_saved` is an opt-in analysis pass recording the
 exact saved bytes.
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from torch.utils.checkpoint import CheckpointPolicy
 
-from zerograph.passes.checkpoint_policy import choose, choose_for_budget, params_read_by_backward, predict_saved_bytes
+from zerograph.planner.recompute_policy import choose, choose_for_budget, params_read_by_backward, predict_saved_bytes
 from zerograph.passes.manager import PassContext, PassResult
-from zerograph.passes.offload import offload_activations
+from zerograph.passes.offload_activations import offload_activations
 
 
 def activation_checkpointing(gm, ctx: PassContext, predicate=None) -> PassResult:
@@ -64,7 +64,7 @@ def _not_regathered(gm, ctx: PassContext) -> frozenset[str]:
 
 def predict_saved(gm, ctx: PassContext) -> PassResult:
     """Analysis pass for the end of the joint phase: the exact bytes the forward will
-    save for the backward (:func:`~zerograph.passes.checkpoint_policy.predict_saved_bytes`),
+    save for the backward (:func:`~zerograph.planner.recompute_policy.predict_saved_bytes`),
     in ``details["saved_bytes"]``, and in ``details["activation_bytes"]`` the part that
     parameters and inputs do not already hold (the unit of ``memory_budget``). Not in the default pipeline (it partitions a copy of
     the graph); add it with ``passes.append(GraphPass("predict_saved", predict_saved,

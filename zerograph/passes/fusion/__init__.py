@@ -5,8 +5,8 @@ They run on the ``"dynamo"`` graph, before AOTAutograd, so AOTAutograd traces
 the fused op's own registered backward. One pass per family, each can be
 disabled by name: ``fuse_attention``, ``fuse_norms``, ``fuse_mlp_activation``,
 ``fuse_cross_entropy``. They do nothing unless ``zerograph.fusion`` is true.
-The matchers are in :mod:`zerograph.passes.patterns` and
-:mod:`zerograph.passes.attention_patterns`; :data:`FAMILIES` lists them in
+The matchers are in :mod:`zerograph.passes.fusion.patterns` and
+:mod:`zerograph.passes.fusion.attention`; :data:`FAMILIES` lists them in
 the order they are tried on each node.
 
 A Llama RMSNorm goes from::
@@ -46,7 +46,7 @@ from typing import Callable
 
 import torch.fx as fx
 
-from zerograph.passes import attention_patterns, patterns
+from zerograph.passes.fusion import attention as attention_patterns, patterns
 from zerograph.passes.manager import PassContext, PassResult
 
 log = logging.getLogger(__name__)

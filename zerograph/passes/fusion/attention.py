@@ -48,7 +48,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from zerograph.passes.patterns import Match, _bind, _cast_source, _is_number, _kernel, _operands, _single_use, kind, val
+from zerograph.passes.fusion.patterns import Match, _bind, _cast_source, _is_number, _kernel, _operands, _single_use, kind, val
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Trace-time tagging: every node gets a :class:`~zerograph.metadata.NodeTag`.
+"""Trace-time tagging: every node gets a :class:`~zerograph.graph.tags.NodeTag`.
 
 * ``phase``: on the joint graph, a node is in the backward iff it depends on a
   tangent input; on partitioned graphs, the graph's own phase.
@@ -15,8 +15,8 @@ import torch
 import torch.fx as fx
 
 from zerograph._torch_private import is_view_op
-from zerograph.metadata import NodeTag, get_tag, layer_of, module_path_from_meta, set_tag
-from zerograph.ops import REDUCE_GRAD, UNSHARD
+from zerograph.graph.tags import NodeTag, get_tag, layer_of, module_path_from_meta, set_tag
+from zerograph.graph.markers import REDUCE_GRAD, UNSHARD
 from zerograph.passes.manager import PassContext, PassResult
 
 _CASTS = {

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from zerograph.ops import REDUCE_GRAD, STASH_GRAD, UNSTASH_GRAD
+from zerograph.graph.markers import REDUCE_GRAD, STASH_GRAD, UNSTASH_GRAD
 from zerograph.passes.manager import PassResult
 
 

@@ -11,7 +11,8 @@ parameter that is not persistent is a tensor in host memory
 (:func:`zerograph.runtime.offload.host_shard`); the lowered graphs copy it to
 the compute device before its gather.
 
-Reading ``module.weight`` returns ``zerograph::unshard(shard, tag, fqn)``:
+Reading ``module.weight`` returns ``zerograph::unshard(shard, tag, fqn)`` (the
+op is registered by :mod:`zerograph.graph.markers`, which :mod:`zerograph.api` imports):
 each module with parameters gets a subclass of its own class whose
 properties route parameter reads through the marker. Only the user's module
 instances change class; nothing in PyTorch is patched.
@@ -26,8 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from zerograph import ops  # noqa: F401  (registers the marker ops)
-from zerograph.runtime.context import ShardingContext
+from zerograph.runtime.state import ShardingContext
 from zerograph.runtime.offload import host_shard, pin_host_memory
 from zerograph.runtime.specs import ParamSpec
 

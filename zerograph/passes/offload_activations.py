@@ -2,7 +2,7 @@
 
 The unit is a storage: a forward value that allocates (a non-alias node, the
 *root*) together with its aliases (views, ``detach``, ``t``: the nodes
-:func:`zerograph.passes.liveness.alias_source` says share another node's
+:func:`zerograph.planner.liveness.alias_source` says share another node's
 storage, including ``getitem`` of an alias op such as ``split``). For every storage
 the backward reads, through the root or through any of its aliases (and that
 no recomputed node reads), the pass inserts one copy of the root to the host
@@ -44,8 +44,8 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from zerograph.metadata import NodeTag, get_tag, set_tag
-from zerograph.passes.liveness import alias_source
+from zerograph.graph.tags import NodeTag, get_tag, set_tag
+from zerograph.planner.liveness import alias_source
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.runtime.offload import HOST
 

@@ -30,10 +30,10 @@ class CompiledRegion:
     # how many of the forward graph's outputs are values saved for the backward
     # (AOTAutograd returns them last), counted at partition time: the memory
     # limit reads what a region holds from its forward graph before its
-    # backward graph is compiled (zerograph.passes.liveness.held_by_forward)
+    # backward graph is compiled (zerograph.planner.liveness.held_by_forward)
     num_saved: int | None = None
     # what the forward holds for the backward, by kind, once computed
-    # (zerograph.passes.step_plan: the memory limit reads it for every later region)
+    # (zerograph.planner.step_plan: the memory limit reads it for every later region)
     held_bytes: dict[str, int] | None = None
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from zerograph.metadata import get_tag
-from zerograph.ops import REDUCE_GRAD, UNSHARD
+from zerograph.graph.tags import get_tag
+from zerograph.graph.markers import REDUCE_GRAD, UNSHARD
 from zerograph.runtime.specs import ParamSpec
 
 

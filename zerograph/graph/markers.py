@@ -5,7 +5,7 @@ Reading a sharded parameter from its module returns
 ``zerograph::reduce_grad(grad, tag, name)``.
 
 * Eager implementations really communicate (through the same op sequences the
-  passes emit, see :mod:`zerograph.collectives`), so code that Dynamo leaves
+  passes emit, see :mod:`zerograph.graph.collectives`), so code that Dynamo leaves
   outside compiled regions sees full parameters and produces correct shards
   of gradients. A collective failing there raises the same
   :class:`~zerograph.runtime.errors.RankFailureError` as in a compiled graph.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from zerograph import collectives
+from zerograph.graph import collectives
 from zerograph.runtime import registry
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.specs import ParamSpec

@@ -16,7 +16,7 @@ An op is rewritten only when its input's storage was allocated by this graph
 (not an input, saved value or output of it) and every other reader of that
 storage is on the alias chain that leads to the op (views, the collective and
 its wait). The results are the same values; only the buffers are shared,
-which the planner's aliasing rule (:func:`zerograph.passes.liveness.is_alias`)
+which the planner's aliasing rule (:func:`zerograph.planner.liveness.is_alias`)
 follows. With ``zerograph.compiler: "inductor"`` the pass does nothing:
 Inductor plans its own buffer reuse and wants functional graphs.
 """
@@ -29,8 +29,8 @@ import torch
 import torch.fx as fx
 
 from zerograph._torch_private import c10d_functional
-from zerograph.metadata import get_tag
-from zerograph.passes.liveness import alias_source
+from zerograph.graph.tags import get_tag
+from zerograph.planner.liveness import alias_source
 from zerograph.passes.manager import PassContext, PassResult
 
 aten = torch.ops.aten

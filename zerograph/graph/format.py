@@ -13,7 +13,7 @@ import re
 import torch
 import torch.fx as fx
 
-from zerograph.metadata import get_tag
+from zerograph.graph.tags import get_tag
 
 
 def _target_name(node: fx.Node) -> str:

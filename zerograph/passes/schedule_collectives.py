@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from zerograph._torch_private import c10d_functional
-from zerograph.metadata import get_tag
+from zerograph.graph.tags import get_tag
 from zerograph.passes.manager import PassContext, PassResult
 
 _WAIT = c10d_functional.wait_tensor.default

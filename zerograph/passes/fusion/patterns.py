@@ -7,7 +7,7 @@ only for them (``interior``, erased after the rewrite) and the fused call
 are read from the graph and checked before a match is returned: a subgraph
 that is not exactly equivalent to the fused function yields ``None``.
 Norms, activations and losses are here; attention and rotary matchers are in
-:mod:`zerograph.passes.attention_patterns`.
+:mod:`zerograph.passes.fusion.attention`.
 
 GPT-2's ``NewGELUActivation`` (:func:`match_gelu_new`), before::
 
@@ -28,7 +28,7 @@ nanoGPT's loss on logits that nothing else uses (:func:`match_linear_cross_entro
 ``F.cross_entropy(lm_head(x).view(-1, V).float(), y.view(-1))``, after::
 
     reshape = torch.reshape(x, (-1, 768))
-    linear_cross_entropy_fp32 = zerograph.passes.patterns.linear_cross_entropy_fp32(
+    linear_cross_entropy_fp32 = zerograph.passes.fusion.patterns.linear_cross_entropy_fp32(
         reshape, lm_head_weight, view_1, None, -100, 'mean')
 """
 

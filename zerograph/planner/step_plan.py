@@ -1,6 +1,6 @@
 """The step's memory plan: a compiled model's regions composed along a step.
 
-:func:`~zerograph.passes.liveness.plan_region` plans one compiled region
+:func:`~zerograph.planner.liveness.plan_region` plans one compiled region
 (its forward and backward graphs); this module puts the regions of a model
 together, an analysis like it (nothing here mutates a graph).
 :func:`plan_model` gives the :class:`MemoryPlan` of all regions, with the
@@ -11,7 +11,7 @@ which the memory limit checks at compile time.
 A model with graph breaks has several regions. A step runs their forwards in
 execution order and their backwards in reverse (the autograd engine's order
 along a chain of regions), and each region's saved values
-(:attr:`~zerograph.passes.liveness.RegionPlan.held`) stay alive from the end of its forward to the start
+(:attr:`~zerograph.planner.liveness.RegionPlan.held`) stay alive from the end of its forward to the start
 of its backward. :class:`MemoryPlan` composes the regions along that step
 (:attr:`MemoryPlan.step`): while a region runs, its own live bytes plus what
 the regions before it hold. The execution order is recorded by the runtime
@@ -30,9 +30,9 @@ time, when its backward (or inference) graph is compiled, composed the same
 way (:func:`plan_in_step`, equal to :meth:`MemoryPlan.in_step` once every
 graph exists): its own peaks plus the held bytes of the regions whose
 forward ran before it. Those regions' backward graphs do not exist yet, so
-:func:`~zerograph.passes.liveness.held_by_forward` reads what they hold from the forward graph alone:
+:func:`~zerograph.planner.liveness.held_by_forward` reads what they hold from the forward graph alone:
 AOTAutograd returns the saved values as the forward's last outputs, and
-their count (:func:`~zerograph.passes.liveness.saved_count`) is recorded when the joint graph is
+their count (:func:`~zerograph.planner.liveness.saved_count`) is recorded when the joint graph is
 partitioned.
 """
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable
 
-from zerograph.passes.liveness import (
+from zerograph.planner.liveness import (
     KINDS,
     NodeLive,
     RegionPlan,

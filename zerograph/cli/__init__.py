@@ -1,0 +1,1 @@
+"""The command line: ``python -m zerograph demo | explain | bench`` (one module each)."""
