@@ -159,3 +159,34 @@ def test_docs_pages_exist_and_are_linked_from_index():
     for name in ("concepts.md", "passes.md", "custom_passes.md", "launching.md", "troubleshooting.md", "config.md"):
         assert (DOCS / name).exists(), name
         assert f"({name})" in index, f"index.md does not link {name}"
+
+
+def _pass_table_names(text: str) -> list[str]:
+    names = []
+    for line in text.splitlines():
+        m = re.match(r"\| \[`([a-z_*]+)`\]", line)
+        if m:
+            names.append(m.group(1))
+    return names
+
+
+def test_pass_lists_in_docs_match_default_passes():
+    import zerograph
+
+    names = zerograph.default_passes().names
+    passes_md = (DOCS / "passes.md").read_text()
+    assert repr(names) in passes_md, "docs/passes.md: the default_passes().names output is stale"
+    table = _pass_table_names(passes_md)
+    collapsed = [n for n in names if not n.startswith("fuse_")]
+    assert [n for n in table if n != "fuse_*"] == collapsed, table
+    readme = (DOCS.parent / "README.md").read_text()
+    chain = re.search(r"ZeRO stages 0–3 as passes \| (.*) \|", readme).group(1)
+    readme_names = re.findall(r"`([a-z_]+)`", chain)
+    assert readme_names == [n for n in names if n in readme_names], "README's pass chain is out of order"
+    assert set(readme_names) == set(collapsed) - {"activation_checkpointing", "defer_grad_sync"}, readme_names
+    custom = (DOCS / "custom_passes.md").read_text()
+    printed = re.search(r"Output \(timings vary; the numbers do not\):\n\n```\n(\[.*\])\n", custom).group(1)
+    config = {"zero_optimization": {"stage": 3}, "zerograph": {"verify_graphs": True}}
+    expected = zerograph.default_passes(config).insert_before(
+        "dce", zerograph.GraphPass("fold_double_transpose", lambda gm, ctx: None)).names + ["count_gathers"]
+    assert printed == repr(expected), "docs/custom_passes.md: the printed pass list is stale"

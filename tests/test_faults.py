@@ -237,7 +237,7 @@ def test_naming_failed_ranks_translates_collective_failures_once():
             return exc
         return explain_collective_failure(exc, None, step=3, phase=phase, timeout_s=10, rank=0)
 
-    ctx = SimpleNamespace(extra={"collective_failure": translate})
+    ctx = SimpleNamespace(collective_failure=translate)
     gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1")
     with pytest.raises(RankFailureError) as info:
         with naming_failed_ranks(ctx, "zerograph.full_state_dict"):

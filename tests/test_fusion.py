@@ -41,7 +41,7 @@ def _dynamo_graph(fn, *args):
 def _fuse_all(gm, config=ON):
     counts = {}
     for family in FAMILIES:
-        result = fuse(gm, PassContext(phase="dynamo", sharding=None, config=config), family=family)
+        result = fuse(gm, PassContext(phase="dynamo", state=None, config=config), family=family)
         counts.update(result.counts)
     return counts
 

@@ -16,11 +16,12 @@ from zerograph.backend import ZerographBackend
 from zerograph.graph import markers  # noqa: F401  (registers the marker ops parameter reads call)
 from zerograph.config import Config, ConfigError
 from zerograph.passes import PassList, PassRecord, default_passes
-from zerograph.runtime.state import ShardingContext, context_of
+from zerograph.runtime.state import ModelState, context_of
 from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
 from zerograph.runtime.dist import DataParallelGroup, data_parallel_group
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.offload import watch_plain_optimizer
+from zerograph.runtime.plan import ParallelPlan
 from zerograph.runtime.training import TrainingRuntime
 from zerograph.runtime.sharding import full_state_dict as _full_state_dict
 from zerograph.runtime.sharding import shard_parameters
@@ -41,7 +42,7 @@ def _zerograph_train_step(self, batch) -> float:
     call ``opt.step()`` and ``opt.zero_grad()`` (the same loop as a pipeline)."""
     ctx = self._zg_runtime.ctx
     with naming_failed_ranks(ctx, "optimizer step boundary"):  # the loss all-reduce; passes name their own
-        return eager_train_step(self, batch, ctx.extra.get("loss_fn"), ctx.config.gradient_accumulation_steps,
+        return eager_train_step(self, batch, ctx.loss_fn, ctx.config.gradient_accumulation_steps,
                                 ctx.dp.group, ctx.world_size, ctx.dp.device)
 
 
@@ -53,7 +54,7 @@ def _zerograph_eval_step(self, batch) -> float:
     runs in its own mode (``model.eval()`` turns dropout off)."""
     ctx = self._zg_runtime.ctx
     with evaluating([ctx], ctx.dp.device), naming_failed_ranks(ctx, "eval_step"):
-        return eager_eval_step(self, batch, ctx.extra.get("loss_fn"), ctx.config.gradient_accumulation_steps,
+        return eager_eval_step(self, batch, ctx.loss_fn, ctx.config.gradient_accumulation_steps,
                                ctx.dp.group, ctx.world_size, ctx.dp.device)
 
 
@@ -105,8 +106,9 @@ def shard(
     for line in cfg.inactive_settings():
         log.warning("zerograph: %s", line)
     pass_list = passes.copy() if passes is not None else default_passes()
+    known = set(pass_list.names) | set(default_passes().names)  # a list filtered by default_passes(config) too
     for name in cfg.zerograph.disabled_passes:
-        if name not in pass_list.names:
+        if name not in known:
             raise ConfigError(
                 f"zerograph.disabled_passes: no pass named {name!r}; passes are: {', '.join(pass_list.names)}"
             )
@@ -120,11 +122,10 @@ def shard(
         cfg.zerograph.collective_timeout_s, cfg.zerograph.device, model_device
     )
     cfg.resolve_batch(dp.world_size)
-    ctx = ShardingContext(cfg, dp)
+    plan = ParallelPlan.build(cfg, {"dp": dp.world_size}, {"dp": dp.rank})
+    ctx = ModelState(cfg, dp, plan, loss_fn=loss_fn)
     shard_parameters(model, ctx)
-    backend = ZerographBackend(ctx, passes=pass_list)
-    ctx.extra["backend"] = backend
-    ctx.extra["loss_fn"] = loss_fn
+    ctx.backend = ZerographBackend(ctx, passes=pass_list)
     params = list(dict.fromkeys(model.parameters()))
     model._zg_runtime = TrainingRuntime(ctx, model._call_impl, params)
     model._zg_runtime.named_params = dict(model.named_parameters())
@@ -179,7 +180,7 @@ def compile(
         return compile_pipeline(model, cfg, example_batch=example_batch, loss_fn=loss_fn, compile_stage=compile_stage)
     model = shard(model, cfg, passes=passes, loss_fn=loss_fn, group=group)
     runtime = model._zg_runtime
-    backend = runtime.ctx.extra["backend"]
+    backend = runtime.ctx.backend
     call_impl = model._call_impl
 
     def call_model(*args, **kwargs):
@@ -213,6 +214,8 @@ class Inspection:
     regions: list[dict[str, Any]]
     passes: list[PassRecord]
     comm_bytes_last_step: dict[str, int]
+    # the compile steps that ran, region by region, in order (zerograph.backend.steps.StepRecord)
+    steps: list = dataclasses.field(default_factory=list)
     # the liveness analysis of the final graphs (zerograph.planner.step_plan.MemoryPlan; docs/planner.md)
     memory: Any = None
     # with zerograph.track_memory: the measuring interpreter's record (zerograph.planner.measured.MemoryTracker)
@@ -227,8 +230,16 @@ class Inspection:
         return [r["graphs"]["backward"] for r in self.regions if "backward" in r["graphs"]]
 
     def summary(self) -> str:
+        """The compile steps and, under each ``*_passes`` step, the passes that ran."""
         lines = [f"{len(self.regions)} compiled region(s)"]
-        lines += [r.summary() for r in self.passes]
+        for region in self.regions:
+            stage = "" if region["stage"] is None else f" (pipeline stage {region['stage']})"
+            lines.append(f"region {region['index']}{stage}:")
+            records = region["pass_records"]
+            for step in region["steps"]:
+                lines.append("  " + step.summary())
+                if step.name.endswith("_passes"):
+                    lines += ["    " + r.summary() for r in records.get(step.phase, ())]
         fused: dict[str, int] = {}
         for r in self.passes:
             for k, v in getattr(r, "counts", {}).items():
@@ -239,7 +250,7 @@ class Inspection:
         return "\n".join(lines)
 
 
-def _context(model: nn.Module) -> ShardingContext:
+def _context(model: nn.Module) -> ModelState:
     runtime = getattr(model, "_zg_runtime", None)
     if runtime is None:
         raise TypeError(f"{type(model).__name__} was not compiled by zerograph.compile; call zerograph.compile(model, config) first")
@@ -256,7 +267,8 @@ def inspect(model: nn.Module) -> Inspection:
     communication bytes are summed over the stages."""
     parts = _stage_contexts(model)
     regions = [
-        {"index": r.index, "stage": stage, "graphs": dict(r.graphs), "comm_bytes": dict(r.comm_bytes)}
+        {"index": r.index, "stage": stage, "graphs": dict(r.graphs), "comm_bytes": dict(r.comm_bytes),
+         "steps": list(r.step_records), "pass_records": dict(r.pass_records)}
         for stage, ctx in parts for r in ctx.regions
     ]
     records = [rec for _, ctx in parts for r in ctx.regions for recs in r.pass_records.values() for rec in recs]
@@ -272,11 +284,12 @@ def inspect(model: nn.Module) -> Inspection:
     for _, ctx in parts:
         for kind, nbytes in ctx.stats.last_step.items():
             comm[kind] = comm.get(kind, 0) + nbytes
-    return Inspection(regions=regions, passes=records, comm_bytes_last_step=comm,
+    steps = [step for region in regions for step in region["steps"]]
+    return Inspection(regions=regions, passes=records, comm_bytes_last_step=comm, steps=steps,
                       memory=memory, memory_measured=first.stats.memory)
 
 
-def _stage_contexts(model: nn.Module) -> list[tuple[Optional[int], ShardingContext]]:
+def _stage_contexts(model: nn.Module) -> list[tuple[Optional[int], ModelState]]:
     """``(model stage, context)`` of each compiled part of ``model`` on this rank."""
     stages = getattr(model, "stage_runtimes", None)
     if callable(stages):

@@ -23,8 +23,8 @@ __all__ = ["ZerographBackend", "zerograph_backend"]
 _MARKERS = (UNSHARD, REDUCE_GRAD, torch.ops.zerograph.unshard, torch.ops.zerograph.reduce_grad)
 
 
-def _context_of(gm: fx.GraphModule):
-    """The sharding context named by the first marker op in a Dynamo graph
+def _state_of(gm: fx.GraphModule):
+    """The model state named by the first marker op in a Dynamo graph
     (Dynamo records the op packet, AOTAutograd the overload)."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _MARKERS:
@@ -38,9 +38,9 @@ def zerograph_backend(gm: fx.GraphModule, example_inputs, options: dict | None =
     ``options={"config": <path | dict>}`` sets the config for a model that
     :func:`zerograph.compile` did not prepare.
     """
-    sharding = _context_of(gm)
-    if sharding is not None:
-        backend = sharding.extra.get("backend") or ZerographBackend(sharding)
+    state = _state_of(gm)
+    if state is not None:
+        backend = state.backend or ZerographBackend(state)
     else:
         config = Config.load((options or {}).get("config"))
         _check_unsharded_config(config)

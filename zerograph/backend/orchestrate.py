@@ -1,126 +1,146 @@
-"""The Dynamo backend: AOTAutograd with zerograph's passes at every stage.
+"""The Dynamo backend: AOTAutograd with zerograph's passes at every stage,
+run as the named compile steps of :mod:`zerograph.backend.steps`.
 
-``torch.compile(model, backend="zerograph")`` finds this through the
-``torch_dynamo_backends`` entry point. On a model prepared by
-:func:`zerograph.compile` the marker ops name the model's context, so the
-backend applies that model's config and pass list. On any other model it runs
-the pipeline without ZeRO (there are no markers to lower).
-
-For each Dynamo graph::
-
-    joint graph --(passes for "joint")--> default_partition --> forward, backward
-    forward  --(passes for "forward")-->  executor
-    backward --(passes for "backward")--> executor
+On a model prepared by :func:`zerograph.compile` the marker ops name the
+model's state, so the backend applies that model's config, parallel plan and
+pass list. On any other model it runs the pipeline without ZeRO (there are no
+markers to lower), and the passes that need a sharded model do not apply.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import torch
 import torch.fx as fx
 
-from zerograph._torch_private import (
-    aot_autograd,
-    default_partition,
-    inductor_compile,
-    inductor_decompositions,
-    make_boxed_func,
-)
+from zerograph._torch_private import aot_autograd, default_partition, inductor_decompositions
+from zerograph.backend import executors
+from zerograph.backend.lowering import lower
+from zerograph.backend.steps import CompileJob, CompileStep, StepRecord, run_steps
 from zerograph.config import Config
+from zerograph.graph.deterministic_rng import unwrap_deterministic_rng
+from zerograph.graph.verify import verify_graph
 from zerograph.passes import PassContext, default_passes, run_passes
 from zerograph.passes.comm_analysis import comm_bytes
-from zerograph.graph.deterministic_rng import unwrap_deterministic_rng
 from zerograph.planner.liveness import saved_count
 from zerograph.planner.step_plan import plan_in_step
-from zerograph.graph.verify import verify_graph
-from zerograph.runtime.state import CompiledRegion
 from zerograph.runtime.memory import check_region, out_of_memory
-from zerograph.planner.measured import tracker_of
+from zerograph.runtime.state import CompiledRegion
 
 log = logging.getLogger(__name__)
 
 
+# -- the steps ---------------------------------------------------------------
+
+def _graph_passes(job: CompileJob) -> None:
+    backend, phase = job.backend, job.phase
+    opts = backend.config.zerograph
+    ctx = PassContext(phase=phase, state=backend.state, config=backend.config)
+    job.region.pass_records[phase] = run_passes(
+        backend.passes.enabled(phase, backend.config, backend.plan),
+        job.gm,
+        ctx,
+        phase=phase,
+        debug=opts.debug,
+        verify=verify_graph if opts.verify_graphs else None,
+    )
+    job.region.graphs[phase] = job.gm
+
+
+def _partition(job: CompileJob) -> None:
+    job.forward, job.backward = default_partition(job.gm, job.joint_inputs, **job.partition_kwargs)
+
+
+def _unwrap_rng(job: CompileJob) -> None:
+    # recomputed attention with dropout_p=0 needs no RNG state
+    unwrap_deterministic_rng(job.forward, job.backward)
+
+
+def _count_saved(job: CompileJob) -> None:
+    # what the forward holds, before the backward is compiled (the memory limit reads it)
+    job.region.num_saved = saved_count(job.backward)
+
+
+def _count_comm(job: CompileJob) -> None:
+    job.region.comm_bytes[job.phase] = comm_bytes(job.gm)
+
+
+def _check_memory_limit(job: CompileJob) -> None:
+    """This region composed with the regions that ran before it in this step
+    (docs/planner.md), against ``zerograph.memory_limit_bytes``."""
+    state, limit = job.backend.state, job.backend.config.zerograph.memory_limit_bytes
+    if state is None or limit is None or job.phase not in ("backward", "inference"):
+        return
+    order, reason = _step_order(state, job.region.index, job.phase)
+    job.memory_plan = plan_in_step(state.regions, job.region.index, order, reason)
+    check_region(state, job.memory_plan, limit, executors.rank())
+
+
+def _lower(job: CompileJob) -> None:
+    job.executable = lower(job.gm, job.example_inputs, job.backend.config.zerograph.compiler)
+
+
+def _wrap_executor(job: CompileJob) -> None:
+    b = job.backend
+    job.executable = executors.wrap(job.executable, b.state, b.config, job.gm, job.phase, job.region, job.memory_plan)
+
+
+DYNAMO_STEPS = (CompileStep("dynamo_passes", _graph_passes),)
+PARTITION_STEPS = (
+    CompileStep("joint_passes", _graph_passes),
+    CompileStep("partition", _partition),
+    CompileStep("unwrap_rng", _unwrap_rng),
+    CompileStep("count_saved", _count_saved),
+)
+GRAPH_STEPS = (
+    CompileStep("graph_passes", _graph_passes),
+    CompileStep("count_comm", _count_comm),
+    CompileStep("check_memory_limit", _check_memory_limit),
+    CompileStep("lower", _lower),
+    CompileStep("wrap_executor", _wrap_executor),
+)
+
+
+# -- the backend ---------------------------------------------------------------
+
 class ZerographBackend:
-    """A Dynamo backend bound to one model's context (or to none)."""
+    """A Dynamo backend bound to one model's state (or to none)."""
 
-    def __init__(self, sharding=None, config: Config | None = None, passes=None):
-        self.sharding = sharding
-        self.config = config or (sharding.config if sharding is not None else Config())
+    def __init__(self, state=None, config: Config | None = None, passes=None):
+        self.state = state
+        self.config = config or (state.config if state is not None else Config())
         self.passes = passes if passes is not None else default_passes()
-        for name in self.config.zerograph.disabled_passes:
-            self.passes.disable(name)
+        # names shard() checked against every built-in pass (absent from a filtered list: nothing to disable)
+        self.passes.disable(*self.config.zerograph.disabled_passes, missing_ok=True)
+        self.passes.check_order(self.config, self.plan)
 
-    def _run(self, gm: fx.GraphModule, phase: str, region: CompiledRegion) -> None:
-        opts = self.config.zerograph
-        ctx = PassContext(phase=phase, sharding=self.sharding, config=self.config)
-        records = run_passes(
-            self.passes.enabled(phase),
-            gm,
-            ctx,
-            phase=phase,
-            debug=opts.debug,
-            verify=verify_graph if opts.verify_graphs else None,
-        )
-        region.pass_records[phase] = records
-        region.graphs[phase] = gm
+    @property
+    def plan(self):
+        return self.state.plan if self.state is not None else None
 
     def _partition(self, region, joint, joint_inputs, **kwargs):
-        self._run(joint, "joint", region)
-        fw, bw = default_partition(joint, joint_inputs, **kwargs)
-        unwrap_deterministic_rng(fw, bw)  # recomputed attention with dropout_p=0 needs no RNG state
-        region.num_saved = saved_count(bw)  # what the forward holds, before the backward is compiled
-        return fw, bw
+        job = run_steps(PARTITION_STEPS, CompileJob(self, region, "joint", gm=joint, joint_inputs=joint_inputs,
+                                                    partition_kwargs=kwargs))
+        return job.forward, job.backward
 
     def _compile(self, region, phase, gm, example_inputs):
         try:
-            executable, plan = self._compile_graph(region, phase, gm, example_inputs)
+            job = run_steps(GRAPH_STEPS, CompileJob(self, region, phase, gm=gm, example_inputs=example_inputs))
         except torch.OutOfMemoryError as exc:
-            if self.sharding is None:
+            if self.state is None:
                 raise
-            raise out_of_memory(self.sharding, exc, phase=phase, rank=_rank()) from exc
-        static = region.comm_bytes[phase]
-        stats = self.sharding.stats if self.sharding is not None else None
-        if stats is not None and self.config.zerograph.track_memory:  # measuring interpreter (docs/planner.md)
-            executable = tracker_of(stats).executable(gm, phase, region.index, self.sharding.dp.device)
-        if self.sharding is not None:  # the regions' execution order, for the planner (runtime/context.py)
-            executable = _recording_order(executable, self.sharding, region.index, phase)
-        if self.sharding is not None:  # an OOM names the budget to change (runtime/memory.py)
-            executable = _translate_oom(executable, self.sharding, phase, plan)
-        guard = self.sharding.extra.get("collective_guard") if self.sharding is not None else None
-        if guard is not None:  # a failed collective names the dead rank (runtime/training.py)
-            executable = guard(executable, phase)
-        if stats is None or not static:
-            return executable
-
-        def run(args):
-            stats.add_all(static)
-            return executable(args)
-
-        run._boxed_call = True
-        return run
-
-    def _compile_graph(self, region, phase, gm, example_inputs):
-        """Run the passes of ``phase``, check the memory budget, compile."""
-        self._run(gm, phase, region)
-        region.comm_bytes[phase] = comm_bytes(gm)
-        plan = None
-        limit = self.config.zerograph.memory_limit_bytes
-        if self.sharding is not None and limit is not None and phase in ("backward", "inference"):
-            # this region composed with the regions that ran before it in this step (docs/planner.md)
-            order, reason = _step_order(self.sharding, region.index, phase)
-            plan = plan_in_step(self.sharding.regions, region.index, order, reason)
-            check_region(self.sharding, plan, limit, _rank())
-        if self.config.zerograph.compiler == "inductor":
-            return inductor_compile(gm, example_inputs), plan
-        return make_boxed_func(gm.forward), plan
+            raise out_of_memory(self.state, exc, phase=phase, rank=executors.rank()) from exc
+        return job.executable
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        region = self.sharding.new_region() if self.sharding is not None else CompiledRegion(index=0)
-        self._run(gm, "dynamo", region)
+        region = self.state.new_region() if self.state is not None else CompiledRegion(index=0)
+        run_steps(DYNAMO_STEPS, CompileJob(self, region, "dynamo", gm=gm))
         compile_for = functools.partial(self._compile, region)
-        return aot_autograd(
+        first, start = len(region.step_records), time.perf_counter()
+        compiled = aot_autograd(
             fw_compiler=functools.partial(compile_for, "forward"),
             bw_compiler=functools.partial(compile_for, "backward"),
             inference_compiler=functools.partial(compile_for, "inference"),
@@ -129,59 +149,32 @@ class ZerographBackend:
             # Inductor lowers only decomposed ATen: trace with its table.
             decompositions=inductor_decompositions() if self.config.zerograph.compiler == "inductor" else None,
         )(gm, example_inputs)
+        # AOTAutograd's own tracing: its time less the steps it called (partition, forward)
+        nested = sum(r.seconds for r in region.step_records[first:])
+        region.step_records.insert(first, StepRecord("aot_trace", "joint", time.perf_counter() - start - nested))
+        return compiled
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _step_order(sharding, index: int, phase: str) -> tuple[list[int] | None, str]:
+def _step_order(state, index: int, phase: str) -> tuple[list[int] | None, str]:
     """What the runtime knows, while region ``index``'s ``phase`` graph is
     compiled, of the regions that ran before it in this step: ``(order,
     "")`` with the region indices whose forward ran in this model call
-    (``ShardingContext.region_order``), or ``(None, why not)``.
+    (``ModelState.region_order``), or ``(None, why not)``.
 
     A backward graph is compiled during the first backward through it, after
     every forward of the call ran, so the recorded call includes the region;
     an inference graph is compiled before its first run, so the regions
     recorded so far ran before it. A call without grad saves nothing for a
-    backward. A pipeline stage's context sees neither this rank's other
+    backward. A pipeline stage's state sees neither this rank's other
     stages nor the micro-batches in flight."""
-    stage = sharding.extra.get("pipeline_stage")
-    if stage is not None:
-        return None, (f"pipeline stage {stage}: this rank's other stages and its micro-batches "
+    if state.pipeline_stage is not None:
+        return None, (f"pipeline stage {state.pipeline_stage}: this rank's other stages and its micro-batches "
                       "in flight are not modelled")
     if phase == "inference" and not torch.is_grad_enabled():
         return [], ""
-    order = list(sharding.region_order)
-    if (phase == "backward" and index in order) or (phase == "inference" and sharding.recording_order):
+    order = list(state.region_order)
+    if (phase == "backward" and index in order) or (phase == "inference" and state.recording_order):
         return order, ""
-    if len(sharding.regions) <= 1:
+    if len(state.regions) <= 1:
         return [], ""
     return None, "not recorded by the runtime"
-
-
-def _recording_order(executable, sharding, index: int, phase: str):
-    """A boxed executable that tells ``sharding`` that the ``phase`` graph of
-    region ``index`` runs (``ShardingContext.region_order``, the execution
-    order the planner composes)."""
-
-    def run(args):
-        sharding.ran_region(index, phase)
-        return executable(args)
-
-    run._boxed_call = True
-    return run
-
-
-def _translate_oom(executable, sharding, phase, plan):
-    """A boxed executable whose ``torch.OutOfMemoryError`` says which budget to change."""
-
-    def run(args):
-        try:
-            return executable(args)
-        except torch.OutOfMemoryError as exc:
-            raise out_of_memory(sharding, exc, phase=phase, plan=plan, rank=_rank()) from exc
-
-    run._boxed_call = True
-    return run

@@ -56,9 +56,9 @@ def _checkpointing(gm, ctx: PassContext, predicate=None) -> PassResult:
 
 def _not_regathered(gm, ctx: PassContext) -> frozenset[str]:
     """Stage 3: sharded parameters whose backward has no all-gather of its own."""
-    if ctx.sharding is None or ctx.config.zero_optimization.stage < 3:
+    if ctx.state is None or not ctx.plan.zero.regathers_in_backward:
         return frozenset()
-    sharded = {name for name, spec in ctx.sharding.specs.items() if spec.storage == "sharded"}
+    sharded = {name for name, spec in ctx.state.specs.items() if spec.storage == "sharded"}
     return frozenset(sharded - params_read_by_backward(gm))
 
 

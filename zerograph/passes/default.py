@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from zerograph.config import Config
+from zerograph.runtime.dist import rank_and_world
+from zerograph.runtime.plan import ParallelPlan
 from zerograph.passes.activation_checkpointing import activation_checkpointing
 from zerograph.passes.comm_analysis import comm_analysis
 from zerograph.passes.dce import dce
@@ -17,21 +20,72 @@ from zerograph.passes.tag_nodes import tag_nodes
 from zerograph.passes.zero_policy import zero_policy
 
 
-def default_passes() -> PassList:
-    """The built-in pipeline, in order."""
-    return PassList(
+def _sharded(config, plan) -> bool:
+    return plan is not None
+
+
+def _fusion(config, plan) -> bool:
+    return bool(config.zerograph.fusion)
+
+
+def _regathers(config, plan) -> bool:
+    return plan is not None and plan.zero.regathers_in_backward
+
+
+def _checkpointing(config, plan) -> bool:
+    ac = config.activation_checkpointing
+    return ac.policy != "none" or bool(ac.offload_activations)
+
+
+def _defers_grad_sync(config, plan) -> bool:
+    return plan is not None and plan.defers_grad_sync
+
+
+def _overlaps(config, plan) -> bool:
+    return plan is not None and bool(config.zero_optimization.overlap_comm)
+
+
+def _eager_buffers(config, plan) -> bool:
+    # Inductor plans its own buffers
+    return plan is not None and config.zerograph.compiler == "eager"
+
+
+def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
+    """The built-in pipeline, in order.
+
+    Without a ``config``: every built-in pass (the list to edit and give to
+    ``zerograph.compile``, which runs only those that apply). Given a
+    ``config`` (a :class:`~zerograph.config.Config`, dict or path), only the
+    passes that do something for it and for ``plan`` (default: the
+    :class:`~zerograph.runtime.plan.ParallelPlan` of a model sharded over the
+    current process group; ``sharded=False``: a model zerograph did not
+    shard), as ``zerograph.inspect`` will list them."""
+    passes = PassList(
         [
-            GraphPass("dedupe_markers", dedupe_markers, phases=("dynamo",)),
-            *(GraphPass(name, fn, phases=("dynamo",)) for name, fn in FUSION_PASSES),
-            GraphPass("tag_nodes", tag_nodes, phases=("joint", "forward", "backward", "inference")),
-            GraphPass("zero_policy", zero_policy, phases=("joint",)),
-            GraphPass("activation_checkpointing", activation_checkpointing, phases=("joint",)),
-            GraphPass("defer_grad_sync", defer_grad_sync, phases=("backward",)),
-            GraphPass("lower_markers", lower_markers),
-            GraphPass("schedule_collectives", schedule_collectives),
+            GraphPass("dedupe_markers", dedupe_markers, phases=("dynamo",), applies=_sharded,
+                      ensures=("markers_deduplicated",)),
+            *(GraphPass(name, fn, phases=("dynamo",), applies=_fusion) for name, fn in FUSION_PASSES),
+            GraphPass("tag_nodes", tag_nodes, phases=("joint", "forward", "backward", "inference"),
+                      ensures=("tagged",)),
+            GraphPass("zero_policy", zero_policy, phases=("joint",), applies=_regathers,
+                      requires=("tagged",), ensures=("recompute_policy",)),
+            GraphPass("activation_checkpointing", activation_checkpointing, phases=("joint",),
+                      applies=_checkpointing, requires=("tagged",), ensures=("recompute_policy",)),
+            GraphPass("defer_grad_sync", defer_grad_sync, phases=("backward",), applies=_defers_grad_sync),
+            GraphPass("lower_markers", lower_markers, applies=_sharded, requires=("tagged",),
+                      ensures=("collectives",)),
+            GraphPass("schedule_collectives", schedule_collectives, applies=_overlaps,
+                      requires=("collectives",), ensures=("scheduled",)),
             GraphPass("dce", dce),
-            GraphPass("reuse_comm_buffers", reuse_comm_buffers),
+            GraphPass("reuse_comm_buffers", reuse_comm_buffers, applies=_eager_buffers, requires=("collectives",)),
             GraphPass("comm_analysis", comm_analysis, analysis=True),
             GraphPass("liveness", liveness, analysis=True),
         ]
     )
+    if config is None:
+        return passes
+    config = Config.load(config)
+    if plan is None and sharded:
+        _, world = rank_and_world()
+        plan = ParallelPlan.build(config, {"dp": world})
+    return passes.active(config, plan)

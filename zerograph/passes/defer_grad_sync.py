@@ -33,7 +33,7 @@ def _copy_meta(new: fx.Node, like: fx.Node, val) -> None:
 
 
 def defer_grad_sync(gm: fx.GraphModule, ctx) -> PassResult:
-    sharding = ctx.sharding
+    sharding = ctx.state
     if sharding is None or not sharding.defers_grad_sync:
         return PassResult()
     stashed, merged = [], []

@@ -121,9 +121,9 @@ def _lower_bucket(gm: fx.GraphModule, bucket: list[fx.Node], specs: dict, phase:
 
 
 def lower_markers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    if ctx.sharding is None:
+    if ctx.state is None:
         return PassResult()
-    specs = ctx.sharding.specs
+    specs = ctx.state.specs
     zero = ctx.config.zero_optimization
     buckets = plan_buckets(gm, specs, gather_cap=zero.allgather_bucket_size, reduce_cap=zero.reduce_bucket_size)
     lowered = {"unshard": 0, "reduce_grad": 0, "buckets": 0}

@@ -119,7 +119,7 @@ def _tail(wait: fx.Node) -> list[fx.Node]:
 
 
 def schedule_collectives(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    if ctx.sharding is None or not ctx.config.zero_optimization.overlap_comm:
+    if ctx.state is None or not ctx.config.zero_optimization.overlap_comm:
         return PassResult()
     limit = ctx.config.zero_optimization.stage3_prefetch_bucket_size
     max_live = ctx.config.zero_optimization.stage3_max_live_parameters

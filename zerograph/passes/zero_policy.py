@@ -28,10 +28,10 @@ def zero_policy(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     Details: ``must_recompute`` (nodes tagged), ``kept`` (parameters kept
     gathered from forward to backward) and ``kept_gather_elements`` (the
     backward all-gather elements per micro-batch this saves)."""
-    if ctx.sharding is None or ctx.config.zero_optimization.stage < 3:
+    if ctx.state is None or not ctx.plan.zero.regathers_in_backward:
         return PassResult()
     zero = ctx.config.zero_optimization
-    decisions = reuse_decisions(gm, ctx.sharding.specs, max_reuse_distance=zero.stage3_max_reuse_distance,
+    decisions = reuse_decisions(gm, ctx.state.specs, max_reuse_distance=zero.stage3_max_reuse_distance,
                                 max_live=zero.stage3_max_live_parameters)
     kept = {d.param for d in decisions if d.kept}
     recompute = 0
@@ -39,7 +39,7 @@ def zero_policy(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         tag = get_tag(node)
         if tag is None or tag.phase != "forward" or tag.param is None or tag.param in kept:
             continue
-        spec = ctx.sharding.specs.get(tag.param)
+        spec = ctx.state.specs.get(tag.param)
         if spec is None or spec.storage != "sharded":
             continue
         if tag.role == "unshard" or (tag.role == "compute" and node.op == "call_function"):

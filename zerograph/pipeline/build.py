@@ -107,7 +107,7 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
         follow_training_mode(module)
     chunks = {k: compile_stage(modules[k], stage_cfg, group=groups.dp) for k in mine}
     for k, chunk in chunks.items():  # the memory limit checks a stage's regions on their own (backend._step_order)
-        chunk._zg_runtime.ctx.extra["pipeline_stage"] = k
+        chunk._zg_runtime.ctx.enter_pipeline(k, p, groups.stage)
     shapes = [tuple(t.shape) for t in step_mod.flat_tensors(micro)]
     return PipelineModel(chunks, split, schedule, groups, cfg.gradient_clipping, shapes, fallback,
                          {k: keys[k] for k in mine})

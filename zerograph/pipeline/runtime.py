@@ -434,7 +434,7 @@ class PipelineModel(nn.Module):
             dist.all_reduce(total)
         norm = math.sqrt(float(total))
         for chunk in self.chunks:
-            chunk._zg_runtime.ctx.extra["last_grad_norm"] = norm
+            chunk._zg_runtime.ctx.last_grad_norm = norm
         coef = self._clip / (norm + 1e-6)
         if coef < 1.0:
             for g in grads:

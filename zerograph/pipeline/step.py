@@ -143,7 +143,7 @@ def evaluating(contexts, device=None):
     """What an ``eval_step`` runs under, so that training is not disturbed:
     ``torch.no_grad()``, a forked RNG (dropout in training mode draws its
     masks from it; the state is restored afterwards), and the communication
-    counts of the step in progress of every ``ShardingContext`` in
+    counts of the step in progress of every ``ModelState`` in
     ``contexts`` restored afterwards (evaluation's gathers are not the
     training step's)."""
     saved = [(ctx.stats, ctx.stats.current.copy()) for ctx in contexts]

@@ -15,7 +15,7 @@ along a chain of regions), and each region's saved values
 of its backward. :class:`MemoryPlan` composes the regions along that step
 (:attr:`MemoryPlan.step`): while a region runs, its own live bytes plus what
 the regions before it hold. The execution order is recorded by the runtime
-(``ShardingContext.region_order``: the regions whose forward ran in the
+(``ModelState.region_order``: the regions whose forward ran in the
 latest model call); without it the plan says the order is unknown and its
 peaks are per region. Gradients that a later region's backward already
 returned are not held here: they are in ``param.grad`` (or the no-sync
@@ -318,7 +318,7 @@ class MemoryPlan:
 def plan_model(regions, gradient_accumulation_steps: int = 1, order: Iterable[int] | None = None) -> MemoryPlan:
     """The plan of every compiled region that has a forward graph (training
     regions; an inference-only region counts its ``inference`` graph).
-    ``order``: region indices in execution order (``ShardingContext.region_order``),
+    ``order``: region indices in execution order (``ModelState.region_order``),
     ``None`` when unknown."""
     plans = [p for p in map(_plan_of, regions) if p is not None]
     return MemoryPlan(plans, gradient_accumulation_steps, list(order) if order is not None else None)
@@ -365,7 +365,7 @@ def plan_in_step(regions, index: int, order: Iterable[int] | None, reason: str =
     backward (or inference) graph is compiled.
 
     ``order``: the region indices whose forward (or inference) graph ran in
-    this model call, in order (``ShardingContext.region_order``); region
+    this model call, in order (``ModelState.region_order``); region
     ``index`` in it or, not run yet, after it. The regions before its last
     run hold their saved values while it runs: their forward graphs exist, and
     :func:`held_by_forward` reads what they hold from those alone (their

@@ -139,14 +139,14 @@ def naming_failed_ranks(ctx, phase: str):
     compiled graphs, the eager marker ops (code Dynamo left outside a graph),
     the end-of-step reductions, ``full_state_dict``, ``train_step`` and the
     checkpoint functions. ``ctx``: the model's
-    :class:`~zerograph.runtime.state.ShardingContext` (None: errors pass
+    :class:`~zerograph.runtime.state.ModelState` (None: errors pass
     unchanged); its :class:`~zerograph.runtime.training.TrainingRuntime`
     registers the translation (heartbeat check) as
-    ``ctx.extra["collective_failure"]``. ``phase``: see :class:`RankFailureError`."""
+    ``ctx.collective_failure``. ``phase``: see :class:`RankFailureError`."""
     try:
         yield
     except RuntimeError as exc:
-        translate = ctx.extra.get("collective_failure") if ctx is not None else None
+        translate = ctx.collective_failure if ctx is not None else None
         err = translate(exc, phase) if translate is not None else exc
         if err is exc:
             raise

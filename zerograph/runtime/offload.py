@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # Host memory: where offloaded parameter shards, their gradients, master
 # copies and optimizer states live. The compute device is the model's
-# (``ShardingContext.dp.device``); on a CPU-only build the two are the same
+# (``ModelState.dp.device``); on a CPU-only build the two are the same
 # device and every copy between them is still made (a distinct tensor).
 HOST = torch.device("cpu")
 

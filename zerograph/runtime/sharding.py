@@ -27,14 +27,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from zerograph.runtime.state import ShardingContext
+from zerograph.runtime.state import ModelState
 from zerograph.runtime.offload import host_shard, pin_host_memory
 from zerograph.runtime.specs import ParamSpec
 
 log = logging.getLogger(__name__)
-
-_GRAD_REDUCE_BY_STAGE = {0: "all_reduce", 1: "all_reduce_slice", 2: "reduce_scatter", 3: "reduce_scatter"}
-
 
 def _make_getter(local_name: str):
     def read_parameter(module: nn.Module) -> torch.Tensor:
@@ -46,34 +43,27 @@ def _make_getter(local_name: str):
     return read_parameter
 
 
-def _spec_for(fqn: str, param: nn.Parameter, ctx: ShardingContext) -> ParamSpec:
-    cfg = ctx.config
-    stage = cfg.zero_optimization.stage
-    world = ctx.world_size
-    threshold = cfg.zero_optimization.stage3_param_persistence_threshold
-    persistent = stage == 3 and threshold > 0 and param.numel() <= threshold
-    sharded = world > 1 and stage >= 1 and param.dim() >= 1 and not persistent
-    compute = cfg.compute_dtype if param.is_floating_point() else param.dtype
-    # offload_param (stage 3 only, checked by the config): every parameter that
-    # stage 3 would shard lives on the host; persistent ones stay on the device
-    offloaded = stage == 3 and cfg.zero_optimization.offload_param.device == "cpu" and param.dim() >= 1 \
-        and not persistent
+def _spec_for(fqn: str, param: nn.Parameter, ctx: ModelState) -> ParamSpec:
+    placement = ctx.plan.placement(param.numel(), param.dim())
+    compute = ctx.config.compute_dtype if param.is_floating_point() else param.dtype
     return ParamSpec(
         name=fqn,
         full_shape=tuple(param.shape),
-        storage="sharded" if sharded else "replicated",
-        grad_reduce=_GRAD_REDUCE_BY_STAGE[stage] if sharded else "all_reduce",
+        storage=placement.storage,
+        grad_reduce=placement.grad_reduce,
         rank=ctx.rank,
-        world_size=world,
+        world_size=ctx.world_size,
         group_name=ctx.dp.group_name,
         master_dtype=param.dtype,
         compute_dtype=compute,
-        grad_scale=1.0 / (world * cfg.gradient_accumulation_steps),
-        compute_device=ctx.dp.device if offloaded else None,
+        grad_scale=ctx.plan.grad_scale,
+        # offload_param (stage 3): every parameter that stage 3 would shard
+        # lives on the host; persistent ones stay on the device
+        compute_device=ctx.dp.device if placement.offloaded else None,
     )
 
 
-def _stored(param: nn.Parameter, spec: ParamSpec, ctx: ShardingContext) -> nn.Parameter:
+def _stored(param: nn.Parameter, spec: ParamSpec, ctx: ModelState) -> nn.Parameter:
     stored = _placed(param, spec, ctx)
     if not spec.offloaded:
         return stored
@@ -81,7 +71,7 @@ def _stored(param: nn.Parameter, spec: ParamSpec, ctx: ShardingContext) -> nn.Pa
     return nn.Parameter(host_shard(stored.data, pin=pin), requires_grad=param.requires_grad)
 
 
-def _placed(param: nn.Parameter, spec: ParamSpec, ctx: ShardingContext) -> nn.Parameter:
+def _placed(param: nn.Parameter, spec: ParamSpec, ctx: ModelState) -> nn.Parameter:
     """The parameter as stored on the compute device: a DTensor ``Shard(0)``
     or ``Replicate()``, or a plain tensor (stage 0, or world size 1)."""
     if ctx.world_size == 1 and param.device == ctx.dp.device:
@@ -92,7 +82,7 @@ def _placed(param: nn.Parameter, spec: ParamSpec, ctx: ShardingContext) -> nn.Pa
     src = 0 if ctx.config.zerograph.seed_from_rank0 else None
     if spec.storage == "sharded":
         stored = distribute_tensor(data, ctx.dp.mesh, [Shard(0)], src_data_rank=src)
-    elif ctx.config.zero_optimization.stage >= 1:
+    elif ctx.plan.zero.shards_parameters:  # a DTensor Replicate() next to the shards
         stored = distribute_tensor(data, ctx.dp.mesh, [Replicate()], src_data_rank=src)
     else:
         if src is not None:
@@ -101,7 +91,7 @@ def _placed(param: nn.Parameter, spec: ParamSpec, ctx: ShardingContext) -> nn.Pa
     return nn.Parameter(stored, requires_grad=param.requires_grad)
 
 
-def shard_parameters(model: nn.Module, ctx: ShardingContext) -> None:
+def shard_parameters(model: nn.Module, ctx: ModelState) -> None:
     """Replace every parameter by its stored form and route reads through ``unshard``."""
     new_params: dict[int, tuple[nn.Parameter, str]] = {}
     subclasses: dict[tuple[type, tuple[str, ...]], type] = {}

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
-
 import torch
 
 from zerograph.runtime.offload import HOST
-
-Storage = Literal["replicated", "sharded"]
-GradReduce = Literal["all_reduce", "all_reduce_slice", "reduce_scatter"]
+from zerograph.runtime.plan import GradReduce, Storage
 
 
 @dataclasses.dataclass(frozen=True)

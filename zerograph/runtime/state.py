@@ -1,20 +1,22 @@
-"""Per-model state of a compiled model: its config, ranks, parameter specs,
-communication counters, compiled regions and micro-batch position.
+"""The runtime state of one compiled model: its config and parallel plan,
+ranks, parameter specs, communication counters, compiled regions,
+micro-batch position, and the hooks the runtime installs.
 
-One :class:`ShardingContext` belongs to one compiled model; nothing here is
+One :class:`ModelState` belongs to one compiled model; nothing here is
 shared between models.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from zerograph.config import Config
 from zerograph.runtime import registry
 from zerograph.runtime.dist import DataParallelGroup
+from zerograph.runtime.plan import ParallelPlan
 from zerograph.runtime.specs import ParamSpec
 from zerograph.runtime.stats import CommStats
 
@@ -35,6 +37,8 @@ class CompiledRegion:
     # what the forward holds for the backward, by kind, once computed
     # (zerograph.planner.step_plan: the memory limit reads it for every later region)
     held_bytes: dict[str, int] | None = None
+    # the compile steps that ran for this region, in order (zerograph.backend.steps.StepRecord)
+    step_records: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(eq=False)
@@ -45,16 +49,29 @@ class ReadState:
 
 
 @dataclasses.dataclass(eq=False)
-class ShardingContext:
+class ModelState:
     config: Config
     dp: DataParallelGroup
+    plan: ParallelPlan
     tag: str = dataclasses.field(default_factory=registry.new_tag)
     specs: dict[str, ParamSpec] = dataclasses.field(default_factory=dict)
     stats: CommStats = dataclasses.field(default_factory=CommStats)
     regions: list[CompiledRegion] = dataclasses.field(default_factory=list)
     micro_step: int = 0  # micro-batches run since the start of training
     step: int = 0  # optimizer steps (accumulation boundaries) reached
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the Dynamo backend compiling this model's graphs (zerograph.backend.ZerographBackend)
+    backend: Any = None
+    # loss_fn(outputs, batch) of train_step/eval_step (None: the output's .loss)
+    loss_fn: Callable | None = None
+    # the model's stage index in a pipeline (None without one)
+    pipeline_stage: int | None = None
+    # set by the runtime (zerograph.runtime.training): wraps a compiled
+    # executable so a failed collective names the dead rank, and translates
+    # one failure (errors.naming_failed_ranks)
+    collective_guard: Callable | None = None
+    collective_failure: Callable | None = None
+    # the global gradient norm of the last clipped step (None: not clipped yet)
+    last_grad_norm: Any = None
     # Gradient accumulation without a collective per micro-batch (stages 0/1):
     # parameter reads pass ``read_state.tag``, which is ``nosync_tag`` on
     # micro-batches before the boundary, so Dynamo compiles one graph variant
@@ -81,10 +98,8 @@ class ShardingContext:
 
     @property
     def defers_grad_sync(self) -> bool:
-        """Stages 0 and 1 keep full local gradients, so with accumulation they
-        reduce once per optimizer step instead of once per micro-batch."""
-        cfg = self.config
-        return cfg.zero_optimization.stage <= 1 and cfg.gradient_accumulation_steps > 1 and self.world_size > 1
+        """Gradients reduce once per optimizer step (:attr:`ParallelPlan.defers_grad_sync`)."""
+        return self.plan.defers_grad_sync
 
     @property
     def world_size(self) -> int:
@@ -93,6 +108,18 @@ class ShardingContext:
     @property
     def rank(self) -> int:
         return self.dp.rank
+
+    def enter_pipeline(self, stage: int, ranks: int, rank_index: int) -> None:
+        """This model is pipeline stage ``stage``, run by the rank at index
+        ``rank_index`` of the ``ranks`` pipeline ranks (the plan's ``pp``
+        dimension). Called before its first compile."""
+        self.pipeline_stage = stage
+        mesh = dict(self.plan.mesh.sizes)
+        mesh["pp"] = ranks
+        coords = dict(self.plan.mesh.coords)
+        coords["pp"] = rank_index
+        self.plan = dataclasses.replace(self.plan, mesh=dataclasses.replace(
+            self.plan.mesh, sizes=tuple(mesh.items()), coords=tuple(coords.items())))
 
     def ran_region(self, index: int, phase: str) -> None:
         """Called by every compiled graph of region ``index`` each time it
@@ -109,8 +136,8 @@ class ShardingContext:
         return region
 
 
-def context_of(model) -> ShardingContext | None:
-    """The sharding context of a model prepared by ``zerograph.compile`` or
+def context_of(model) -> ModelState | None:
+    """The runtime state of a model prepared by ``zerograph.compile`` or
     ``zerograph.shard`` (also through ``torch.compile``'s wrapper), else None."""
     model = getattr(model, "_orig_mod", model)
     runtime = getattr(model, "_zg_runtime", None)

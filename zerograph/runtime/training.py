@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from zerograph._torch_private import dynamo_exception_types, queue_backward_callback
-from zerograph.runtime.state import ShardingContext
+from zerograph.runtime.state import ModelState
 from zerograph.runtime.dist import RankMonitor
 from zerograph.runtime.memory import MemoryBudgetError
 from zerograph.runtime.errors import (
@@ -77,7 +77,7 @@ class _BackwardEntry(torch.autograd.Function):
 
 
 def _translator(ref: "weakref.ref[TrainingRuntime]"):
-    """``ctx.extra["collective_failure"]``: the runtime's translation of a
+    """``ctx.collective_failure``: the runtime's translation of a
     failed collective, without the context keeping the runtime alive."""
 
     def translate(exc: BaseException, phase: str) -> BaseException:
@@ -90,7 +90,7 @@ def _translator(ref: "weakref.ref[TrainingRuntime]"):
 class TrainingRuntime:
     """Calls the compiled model and runs what surrounds each step."""
 
-    def __init__(self, ctx: ShardingContext, compiled, params: list[torch.nn.Parameter]):
+    def __init__(self, ctx: ModelState, compiled, params: list[torch.nn.Parameter]):
         self.ctx = ctx
         self.compiled = compiled
         self.params = params
@@ -107,8 +107,8 @@ class TrainingRuntime:
             self.monitor = RankMonitor.for_group(ctx.dp.group, cfg.zerograph.collective_timeout_s)
             weakref.finalize(self, self.monitor.stop)
         ref = weakref.ref(self)  # the context must not keep its runtime alive
-        ctx.extra["collective_guard"] = lambda executable, phase: ref().guard_collectives(executable, phase)
-        ctx.extra["collective_failure"] = _translator(ref)
+        ctx.collective_guard = lambda executable, phase: ref().guard_collectives(executable, phase)
+        ctx.collective_failure = _translator(ref)
 
     # -- collective failures -------------------------------------------------
     def collective_failure(self, exc: BaseException, phase: str) -> BaseException:
@@ -325,7 +325,7 @@ class TrainingRuntime:
             sq = g.detach().float().pow(2).sum()
             total = total + (sq if sharded else sq / world)
         norm = math.sqrt(self._all_reduce(total, dist.ReduceOp.SUM).item())
-        self.ctx.extra["last_grad_norm"] = norm
+        self.ctx.last_grad_norm = norm
         coef = self.clip / (norm + 1e-6)
         if coef < 1.0:
             for g, _ in grads:

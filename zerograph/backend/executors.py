@@ -1,0 +1,81 @@
+"""The runtime hooks the ``wrap_executor`` step puts around a compiled graph.
+
+Each takes a boxed executable (``fn(args)``) and returns one; innermost first:
+
+* ``measure_memory``: ``zerograph.track_memory`` runs the graph through the
+  planner's measuring interpreter (:mod:`zerograph.planner.measured`);
+* ``record_order``: tells the model state which region ran (the planner
+  composes regions in execution order);
+* ``translate_oom``: a ``torch.OutOfMemoryError`` names the budget to change;
+* the runtime's collective guard: a failed collective names the dead rank;
+* ``count_comm``: adds the graph's static communication bytes to the step's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zerograph.planner.measured import tracker_of
+from zerograph.runtime.memory import out_of_memory
+
+
+def _boxed(fn):
+    fn._boxed_call = True
+    return fn
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def measure_memory(executable, state, gm, phase: str, region: int):
+    return tracker_of(state.stats).executable(gm, phase, region, state.dp.device)
+
+
+def record_order(executable, state, index: int, phase: str):
+    """Tells ``state`` that the ``phase`` graph of region ``index`` runs
+    (``ModelState.region_order``, the execution order the planner composes)."""
+
+    def run(args):
+        state.ran_region(index, phase)
+        return executable(args)
+
+    return _boxed(run)
+
+
+def translate_oom(executable, state, phase: str, plan):
+    """``torch.OutOfMemoryError`` says which budget to change."""
+
+    def run(args):
+        try:
+            return executable(args)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(state, exc, phase=phase, plan=plan, rank=rank()) from exc
+
+    return _boxed(run)
+
+
+def count_comm(executable, stats, static: dict[str, int]):
+    """Adds the graph's bytes per collective kind to the step's counters each run."""
+
+    def run(args):
+        stats.add_all(static)
+        return executable(args)
+
+    return _boxed(run)
+
+
+def wrap(executable, state, config, gm, phase: str, region, memory_plan):
+    """All hooks that apply to a model's compiled graph (none without a model state)."""
+    if state is None:
+        return executable
+    if config.zerograph.track_memory:
+        executable = measure_memory(executable, state, gm, phase, region.index)
+    executable = record_order(executable, state, region.index, phase)
+    executable = translate_oom(executable, state, phase, memory_plan)
+    if state.collective_guard is not None:
+        executable = state.collective_guard(executable, phase)
+    static = region.comm_bytes.get(phase)
+    if static:
+        executable = count_comm(executable, state.stats, static)
+    return executable
