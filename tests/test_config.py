@@ -14,6 +14,8 @@ from zerograph.config import (
     ConfigError,
     FP16Config,
     OffloadConfig,
+    OffloadOptimizerConfig,
+    OffloadParamConfig,
     ZeroConfig,
     ZerographOptions,
     reference_markdown,
@@ -51,8 +53,9 @@ def test_defaults():
     assert (zero.stage3_max_live_parameters, zero.stage3_max_reuse_distance) == (1_000_000_000, 0)  # DeepSpeed: 1e9, 1e9
     assert zero.stage3_prefetch_bucket_size == 50_000_000
     assert zero.stage3_param_persistence_threshold == 0  # unlike DeepSpeed's 1e5
-    assert zero.offload_optimizer == zero.offload_param == OffloadConfig()
-    assert OffloadConfig() == OffloadConfig(device="none", pin_memory=False, nvme_path=None, buffer_count=4, fast_init=False)
+    assert zero.offload_optimizer == OffloadOptimizerConfig() and zero.offload_param == OffloadParamConfig()
+    assert OffloadConfig() == OffloadConfig(device="none", pin_memory=False, nvme_path=None, buffer_count=4)
+    assert OffloadOptimizerConfig().fast_init is False and OffloadParamConfig().buffer_count == 5
     assert cfg.zerograph == ZerographOptions(
         compiler="eager",
         disabled_passes=(),
@@ -81,7 +84,7 @@ def test_load_dict():
     assert cfg.gradient_clipping == 1.0
     assert cfg.steps_per_print == 10
     assert cfg.compute_dtype is torch.bfloat16
-    assert cfg.zero_optimization.offload_optimizer == OffloadConfig()
+    assert cfg.zero_optimization.offload_optimizer == OffloadOptimizerConfig()
     assert cfg.zerograph.compiler == "inductor"
     assert cfg.zerograph.disabled_passes == ("a", "b")
 
@@ -177,8 +180,19 @@ def test_unknown_nested_key():
 
 def test_unknown_key_without_close_match_lists_valid_keys():
     assert_expected_inline(
-        load_error({"bf16": {"auto_cast": True}}),
-        """unknown config key 'bf16.auto_cast'; valid keys: enabled""",
+        load_error({"pipeline": {"xyzzy": True}}),
+        """unknown config key 'pipeline.xyzzy'; valid keys: stages, micro_batches, schedule, virtual_stages, split_points, partition, seed_layers, activation_checkpoint_interval, pipe_partitioned, grad_partitioned""",
+    )
+
+
+def test_deepspeed_key_in_the_wrong_section_says_where_it_belongs():
+    """A DeepSpeed key is never "corrected" into another key: the message says where it belongs."""
+    assert_expected_inline(
+        load_error({"bf16": {"auto_cast": True}, "stage3_max_live_parameters": 1e9, "offload_optimizer": {}}),
+        """\
+unknown config key 'bf16.auto_cast': 'auto_cast' is a key of the 'fp16' section; move it there
+unknown config key 'stage3_max_live_parameters': 'stage3_max_live_parameters' is a key of the 'zero_optimization' section; move it there
+unknown config key 'offload_optimizer': 'offload_optimizer' is a key of the 'zero_optimization' section; move it there""",
     )
 
 
@@ -251,20 +265,12 @@ def test_sizes_in_exponent_notation_become_ints(tmp_path):
     assert type(zero.stage3_prefetch_bucket_size) is int
 
 
-def test_hf_auto_values():
-    assert_expected_inline(
-        load_error(
-            {
-                "train_batch_size": "auto",
-                "bf16": {"enabled": "auto"},
-                "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"},
-            }
-        ),
-        """\
-train_batch_size: got "auto"; "auto" is filled in by the Hugging Face Trainer, and zerograph needs the number
-bf16.enabled: got "auto"; "auto" is filled in by the Hugging Face Trainer, and zerograph needs true or false
-zero_optimization.reduce_bucket_size: got "auto"; "auto" is filled in by the Hugging Face Trainer, and zerograph needs the number""",
-    )
+def test_hf_auto_values_take_the_default():
+    cfg = Config.load({"train_batch_size": "auto", "bf16": {"enabled": "auto"},
+                       "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}})
+    assert cfg.train_batch_size is None and cfg.bf16.enabled is False
+    assert cfg.zero_optimization.reduce_bucket_size == 500_000_000
+    assert cfg.auto_keys == ("train_batch_size", "bf16.enabled", "zero_optimization.reduce_bucket_size")
 
 
 def test_fp16_and_bf16_together():
@@ -277,11 +283,11 @@ def test_fp16_and_bf16_together():
 def test_offload_rejected():
     assert_expected_inline(
         load_error({"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}}),
-        """zero_optimization.offload_optimizer.device="nvme" (ZeRO-Infinity) is not supported; use device "cpu" (host memory)""",
+        """zero_optimization.offload_optimizer.device="nvme": NVMe offload (ZeRO-Infinity) is not supported yet; use "cpu" (host memory)""",
     )
     assert_expected_inline(
         load_error({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}}),
-        """zero_optimization.offload_param.device="nvme" (ZeRO-Infinity) is not supported; use device "cpu" (host memory)""",
+        """zero_optimization.offload_param.device="nvme": NVMe offload (ZeRO-Infinity) is not supported yet; use "cpu" (host memory)""",
     )
     # parameter offload needs stage 3 (tests/test_param_offload.py has the rest)
     assert_expected_inline(
@@ -290,19 +296,11 @@ def test_offload_rejected():
     )
     # the same checks apply when models are built directly
     with pytest.raises(pydantic.ValidationError, match="needs zero_optimization.stage 3"):
-        ZeroConfig(offload_param=OffloadConfig(device="cpu"))
-    assert ZeroConfig(stage=3, offload_param=OffloadConfig(device="cpu")).offload_param.device == "cpu"
-    assert ZeroConfig(offload_optimizer=OffloadConfig(device="cpu")).offload_optimizer.device == "cpu"
-
-
-def test_optimizer_and_scheduler_sections_rejected():
-    msg = load_error({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "scheduler": {"type": "WarmupLR"}})
-    assert_expected_inline(
-        msg,
-        """\
-unknown config key 'optimizer': zerograph does not build the optimizer from the config: create it yourself with zerograph.make_optimizer(model, torch.optim.AdamW, lr=...) (or torch.optim.AdamW(model.parameters(), ...)), and delete the 'optimizer' section
-unknown config key 'scheduler': zerograph does not build the LR scheduler: create a plain torch scheduler yourself on your optimizer, and delete the 'scheduler' section""",
-    )
+        ZeroConfig(offload_param=OffloadParamConfig(device="cpu"))
+    assert ZeroConfig(stage=3, offload_param=OffloadParamConfig(device="cpu")).offload_param.device == "cpu"
+    assert ZeroConfig(offload_optimizer=OffloadOptimizerConfig(device="cpu")).offload_optimizer.device == "cpu"
+    with pytest.raises(pydantic.ValidationError, match="NVMe offload"):
+        OffloadParamConfig(device="nvme")
 
 
 def test_all_problems_reported_together():
@@ -388,8 +386,8 @@ def test_inactive_settings():
         }
     )
     assert cfg.inactive_settings() == [
-        "zero_optimization.reduce_scatter=false has no effect yet (zerograph picks the reduction per stage and lays gradients out in its bucket buffers); "
-        "it is accepted so DeepSpeed configs load",
+        "zero_optimization.reduce_scatter=false: no effect yet: zerograph picks the reduction per stage and lays "
+        "gradients out in its bucket buffers",
     ]  # stage3_max_reuse_distance takes effect (zero_policy)
     assert Config().inactive_settings() == []
     assert Config.load({"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}).inactive_settings() == []
@@ -413,13 +411,13 @@ def test_hugging_face_trainer_zero3_config_loads():
     })
     assert cfg.stage == 3 and cfg.zero_optimization.stage3_param_persistence_threshold == 10240
     assert [line.split("=")[0] for line in cfg.inactive_settings()] == [
-        "zero_allow_untested_optimizer", "zero_optimization.stage3_gather_16bit_weights_on_model_save"]
+        "steps_per_print", "zero_allow_untested_optimizer", "zero_optimization.stage3_gather_16bit_weights_on_model_save"]
     with pytest.raises(ConfigError) as info:
         Config.load({"amp": {"enabled": True}, "communication_data_type": "fp16", "elasticity": {}})
     message = str(info.value)
-    assert "'amp': NVIDIA Apex AMP is not supported: use the 'bf16' or 'fp16' section" in message
-    assert "'communication_data_type': zerograph communicates in the compute dtype" in message
-    assert "'elasticity': elastic training is not supported" in message
+    assert "amp is a DeepSpeed feature zerograph does not have (NVIDIA Apex AMP): use the 'bf16' or 'fp16' section" in message
+    assert 'communication_data_type="fp16": zerograph reduces gradients in fp32' in message
+    assert Config.load({"elasticity": {}}).elasticity is None  # empty: off
 
 
 # -- documentation -------------------------------------------------------------
@@ -427,11 +425,11 @@ def test_hugging_face_trainer_zero3_config_loads():
 
 def test_reference_markdown_describes_every_field():
     text = reference_markdown()
-    for model in (Config, FP16Config, BF16Config, ZeroConfig, OffloadConfig, ZerographOptions):
+    for model in (Config, FP16Config, BF16Config, ZeroConfig, OffloadParamConfig, OffloadOptimizerConfig, ZerographOptions):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
             assert f"| `{name}` |" in text
-    assert "### `zero_optimization.offload_optimizer` / `zero_optimization.offload_param`" in text
+    assert "### `zero_optimization.offload_optimizer`" in text and "### `zero_optimization.offload_param`" in text
     assert "| `stage` | one of 0, 1, 2, 3 | `0` |" in text
     assert "| `train_batch_size` | integer >= 1, or null | `null` |" in text
 

@@ -10,23 +10,21 @@ e.g. ``Config(**kwargs)``, validates the same way but raises pydantic's
 Some keys are accepted only so that existing DeepSpeed configs load; they have
 no effect yet. :meth:`Config.inactive_settings` lists the ones a config changes.
 
-Modules: ``values`` (ConfigError, strict value types), ``sections`` (the section
-models), ``schema`` (:class:`Config`), ``messages`` (error wording), ``reference``
-(the generated docs/config.md reference).
+Modules: ``values`` (ConfigError, strict value types, the field metadata that
+says how a DeepSpeed key is treated), the sections (``precision``, ``zero``,
+``sections``, ``optim``, ``ds_sections``), ``toplevel`` (every key), ``schema``
+(:class:`Config`), ``normalize`` (aliases, ``"auto"``, comments), ``messages``
+(error wording), ``reference`` (the generated docs/config.md reference and
+docs/from_deepspeed.md table).
 """
 
-from zerograph.config.reference import reference_markdown
+from zerograph.config.optim import OptimizerConfig, OptimizerParams, SchedulerConfig, SchedulerParams
+from zerograph.config.precision import BF16Config, DataTypesConfig, FP16Config
+from zerograph.config.reference import deepspeed_markdown, reference_markdown
 from zerograph.config.schema import Config
-from zerograph.config.sections import (
-    ActivationCheckpointingConfig,
-    BF16Config,
-    FP16Config,
-    OffloadConfig,
-    PipelineConfig,
-    ZeroConfig,
-    ZerographOptions,
-)
+from zerograph.config.sections import ActivationCheckpointingConfig, PipelineConfig, ZerographOptions
 from zerograph.config.values import ConfigError
+from zerograph.config.zero import OffloadConfig, OffloadOptimizerConfig, OffloadParamConfig, ZeroConfig
 
 __all__ = [
     "ConfigError",
@@ -35,8 +33,16 @@ __all__ = [
     "BF16Config",
     "ZeroConfig",
     "OffloadConfig",
+    "OffloadOptimizerConfig",
+    "OffloadParamConfig",
+    "DataTypesConfig",
+    "OptimizerConfig",
+    "OptimizerParams",
+    "SchedulerConfig",
+    "SchedulerParams",
     "ZerographOptions",
     "ActivationCheckpointingConfig",
     "PipelineConfig",
     "reference_markdown",
+    "deepspeed_markdown",
 ]

@@ -4,34 +4,59 @@ with the dotted key, what was expected, and a fix or a "did you mean" hint."""
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from zerograph.config.values import _EXPECTED, _PROBLEM, ConfigError, _section_model
+from zerograph.config.normalize import AUTO, aliases
+from zerograph.config.values import (
+    _EXPECTED,
+    _PROBLEM,
+    ALIASES,
+    DEPRECATED,
+    FOREIGN,
+    ConfigError,
+    _section_model,
+    field_extra,
+)
 
-_REMOVED_SECTIONS = {
-    "optimizer": "zerograph does not build the optimizer from the config: create it yourself with "
-    "zerograph.make_optimizer(model, torch.optim.AdamW, lr=...) (or torch.optim.AdamW(model.parameters(), ...)), "
-    "and delete the 'optimizer' section",
-    "scheduler": "zerograph does not build the LR scheduler: create a plain torch scheduler "
-    "yourself on your optimizer, and delete the 'scheduler' section",
-    "amp": "NVIDIA Apex AMP is not supported: use the 'bf16' or 'fp16' section, and delete the 'amp' section",
-    "communication_data_type": "zerograph communicates in the compute dtype (fp32, or the 'bf16'/'fp16' "
-    "section's): delete 'communication_data_type'",
-    "elasticity": "elastic training is not supported: launch with a fixed world size and resume from a "
-    "checkpoint at another world size (zerograph.load_checkpoint reshards), and delete the 'elasticity' section",
-}
-
-
-def _validate(root: type[BaseModel], data: dict[str, Any], source: str | None) -> Any:
-    """``root.model_validate(data)``, with every problem reported in one :class:`ConfigError`."""
+def validate(root: type[BaseModel], data: dict[str, Any], source: str | None, problems: list[str]) -> Any:
+    """``root.model_validate(data)``, with every problem (pydantic's, and the
+    ``problems`` found before validation) reported in one :class:`ConfigError`."""
     try:
-        return root.model_validate(data)
+        model = root.model_validate(data)
     except ValidationError as e:
-        raise ConfigError([_describe(err, root) for err in e.errors()], source) from None
+        lines = [line for err in e.errors() for line in _describe(err, root)]
+        raise ConfigError(lines + problems, source) from None
+    if problems:
+        raise ConfigError(problems, source)
+    return model
+
+
+@functools.cache
+def key_homes(root: type[BaseModel]) -> dict[str, tuple[str, ...]]:
+    """Every key name of the schema (names, DeepSpeed's other names, and the
+    documented keys of DeepSpeed sections zerograph lacks) -> the dotted
+    sections it belongs to ("" is the top level)."""
+    homes: dict[str, list[str]] = {}
+
+    def visit(model: type[BaseModel], path: str, seen: tuple[type[BaseModel], ...]) -> None:
+        for name, field in model.model_fields.items():
+            extra = field_extra(field)
+            for key in [name, *extra.get(ALIASES, ()), *extra.get(DEPRECATED, ())]:
+                homes.setdefault(key, []).append(path)
+            here = f"{path}.{name}" if path else name
+            for key in (extra.get(FOREIGN) or {}).get("keys", ()):
+                homes.setdefault(key, []).append(here)
+            sub = _section_model(field.annotation)
+            if sub is not None and sub not in seen:
+                visit(sub, here, seen + (sub,))
+
+    visit(root, "", (root,))
+    return {key: tuple(dict.fromkeys(paths)) for key, paths in homes.items()}
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
@@ -44,6 +69,10 @@ def _dotted(loc: tuple[Any, ...]) -> str:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _where(path: str) -> str:
+    return f"the '{path}' section" if path else "the top level"
 
 
 def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -77,12 +106,20 @@ def _allowed(root: type[BaseModel], loc: tuple[Any, ...], ctx: dict[str, Any]) -
 
 def _unknown_key(root: type[BaseModel], loc: tuple[Any, ...]) -> str:
     key, section = loc[-1], loc[:-1]
-    if not section and key in _REMOVED_SECTIONS:
-        return f"unknown config key '{key}': {_REMOVED_SECTIONS[key]}"
+    here = ".".join(str(part) for part in section)
+    homes = [path for path in key_homes(root).get(str(key), ()) if path != here]
+    if homes:  # a real key, in the wrong place: never "did you mean" another key
+        return (f"unknown config key '{_dotted(loc)}': '{key}' is a key of "
+                + " and of ".join(_where(path) for path in homes[:3]) + "; move it there")
     model = _model_at(root, section)
     valid = list(model.model_fields) if model is not None else []
-    close = difflib.get_close_matches(str(key), valid, n=1)
-    hint = f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(valid)
+    known = valid + (list(aliases(model)) if model is not None else [])
+    close = difflib.get_close_matches(str(key), known, n=1)
+    if close:
+        target = aliases(model).get(close[0], (close[0],))[0] if model is not None else close[0]
+        hint = f"did you mean '{target}'?"
+    else:
+        hint = "valid keys: " + ", ".join(valid)
     return f"unknown config key '{_dotted(loc)}'; {hint}"
 
 
@@ -117,28 +154,21 @@ def _requirement(err: Any, root: type[BaseModel]) -> str:
     return err["msg"]
 
 
-def _describe(err: Any, root: type[BaseModel]) -> str:
-    """One line for one pydantic error."""
+def _describe(err: Any, root: type[BaseModel]) -> list[str]:
+    """The problem lines of one pydantic error."""
     kind, loc = err["type"], tuple(err["loc"])
     key = _dotted(loc)
     if kind == "extra_forbidden":
-        return _unknown_key(root, loc)
+        return [_unknown_key(root, loc)]
     if kind == _PROBLEM:
-        return err["ctx"]["template"].replace("{key}", key)
+        return err["ctx"]["template"].replace("{key}", key).split("\n")
     value = err.get("input")
     requirement = _requirement(err, root)
-    if isinstance(value, str) and value == "auto":
-        if kind.startswith("bool_"):
-            need = "true or false"
-        elif kind == "literal_error":
-            need = "an explicit value (" + requirement + ")"
-        else:
-            need = "the number"
-        return (
-            f'{key}: got "auto"; "auto" is filled in by the Hugging Face Trainer, '
-            f"and zerograph needs {need}"
-        )
+    if isinstance(value, str) and value == AUTO:
+        return [f'{key}: got "auto", which this key does not take; {requirement}']
     prefix = f"{key}: " if key else ""
     if kind.startswith("value_error") or kind == "assertion_error":
-        return prefix + err["msg"]
-    return f"{prefix}got {_show(value)}; {requirement}"
+        return [prefix + err["msg"]]
+    if kind == "missing":
+        return [f"{key}: missing; this section needs it"]
+    return [f"{prefix}got {_show(value)}; {requirement}"]

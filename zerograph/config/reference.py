@@ -1,4 +1,6 @@
-"""The generated markdown reference of every config key (docs/config.md)."""
+"""The generated markdown references: every config key (:func:`reference_markdown`,
+docs/config.md) and every DeepSpeed key with what zerograph does with it
+(:func:`deepspeed_markdown`, docs/from_deepspeed.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,21 @@ from typing import Annotated, Any, Literal, Union
 import annotated_types
 from pydantic import BaseModel
 
+from zerograph.config.optim import DEEPSPEED_ONLY_OPTIMIZERS, OPTIMIZER_PARAMS, SCHEDULER_PARAMS, SCHEDULER_REQUIRED
 from zerograph.config.schema import Config
-from zerograph.config.values import _section_model
+from zerograph.config.values import (
+    ALIASES,
+    ALLOWED,
+    DEPRECATED,
+    FOREIGN,
+    NO_EFFECT,
+    UNSUPPORTED,
+    ZEROGRAPH_ONLY,
+    _section_model,
+    field_extra,
+    show,
+)
+from zerograph.config.zero import DEPRECATED_OFFLOAD_KEYS
 
 def _constraint_text(metadata: Iterable[Any]) -> str:
     parts = []
@@ -35,9 +50,15 @@ def _type_text(annotation: Any, metadata: Iterable[Any] = ()) -> str:
     if origin is Literal:
         return "one of " + ", ".join(json.dumps(a) for a in args)
     if origin is tuple:
-        return f"list of {_type_text(args[0])}s"
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_text(args[0])}s"
+        return f"list of {len(args)} {_type_text(args[0])}s"
+    if origin is dict or annotation is dict:
+        return "section (any keys)"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "section"
+    if annotation is Any:
+        return "any"
     names = {bool: "boolean", int: "integer", float: "number", str: "string"}
     text = names.get(annotation, getattr(annotation, "__name__", str(annotation)))
     constraint = _constraint_text(metadata)
@@ -84,15 +105,16 @@ def reference_markdown() -> str:
         for name, field in model.model_fields.items():
             sub = _section_model(field.annotation)
             notes = field.description or ""
-            if sub is not None:
+            default_value = field.get_default(call_default_factory=True)
+            if field.is_required():
+                default = "required"
+            elif sub is not None:
                 first = ".".join(filter(None, [paths[0] if paths else "", name]))
                 notes += f" See the `{first}` table."
-                default = "see table"
+                default = "see table" if default_value is not None else "`null`; see table"
             else:
-                default = f"`{json.dumps(_jsonable(field.get_default(call_default_factory=True)))}`"
-            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            if extra.get("no_effect_yet"):
-                notes += f" **No effect yet** ({extra['no_effect_yet']})."
+                default = f"`{json.dumps(_jsonable(default_value))}`"
+            notes += _disposition_notes(field_extra(field))
             type_text = _type_text(field.annotation, field.metadata)
             out.append(f"| `{name}` | {_cell(type_text)} | {_cell(default)} | {_cell(notes)} |")
     return "\n".join(out)
@@ -100,3 +122,103 @@ def reference_markdown() -> str:
 
 def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def _allowed_text(values: Iterable[Any]) -> str:
+    return " or ".join(f"`{show(v)}`" for v in values)
+
+
+def _disposition_notes(extra: dict[str, Any]) -> str:
+    """The reference's notes on how a DeepSpeed key is treated."""
+    notes = ""
+    if extra.get(NO_EFFECT):
+        notes += f" **No effect yet** ({extra[NO_EFFECT]})."
+    if extra.get(UNSUPPORTED):
+        notes += f" **Only {_allowed_text(extra[ALLOWED])}**: other values are rejected ({extra[UNSUPPORTED]})."
+    section = extra.get(FOREIGN)
+    if section:
+        if "instead" in section:
+            notes += f" **Rejected when on** (`enabled` not false, or any content without `enabled`): {section['instead']}."
+        else:
+            notes += f" **No effect yet** ({section[NO_EFFECT]})."
+    names = [f"`{a}`" for a in extra.get(ALIASES, ())] + [f"`{a}` (deprecated)" for a in extra.get(DEPRECATED, ())]
+    if names:
+        notes += " Also accepted as " + ", ".join(names) + "."
+    return notes
+
+
+# ---------------------------------------------------------------------------
+# docs/from_deepspeed.md
+
+
+def _deepspeed_status(extra: dict[str, Any], has_section: bool) -> str:
+    if extra.get(UNSUPPORTED):
+        return f"only {_allowed_text(extra[ALLOWED])}; otherwise rejected: {extra[UNSUPPORTED]}"
+    section = extra.get(FOREIGN)
+    if section:
+        if "instead" in section:
+            return f"not in zerograph ({section['feature']}); accepted only when off, otherwise rejected: " \
+                   f"{section['instead']}"
+        return f"accepted, no effect yet: {section[NO_EFFECT]}"
+    if extra.get(NO_EFFECT):
+        return f"accepted, no effect yet: {extra[NO_EFFECT]}"
+    return "see the keys below" if has_section else "works"
+
+
+def _deepspeed_rows() -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+
+    def visit(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            extra = field_extra(field)
+            if extra.get(ZEROGRAPH_ONLY):
+                continue
+            key = prefix + name
+            sub = _section_model(field.annotation)
+            rows.append((key, _deepspeed_status(extra, sub is not None)))
+            for alias in extra.get(ALIASES, ()):
+                rows.append((prefix + alias, f"DeepSpeed's other name for `{key}`"))
+            for alias in extra.get(DEPRECATED, ()):
+                rows.append((prefix + alias, f"DeepSpeed's deprecated name for `{key}`"))
+            if key == "zero_optimization":
+                for old, (sections, setting) in DEPRECATED_OFFLOAD_KEYS.items():
+                    targets = (sections,) if isinstance(sections, str) else sections
+                    meaning = " and ".join(f"`{key}.{t}.{k}: {show(v)}`" for t in targets for k, v in setting.items())
+                    rows.append((f"{key}.{old}", f"DeepSpeed's deprecated form: `true` means {meaning}"))
+            if sub is not None:
+                visit(sub, key + ".")
+
+    visit(Config, "")
+    return rows
+
+
+def deepspeed_markdown() -> str:
+    """The "Coming from DeepSpeed" tables: every DeepSpeed key and what zerograph does with it."""
+    out = [
+        '<!-- Generated by `python -c "import zerograph.config as c; print(c.deepspeed_markdown())"`;'
+        " do not edit by hand. -->",
+        "",
+        "## Every DeepSpeed key",
+        "",
+        "| DeepSpeed key | in zerograph |",
+        "| --- | --- |",
+    ]
+    out += [f"| `{key}` | {_cell(status)} |" for key, status in _deepspeed_rows()]
+    out += ["", "## Optimizer types", "", "| `optimizer.type` | built as | `optimizer.params` it takes |",
+            "| --- | --- | --- |"]
+    built = {"Adam": "torch.optim.AdamW (torch.optim.Adam with `adam_w_mode: false`)",
+             "AdamW": "torch.optim.AdamW (torch.optim.Adam with `adam_w_mode: false`)"}
+    for name, params in OPTIMIZER_PARAMS.items():
+        out.append(f"| `{name}` | {_cell(built.get(name, f'torch.optim.{name}'))} | "
+                   + ", ".join(f"`{p}`" for p in params) + " |")
+    for key, what in DEEPSPEED_ONLY_OPTIMIZERS.items():
+        out.append(f"| `{key}` | rejected: {_cell(what)} is not in zerograph; build your optimizer with "
+                   "`zerograph.make_optimizer` | |")
+    out += ["", "Other `torch.optim` names are rejected with the same advice; the type is matched in any case.",
+            "", "## Scheduler types", "", "| `scheduler.type` | `scheduler.params` it takes (required in bold) |",
+            "| --- | --- |"]
+    for name, params in SCHEDULER_PARAMS.items():
+        required = SCHEDULER_REQUIRED.get(name, ())
+        names = [f"**`{p}`**" if p in required else f"`{p}`" for p in params]
+        out.append(f"| `{name}` | {', '.join(names)} |")
+    return "\n".join(out)

@@ -1,102 +1,54 @@
-"""The whole config, :class:`Config`: loading, derived values, changed and inactive settings."""
+"""The whole config, :class:`Config`: loading, ``"auto"`` values, derived
+values, and the settings that are changed or have no effect yet."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
-import annotated_types
-from pydantic import BaseModel, Field, StrictBool, model_validator
+from pydantic import BaseModel, PrivateAttr
 
-from zerograph.config.messages import _validate
-from zerograph.config.sections import (
-    ActivationCheckpointingConfig,
-    BF16Config,
-    FP16Config,
-    PipelineConfig,
-    ZeroConfig,
-    ZerographOptions,
-)
-from zerograph.config.values import _FROZEN, ConfigError, _Float, _no_effect, _PositiveInt, _problem
+from zerograph.config.messages import validate
+from zerograph.config.normalize import AUTO, normalize
+from zerograph.config.toplevel import ConfigKeys
+from zerograph.config.values import FOREIGN, NO_EFFECT, ConfigError, _section_model, field_extra, show
 
-class Config(BaseModel):
-    """A whole zerograph config: the carried-over DeepSpeed keys plus ``zerograph``."""
+log = logging.getLogger(__name__)
 
-    model_config = _FROZEN
+# top-level sections that change nothing the backend runs: built on request (optimizer, scheduler) or
+# accepted only when they ask for nothing zerograph lacks
+_INERT_SECTIONS = ("optimizer", "scheduler", "data_types", "tensor_parallel", "hybrid_engine", "checkpoint",
+                   "compile", "tensorboard", "wandb", "comet", "csv_monitor", "flops_profiler", "comms_logger")
 
-    train_batch_size: Optional[_PositiveInt] = Field(
-        None,
-        description="Samples per optimizer step over all ranks; must equal micro batch * "
-        "gradient accumulation steps * world size. DeepSpeed: same key.",
-    )
-    train_micro_batch_size_per_gpu: Optional[_PositiveInt] = Field(
-        None, description="Samples per rank per forward/backward. DeepSpeed: same key."
-    )
-    gradient_accumulation_steps: _PositiveInt = Field(
-        1,
-        description="Micro-batches per optimizer step; derived from the two batch sizes when "
-        "only they are given. DeepSpeed: same key.",
-    )
-    gradient_clipping: Annotated[_Float, annotated_types.Ge(0)] = Field(
-        0.0,
-        description="Clip the global gradient norm to this value; 0 disables clipping. "
-        "DeepSpeed: same key.",
-    )
-    steps_per_print: Optional[_PositiveInt] = Field(
-        None,
-        description="Logging only: log progress every this many steps. DeepSpeed: same key.",
-    )
-    zero_allow_untested_optimizer: StrictBool = Field(
-        False,
-        description="Allow optimizers DeepSpeed has not tested with ZeRO. zerograph takes any torch "
-        "optimizer (zerograph.make_optimizer). DeepSpeed: same key.",
-        json_schema_extra=_no_effect("any torch optimizer works with zerograph"),
-    )
-    wall_clock_breakdown: StrictBool = Field(
-        False, description="Logging only: log a timing breakdown. DeepSpeed: same key."
-    )
-    fp16: FP16Config = Field(
-        default_factory=FP16Config, description="float16 mixed precision. DeepSpeed: same section."
-    )
-    bf16: BF16Config = Field(
-        default_factory=BF16Config, description="bfloat16 mixed precision. DeepSpeed: same section."
-    )
-    zero_optimization: ZeroConfig = Field(
-        default_factory=ZeroConfig, description="ZeRO sharding. DeepSpeed: same section."
-    )
-    zerograph: ZerographOptions = Field(
-        default_factory=ZerographOptions,
-        description="zerograph's own options; not in DeepSpeed.",
-    )
-    activation_checkpointing: ActivationCheckpointingConfig = Field(
-        default_factory=ActivationCheckpointingConfig,
-        description="Activation checkpointing policy. DeepSpeed: same section; its keys map onto policies.",
-    )
-    pipeline: PipelineConfig = Field(
-        default_factory=PipelineConfig,
-        description="Pipeline parallelism; zerograph's own (DeepSpeed configures it in code).",
-    )
 
-    @model_validator(mode="after")
-    def _one_precision(self) -> Config:
-        if self.fp16.enabled and self.bf16.enabled:
-            raise _problem("fp16.enabled and bf16.enabled are both true; enable at most one")
-        return self
+class Config(ConfigKeys):
+    """A whole zerograph config: DeepSpeed's ds_config keys plus ``zerograph``.
+
+    Every key of DeepSpeed's config reference is known: it works, or it is
+    accepted and has no effect yet (:meth:`inactive_settings`), or it is
+    rejected with a message naming the feature and what to use instead."""
+
+    _auto: tuple[str, ...] = PrivateAttr(default=())  # the "auto" keys not resolved yet
 
     # -- loading ------------------------------------------------------------
 
     @classmethod
     def load(cls, source: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None) -> Config:
-        """A Config from a Config (returned as is), a dict, a JSON file path, or None."""
+        """A Config from a Config (returned as is), a dict, a JSON file path, or None.
+
+        ``"auto"`` values (the Hugging Face Trainer's placeholders) take the
+        key's default, logged in one line; :meth:`resolve_auto` fills them from
+        a trainer's arguments instead."""
         if isinstance(source, Config):
             return source
         if source is None:
             return cls()
         if isinstance(source, Mapping):
-            return _validate(cls, dict(source), None)
+            return cls._from_dict(dict(source), None)
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             try:
@@ -111,11 +63,72 @@ class Config(BaseModel):
                 raise ConfigError(f"line {e.lineno} column {e.colno}: invalid JSON: {e.msg}", str(path)) from None
             if not isinstance(data, dict):
                 raise ConfigError(f"expected a JSON object at the top level; got {type(data).__name__}", str(path))
-            return _validate(cls, data, str(path))
+            return cls._from_dict(data, str(path))
         raise ConfigError(
             f"cannot load a config from {type(source).__name__}; "
             "pass a JSON file path, a dict, a Config, or None"
         )
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], source: str | None) -> Config:
+        norm = normalize(cls, data)
+        cfg = validate(cls, norm.data, source, norm.problems)
+        cfg._auto = tuple(norm.auto + norm.kept_auto)
+        for line in norm.renamed:
+            log.info("zerograph config: %s (DeepSpeed's other name for the key)", line)
+        if norm.auto or norm.kept_auto:
+            chosen = [f"{key}={show(cfg.get(key))}" for key in norm.auto]
+            chosen += [f'{key} stays "auto" until resolved' for key in norm.kept_auto]
+            log.info('zerograph config: "auto" values (Config.resolve_auto fills them from a trainer): %s',
+                     ", ".join(chosen))
+        return cfg
+
+    @property
+    def auto_keys(self) -> tuple[str, ...]:
+        """Dotted keys the config set to ``"auto"`` that are not resolved yet."""
+        return self._auto
+
+    def resolve_auto(self, values: Mapping[str, Any]) -> Config:
+        """A copy with the ``"auto"`` keys taken from ``values`` (dotted keys,
+        e.g. ``{"train_micro_batch_size_per_gpu": 8, "optimizer.params.lr": 3e-5}``),
+        as a trainer integration fills them from its arguments.
+
+        A key that was not ``"auto"`` must already hold the value given (else a
+        mismatch is reported, as the Hugging Face Trainer does); ``"auto"`` keys
+        missing from ``values`` keep their default. Every problem is reported
+        in one :class:`ConfigError`; the values chosen are logged in one line."""
+        data = self.model_dump(exclude_unset=True)  # the keys given, under zerograph's names
+        problems: list[str] = []
+        filled: list[str] = []
+        for key, value in values.items():
+            if key in self._auto:
+                _set_dotted(data, key, value)
+                filled.append(f"{key}={show(value)}")
+                continue
+            try:
+                current = self.get(key)
+            except KeyError:
+                problems.append(f"resolve_auto: unknown config key '{key}'")
+                continue
+            if isinstance(current, BaseModel) or _jsonable(current) != _jsonable(value):
+                problems.append(f"resolve_auto: {key} is {show(_jsonable(current))} in the config, not \"auto\", "
+                                f"but the trainer has {show(value)}; make them agree or set {key} to \"auto\"")
+        if problems:
+            raise ConfigError(problems)
+        cfg = validate(type(self), data, None, [])
+        cfg._auto = tuple(key for key in self._auto if key not in values)
+        if filled:
+            log.info('zerograph config: "auto" values resolved: %s', ", ".join(filled))
+        return cfg
+
+    def get(self, key: str) -> Any:
+        """The value of a dotted key, e.g. ``cfg.get("zero_optimization.stage")``; KeyError if there is none."""
+        value: Any = self
+        for part in key.split("."):
+            if not isinstance(value, BaseModel) or part not in type(value).model_fields:
+                raise KeyError(key)
+            value = getattr(value, part)
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, defaults included, as a JSON-compatible dict."""
@@ -198,30 +211,48 @@ class Config(BaseModel):
         return None, None, gas
 
     def changed_settings(self, *, skip: tuple[str, ...] = ()) -> list[str]:
-        """Dotted names of the settings whose value differs from the default,
+        """Dotted names of the settings whose value differs from the default and
+        that change what zerograph does (settings without effect and the
+        sections built on request, such as ``optimizer``, are left out), also
         leaving out the top-level keys and sections named in ``skip``."""
         out: list[str] = []
-        _collect_changed(self.to_dict(), Config().to_dict(), "", skip, out)
+        _collect_changed(self, Config(), "", skip + _INERT_SECTIONS, out)
         return out
 
     def inactive_settings(self) -> list[str]:
-        """One line for each changed setting that has no effect yet."""
+        """One line, ``<key>=<value>: no effect yet: <why>``, for each setting
+        the config changes that has no effect yet."""
         lines: list[str] = []
         _collect_inactive(self, "", lines)
         return lines
 
 
-def _collect_changed(value: Any, default: Any, prefix: str, skip: tuple[str, ...], out: list[str]) -> None:
-    if isinstance(value, dict) and isinstance(default, dict):
-        for key, sub in value.items():
-            if prefix or key not in skip:
-                _collect_changed(sub, default.get(key), f"{prefix}{key}" if not prefix else f"{prefix}.{key}", skip, out)
-    elif value != default:
-        out.append(prefix)
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *sections, last = key.split(".")
+    for part in sections:
+        data = data.setdefault(part, {})
+    data[last] = value
 
 
-# ---------------------------------------------------------------------------
-# Settings that have no effect yet
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list)) if not isinstance(value, BaseModel) else value
+
+
+def _no_effect_reason(field: Any) -> Optional[str]:
+    extra = field_extra(field)
+    return extra.get(NO_EFFECT) or (extra.get(FOREIGN) or {}).get(NO_EFFECT)
+
+
+def _collect_changed(model: BaseModel, default: BaseModel, prefix: str, skip: tuple[str, ...],
+                     out: list[str]) -> None:
+    for name, field in type(model).model_fields.items():
+        if (not prefix and name in skip) or _no_effect_reason(field):
+            continue
+        value, base = getattr(model, name), getattr(default, name, None)
+        if isinstance(value, BaseModel) and isinstance(base, BaseModel):
+            _collect_changed(value, base, f"{prefix}{name}.", skip, out)
+        elif value != base:
+            out.append(prefix + name)
 
 
 def _collect_inactive(model: BaseModel, prefix: str, lines: list[str]) -> None:
@@ -231,10 +262,6 @@ def _collect_inactive(model: BaseModel, prefix: str, lines: list[str]) -> None:
         if isinstance(value, BaseModel):
             _collect_inactive(value, key + ".", lines)
             continue
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        reason = extra.get("no_effect_yet")
-        if reason and value != field.get_default(call_default_factory=True):
-            lines.append(
-                f"{key}={json.dumps(value)} has no effect yet ({reason}); "
-                "it is accepted so DeepSpeed configs load"
-            )
+        reason = _no_effect_reason(field)
+        if reason and value != field.get_default(call_default_factory=True) and value != AUTO:
+            lines.append(f"{key}={show(value)}: no effect yet: {reason}")

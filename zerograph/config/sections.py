@@ -1,5 +1,5 @@
-"""The sections of a zerograph config: precision, ZeRO, offload, zerograph's own
-options, activation checkpointing and pipeline parallelism."""
+"""zerograph's own options (``zerograph``), activation checkpointing and
+pipeline parallelism."""
 
 from __future__ import annotations
 
@@ -7,221 +7,22 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import annotated_types
 import torch
-from pydantic import BaseModel, BeforeValidator, Field, StrictBool, StrictStr, field_validator, model_validator
+from pydantic import Field, StrictBool, StrictStr, field_validator, model_validator
 
 from zerograph.config.values import (
-    _BUCKETING,
-    _FROZEN,
-    _Float,
-    _Int,
-    _PositiveInt,
-    _Size,
+    Section,
     _expected,
-    _no_effect,
+    _Float,
+    _PositiveInt,
     _problem,
-    _whole_number,
+    _Size,
+    meta,
 )
 
-# ---------------------------------------------------------------------------
-# Sections
+_OWN = meta(zerograph_only=True)
 
-
-class FP16Config(BaseModel):
-    """The ``fp16`` section: float16 mixed precision with loss scaling."""
-
-    model_config = _FROZEN
-
-    enabled: StrictBool = Field(
-        False, description="Compute in float16 with loss scaling. DeepSpeed: `fp16.enabled`."
-    )
-    loss_scale: Annotated[_Float, annotated_types.Ge(0)] = Field(
-        0.0,
-        description="0 selects dynamic loss scaling; a positive value is a fixed (static) scale. "
-        "DeepSpeed: same key.",
-    )
-    initial_scale_power: Annotated[_Int, annotated_types.Ge(0), annotated_types.Le(64)] = Field(
-        16, description="Dynamic scaling starts at 2**initial_scale_power. DeepSpeed: same key."
-    )
-    loss_scale_window: _PositiveInt = Field(
-        1000,
-        description="Overflow-free steps before the dynamic scale is raised. DeepSpeed: same key.",
-    )
-    hysteresis: _PositiveInt = Field(
-        2,
-        description="Overflows tolerated before the dynamic scale is lowered (delayed shift). "
-        "DeepSpeed: same key.",
-    )
-    min_loss_scale: Annotated[_Float, annotated_types.Gt(0)] = Field(
-        1.0, description="Lower bound of the dynamic scale. DeepSpeed: same key."
-    )
-
-
-class BF16Config(BaseModel):
-    """The ``bf16`` section: bfloat16 mixed precision."""
-
-    model_config = _FROZEN
-
-    enabled: StrictBool = Field(
-        False,
-        description="Compute in bfloat16 (no loss scaling needed). DeepSpeed: `bf16.enabled`.",
-    )
-
-
-class OffloadConfig(BaseModel):
-    """``zero_optimization.offload_optimizer`` / ``offload_param`` (ZeRO-Offload)."""
-
-    model_config = _FROZEN
-
-    device: Literal["none", "cpu", "nvme"] = Field(
-        "none",
-        description="Where to offload to: \"none\", or \"cpu\" (host memory); \"nvme\" is "
-        "rejected. DeepSpeed: same key.",
-    )
-    pin_memory: StrictBool = Field(
-        False, description="Use pinned host memory for offloaded buffers (only where an accelerator exists; "
-        "CPU builds cannot pin). DeepSpeed: same key."
-    )
-    nvme_path: Optional[StrictStr] = Field(
-        None, description="Directory for NVMe offload files. DeepSpeed: same key."
-    )
-    buffer_count: _PositiveInt = Field(
-        4, description="Number of staging buffers for NVMe offload. DeepSpeed: same key."
-    )
-    fast_init: StrictBool = Field(
-        False, description="Fast optimizer initialization for NVMe offload. DeepSpeed: same key."
-    )
-
-
-class ZeroConfig(BaseModel):
-    """The ``zero_optimization`` section: what is sharded and how."""
-
-    model_config = _FROZEN
-
-    stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_whole_number)] = Field(
-        0,
-        description="0: plain data parallel; 1: shard optimizer state; 2: also shard gradients; "
-        "3: also shard parameters. DeepSpeed: same key.",
-    )
-    overlap_comm: StrictBool = Field(
-        True,
-        description="Overlap collectives with computation (the schedule_collectives pass: "
-        "prefetch the next gather, defer reduction waits); false runs every collective on demand. "
-        "DeepSpeed: same key.",
-    )
-    contiguous_gradients: StrictBool = Field(
-        True,
-        description="Copy gradients into one contiguous buffer as they are produced. "
-        "DeepSpeed: same key.",
-        json_schema_extra=_BUCKETING,
-    )
-    reduce_scatter: StrictBool = Field(
-        True,
-        description="Reduce gradients with reduce-scatter rather than all-reduce. "
-        "DeepSpeed: same key.",
-        json_schema_extra=_BUCKETING,
-    )
-    stage3_gather_16bit_weights_on_model_save: StrictBool = Field(
-        False,
-        description="Gather full 16-bit weights when the model is saved. zerograph.export_pretrained and "
-        "zerograph.full_state_dict always gather the full weights. DeepSpeed: same key.",
-        json_schema_extra=_no_effect("zerograph.export_pretrained and full_state_dict always gather full weights"),
-    )
-    sub_group_size: _Size = Field(
-        1_000_000_000,
-        description="Elements per optimizer sub-group step (DeepSpeed's offload granularity). "
-        "DeepSpeed: same key.",
-        json_schema_extra=_no_effect("the optimizer steps each parameter's shard; there are no sub-groups"),
-    )
-    round_robin_gradients: StrictBool = Field(
-        False,
-        description="Stage 1/2 offload: interleave gradient copies across ranks. DeepSpeed: same key.",
-        json_schema_extra=_no_effect("gradients are reduced in the compiled backward's order"),
-    )
-    ignore_unused_parameters: StrictBool = Field(
-        True,
-        description="Stage 1/2: allow parameters that get no gradient. zerograph always does "
-        "(the optimizer skips them). DeepSpeed: same key.",
-        json_schema_extra=_no_effect("parameters without a gradient are always allowed and skipped by the optimizer"),
-    )
-    reduce_bucket_size: _Size = Field(
-        500_000_000,
-        description="At most this many elements per fused gradient reduction. Buckets never span "
-        "two blocks (one reduction per transformer block); 0 turns bucketing off. DeepSpeed: same key.",
-    )
-    allgather_bucket_size: _Size = Field(
-        500_000_000,
-        description="At most this many elements per fused parameter all-gather. Buckets never span "
-        "two blocks (one gather per transformer block); 0 turns bucketing off. DeepSpeed: same key.",
-    )
-    stage3_max_live_parameters: _Size = Field(
-        1_000_000_000,
-        description="Most gathered (unsharded) parameter elements held at once in stage 3: a "
-        "gather is started ahead of its use (prefetched) only if it and the buckets still in use "
-        "fit within this bound; a larger bucket or parameter is gathered on demand. "
-        "DeepSpeed: same key.",
-    )
-    stage3_max_reuse_distance: _Size = Field(
-        0,
-        description="Stage 3: keep a gathered parameter from the forward into the backward (no backward "
-        "re-gather) when fewer than this many elements of other parameters are used between its last "
-        "forward use and its first backward use (the last layers); kept parameters count against "
-        "stage3_max_live_parameters. zerograph's default is 0 (re-gather every parameter, like FSDP2); "
-        "DeepSpeed's default is 1e9. DeepSpeed: same key.",
-    )
-    stage3_prefetch_bucket_size: _Size = Field(
-        50_000_000,
-        description="A gather bucket of at most this many elements is started one bucket ahead of "
-        "its use; larger buckets are gathered on demand. DeepSpeed: same key.",
-    )
-    stage3_param_persistence_threshold: _Size = Field(
-        0,
-        description="Parameters of at most this many elements stay unsharded (replicated) in stage 3: "
-        "they are never gathered and their gradients are all-reduced. zerograph's default is 0, so "
-        "every parameter is sharded (like FSDP2); DeepSpeed's default is 1e5.",
-    )
-    offload_optimizer: OffloadConfig = Field(
-        default_factory=OffloadConfig,
-        description="ZeRO-Offload of optimizer state; null means no offload. Device \"cpu\": fp32 master "
-        "shards and optimizer states on the host, the step runs there (build the optimizer with "
-        "zerograph.make_optimizer); \"nvme\" is rejected. DeepSpeed: same key.",
-    )
-    offload_param: OffloadConfig = Field(
-        default_factory=OffloadConfig,
-        description="ZeRO-Offload of parameters (stage 3 only); null means no offload. Device \"cpu\": each "
-        "rank's parameter shards live in host memory and the compiled graphs copy each one to the device "
-        "ahead of its all-gather (prefetched with it); gradient shards are copied back to the host, where "
-        "the optimizer step runs, with or without offload_optimizer (zerograph.make_optimizer steps the "
-        "shards in place, with no second master copy). Parameters under stage3_param_persistence_threshold stay on the device. "
-        "\"nvme\" is rejected. DeepSpeed: same key.",
-    )
-
-    @field_validator("offload_optimizer", "offload_param", mode="before")
-    @classmethod
-    def _null_is_no_offload(cls, value: Any) -> Any:
-        return {} if value is None else value
-
-    @field_validator("offload_optimizer", "offload_param", mode="after")
-    @classmethod
-    def _no_nvme(cls, value: OffloadConfig, info: Any) -> OffloadConfig:
-        if value.device == "nvme":
-            raise _problem('{key}.device="nvme" (ZeRO-Infinity) is not supported; use device "cpu" (host memory)')
-        return value
-
-    @model_validator(mode="after")
-    def _param_offload_needs_stage3(self) -> "ZeroConfig":
-        if self.offload_param.device == "cpu" and self.stage != 3:
-            raise _problem(
-                f'zero_optimization.offload_param.device="cpu" needs zero_optimization.stage 3 (now {self.stage}): '
-                "only stage 3 gathers parameters from shards, so only there can they live on the host; "
-                'set stage to 3, or use offload_optimizer.device "cpu" (optimizer states on the host) instead'
-            )
-        return self
-
-
-class ZerographOptions(BaseModel):
+class ZerographOptions(Section):
     """The ``zerograph`` section: options of zerograph itself (not in DeepSpeed)."""
-
-    model_config = _FROZEN
 
     compiler: Literal["eager", "inductor"] = Field(
         "eager",
@@ -292,12 +93,10 @@ class ZerographOptions(BaseModel):
         return value
 
 
-class ActivationCheckpointingConfig(BaseModel):
+class ActivationCheckpointingConfig(Section):
     """The ``activation_checkpointing`` section: what the forward saves for the backward
     (see docs/activations.md). DeepSpeed's keys of this section are accepted where they
     map onto a policy and rejected otherwise, with the zerograph equivalent named."""
-
-    model_config = _FROZEN
 
     policy: Literal["none", "per_layer", "selective", "memory_budget"] = Field(
         "none",
@@ -306,53 +105,57 @@ class ActivationCheckpointingConfig(BaseModel):
         "recompute pointwise ops; \"memory_budget\": save the fewest activation bytes a minimum cut "
         "allows within memory_budget, recomputing as few matmuls as it can. Random ops (dropout) are "
         "always saved, never recomputed.",
+        json_schema_extra=_OWN,
     )
     memory_budget: Optional[Union[float, int]] = Field(
         None,
         description="For policy \"memory_budget\": a float in [0, 1] (fraction of the activation "
         "bytes policy \"none\" saves; parameters and inputs, held anyway, do not count) or an int >= 2 "
         "(activation bytes). Required by that policy, rejected by the others.",
+        json_schema_extra=_OWN,
     )
     offload_activations: StrictBool = Field(
         False,
         description="Copy the tensors the forward saves for the backward to host memory after the "
         "forward and back to the device at the start of the backward (pinned, non-blocking on CUDA; "
         "plain copies on CPU). DeepSpeed: cpu_checkpointing.",
+        json_schema_extra=_OWN,
     )
     block_pattern: Optional[StrictStr] = Field(
         None,
         description="Regex matched (re.search) against a node's module path; the matched text names "
         "its block for \"per_layer\". Default: the path up to its first integer (\"transformer.h.3\").",
+        json_schema_extra=_OWN,
     )
     partition_activations: StrictBool = Field(
-        False, description="DeepSpeed key; true is rejected: activations are per-rank already (data parallel)."
+        False, description="DeepSpeed key; true is rejected: activations are per-rank already (data parallel).",
+        json_schema_extra=meta(unsupported="partitioned activations are not supported; remove it: with data "
+                               "parallelism each rank saves only its own batch", allowed=[False]),
     )
     cpu_checkpointing: StrictBool = Field(
         False, description="DeepSpeed key; true means offload_activations: true."
     )
     number_checkpoints: Optional[_PositiveInt] = Field(
-        None, description="DeepSpeed key; rejected: use block_pattern to choose the blocks."
+        None, description="DeepSpeed key; rejected: use block_pattern to choose the blocks.",
+        json_schema_extra=meta(unsupported="not supported; set block_pattern to a regex naming the blocks to "
+                               "checkpoint", allowed=[None]),
     )
     contiguous_memory_optimization: StrictBool = Field(
-        False, description="DeepSpeed key; true is rejected: the partitioner lays out saved tensors."
+        False, description="DeepSpeed key; true is rejected: the partitioner lays out saved tensors.",
+        json_schema_extra=meta(unsupported="not supported; remove it: saved tensors are laid out by the partitioner",
+                               allowed=[False]),
     )
     synchronize_checkpoint_boundary: StrictBool = Field(
-        False, description="DeepSpeed key; accepted, no effect (graphs need no synchronization)."
+        False, description="DeepSpeed key; accepted, no effect (graphs need no synchronization).",
+        json_schema_extra=meta(no_effect="compiled graphs need no synchronization at checkpoint boundaries"),
     )
     profile: StrictBool = Field(
-        False, description="DeepSpeed key; accepted, no effect (use zerograph.inspect)."
+        False, description="DeepSpeed key; accepted, no effect (use zerograph.inspect).",
+        json_schema_extra=meta(no_effect="use zerograph.inspect to see what is saved and recomputed"),
     )
 
     @model_validator(mode="after")
     def _deepspeed_keys(self) -> "ActivationCheckpointingConfig":
-        fixes = {
-            "partition_activations": "remove it: with data parallelism each rank saves only its own batch",
-            "number_checkpoints": "set block_pattern to a regex naming the blocks to checkpoint",
-            "contiguous_memory_optimization": "remove it: saved tensors are laid out by the partitioner",
-        }
-        for key, fix in fixes.items():
-            if getattr(self, key) not in (False, None):
-                raise _problem(f"activation_checkpointing.{key} is not supported; {fix}")
         if self.cpu_checkpointing:
             object.__setattr__(self, "offload_activations", True)
         budget = self.memory_budget
@@ -381,20 +184,19 @@ class ActivationCheckpointingConfig(BaseModel):
         return self
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(Section):
     """The ``pipeline`` section: pipeline parallelism (zerograph's own; see docs/pipeline.md)."""
-
-    model_config = _FROZEN
 
     stages: _PositiveInt = Field(
         1,
-        description="Pipeline stages p; 1 turns pipelining off. The world size must be p x the "
+        description="Pipeline stages p; 1 turns pipelining off (DeepSpeed: the PipelineModule's num_stages). The world size must be p x the "
         "data-parallel size; each stage is ZeRO-sharded over its own data-parallel group.",
     )
     micro_batches: Optional[_PositiveInt] = Field(
         None,
         description="Micro-batches per train_step; null uses gradient_accumulation_steps. The batch "
         "given to train_step must split evenly into them.",
+        json_schema_extra=_OWN,
     )
     schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = Field(
         "1f1b",
@@ -402,11 +204,13 @@ class PipelineConfig(BaseModel):
         "then all backwards; \"interleaved_1f1b\": the model is cut into stages x virtual_stages "
         "stages, rank r holds stages r, r+p, ... (Megatron-LM's virtual pipeline stages); "
         "micro-batches must be a multiple of stages.",
+        json_schema_extra=_OWN,
     )
     virtual_stages: Optional[_PositiveInt] = Field(
         None,
         description="Model stages per rank for \"interleaved_1f1b\" (>= 2; null: 2). Must be 1 (or null) "
         "for the other schedules. The bubble is (p-1)/(v*m+p-1) of a step instead of (p-1)/(m+p-1).",
+        json_schema_extra=_OWN,
     )
     split_points: tuple[StrictStr, ...] = Field(
         (),
@@ -414,6 +218,31 @@ class PipelineConfig(BaseModel):
         "[\"transformer.h.2\"]); empty: "
         "balance the stages by a cost model (FLOPs + parameter bytes). The loss is always computed "
         "on the last stage.",
+        json_schema_extra=_OWN,
+    )
+
+    partition: StrictStr = Field(
+        "best",
+        description="DeepSpeed's PipelineModule partition method (\"parameters\", \"uniform\", \"type:...\").",
+        json_schema_extra=meta(no_effect="split_points, or else a cost model (FLOPs + parameter bytes), "
+                               "places the stage boundaries"),
+    )
+    seed_layers: StrictBool = Field(
+        False, description="Seed each layer's initialization by its index.",
+        json_schema_extra=meta(no_effect="the model is built by you before zerograph splits it"),
+    )
+    activation_checkpoint_interval: _Size = Field(
+        0, description="Checkpoint every this many pipeline layers; 0: off.",
+        json_schema_extra=meta(unsupported='not supported; use activation_checkpointing.policy "per_layer" '
+                               "(or another policy), and remove the key", allowed=[0]),
+    )
+    pipe_partitioned: StrictBool = Field(
+        True, description="Partition activations sent between stages over the tensor-parallel group.",
+        json_schema_extra=meta(no_effect="there is no tensor parallelism; stages send whole activations"),
+    )
+    grad_partitioned: StrictBool = Field(
+        True, description="Partition gradients sent between stages over the tensor-parallel group.",
+        json_schema_extra=meta(no_effect="there is no tensor parallelism; stages send whole gradients"),
     )
 
     @model_validator(mode="after")
