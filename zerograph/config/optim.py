@@ -159,10 +159,10 @@ class OptimizerConfig(Section):
     @model_validator(mode="after")
     def _params_of_type(self) -> "OptimizerConfig":
         takes = OPTIMIZER_PARAMS[self.type]
-        extra = [k for k in OPTIMIZER_PARAMS["Adam"] + OPTIMIZER_PARAMS["RMSprop"] + OPTIMIZER_PARAMS["SGD"]
-                 + OPTIMIZER_PARAMS["Adagrad"] if k in self.params.model_fields_set and k not in takes]
+        extra = [k for k in OptimizerParams.model_fields if k in self.params.model_fields_set and k not in takes
+                 and k != "max_grad_norm"]
         if extra:
-            names = ", ".join(dict.fromkeys(extra))
+            names = ", ".join(extra)
             raise _problem(f"optimizer.params: {names} {'is not a parameter' if len(extra) == 1 else 'are not parameters'}"
                            f" of {self.type}; it takes {', '.join(takes)}")
         return self
