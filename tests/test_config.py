@@ -18,6 +18,7 @@ from zerograph.config import (
     OffloadParamConfig,
     ZeroConfig,
     ZerographOptions,
+    deepspeed_markdown,
     reference_markdown,
 )
 
@@ -440,3 +441,15 @@ def test_docs_match_generated_reference():
         "docs/config.md is out of date: replace everything from the '<!-- Generated' line on with the output of "
         "python -c \"import zerograph.config as c; print(c.reference_markdown())\""
     )
+
+
+def test_from_deepspeed_doc_matches_generated_tables():
+    doc = (REPO / "docs" / "from_deepspeed.md").read_text()
+    assert deepspeed_markdown() in doc, (
+        "docs/from_deepspeed.md is out of date: replace everything from the '<!-- Generated' line on with the output "
+        "of python -c \"import zerograph.config as c; print(c.deepspeed_markdown())\""
+    )
+    assert "| `zero_optimization.zero_quantized_weights` | only `false`; otherwise rejected:" in doc
+    assert "| `zero_optimization.max_live_parameters` | DeepSpeed's other name for " in doc
+    assert "| `sparse_attention` | not in zerograph (block-sparse attention kernels)" in doc
+    assert "| `zerograph" not in doc  # zerograph's own section is not a DeepSpeed key

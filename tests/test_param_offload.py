@@ -318,7 +318,7 @@ def test_offload_param_config_errors():
     assert "needs zero_optimization.stage 3 (now 0)" in _load_error({"zero_optimization": OFFLOAD})
     assert_expected_inline(
         _load_error({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}}),
-        """zero_optimization.offload_param.device="nvme" (ZeRO-Infinity) is not supported; use device "cpu" (host memory)""",
+        """zero_optimization.offload_param.device="nvme": NVMe offload (ZeRO-Infinity) is not supported yet; use "cpu" (host memory)""",
     )
     cfg = Config.load({"zero_optimization": {"stage": 3, **OFFLOAD}})
     assert cfg.zero_optimization.offload_param.device == "cpu"
