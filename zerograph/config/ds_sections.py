@@ -20,8 +20,9 @@ def _monitor(what: str, instead: str) -> dict[str, Any]:
 class TensorBoardConfig(Section):
     """The ``tensorboard`` section: DeepSpeed's TensorBoard monitor."""
 
-    enabled: StrictBool = Field(False, description="Write training metrics for TensorBoard.",
-                                json_schema_extra=_monitor("TensorBoard logs", "use torch.utils.tensorboard in your loop"))
+    enabled: StrictBool = Field(
+        False, description="Write training metrics for TensorBoard.",
+        json_schema_extra=_monitor("TensorBoard logs", "use torch.utils.tensorboard in your loop"))
     output_path: StrictStr = Field("", description="Directory of the logs.")
     job_name: StrictStr = Field("DeepSpeedJobName", description="Sub-directory of this job.")
 

@@ -163,8 +163,8 @@ class OptimizerConfig(Section):
                  and k != "max_grad_norm"]
         if extra:
             names = ", ".join(extra)
-            raise _problem(f"optimizer.params: {names} {'is not a parameter' if len(extra) == 1 else 'are not parameters'}"
-                           f" of {self.type}; it takes {', '.join(takes)}")
+            are = "is not a parameter" if len(extra) == 1 else "are not parameters"
+            raise _problem(f"optimizer.params: {names} {are} of {self.type}; it takes {', '.join(takes)}")
         return self
 
 
@@ -273,8 +273,8 @@ class SchedulerConfig(Section):
         lines = []
         extra = [k for k in SchedulerParams.model_fields if k in given and k not in takes]
         if extra:
-            lines.append(f"scheduler.params: {', '.join(extra)} {'is not a parameter' if len(extra) == 1 else 'are not parameters'} "
-                         f"of {self.type}; it takes {', '.join(takes)}")
+            are = "is not a parameter" if len(extra) == 1 else "are not parameters"
+            lines.append(f"scheduler.params: {', '.join(extra)} {are} of {self.type}; it takes {', '.join(takes)}")
         missing = [k for k in SCHEDULER_REQUIRED.get(self.type, ()) if getattr(self.params, k) is None]
         if missing:
             lines.append(f"scheduler.params: {self.type} needs {', '.join(missing)}")

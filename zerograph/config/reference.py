@@ -138,7 +138,8 @@ def _disposition_notes(extra: dict[str, Any]) -> str:
     section = extra.get(FOREIGN)
     if section:
         if "instead" in section:
-            notes += f" **Rejected when on** (`enabled` not false, or any content without `enabled`): {section['instead']}."
+            notes += (" **Rejected when on** (`enabled` not false, or any content without `enabled`): "
+                      f"{section['instead']}.")
         else:
             notes += f" **No effect yet** ({section[NO_EFFECT]})."
     names = [f"`{a}`" for a in extra.get(ALIASES, ())] + [f"`{a}` (deprecated)" for a in extra.get(DEPRECATED, ())]

@@ -15,7 +15,7 @@ from pydantic import BaseModel, PrivateAttr
 from zerograph.config.messages import validate
 from zerograph.config.normalize import AUTO, normalize
 from zerograph.config.toplevel import ConfigKeys
-from zerograph.config.values import FOREIGN, NO_EFFECT, ConfigError, _section_model, field_extra, show
+from zerograph.config.values import FOREIGN, NO_EFFECT, ConfigError, field_extra, show
 
 log = logging.getLogger(__name__)
 

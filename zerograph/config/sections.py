@@ -3,7 +3,7 @@ pipeline parallelism."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import annotated_types
 import torch
@@ -189,7 +189,8 @@ class PipelineConfig(Section):
 
     stages: _PositiveInt = Field(
         1,
-        description="Pipeline stages p; 1 turns pipelining off (DeepSpeed: the PipelineModule's num_stages). The world size must be p x the "
+        description="Pipeline stages p; 1 turns pipelining off (DeepSpeed: the PipelineModule's num_stages). "
+        "The world size must be p x the "
         "data-parallel size; each stage is ZeRO-sharded over its own data-parallel group.",
     )
     micro_batches: Optional[_PositiveInt] = Field(

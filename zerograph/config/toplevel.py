@@ -27,7 +27,8 @@ from zerograph.config.sections import ActivationCheckpointingConfig, PipelineCon
 from zerograph.config.values import ForeignSection, Section, _Float, _PositiveInt, _problem, _Size, meta
 from zerograph.config.zero import ZeroConfig
 
-_AVERAGED = "gradients are reduced in fp32 and averaged once; scaling before or after the reduction gives the same result"
+_AVERAGED = ("gradients are reduced in fp32 and averaged once; scaling before or after the reduction gives the same "
+             "result")
 
 
 def _foreign(name: str) -> Any:

@@ -88,7 +88,8 @@ class OffloadOptimizerConfig(OffloadConfig):
         1.0,
         description="Fraction of the parameters whose optimizer step runs on the host (ZeRO-Offload++).",
         json_schema_extra=meta(
-            unsupported="partial optimizer offload (ZeRO-Offload++) is not supported yet; remove the key or set it to 1",
+            unsupported="partial optimizer offload (ZeRO-Offload++) is not supported yet; remove the key or set it "
+            "to 1",
             allowed=[1.0],
         ),
     )
@@ -173,7 +174,8 @@ class ZeroConfig(Section):
         True,
         description="Stage 1/2: allow parameters that get no gradient. zerograph always does "
         "(the optimizer skips them). DeepSpeed: same key.",
-        json_schema_extra=meta(no_effect="parameters without a gradient are always allowed and skipped by the optimizer"),
+        json_schema_extra=meta(
+            no_effect="parameters without a gradient are always allowed and skipped by the optimizer"),
     )
     reduce_bucket_size: _Size = Field(
         500_000_000,
@@ -228,7 +230,8 @@ class ZeroConfig(Section):
         "rank's parameter shards live in host memory and the compiled graphs copy each one to the device "
         "ahead of its all-gather (prefetched with it); gradient shards are copied back to the host, where "
         "the optimizer step runs, with or without offload_optimizer (zerograph.make_optimizer steps the "
-        "shards in place, with no second master copy). Parameters under stage3_param_persistence_threshold stay on the device. "
+        "shards in place, with no second master copy). Parameters under stage3_param_persistence_threshold stay on "
+        "the device. "
         "\"nvme\" is rejected. DeepSpeed: same key (deprecated form: `cpu_offload_param: true`).",
     )
     allgather_partitions: StrictBool = Field(
@@ -307,7 +310,8 @@ class ZeroConfig(Section):
     )
     zero_quantized_weights: StrictBool = Field(
         False, description="ZeRO++: all-gather int8-quantized weights (qwZ).",
-        json_schema_extra=meta(unsupported="ZeRO++ quantized weight gathers (qwZ) are" + _ZEROPP + "false", allowed=[False]),
+        json_schema_extra=meta(unsupported="ZeRO++ quantized weight gathers (qwZ) are" + _ZEROPP + "false",
+                               allowed=[False]),
     )
     zero_quantized_nontrainable_weights: StrictBool = Field(
         False, description="ZeRO++: keep frozen weights quantized.",
@@ -356,10 +360,10 @@ class ZeroConfig(Section):
             log.info("zerograph config: zero_optimization.%s is DeepSpeed's deprecated form of %s", key,
                      " and ".join(f"{s}.{k}={str(v).lower()}" for s in ((sections,) if isinstance(sections, str)
                                                                        else sections) for k, v in setting.items()))
-            if value is False:
-                continue
+            if value is False or value == "auto":
+                continue  # no offload, as DeepSpeed reads it
             if value is not True:
-                raise _problem(f"zero_optimization.{key}: got {value!r}; expected a boolean (true or false)")  # false (or "auto"): no offload, as DeepSpeed reads it
+                raise _problem(f"zero_optimization.{key}: got {value!r}; expected a boolean (true or false)")
             for section in (sections,) if isinstance(sections, str) else sections:
                 current = data.get(section) or {}
                 if isinstance(current, dict):

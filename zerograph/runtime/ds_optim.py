@@ -20,7 +20,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from zerograph.config import Config, ConfigError
-from zerograph.config.optim import OPTIMIZER_PARAMS, OptimizerConfig, SchedulerConfig
+from zerograph.config.optim import OPTIMIZER_PARAMS, OptimizerConfig
 
 __all__ = ["build_optimizer", "build_scheduler", "optimizer_class_and_kwargs", "DeepSpeedSchedule"]
 
