@@ -157,6 +157,14 @@ def _run(name: str, fusion: bool, s: dict, args, device) -> dict:
     return {"ms": 1e3 * statistics.median(times), "peak": peak, "loss": first_loss, "counts": counts}
 
 
+def run_model(name: str, fusion: bool, shape: dict, *, steps: int, warmup: int, dtype: str, device) -> dict:
+    """Train ``name`` (``gpt``, ``hf_gpt2``, ``hf_gpt2_eager``) of ``shape``
+    (keys of :data:`FULL`) with ``zerograph.fusion`` on or off: ``{"ms": median
+    step ms, "peak": bytes, "loss": first step's loss, "counts": fused patterns}``."""
+    args = argparse.Namespace(steps=steps, warmup=warmup, dtype=dtype)
+    return _run(name, fusion, shape, args, torch.device(device))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="gpt,hf_gpt2,hf_gpt2_eager")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from zerograph._torch_private import fake_store
-from zerograph.models.gpt import GPT, GPTConfig
+from zerograph.models import GPT, GPTConfig
 
 
 class LossOnly(torch.nn.Module):
@@ -38,60 +38,93 @@ class LossOnly(torch.nn.Module):
         return self.gpt(idx, targets).loss
 
 
-def _model(args) -> torch.nn.Module:
+def build_model(args) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=args.vocab, block_size=args.seq, n_layer=args.layers, n_head=args.heads,
                     n_embd=args.dim, tie_weights=True)
     return LossOnly(GPT(cfg)) if args.loss_only else GPT(cfg)
 
 
-def _zerograph(args, compiler):
+def _zerograph(args, compiler, device="cuda"):
     import zerograph
 
-    model = zerograph.compile(_model(args), {"zero_optimization": {"stage": 3},
-                                             "zerograph": {"compiler": compiler, "device": "cuda"}})
+    # the fake group's collectives return garbage: no finite-gradient check on it
+    model = zerograph.compile(build_model(args), {"zero_optimization": {"stage": 3},
+                                                  "zerograph": {"compiler": compiler, "device": str(device),
+                                                                "nonfinite_grads": "ignore"}})
     return model
 
 
-def _fsdp2(args):
+def _fsdp2(args, device="cuda"):
     from torch.distributed.fsdp import fully_shard
 
-    model = _model(args).cuda()
+    model = build_model(args).to(device)
     for block in model.h:
         fully_shard(block)
     fully_shard(model)
     return model
 
 
-def _ddp(args):
+def _ddp(args, device="cuda"):
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(_model(args).cuda(), init_sync=False)
+    return DistributedDataParallel(build_model(args).to(device), init_sync=False)
 
 
-def _run(name, build, args) -> dict:
+SYSTEMS = {
+    "zerograph-eager": lambda args, device: _zerograph(args, "eager", device),
+    "zerograph-inductor": lambda args, device: _zerograph(args, "inductor", device),
+    "FSDP2": _fsdp2,
+    "DDP": _ddp,
+}
+
+
+def default_args(**overrides) -> argparse.Namespace:
+    """The command line's defaults (12-layer d=768 GPT, W=8, ...), with ``overrides``."""
+    args = _parser().parse_args([])
+    unknown = set(overrides) - set(vars(args))
+    if unknown:
+        raise TypeError(f"default_args: unknown option(s) {sorted(unknown)}; choose from {sorted(vars(args))}")
+    vars(args).update(overrides)
+    return args
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_system(name: str, args, device="cuda") -> dict:
+    """Train system ``name`` (a key of :data:`SYSTEMS`) under the already
+    initialized fake process group: ``{"name", "ms": median step ms (no
+    comm), "peak": max over the timed steps of max_memory_allocated above
+    the memory before the model was built (nan off CUDA), "states": model-state
+    bytes per rank}``."""
+    cuda = torch.device(device).type == "cuda"
     torch._dynamo.reset()
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    model = build()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    idx = torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    model = SYSTEMS[name](args, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    idx = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     times, peaks = [], []
     for step in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         out = model(idx, idx)
         loss = out if torch.is_tensor(out) else out.loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        _sync(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-            peaks.append(torch.cuda.max_memory_allocated() - base)
+            peaks.append(torch.cuda.max_memory_allocated() - base if cuda else float("nan"))
     states = sum(
         (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters()
     )
@@ -103,7 +136,7 @@ def _run(name, build, args) -> dict:
     return {"name": name, "ms": 1e3 * statistics.median(times), "peak": max(peaks), "states": states}
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--layers", type=int, default=12)
@@ -119,27 +152,29 @@ def main(argv=None) -> int:
                    help="the model returns only the loss (no logits output): torch.compile's AOTAutograd "
                         "materializes a zero gradient for a returned output nobody differentiates")
     p.add_argument("--out", default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
+    unknown = [name for name in args.systems.split(",") if name not in SYSTEMS]
+    if unknown:
+        p.error(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
     if not torch.cuda.is_available():
         print("bench_gpu_memory.py needs a CUDA GPU; nothing measured.")
         return 0
     torch.cuda.set_device(0)
     dist.init_process_group("fake", store=fake_store(), rank=0, world_size=args.world)
-    builders = {
-        "zerograph-eager": lambda: _zerograph(args, "eager"),
-        "zerograph-inductor": lambda: _zerograph(args, "inductor"),
-        "FSDP2": lambda: _fsdp2(args),
-        "DDP": lambda: _ddp(args),
-    }
     rows = []
     for name in args.systems.split(","):
         try:
-            rows.append(_run(name, builders[name], args))
+            rows.append(measure_system(name, args))
         except Exception as exc:  # one failing system must not hide the others
             rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
         print(rows[-1], flush=True)
     ref = next((r for r in rows if r["name"] == "FSDP2" and "peak" in r), None)
-    params = sum(p.numel() for p in dict.fromkeys(_model(args).parameters()))
+    params = sum(p.numel() for p in dict.fromkeys(build_model(args).parameters()))
     lines = [
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; simulated world {args.world} "
         f"(fake process group, one GPU); GPT {args.layers} layers d={args.dim} vocab {args.vocab} "

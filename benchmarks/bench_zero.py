@@ -67,7 +67,9 @@ _VARIANTS = {"no-prefetch": {"zerograph": {"disabled_passes": ["schedule_collect
              "inductor": {"zerograph": {"compiler": "inductor"}},
              # DeepSpeed's default reuse distance: gathered parameters stay from the forward into the
              # backward (no backward re-gather); model states unchanged, a higher transient peak
-             "reuse-1e9": {"zero_optimization": {"stage3_max_reuse_distance": 1_000_000_000}}}
+             "reuse-1e9": {"zero_optimization": {"stage3_max_reuse_distance": 1_000_000_000}},
+             # parameter shards in (pinned, on CUDA) host memory, copied to the device before each gather
+             "offload-param": {"zero_optimization": {"offload_param": {"device": "cpu", "pin_memory": True}}}}
 
 LR = 1e-4
 SEED = 0
@@ -196,15 +198,30 @@ def _prepare(name: str, model: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(name)
 
 
-def _batches(spec: dict, n: int, rank: int, world: int):
-    """The same global random token batches for every system; this rank's slice."""
+def _device() -> torch.device:
+    """Where this rank computes: its CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batches(spec: dict, n: int, rank: int, world: int, device: torch.device | None = None):
+    """The same global random token batches for every system; this rank's slice (on ``device``)."""
     out = []
     for step in range(n):
         g = torch.Generator().manual_seed(DATA_SEED + step)
         shape = (spec["batch"] * world, spec["block_size"])
         idx = torch.randint(0, spec["vocab_size"], shape, generator=g)
         targets = torch.randint(0, spec["vocab_size"], shape, generator=g)
-        out.append((idx.chunk(world)[rank].contiguous(), targets.chunk(world)[rank].contiguous()))
+        out.append((idx.chunk(world)[rank].contiguous().to(device or "cpu"),
+                    targets.chunk(world)[rank].contiguous().to(device or "cpu")))
     return out
 
 
@@ -213,7 +230,7 @@ def _build(name: str, spec: dict):
     from zerograph.models import GPT
 
     torch.manual_seed(SEED)
-    model = GPT(_gpt_config(spec))
+    model = GPT(_gpt_config(spec)).to(_device())
     n_params = model.num_parameters()
     n_root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("h."))
     t_prep = time.perf_counter()
@@ -231,7 +248,8 @@ def _run_system(name: str, spec: dict, steps: int, warmup: int, sample_rss: bool
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    batches = _batches(spec, warmup + steps, rank, world)
+    device = _device()
+    batches = _batches(spec, warmup + steps, rank, world, device)
     torch._dynamo.reset()
     _release_memory()
     dist.barrier()
@@ -252,6 +270,7 @@ def _run_system(name: str, spec: dict, steps: int, warmup: int, sample_rss: bool
                 peak_all = sampler.read()
                 sampler.reset()
         dist.barrier()
+        _sync(device)
         t0 = time.perf_counter()
         loss = model(idx, targets).loss
         loss.backward()
@@ -259,6 +278,7 @@ def _run_system(name: str, spec: dict, steps: int, warmup: int, sample_rss: bool
         if i == 0:  # gradients and optimizer state exist now (step 0 is not timed)
             state_bytes = model_state_bytes(model, opt)
         opt.zero_grad()
+        _sync(device)
         t1 = time.perf_counter()
         if i >= warmup:
             times.append(t1 - t0)
@@ -321,7 +341,8 @@ def _run_interleaved(systems: list[str], spec: dict, steps: int, warmup: int) ->
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(systems))
     torch._dynamo.reset()
     rank, world = dist.get_rank(), dist.get_world_size()
-    batches = _batches(spec, warmup + steps, rank, world)
+    device = _device()
+    batches = _batches(spec, warmup + steps, rank, world, device)
     runs = []
     for name in systems:
         model, opt, n_params, n_root, prep_s = _build(name, spec)
@@ -332,15 +353,19 @@ def _run_interleaved(systems: list[str], spec: dict, steps: int, warmup: int) ->
     def one_step(run, i):
         idx, targets = batches[i]
         dist.barrier()
+        _sync(device)
         t0 = time.perf_counter()
         loss = run["model"](idx, targets).loss
+        _sync(device)
         t1 = time.perf_counter()
         loss.backward()
+        _sync(device)
         t2 = time.perf_counter()
         run["opt"].step()
         if i == 0:
             run["state_bytes"] = model_state_bytes(run["model"], run["opt"])
         run["opt"].zero_grad()
+        _sync(device)
         elapsed = time.perf_counter() - t0
         run["losses"].append(loss.item())
         if i >= warmup:
@@ -383,7 +408,8 @@ def _comm(res: dict, world: int) -> tuple[float, str]:
     return float("nan"), "?"
 
 
-def build_report(per_rank: list[list[dict]], spec: dict, world: int, steps: int, warmup: int, large: bool) -> str:
+def build_report(per_rank: list[list[dict]], spec: dict, world: int, steps: int, warmup: int, large: bool,
+                 backend: str = "gloo") -> str:
     names = [r["name"] for r in per_rank[0]]
     rows = {}
     for i, name in enumerate(names):
@@ -407,7 +433,7 @@ def build_report(per_rank: list[list[dict]], spec: dict, world: int, steps: int,
     model_desc = (
         f"GPT {spec['n_layer']} layers, d={spec['n_embd']}, {spec['n_head']} heads, vocab {spec['vocab_size']}, "
         f"seq {spec['block_size']}; Ψ = {psi:,} parameters ({psi * 4 / MiB:.2f} MiB fp32); "
-        f"batch {spec['batch']} per rank; world {world} (gloo); AdamW lr {LR}, fp32 (zerograph: "
+        f"batch {spec['batch']} per rank; world {world} ({backend}); AdamW lr {LR}, fp32 (zerograph: "
         f"zerograph.make_optimizer, unless '{PLAIN_OPTIMIZER}'; DDP, FSDP2: over model.parameters()); "
         f"{warmup} warmup + {steps} timed steps; 16Ψ/W = {ideal / MiB:.2f} MiB"
     )

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import statistics
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -62,7 +64,7 @@ def _eager_rotary(q, k, cos, sin):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def _cases(dtype, ops) -> list[Case]:
+def make_cases(dtype, ops) -> list[Case]:
     from zerograph.kernels import cross_entropy, gelu, layer_norm, rms_norm, rotary, swiglu
 
     liger = _liger()
@@ -128,13 +130,7 @@ def _cases(dtype, ops) -> list[Case]:
             ))
     if "linear_cross_entropy" in ops:
         for tokens, hidden, vocab in ((4096, 4096, 128256),):
-            cases.append(Case(
-                "linear_cross_entropy", f"{tokens}x{hidden}->{vocab}",
-                lambda t=tokens, h=hidden, v=vocab: (_leaf(t, h, dtype=dtype), _leaf(v, h, dtype=dtype, scale=0.02),
-                                                     torch.randint(0, v, (t,), device="cuda")),
-                lambda x, w, y: F.cross_entropy((x @ w.t()).float(), y),
-                lambda x, w, y: cross_entropy.linear_cross_entropy(x, w, y),
-            ))
+            cases.append(linear_cross_entropy_case(tokens, hidden, vocab, dtype))
     if "attention" in ops:
         from zerograph.kernels import attention
 
@@ -147,6 +143,22 @@ def _cases(dtype, ops) -> list[Case]:
                 lambda q, k, v: attention.attention(q, k, v, causal=True),
             ))
     return cases
+
+
+def linear_cross_entropy_case(tokens: int, hidden: int, vocab: int, dtype, device: str = "cuda",
+                              fused: Callable | None = None) -> Case:
+    """``F.cross_entropy(x @ W.T)`` vs ``zerograph.kernels.cross_entropy.linear_cross_entropy``
+    (row chunks of ``chunk_rows_for``: H/8 rows); ``fused`` replaces the latter."""
+    from zerograph.kernels import cross_entropy
+
+    return Case(
+        "linear_cross_entropy", f"{tokens}x{hidden}->{vocab}",
+        lambda: (_leaf(tokens, hidden, dtype=dtype, device=device),
+                 _leaf(vocab, hidden, dtype=dtype, device=device, scale=0.02),
+                 torch.randint(0, vocab, (tokens,), device=device)),
+        lambda x, w, y: F.cross_entropy((x @ w.t()).float(), y),
+        fused or (lambda x, w, y: cross_entropy.linear_cross_entropy(x, w, y)),
+    )
 
 
 def _liger() -> dict[str, Callable]:
@@ -199,9 +211,10 @@ def _gpu_busy_ms(run, iters: int = 20) -> float:
 
 
 def _measure(fn, inputs) -> tuple[float, float, int]:
-    """(wall ms per fwd+bwd incl. launch overhead, GPU-busy ms, peak bytes)."""
-    from triton.testing import do_bench
+    """(wall ms per fwd+bwd incl. launch overhead, GPU-busy ms, peak bytes).
 
+    On CPU tensors (dry runs): the median wall time of a few calls, and nan
+    for the GPU time and the peak (no CUDA allocator to read)."""
     grads = _output_grads(fn, inputs)
 
     def run():
@@ -209,6 +222,15 @@ def _measure(fn, inputs) -> tuple[float, float, int]:
         _fwd_bwd(fn, inputs, grads)
 
     run()
+    if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            run()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times), math.nan, math.nan
+    from triton.testing import do_bench
+
     torch.cuda.synchronize()
     _clear(inputs)
     torch.cuda.reset_peak_memory_stats()
@@ -218,6 +240,24 @@ def _measure(fn, inputs) -> tuple[float, float, int]:
     peak = torch.cuda.max_memory_allocated() - base
     ms = do_bench(run, warmup=10, rep=50)
     return ms, _gpu_busy_ms(run), peak
+
+
+def measure_case(case: Case) -> dict:
+    """Eager vs zerograph (and Liger where installed) on one case: wall ms,
+    GPU-busy ms, peak bytes of each (``eager_*``, ``fused_*``, ``liger_gpu_ms``)
+    and the max relative difference of the outputs."""
+    inputs = case.make()
+    try:
+        diff = _check(case, inputs)
+        e_ms, e_gpu, e_peak = _measure(case.eager, inputs)
+        z_ms, z_gpu, z_peak = _measure(case.fused, inputs)
+        l_gpu = _measure(case.liger, inputs)[1] if case.liger is not None else math.nan
+    finally:
+        inputs = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {"eager_ms": e_ms, "eager_gpu_ms": e_gpu, "eager_peak": e_peak, "fused_ms": z_ms,
+            "fused_gpu_ms": z_gpu, "fused_peak": z_peak, "liger_gpu_ms": l_gpu, "max_rel_diff": diff}
 
 
 def _check(case: Case, inputs) -> float:
@@ -252,22 +292,18 @@ def main(argv=None) -> int:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     print("\n".join(lines), flush=True)
-    for case in _cases(dtype, ops):
+    for case in make_cases(dtype, ops):
         try:
-            inputs = case.make()
-            diff = _check(case, inputs)
-            e_ms, e_gpu, e_peak = _measure(case.eager, inputs)
-            z_ms, z_gpu, z_peak = _measure(case.fused, inputs)
-            l_gpu = _measure(case.liger, inputs)[1] if case.liger is not None else math.nan
-            row = (f"| {case.op} | {case.shape} | {e_gpu:.3f} | {z_gpu:.3f} | {e_gpu / z_gpu:.2f}x | "
-                   f"{e_ms:.3f} | {z_ms:.3f} | "
-                   f"{e_peak / 2**20:.0f} | {z_peak / 2**20:.0f} | {z_peak / max(e_peak, 1):.2f} | "
-                   f"{'-' if math.isnan(l_gpu) else f'{l_gpu:.3f}'} | {diff:.1e} |")
+            r = measure_case(case)
+            liger = "-" if math.isnan(r["liger_gpu_ms"]) else f"{r['liger_gpu_ms']:.3f}"
+            row = (f"| {case.op} | {case.shape} | {r['eager_gpu_ms']:.3f} | {r['fused_gpu_ms']:.3f} | "
+                   f"{r['eager_gpu_ms'] / r['fused_gpu_ms']:.2f}x | {r['eager_ms']:.3f} | {r['fused_ms']:.3f} | "
+                   f"{r['eager_peak'] / 2**20:.0f} | {r['fused_peak'] / 2**20:.0f} | "
+                   f"{r['fused_peak'] / max(r['eager_peak'], 1):.2f} | "
+                   f"{liger} | "
+                   f"{r['max_rel_diff']:.1e} |")
         except Exception as exc:  # report and go on: one broken op must not hide the others
             row = f"| {case.op} | {case.shape} | error: {type(exc).__name__}: {str(exc)[:120]} |"
-        finally:
-            inputs = None
-            torch.cuda.empty_cache()
         lines.append(row)
         print(row, flush=True)
     if args.out:
