@@ -66,7 +66,7 @@ class Part:
 PARTS = [
     Part("environment", "Device and software", 15),
     Part("attention", "Fused attention forward+backward vs SDPA's flash kernel, 2k-8k tokens", 60),
-    Part("gpt_fusion", "12-layer GPT, fused vs unfused graph, end to end", 85),
+    Part("gpt_fusion", "12-layer GPT, fused vs unfused graph, end to end", 100),
     Part("planner", "Planner's predicted peak vs torch.cuda.max_memory_allocated", 40),
     Part("zero3_memory", "ZeRO-3 peak per rank vs FSDP2 (fully_shard per block)", 45),
     Part("linear_ce", "Linear + cross-entropy (H/8 row chunks) vs eager", 25),

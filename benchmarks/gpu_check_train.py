@@ -240,8 +240,8 @@ def _try_train(ctx, cfg: dict, config: dict, batch: int) -> tuple[bool, str, int
         return ok, f"losses {', '.join(f'{x:.4f}' for x in losses)}", peak
     except (torch.OutOfMemoryError, zerograph.MemoryBudgetError) as exc:
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}", None
-    except RuntimeError as exc:
-        if "out of memory" not in str(exc).lower():
+    except RuntimeError as exc:  # an allocation failure that is not torch.OutOfMemoryError (cuBLAS workspace, ...)
+        if "out of memory" not in str(exc).lower() and "ALLOC_FAILED" not in str(exc):
             raise
         return False, f"RuntimeError: {str(exc).splitlines()[0][:160]}", None
     finally:
