@@ -133,12 +133,12 @@ class Context:
 
     dry_run: bool
     deadline: float  # time.monotonic() by which the part must be done
+    device: str = dataclasses.field(init=False)  # "cuda", or "cpu" in a dry run
 
-    @property
-    def device(self) -> str:
+    def __post_init__(self):
         import torch
 
-        return "cuda" if torch.cuda.is_available() and not self.dry_run else "cpu"
+        self.device = "cuda" if torch.cuda.is_available() and not self.dry_run else "cpu"
 
     @property
     def cuda(self) -> bool:
@@ -160,6 +160,8 @@ def _child(name: str, result: str, cap: float, dry_run: bool) -> int:
     rep.save()
     ctx = Context(dry_run=dry_run, deadline=time.monotonic() + cap)
     try:
+        if not dry_run and not ctx.cuda and name != "environment":
+            raise PartSkipped("no CUDA device here (--dry-run runs every part on CPU with tiny shapes)")
         getattr(gpu_check_parts, f"part_{name}")(ctx, rep)
         rep.status = "ok"
     except PartSkipped as exc:
@@ -337,7 +339,9 @@ def main(argv=None) -> int:
     _prepare_process(args.dry_run)
     records: list[dict] = []
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="gpu_check_work_") as work, open(out / LOG, "w") as log:
+    (out / LOG).write_text("")
+    # append mode: the parts write to the same file through their own descriptors
+    with tempfile.TemporaryDirectory(prefix="gpu_check_work_") as work, open(out / LOG, "a") as log:
         for part in parts:
             rec = _run_part(part, caps[part.name], args.dry_run, Path(work), log)
             records.append(rec)
