@@ -42,8 +42,10 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def _memcpy_counts(prof) -> dict[str, int]:
-    """Copy events of a profiled step by kind, e.g. ``Memcpy HtoD (Pinned -> Device)``."""
-    return {e.key: e.count for e in prof.key_averages() if "Memcpy" in e.key}
+    """Copy and synchronization events of a profiled step by kind: the device's
+    ``Memcpy HtoD (Pinned -> Device)``, the runtime's ``cudaMemcpyAsync``,
+    ``cudaStreamSynchronize`` (a copy that blocks the host shows as one)."""
+    return {e.key: e.count for e in prof.key_averages() if "Memcpy" in e.key or "Synchronize" in e.key}
 
 
 def train_world1(ctx, gpt: dict, batch: int, steps: int, config: dict, *, profile_last: bool = False) -> dict:
