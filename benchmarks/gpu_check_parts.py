@@ -184,8 +184,8 @@ def part_attention(ctx, rep) -> None:
              f"forward + backward with a fixed output gradient; mean of {iters} calls after {warmup} warm-up "
              f"({'CUDA events' if ctx.cuda else 'perf_counter; Triton interpreter on CPU'}). TFLOP/s counts forward "
              "4·B·H·S²·D and backward 2.5x that, halved when causal.")
-    rep.headline = "flash/zerograph " + ", ".join(f"{r:.2f}x ({s // 1024 if s >= 1024 else s}{'k' if s >= 1024 else ''}"
-                                                  f"{'' if c else ' full'})" for s, c, r in ratios)
+    label = lambda seq, causal: (f"{seq // 1024}k" if seq >= 1024 else str(seq)) + ("" if causal else " full")  # noqa: E731
+    rep.headline = "flash/zerograph " + ", ".join(f"{r:.2f}x ({label(s, c)})" for s, c, r in ratios)
 
 
 # --------------------------------------------------------------------------- fused graph end to end
@@ -221,7 +221,7 @@ def part_gpt_fusion(ctx, rep) -> None:
              f"{steps} steps after {warmup} warm-up (compilation included there). Peak: "
              f"{'max_memory_allocated above the memory before the model' if ctx.cuda else 'RSS, rough'}. "
              f"Fused patterns: {counts}.")
-    rep.headline = f"fused {speedup:.2f}x faster, {memory:.2f}x less peak"
+    rep.headline = f"step time unfused/fused {speedup:.2f}x, peak unfused/fused {memory:.2f}x"
 
 
 # --------------------------------------------------------------------------- planner vs allocator

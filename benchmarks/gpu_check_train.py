@@ -267,7 +267,8 @@ def _largest(ctx, rep, offload: bool) -> None:
         capacity = int((fixed + 3.5 * per_layer) * 16)
         config["zerograph"] = {"memory_limit_bytes": capacity}
         where = f"simulated capacity {_mib(capacity)} (zerograph.memory_limit_bytes; dry run)"
-    guess = int((0.9 * capacity - fixed * device_bpp - 12 * seq * batch * vocab) // (per_layer * device_bpp + act_per_layer))
+    logits = 12 * seq * batch * vocab  # fp32 logits, their gradient and log-softmax
+    guess = int((0.9 * capacity - fixed * device_bpp - logits) // (per_layer * device_bpp + act_per_layer))
     host_limit = None
     if offload:  # host: fp32 master, gradient and two Adam moments per parameter
         host_limit = int((HOST_SHARE * _host_available() / 16 - fixed) // per_layer)
@@ -307,7 +308,8 @@ def _largest(ctx, rep, offload: bool) -> None:
              f"{where}. A size trains if it is built on the device, compiled, and runs two steps with finite losses; "
              f"the search starts at a guess of {device_bpp} bytes per parameter on the device"
              + (f" and at most {host_limit} layers for host memory (16 bytes per parameter in {HOST_SHARE:.0%} "
-                "of MemAvailable, which keeps the kernel's OOM killer away)" if offload else "") + f", then goes up while sizes train and down while they fail. Bound: {bound}.")
+                "of MemAvailable, which keeps the kernel's OOM killer away)" if offload else "")
+             + f", then goes up while sizes train and down while they fail. Bound: {bound}.")
 
 
 def part_largest_gpt(ctx, rep) -> None:
