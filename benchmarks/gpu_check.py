@@ -9,8 +9,8 @@ process with its own time cap, so a hang or a CUDA crash in one part cannot
 take the others down: a part past its cap is killed with its whole process
 group and reported as ``failed: timed out`` with whatever it had recorded so
 far. The parts are forked from the runner after it imported torch and
-zerograph once (it never initializes CUDA itself), which saves each part
-seconds of imports. A part that raises reports ``failed: <error>``; the command
+zerograph once (it runs no torch op and never initializes CUDA itself),
+which saves each part seconds of imports. A part that raises reports ``failed: <error>``; the command
 itself still exits 0 and writes the whole report. The caps sum to less than
 9 minutes (:data:`TOTAL_CAP_S`).
 
@@ -185,29 +185,14 @@ def _prepare_process(dry_run: bool) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     if dry_run:  # no GPU, Triton's interpreter, one thread (CI machines are busy)
         os.environ.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    # Imports only: running torch ops here would start OpenMP's thread pool, and
+    # a forked part that then runs a parallel CPU op hangs (GNU OpenMP is not fork-safe).
     try:
-        import torch
+        import torch  # noqa: F401
 
         from benchmarks import gpu_check_parts  # noqa: F401  (imports zerograph and the benchmarks)
-        _warm_up_compile(torch)
     except Exception:  # a part will import it again and report the error in its own section
         traceback.print_exc()
-
-
-def _warm_up_compile(torch) -> None:
-    """One tiny zerograph compile on the CPU: what Dynamo, AOTAutograd and the
-    passes import lazily on their first use is then imported once, here,
-    instead of in every part (about a second each). No CUDA is touched, and
-    Dynamo's caches are reset afterwards."""
-    import zerograph
-    from zerograph.models import GPT, GPTConfig
-
-    model = zerograph.compile(GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)),
-                              {"zero_optimization": {"stage": 3}, "zerograph": {"device": "cpu"}})
-    idx = torch.zeros(1, 8, dtype=torch.long)
-    model(idx, idx).loss.backward()
-    del model
-    torch._dynamo.reset()
 
 
 def _fork_part(name: str, result: Path, cap: float, dry_run: bool, log) -> int:

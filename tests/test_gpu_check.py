@@ -94,3 +94,38 @@ def test_multi_gpu_part_skips_without_several_gpus(tmp_path):
     ctx = gpu_check.Context(dry_run=False, deadline=time.monotonic() + 30)
     with pytest.raises(gpu_check.Skip, match=r"^[01] GPUs?$"):
         gpu_check_parts.part_nccl(ctx, rep)
+
+
+_FORK_SAFE = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from benchmarks import gpu_check, gpu_check_parts
+gpu_check._prepare_process(dry_run=False)   # what the runner does before forking the parts
+
+def part_threads(ctx, rep):
+    import torch
+    torch.set_num_threads(2)
+    x = torch.randn(4_000_000)
+    for _ in range(3):
+        (x * 2 + 1).exp().sum()   # a parallel region: hangs after fork if the runner started OpenMP's pool
+    rep.figure("ran", "1", "a", "1", 1.0, "a / a")
+
+gpu_check_parts.part_threads = part_threads
+import torch
+assert not torch.cuda.is_initialized()
+with open(os.path.join(sys.argv[2], "log"), "a") as log:
+    rec = gpu_check._run_part(gpu_check.Part("threads", "t", 30), 30, True, Path(sys.argv[2]), log)
+print(rec["status"])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_parts_forked_by_the_runner_can_use_threads(tmp_path):
+    """The runner imports torch and zerograph before forking the parts, but runs
+    no torch op: GNU OpenMP's thread pool does not survive a fork."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", _FORK_SAFE, str(ROOT), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "ok", proc.stdout + proc.stderr
