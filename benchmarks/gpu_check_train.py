@@ -15,6 +15,14 @@ MiB, GiB = 2**20, 2**30
 HOST_SHARE = 0.6  # of MemAvailable the optimizer-offload search may fill (fp32 masters, gradients, Adam moments)
 
 
+def _count(n: float) -> str:
+    """A parameter count: 4.30B, 110.4M, 15.3k."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(int(n))
+
+
 def _mib(n: float) -> str:
     from benchmarks.gpu_check_parts import mib
 
@@ -289,7 +297,7 @@ def _largest(ctx, rep, offload: bool) -> None:
         n = nxt
     params = lambda n: fixed + n * per_layer  # noqa: E731
     rep.table(["layers", "parameters", "trained", "device peak", "seconds", "what happened"],
-              [[k, f"{params(k) / 1e9:.2f}B", "yes" if ok else "no", "-" if peak is None else _mib(peak), f"{s:.0f}",
+              [[k, _count(params(k)), "yes" if ok else "no", "-" if peak is None else _mib(peak), f"{s:.0f}",
                 what] for k, (ok, what, peak, s) in sorted(tried.items())])
     fits = [k for k, (ok, *_rest) in tried.items() if ok]
     fails = [k for k, (ok, *_rest) in tried.items() if not ok and k > max(fits, default=0)]
@@ -299,10 +307,10 @@ def _largest(ctx, rep, offload: bool) -> None:
         raise RuntimeError(f"no size trained (tried {sorted(tried)} layers); see the table")
     bound = ("host RAM" if host_limit is not None and best + 1 > host_limit else
              f"{min(fails)} layers did not fit" if fails else "the part's time cap (larger sizes not tried)")
-    rep.figure("largest GPT that trained", f"{params(best) / 1e9:.2f}B parameters ({best} layers)",
-               "the first guess from bytes per parameter", f"{params(guess) / 1e9:.2f}B ({guess} layers)",
+    rep.figure("largest GPT that trained", f"{_count(params(best))} parameters ({best} layers)",
+               "the first guess from bytes per parameter", f"{_count(params(guess))} ({guess} layers)",
                params(best) / params(max(guess, 1)), "trained / guessed", "")
-    rep.headline = f"{params(best) / 1e9:.2f}B parameters ({best} x d={d}); bound: {bound}"
+    rep.headline = f"{_count(params(best))} parameters ({best} x d={d}); bound: {bound}"
     rep.note(f"GPT d={d}, {heads} heads, vocab {vocab}, seq {seq}, batch {batch}, fp32, ZeRO-3 at world size 1, "
              f"zerograph.make_optimizer AdamW (fused){', offload_optimizer to the host' if offload else ''}; "
              f"{where}. A size trains if it is built on the device, compiled, and runs two steps with finite losses; "
