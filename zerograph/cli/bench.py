@@ -31,7 +31,7 @@ _MODEL_KEYS = {"n_layer": "n-layer", "n_embd": "n-embd", "n_head": "n-head", "vo
 
 def checkout_root() -> Path:
     """The source checkout this zerograph was imported from (the parent of the package)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]  # zerograph/cli/bench.py -> the checkout
 
 
 def load_benchmark(root: Path | None = None):
