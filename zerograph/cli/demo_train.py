@@ -35,7 +35,6 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-
 class _Progress:
     """A one-line progress bar on stderr (rank 0 only)."""
 

@@ -162,7 +162,6 @@ def _ce_backward(ctx, grad_loss: Tensor | None, _unused: Tensor | None):
 _cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
-
 # --------------------------------------------------------------------------- public function
 
 

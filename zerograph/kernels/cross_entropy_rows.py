@@ -20,11 +20,9 @@ __all__ = ["REDUCTIONS", "cross_entropy_reference", "cross_entropy_rows_referenc
 REDUCTIONS = ("mean", "sum", "none")
 
 
-
 def _check_reduction(reduction: str, name: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
 
 
 def _loss_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -40,7 +38,6 @@ def _check_target(target: Tensor, n_rows: int, name: str, *others: Tensor | None
         raise ValueError(f"{name}: target must have shape ({n_rows},), got {tuple(target.shape)}")
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name}: target must hold class indices (int64 or int32), got {target.dtype}")
-
 
 
 # --------------------------------------------------------------------------- references
@@ -89,7 +86,6 @@ def cross_entropy_rows_reference(
         return loss, lse, g.to(logits.dtype)
     grad_out.copy_(g)
     return loss, lse, grad_out
-
 
 
 # --------------------------------------------------------------------------- Triton kernel
@@ -148,7 +144,6 @@ if HAS_TRITON:
                 tl.store(dx_row + cols, (g * scale + poison).to(DX.dtype.element_ty), mask=mask)
 
 
-
 def _launch_settings(n_cols: int, block: int | None) -> tuple[int, int]:
     """``(BLOCK, num_warps)``: vocabulary chunks of up to 32k elements, ~32 per thread."""
     if block is None:
@@ -201,7 +196,6 @@ def cross_entropy_rows_triton(
 
 def _rows_impl(*tensors: Tensor):
     return cross_entropy_rows_triton if use_triton(*tensors) else cross_entropy_rows_reference
-
 
 
 # --------------------------------------------------------------------------- reductions and gradient scaling

@@ -36,7 +36,6 @@ def linear_cross_entropy_reference(
     return cross_entropy_reference(logits, target, ignore_index, reduction)
 
 
-
 # --------------------------------------------------------------------------- chunked loop
 
 
@@ -94,7 +93,6 @@ def linear_cross_entropy_chunked(
     if with_grad and need_bias:
         grad_bias = grad_bias.to(bias.dtype)
     return row_loss, grad_hidden, grad_weight, grad_bias
-
 
 
 # --------------------------------------------------------------------------- ops
@@ -188,7 +186,6 @@ def _lce_backward(ctx, grad_loss: Tensor | None, *_unused: Tensor | None):
 
 
 _linear_ce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
-
 
 
 # --------------------------------------------------------------------------- public function
