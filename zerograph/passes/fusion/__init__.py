@@ -5,9 +5,10 @@ They run on the ``"dynamo"`` graph, before AOTAutograd, so AOTAutograd traces
 the fused op's own registered backward. One pass per family, each can be
 disabled by name: ``fuse_attention``, ``fuse_norms``, ``fuse_mlp_activation``,
 ``fuse_cross_entropy``. They do nothing unless ``zerograph.fusion`` is true.
-The matchers are in :mod:`zerograph.passes.fusion.patterns` and
-:mod:`zerograph.passes.fusion.attention`; :data:`FAMILIES` lists them in
-the order they are tried on each node.
+The matchers are in :mod:`zerograph.passes.fusion.patterns`,
+:mod:`zerograph.passes.fusion.rotary` and :mod:`zerograph.passes.fusion.attention`
+(its masks proved in :mod:`zerograph.passes.fusion.attention_masks`); :data:`FAMILIES`
+lists them in the order they are tried on each node.
 
 A Llama RMSNorm goes from::
 
@@ -46,7 +47,7 @@ from typing import Callable
 
 import torch.fx as fx
 
-from zerograph.passes.fusion import attention as attention_patterns, patterns
+from zerograph.passes.fusion import attention as attention_patterns, patterns, rotary as rotary_patterns
 from zerograph.passes.manager import PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 _META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack", "example_value")
 
 FAMILIES: dict[str, tuple[Callable[[fx.Node], patterns.Match | None], ...]] = {
-    "attention": (attention_patterns.match_rotary, attention_patterns.match_sdpa,
+    "attention": (rotary_patterns.match_rotary, attention_patterns.match_sdpa,
                   attention_patterns.match_eager_attention),
     "norms": (patterns.match_rms_norm, patterns.match_layer_norm),
     "mlp_activation": (patterns.match_swiglu, patterns.match_gelu, patterns.match_gelu_new),

@@ -7,7 +7,7 @@ only for them (``interior``, erased after the rewrite) and the fused call
 are read from the graph and checked before a match is returned: a subgraph
 that is not exactly equivalent to the fused function yields ``None``.
 Norms, activations and losses are here; attention and rotary matchers are in
-:mod:`zerograph.passes.fusion.attention`.
+:mod:`zerograph.passes.fusion.attention` and :mod:`zerograph.passes.fusion.rotary`.
 
 GPT-2's ``NewGELUActivation`` (:func:`match_gelu_new`), before::
 
