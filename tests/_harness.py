@@ -37,10 +37,25 @@ def _compute_params(model, dtype):
 
 def reference_run(model_name, world: int, *, accumulation: int = 1, clip: float = 0.0,
                   dtype: torch.dtype = torch.float32, steps: int = STEPS, lr: float = LR):
-    """Single-process eager training on the whole global batch of each step.
+    """Single-process eager training on the whole global batch of each step:
+    the losses and the final state dict (fp32).
 
     For bf16/fp16 the parameters are cast to the compute dtype inside the
-    forward (``functional_call``), the same math zerograph's gather does."""
+    forward (``functional_call``), the same math zerograph's gather does.
+    A named model's run is computed once per session (many tests compare
+    against the same one); every caller gets its own copy."""
+    if not isinstance(model_name, str):
+        return _reference(model_name, world, clip, dtype, steps, lr)
+    losses, params = _reference_of_named(model_name, world, clip, dtype, steps, lr)
+    return list(losses), {k: v.clone() for k, v in params.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _reference_of_named(model_name: str, world: int, clip: float, dtype: torch.dtype, steps: int, lr: float):
+    return _reference(model_name, world, clip, dtype, steps, lr)
+
+
+def _reference(model_name, world: int, clip: float, dtype: torch.dtype, steps: int, lr: float):
     model = build_model(model_name)
     opt = _optimizer(model.parameters(), lr)
     losses = []

@@ -185,8 +185,6 @@ def _rank_main(rank: int, world: int, port: int, commands, results) -> None:
     results.put((rank, None, "ready", b"", ""))
     while True:
         message = commands.get()
-        if message is None:
-            break
         call, payload = message
         isolation = None
         try:
@@ -210,7 +208,6 @@ def _rank_main(rank: int, world: int, port: int, commands, results) -> None:
             results.put((rank, call, "error", "cleaning up after the body failed:\n" + traceback.format_exc(), ""))
             continue
         results.put((rank, call, "ok", buf.getvalue(), replace))
-    dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- test side
@@ -242,21 +239,15 @@ class RankPool:
         self.starts += 1
         self._collect(None, deadline, "start")
 
-    def close(self, kill: bool = False) -> None:
-        """Stop the ranks: ask them to exit (``kill=False``, after a good call), or kill them."""
+    def close(self) -> None:
+        """Kill the ranks: they hold nothing to save, and a graceful exit of a
+        process with torch loaded takes seconds."""
         procs, self.procs = self.procs, []
-        if not kill:
-            for q, p in zip(self.commands, procs):
-                if p.is_alive():
-                    try:
-                        q.put(None)
-                    except (OSError, ValueError):
-                        pass
         for p in procs:
-            p.join(timeout=0 if kill else 10)
             if p.is_alive():
                 p.kill()
-                p.join()
+        for p in procs:
+            p.join()
 
     def _collect(self, call: int | None, deadline: float, what: str) -> tuple[dict[int, Any], list[str]]:
         out: dict[int, Any] = {}
@@ -291,7 +282,7 @@ class RankPool:
         ok = False
         try:
             if not self.alive():
-                self.close(kill=True)
+                self.close()
                 self._start(deadline)
             self.calls += 1
             for q in self.commands:
@@ -300,7 +291,7 @@ class RankPool:
             ok = True
         finally:
             if not ok:  # timeout, dead or failed rank, pytest-timeout, Ctrl-C: the group may be unusable
-                self.close(kill=True)
+                self.close()
         if replace:
             log.info("restarting the world-%d pool: %s", self.world, "; ".join(replace))
             self.close()

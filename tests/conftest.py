@@ -16,6 +16,23 @@ import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test starts with Dynamo's caches empty: what an earlier test
+    compiled never serves (or counts against the recompile limit of) this one."""
+    torch._dynamo.reset()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rank_pools():
+    """The pools of long-lived gloo ranks (tests/_pool.py) end with the session."""
+    yield
+    from tests import _pool
+
+    _pool.close_all()
+
+
 @pytest.fixture
 def fake_world():
     """A two-rank fake process group in this process (pass-level tests), with
