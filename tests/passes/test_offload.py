@@ -13,7 +13,7 @@ from expecttest import assert_expected_inline
 import zerograph
 from tests import _harness, _models
 from tests._harness import TIMEOUT
-from tests.test_checkpointing import _eager_step, saved_bytes
+from tests.passes.test_checkpointing import _eager_step, saved_bytes
 from zerograph.config import Config
 from zerograph.graph.format import format_graph
 
