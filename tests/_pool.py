@@ -223,6 +223,7 @@ class RankPool:
         self.procs: list = []
         self.calls = 0
         self.starts = 0
+        self.stops: list[str] = []  # why the ranks were killed before the end of the session
 
     def alive(self) -> bool:
         return bool(self.procs) and all(p.is_alive() for p in self.procs)
@@ -237,7 +238,7 @@ class RankPool:
         for p in self.procs:
             p.start()
         self.starts += 1
-        self._collect(None, deadline, "start")
+        self._collect(None, deadline, "starting the ranks")
 
     def close(self) -> None:
         """Kill the ranks: they hold nothing to save, and a graceful exit of a
@@ -256,7 +257,7 @@ class RankPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(self.world)) - set(out))
-                raise TimeoutError(f"ranks {missing} did not finish within the timeout ({what})")
+                raise TimeoutError(f"ranks {missing} did not finish within the call's timeout ({what})")
             try:
                 rank, got_call, status, value, reason = self.results.get(timeout=min(remaining, 1.0))
             except queue_mod.Empty:
@@ -287,13 +288,17 @@ class RankPool:
             self.calls += 1
             for q in self.commands:
                 q.put((self.calls, payload))
-            out, replace = self._collect(self.calls, deadline, f"{getattr(fn, '__qualname__', fn)}")
+            out, replace = self._collect(self.calls, deadline, f"{getattr(fn, '__qualname__', fn)}, {timeout:.0f} s")
             ok = True
+        except BaseException as exc:
+            self.stops.append(f"{type(exc).__name__} in {getattr(fn, '__qualname__', fn)}")
+            raise
         finally:
             if not ok:  # timeout, dead or failed rank, pytest-timeout, Ctrl-C: the group may be unusable
                 self.close()
         if replace:
             log.info("restarting the world-%d pool: %s", self.world, "; ".join(replace))
+            self.stops.append("; ".join(replace))
             self.close()
         return [torch.load(io.BytesIO(out[r]), weights_only=False) for r in range(self.world)]
 
@@ -319,7 +324,15 @@ def close_all() -> None:
     """Stop every pool (the end of the session)."""
     for pool in _POOLS.values():
         pool.close()
-    _POOLS.clear()
+
+
+def summary() -> str:
+    """One line per world size: calls, starts and why ranks were killed early."""
+    lines = []
+    for world, pool in sorted(_POOLS.items()):
+        stops = f"; killed: {' | '.join(pool.stops)}" if pool.stops else ""
+        lines.append(f"rank pool, world {world}: {pool.calls} calls, {pool.starts} start(s){stops}")
+    return "\n".join(lines)
 
 
 atexit.register(close_all)

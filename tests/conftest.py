@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Custom passes must run on every compile: never serve graphs from Inductor's caches.
 os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
@@ -28,9 +29,16 @@ def _fresh_dynamo():
 def _rank_pools():
     """The pools of long-lived gloo ranks (tests/_pool.py) end with the session."""
     yield
-    from tests import _pool
+    pool = sys.modules.get("tests._pool")
+    if pool is not None:
+        pool.close_all()
 
-    _pool.close_all()
+
+def pytest_terminal_summary(terminalreporter):
+    """How the rank pools went: calls, starts, and why ranks were killed early."""
+    pool = sys.modules.get("tests._pool")
+    if pool is not None and pool.summary():
+        terminalreporter.write_line(pool.summary())
 
 
 @pytest.fixture
