@@ -17,8 +17,8 @@ one. So do a pytest timeout or an interrupt while a call runs.
 
 Between bodies each rank (see ``_Isolation``) resets Dynamo, collects
 garbage, reseeds the RNGs (a fresh process starts from a random seed too),
-restores ``os.environ``, logging, Dynamo's and Inductor's configs, torch's
-global modes and the default group's timeout, destroys every process group
+restores ``os.environ``, logging, warning filters, Dynamo's and Inductor's
+configs, torch's global modes and the default group's timeout, destroys every process group
 the body made, and clears zerograph's rank-liveness marks in the store. The
 default process group stays up and is the same for every body. A rank that
 finds the default group gone, a zerograph heartbeat thread still running
@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -114,7 +115,9 @@ class _Isolation:
         self.logging = _logging_state()
         self.configs = [(cfg, cfg.get_config_copy()) for cfg in _configs()]
         self.torch_modes = (torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_num_threads(),
-                            torch.are_deterministic_algorithms_enabled())
+                            torch.are_deterministic_algorithms_enabled(),
+                            torch.is_deterministic_algorithms_warn_only_enabled())
+        self.warning_filters = list(warnings.filters)
         os.environ.update(env or {})
 
     def restore(self) -> None:
@@ -125,11 +128,12 @@ class _Isolation:
             for key, value in values.items():
                 if getattr(cfg, key) != value:
                     setattr(cfg, key, value)
-        grad, dtype, threads, deterministic = self.torch_modes
+        grad, dtype, threads, deterministic, warn_only = self.torch_modes
         torch.set_grad_enabled(grad)
         torch.set_default_dtype(dtype)
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        warnings.filters[:] = self.warning_filters
 
 
 def _fresh_rngs() -> None:
