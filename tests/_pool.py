@@ -117,7 +117,8 @@ class _Isolation:
         self.torch_modes = (torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_num_threads(),
                             torch.are_deterministic_algorithms_enabled(),
                             torch.is_deterministic_algorithms_warn_only_enabled())
-        self.warning_filters = list(warnings.filters)
+        self.warning_filters = warnings.catch_warnings()  # saves the filters, puts them back on exit
+        self.warning_filters.__enter__()
         os.environ.update(env or {})
 
     def restore(self) -> None:
@@ -133,7 +134,7 @@ class _Isolation:
         torch.set_default_dtype(dtype)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        warnings.filters[:] = self.warning_filters
+        self.warning_filters.__exit__(None, None, None)
 
 
 def _fresh_rngs() -> None:
