@@ -3,6 +3,7 @@ eager PyTorch, on the same global batches, so tests can compare the two."""
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import torch
@@ -10,6 +11,9 @@ import torch
 import zerograph
 from tests import _models  # noqa: E402
 
+# Every distributed call's timeout (spawn, tests/_pool.py, subprocesses), and
+# with a margin the tests' own (pytest-timeout).
+TIMEOUT = 420
 STEPS = 5
 LR = 1e-2
 # Adam divides each gradient by its running RMS. Some gradients are exactly
@@ -31,22 +35,37 @@ def _compute_params(model, dtype):
     return {k: v.to(dtype) for k, v in dict(model.named_parameters()).items()}
 
 
-def reference_run(model_name: str, world: int, *, accumulation: int = 1, clip: float = 0.0,
+def reference_run(model_name, world: int, *, accumulation: int = 1, clip: float = 0.0,
                   dtype: torch.dtype = torch.float32, steps: int = STEPS, lr: float = LR):
-    """Single-process eager training on the whole global batch of each step.
+    """Single-process eager training on the whole global batch of each step:
+    the losses and the final state dict (fp32).
 
     For bf16/fp16 the parameters are cast to the compute dtype inside the
-    forward (``functional_call``), the same math zerograph's gather does."""
-    model = _models.MODELS[model_name]()
+    forward (``functional_call``), the same math zerograph's gather does.
+    A named model's run is computed once per session (many tests compare
+    against the same one); every caller gets its own copy."""
+    if not isinstance(model_name, str):
+        return _reference(model_name, world, clip, dtype, steps, lr)
+    losses, params = _reference_of_named(model_name, world, clip, dtype, steps, lr)
+    return list(losses), {k: v.clone() for k, v in params.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _reference_of_named(model_name: str, world: int, clip: float, dtype: torch.dtype, steps: int, lr: float):
+    return _reference(model_name, world, clip, dtype, steps, lr)
+
+
+def _reference(model_name, world: int, clip: float, dtype: torch.dtype, steps: int, lr: float):
+    model = build_model(model_name)
     opt = _optimizer(model.parameters(), lr)
     losses = []
     for step in range(steps):
         idx, targets = _models.global_batch(step, PER_RANK_BATCH * world)
         cast = _compute_params(model, dtype)
         if cast is None:
-            loss = _models.loss_of(model_name, model, idx, targets)
+            loss = model_loss(model_name, model, idx, targets)
         else:
-            loss = _models.loss_of(model_name, _Cast(model, cast), idx, targets)
+            loss = model_loss(model_name, _Cast(model, cast), idx, targets)
         loss.float().backward()
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -99,9 +118,35 @@ def _prepare(model, config, entry: str):
     return model
 
 
-def zerograph_run(model_name: str, configs: list[dict], steps: int = STEPS, lr: float = LR, entry: str = "compile"):
-    """On each spawned rank: train one fresh model per config; return per
-    config (mean loss per step, full state dict, bytes, comm, regions)."""
+def build_model(model):
+    """A fresh model: ``model`` is a name in ``_models.MODELS`` or a factory
+    (importable by the ranks: module-level, or a ``functools.partial`` of one)."""
+    return _models.MODELS[model]() if isinstance(model, str) else model()
+
+
+def model_loss(model_key, model, idx, targets):
+    """The training loss of ``model`` (built from ``model_key``) on one batch:
+    ``_models.loss_of`` for a named model; otherwise the model's output, or its
+    ``.loss``, called as ``model(idx, targets)``."""
+    if isinstance(model_key, str):
+        return _models.loss_of(model_key, model, idx, targets)
+    out = model(idx, targets)
+    return out.loss if hasattr(out, "loss") else out
+
+
+def zerograph_run(model, configs: list[dict], steps: int = STEPS, lr: float = LR, entry: str = "compile",
+                  optimizer=None, batch=None, loss=None, report=None):
+    """On each rank: train one fresh model per config; return per config
+    (mean loss per step, full state dict, bytes, comm, regions, and what
+    ``report`` adds).
+
+    ``model``: see :func:`build_model`. ``optimizer(model)``: the optimizer
+    (default AdamW at ``lr``). ``batch(step, rows)``: the global batch of a
+    step (default ``_models.global_batch``); each rank trains its rows of it,
+    in ``gradient_accumulation_steps`` micro-batches. ``loss(model, idx,
+    targets)``: the loss (default :func:`model_loss`). ``report(model, opt)``:
+    a dict of more results, after training. Every hook must be importable by
+    the ranks."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -109,21 +154,21 @@ def zerograph_run(model_name: str, configs: list[dict], steps: int = STEPS, lr: 
     for config in configs:
         torch._dynamo.reset()
         accumulation = config.get("gradient_accumulation_steps", 1)
-        model = _prepare(_models.MODELS[model_name](), config, entry)
-        opt = _optimizer(model.parameters(), lr)
+        net = _prepare(build_model(model), config, entry)
+        opt = optimizer(net) if optimizer is not None else _optimizer(net.parameters(), lr)
         losses = []
         state_bytes = 0
         for step in range(steps):
-            idx, targets = _models.global_batch(step, PER_RANK_BATCH * world)
+            idx, targets = (batch or _models.global_batch)(step, PER_RANK_BATCH * world)
             idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
             total = 0.0
             for micro_idx, micro_t in zip(idx.chunk(accumulation), targets.chunk(accumulation)):
-                loss = _models.loss_of(model_name, model, micro_idx, micro_t)
-                loss.backward()
-                total += loss.detach().float() / accumulation
+                micro_loss = (loss or functools.partial(model_loss, model))(net, micro_idx, micro_t)
+                micro_loss.backward()
+                total += micro_loss.detach().float() / accumulation
             if step == 0:
                 opt.step()
-                state_bytes = model_state_bytes(model, opt)
+                state_bytes = model_state_bytes(net, opt)
             else:
                 opt.step()
             opt.zero_grad()
@@ -131,20 +176,38 @@ def zerograph_run(model_name: str, configs: list[dict], steps: int = STEPS, lr: 
             if world > 1:
                 dist.all_reduce(mean)
             losses.append(mean.item() / world)
-        info = zerograph.inspect(model)
+        info = zerograph.inspect(net)
         results.append(
             {
                 "losses": losses,
-                "params": {k: v.detach().float().clone() for k, v in zerograph.full_state_dict(model).items()},
+                "params": {k: v.detach().float().clone() for k, v in zerograph.full_state_dict(net).items()},
                 "state_bytes": state_bytes,
                 "comm": dict(info.comm_bytes_last_step),
                 "regions": len(info.regions),
                 "comm_by_phase": _comm_by_phase(info),
+                **(report(net, opt) if report is not None else {}),
             }
         )
-        del model, opt
+        del net, opt
         gc.collect()
     return results
+
+
+def train(model, config, steps: int = STEPS, world: int = 2, *, lr: float = LR, entry: str = "compile",
+          optimizer=None, batch=None, loss=None, report=None, timeout: float = TIMEOUT):
+    """Train ``model`` with zerograph on ``world`` ranks of the test pool
+    (tests/_pool.py) for ``steps`` steps on the global batches the eager
+    reference (:func:`reference_run`) trains on; see :func:`zerograph_run`.
+
+    ``config``: one config (each rank's result is a dict) or a list of them
+    (a fresh model each; each rank's result is a list of dicts). Returns
+    each rank's result, by rank."""
+    from tests import _pool
+
+    configs = config if isinstance(config, list) else [config]
+    results = _pool.run(zerograph_run, world, model, configs, steps, lr, entry, optimizer, batch, loss, report,
+                        timeout=timeout)
+    return results if isinstance(config, list) else [r[0] for r in results]
 
 
 def _comm_by_phase(info) -> dict[str, dict[str, int]]:

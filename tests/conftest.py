@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Custom passes must run on every compile: never serve graphs from Inductor's caches.
 os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
@@ -14,6 +15,30 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test starts with Dynamo's caches empty: what an earlier test
+    compiled never serves (or counts against the recompile limit of) this one."""
+    torch._dynamo.reset()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rank_pools():
+    """The pools of long-lived gloo ranks (tests/_pool.py) end with the session."""
+    yield
+    pool = sys.modules.get("tests._pool")
+    if pool is not None:
+        pool.close_all()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How the rank pools went: calls, starts, and why ranks were killed early."""
+    pool = sys.modules.get("tests._pool")
+    if pool is not None and pool.summary():
+        terminalreporter.write_line(pool.summary())
 
 
 @pytest.fixture

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests._harness import TIMEOUT
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-TIMEOUT = 300
 
 _MARKER = "<!-- test -->"
 _FENCE = re.compile(r"^```")

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from tests import _harness, _models
-from zerograph.runtime.launch import spawn
+from tests._harness import TIMEOUT
 
 STAGES = [0, 1, 2, 3]
-TIMEOUT = 420
 
 
 def _stage_configs():
@@ -34,7 +33,7 @@ _WORLD4_NIGHTLY = pytest.mark.slow
 ])
 def test_stages_match_eager(model_name, world):
     ref_losses, ref_params = _harness.reference_run(model_name, world)
-    results = spawn(_harness.zerograph_run, world, model_name, _stage_configs(), timeout=TIMEOUT)
+    results = _harness.train(model_name, _stage_configs(), _harness.STEPS, world)
     for stage, result in zip(STAGES, results[0]):
         try:
             _harness.assert_same_training(result, ref_losses, ref_params)
@@ -66,7 +65,7 @@ def test_stage3_memory_and_communication_match_zero_formulas():
     all-gathers 2 Psi (forward and backward) and reduce-scatters Psi."""
     world = 2
     configs = [{"zero_optimization": {"stage": s}} for s in (0, 2, 3)]
-    results = spawn(_harness.zerograph_run, world, "gpt_untied", configs, 2, timeout=TIMEOUT)
+    results = _harness.train("gpt_untied", configs, 2, world)
     model = _models.MODELS["gpt_untied"]()
     psi = sum(p.numel() for p in model.parameters())
     padded = _padded_elements(model, world)

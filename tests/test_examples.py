@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._harness import TIMEOUT
+
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT = 240
 
 
 def _free_port() -> int:

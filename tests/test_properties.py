@@ -14,6 +14,7 @@ gloo ranks.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -22,10 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import _harness, _models
+from tests._harness import TIMEOUT
 from zerograph.models import GPT, GPTConfig
-from zerograph.runtime.launch import spawn
 
-TIMEOUT = 240
 STEPS = 3
 # Per precision: (compute dtype, learning rate, rtol, atol).
 # fp32: the project's tight tolerance; only the summation order differs.
@@ -146,33 +146,14 @@ def _reference(model_cfg, world, accumulation, precision):
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _zerograph(model_cfg, config, lr):
-    import torch.distributed as dist
-
-    import zerograph
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch._dynamo.reset()
-    model = zerograph.compile(_build(model_cfg), config)
-    opt = _harness._optimizer(model.parameters(), lr)
-    accumulation = config["gradient_accumulation_steps"]
-    losses = []
-    for step in range(STEPS):
-        idx, targets = _batch(step, _harness.PER_RANK_BATCH * world, model_cfg["vocab_size"])
-        idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
-        total = torch.zeros(())
-        for micro_idx, micro_t in zip(idx.chunk(accumulation), targets.chunk(accumulation)):
-            loss = model(micro_idx, micro_t).loss
-            loss.backward()
-            total += loss.detach() / accumulation
-        opt.step()
-        opt.zero_grad()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / world)
+def _skipped_steps(model, opt):
     scaler = model._zg_runtime.scaler
-    return {"losses": losses, "params": {k: v.float().clone() for k, v in zerograph.full_state_dict(model).items()},
-            "skipped_steps": scaler.skipped_steps if scaler is not None else 0}
+    return {"skipped_steps": scaler.skipped_steps if scaler is not None else 0}
+
+
+def _train(model_cfg, world, config, lr):
+    return _harness.train(functools.partial(_build, model_cfg), config, STEPS, world, lr=lr,
+                          batch=functools.partial(_batch, vocab=model_cfg["vocab_size"]), report=_skipped_steps)
 
 
 @pytest.mark.timeout(EXAMPLES * TIMEOUT)
@@ -183,7 +164,7 @@ def test_random_models_and_configs_train_like_eager(model_cfg, world_config):
     world, precision, config = world_config
     _, lr, rtol, atol = TOLERANCES[precision]
     ref_losses, ref_params = _reference(model_cfg, world, config["gradient_accumulation_steps"], precision)
-    result = spawn(_zerograph, world, model_cfg, config, lr, timeout=TIMEOUT)[0]
+    result = _train(model_cfg, world, config, lr)[0]
     try:
         assert result["skipped_steps"] == 0, "an fp16 step overflowed: the reference does not skip steps"
         _harness.assert_same_training(result, ref_losses, ref_params, rtol=rtol, atol=atol)

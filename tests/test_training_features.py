@@ -6,15 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import _harness
-from zerograph.runtime.launch import spawn
-
-TIMEOUT = 300
+from tests import _harness, _pool
+from tests._harness import TIMEOUT
 
 
 def _check(model_name, world, configs, *, ref_kwargs=None, rtol=1e-5, atol=1e-6, lr=_harness.LR):
     ref_losses, ref_params = _harness.reference_run(model_name, world, lr=lr, **(ref_kwargs or {}))
-    results = spawn(_harness.zerograph_run, world, model_name, configs, _harness.STEPS, lr, timeout=TIMEOUT)
+    results = _harness.train(model_name, configs, _harness.STEPS, world, lr=lr)
     for config, result in zip(configs, results[0]):
         try:
             _harness.assert_same_training(result, ref_losses, ref_params, rtol=rtol, atol=atol)
@@ -105,7 +103,7 @@ def _fp16_overflow_run():
 
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_fp16_overflow_skips_step_and_lowers_scale():
-    results = spawn(_fp16_overflow_run, 2, timeout=TIMEOUT)
+    results = _pool.run(_fp16_overflow_run, 2, timeout=TIMEOUT)
     r = results[0]
     assert r["skipped"][0], "a 2**32 loss scale must overflow fp16 on the first step"
     assert r["state_after_first"] == 0, "the optimizer must not step on an overflow"
@@ -164,11 +162,11 @@ def _nonfinite_run(mode, precision="fp32"):
 @pytest.mark.timeout(2 * TIMEOUT + 30)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_nonfinite_gradients_raise_with_step_or_skip(precision):
-    raised = spawn(_nonfinite_run, 2, "raise", precision, timeout=TIMEOUT)
+    raised = _pool.run(_nonfinite_run, 2, "raise", precision, timeout=TIMEOUT)
     for rank_result in raised:
         assert rank_result["error"] is not None
         assert "optimizer step 3" in rank_result["error"] and "nonfinite_grads" in rank_result["error"]
-    skipped = spawn(_nonfinite_run, 2, "skip", precision, timeout=TIMEOUT)
+    skipped = _pool.run(_nonfinite_run, 2, "skip", precision, timeout=TIMEOUT)
     for rank_result in skipped:
         assert rank_result["error"] is None
         assert rank_result["skipped_unchanged"] is True
@@ -195,7 +193,7 @@ def _huge_finite_run():
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_huge_finite_gradients_are_not_reported_nonfinite():
     # the fast check sums each gradient; a sum that overflows falls back to the element-wise check
-    for rank_result in spawn(_huge_finite_run, 2, timeout=TIMEOUT):
+    for rank_result in _pool.run(_huge_finite_run, 2, timeout=TIMEOUT):
         change = torch.tensor(rank_result["change"])
         torch.testing.assert_close(change, torch.full((8, 8), 0.5), rtol=1e-5, atol=0)
 
@@ -203,7 +201,7 @@ def test_huge_finite_gradients_are_not_reported_nonfinite():
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_fp16_nan_skips_the_step_and_lowers_the_scale_even_with_raise():
     # fp16 treats nan like an overflow whatever zerograph.nonfinite_grads says.
-    for rank_result in spawn(_nonfinite_run, 2, "raise", "fp16", timeout=TIMEOUT):
+    for rank_result in _pool.run(_nonfinite_run, 2, "raise", "fp16", timeout=TIMEOUT):
         assert rank_result["error"] is None
         assert rank_result["skipped_unchanged"] is True
         assert rank_result["scales"] == (256.0, 128.0), rank_result["scales"]
@@ -257,7 +255,7 @@ def _two_heads_run(steps):
 def test_accumulation_flushes_unevenly_sharded_gradients_of_parameters_the_last_micro_batch_skips():
     from tests import _models
 
-    params = spawn(_two_heads_run, 2, 2, timeout=TIMEOUT)[0]
+    params = _pool.run(_two_heads_run, 2, 2, timeout=TIMEOUT)[0]
     model = _TwoHeads()
     opt = _harness._optimizer(model.parameters())
     for step in range(2):

@@ -33,6 +33,7 @@ __all__ = [
     "TorchDispatchMode",
     "set_group_timeout",
     "default_store",
+    "process_groups",
     "size_hint",
     "dtensor_with_local",
     "tensor_version",
@@ -116,6 +117,14 @@ def default_store():
     from torch.distributed.distributed_c10d import _get_default_store
 
     return _get_default_store()
+
+
+def process_groups() -> list:
+    """Every process group this process holds, the default group included
+    (the test suite's rank pool destroys the others between tests)."""
+    from torch.distributed.distributed_c10d import _world
+
+    return list(_world.pg_map)
 
 
 def size_hint(x) -> int:

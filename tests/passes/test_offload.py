@@ -12,12 +12,10 @@ from expecttest import assert_expected_inline
 
 import zerograph
 from tests import _harness, _models
-from tests.test_checkpointing import _eager_step, saved_bytes
+from tests._harness import TIMEOUT
+from tests.passes.test_checkpointing import _eager_step, saved_bytes
 from zerograph.config import Config
 from zerograph.graph.format import format_graph
-from zerograph.runtime.launch import spawn
-
-TIMEOUT = 300
 
 
 class TinyMLP(torch.nn.Module):
@@ -50,7 +48,6 @@ def test_golden_offload_and_reload_nodes():
     AOTAutograd's ``detach(relu)``, which the backward re-creates from the
     copy back (``detach_realias``) instead of the forward saving ``detach``
     (the same storage, on the device)."""
-    torch._dynamo.reset()
     model = zerograph.compile(TinyMLP(), {"activation_checkpointing": {"offload_activations": True}})
     graphs = _offloaded(model, torch.randn(2, 4), TinyMLP())
     assert_expected_inline(format_graph(graphs["forward"]), """\
@@ -114,7 +111,6 @@ class ViewMLP(torch.nn.Module):
 def test_offload_recreates_aliases_in_backward():
     """One host copy of tanh for all its aliases; the backward re-creates each
     alias it reads from the copy back, and the forward saves no alias."""
-    torch._dynamo.reset()
     model = zerograph.compile(ViewMLP(), {"activation_checkpointing": {"offload_activations": True}})
     graphs = _offloaded(model, torch.randn(2, 4), ViewMLP())
     fw_out = next(n for n in graphs["forward"].graph.nodes if n.op == "output").args[0]
@@ -223,7 +219,7 @@ SECTIONS = [{"offload_activations": True}, {"policy": "memory_budget", "memory_b
 def test_offload_matches_eager_world2(stage):
     ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=2)
     configs = [{"zero_optimization": {"stage": stage}, "activation_checkpointing": s} for s in SECTIONS]
-    results = spawn(_harness.zerograph_run, 2, "gpt", configs, 2, timeout=TIMEOUT)[0]
+    results = _harness.train("gpt", configs, 2, 2)[0]
     for section, result in zip(SECTIONS, results):
         try:
             _harness.assert_same_training(result, ref_losses, ref_params)
@@ -233,38 +229,31 @@ def test_offload_matches_eager_world2(stage):
 
 # --------------------------------------------------------------------------- optimizer offload
 
-def _offload_optimizer_rank(stage, steps=2):
-    """Train with offload_optimizer on the host; return (losses, full state dict, where states live)."""
-    import torch.distributed as dist
-
+def _host_optimizer(model):
     from zerograph.runtime.optimizer import HostOptimizer, make_optimizer
 
-    torch._dynamo.reset()
-    world = dist.get_world_size()
-    model = zerograph.compile(_models.make_gpt(), {"zero_optimization": {
-        "stage": stage, "offload_optimizer": {"device": "cpu", "pin_memory": True}}})
     opt = make_optimizer(model, torch.optim.AdamW, lr=_harness.LR, eps=_harness.EPS, foreach=False)
     assert isinstance(opt, HostOptimizer)
-    losses = []
-    for step in range(steps):
-        idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * world)
-        rank = dist.get_rank()
-        idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
-        losses.append(_harness.step_mean_loss(model(idx, targets).loss, opt))
-    # the optimizer's states belong to the host copies, not to the model's parameters
+    return opt
+
+
+def _states_on_the_host(model, opt):
+    """After training with offload_optimizer: the optimizer's states belong to
+    the host copies, not to the model's parameters."""
     host_ids = {id(h) for h in opt.masters}
     assert all(id(p) in host_ids for p in opt.state) and len(opt.state) == len(opt.masters)
     assert all(h.data_ptr() != p.to_local().data_ptr() if hasattr(p, "to_local") else h.data_ptr() != p.data_ptr()
                for h, p in zip(opt.masters, opt.device_params))
-    return losses, {k: v.clone() for k, v in zerograph.full_state_dict(model).items()}
+    return {}
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
 @pytest.mark.parametrize("stage", [2, 3])
 def test_offload_optimizer_matches_eager_world2(stage):
     ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=2)
-    losses, params = spawn(_offload_optimizer_rank, 2, stage, timeout=TIMEOUT)[0]
-    _harness.assert_same_training({"losses": losses, "params": params}, ref_losses, ref_params)
+    config = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu", "pin_memory": True}}}
+    result = _harness.train("gpt", config, 2, 2, optimizer=_host_optimizer, report=_states_on_the_host)[0]
+    _harness.assert_same_training(result, ref_losses, ref_params)
 
 
 def _offload_warnings(caplog) -> list[str]:
@@ -278,7 +267,6 @@ def test_offload_optimizer_warns_only_when_a_plain_optimizer_steps(builder, capl
     never at compile time, never for make_optimizer's HostOptimizer."""
     from zerograph.runtime.optimizer import make_optimizer
 
-    torch._dynamo.reset()
     caplog.set_level(logging.WARNING, logger="zerograph")
     model = zerograph.compile(TinyMLP(), {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
     assert _offload_warnings(caplog) == []

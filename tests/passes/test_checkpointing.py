@@ -10,16 +10,15 @@ import torch
 import torch.utils.checkpoint
 
 import zerograph
-from tests import _harness, _models
+from tests import _harness, _models, _pool
+from tests._harness import TIMEOUT
 from zerograph.config import Config, ConfigError
 from zerograph.passes import GraphPass, default_passes
 from zerograph.planner.recompute_policy import predict_saved_bytes
 from zerograph.passes.activation_checkpointing import activation_checkpointing, predict_saved
 from zerograph.passes.manager import PassResult
-from zerograph.runtime.launch import spawn
 
 POLICIES = ["none", "per_layer", "selective"]
-TIMEOUT = 300
 
 
 def saved_bytes(model) -> int:
@@ -34,6 +33,21 @@ def saved_bytes(model) -> int:
 
 
 def _one_step(policy, dropout, passes=None):
+    """One compiled step under ``policy``: the loss, the gradients and the
+    saved bytes (with the default passes computed once per session: several
+    tests compare against the same step)."""
+    if passes is None:
+        loss, grads, saved = _default_passes_step(policy, dropout)
+        return loss, {k: g.clone() for k, g in grads.items()}, saved
+    return _compiled_step(policy, dropout, passes)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_passes_step(policy, dropout):
+    return _compiled_step(policy, dropout, None)
+
+
+def _compiled_step(policy, dropout, passes):
     torch._dynamo.reset()
     model = zerograph.compile(_models.make_gpt(dropout), {"activation_checkpointing": {"policy": policy}},
                               passes=passes)
@@ -102,7 +116,7 @@ def _configs(stage):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_policies_match_eager_world2_without_extra_gathers(stage):
     ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=2)
-    results = spawn(_harness.zerograph_run, 2, "gpt", _configs(stage), 2, timeout=TIMEOUT)[0]
+    results = _harness.train("gpt", _configs(stage), 2, 2)[0]
     for policy, result in zip(POLICIES, results):
         try:
             _harness.assert_same_training(result, ref_losses, ref_params)
@@ -115,7 +129,7 @@ def test_policies_match_eager_world2_without_extra_gathers(stage):
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_dropout_recompute_reproduces_forward_randomness_world2():
     """With dropout, every policy trains exactly as policy "none" (which equals eager: see world 1)."""
-    results = spawn(_dropout_sections_rank, 2, 3, [{"policy": p} for p in POLICIES], timeout=TIMEOUT)[0]
+    results = _pool.run(_dropout_sections_rank, 2, 3, [{"policy": p} for p in POLICIES], timeout=TIMEOUT)[0]
     for policy, params in zip(POLICIES[1:], results[1:]):
         for key, ref in results[0].items():
             torch.testing.assert_close(params[key], ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{policy} {key}: {m}")
@@ -257,7 +271,7 @@ BUDGETS = [{"policy": "memory_budget", "memory_budget": 0.5}, {"policy": "memory
 def test_memory_budget_matches_eager_world2(stage):
     ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=2)
     configs = [{"zero_optimization": {"stage": stage}, "activation_checkpointing": c} for c in BUDGETS]
-    results = spawn(_harness.zerograph_run, 2, "gpt", configs, 2, timeout=TIMEOUT)[0]
+    results = _harness.train("gpt", configs, 2, 2)[0]
     for config, result in zip(BUDGETS, results):
         try:
             _harness.assert_same_training(result, ref_losses, ref_params)
@@ -290,6 +304,6 @@ def _dropout_sections_rank(stage, sections):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_memory_budget_with_dropout_trains_as_policy_none_world2(stage):
     """With dropout, memory_budget trains exactly as policy none (equal to eager at world 1)."""
-    results = spawn(_dropout_sections_rank, 2, stage, [{"policy": "none"}, BUDGETS[1]], timeout=TIMEOUT)[0]
+    results = _pool.run(_dropout_sections_rank, 2, stage, [{"policy": "none"}, BUDGETS[1]], timeout=TIMEOUT)[0]
     for key, ref in results[0].items():
         torch.testing.assert_close(results[1][key], ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"stage {stage} {key}: {m}")

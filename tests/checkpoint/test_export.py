@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import zerograph
-from tests import _harness, _models
-from zerograph.runtime.launch import spawn
+from tests import _harness, _models, _pool
+from tests._harness import TIMEOUT
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(TIMEOUT + 30)
 
 STEPS = 3
 PROBE = _models.global_batch(99, 3)[0]  # the inputs whose logits are compared
@@ -60,7 +60,7 @@ def test_export_round_trips_through_from_pretrained(tmp_path, name, cls):
     import transformers
 
     path = str(tmp_path / "hf")
-    results = spawn(_train_and_export, 2, name, path, timeout=220)
+    results = _pool.run(_train_and_export, 2, name, path, timeout=TIMEOUT)
     ref = _models.MODELS[name]()
     hf = getattr(transformers, cls).from_pretrained(path)
     assert type(hf).__name__ == cls and hf.config.vocab_size == _models.VOCAB

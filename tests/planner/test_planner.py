@@ -3,7 +3,6 @@ run, reuse distance, and ``zerograph.explain`` (docs/planner.md)."""
 
 from __future__ import annotations
 
-import gc
 import json
 import subprocess
 import sys
@@ -15,12 +14,11 @@ from torch.distributed.tensor import DTensor
 
 import zerograph
 from tests._models import Blocks, BrokenBlocks
-from tests import _harness, _models
+from tests import _harness
+from tests._harness import TIMEOUT
 from zerograph.planner.liveness import KINDS, held_by_forward
 from zerograph.planner.step_plan import plan_in_step, plan_model
-from zerograph.runtime.launch import spawn
 
-TIMEOUT = 400
 INF = 10**9
 BASE = {"zerograph": {"verify_graphs": True, "track_memory": True}}
 
@@ -38,46 +36,28 @@ CONFIGS = {
 }
 
 
-def _train_tracked(configs: dict, steps: int):
-    """On each rank: train the test GPT per config with the measuring
-    interpreter on; return losses, full parameters, predicted and measured
-    timelines and communication of the last step."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    out = {}
-    for name, config in configs.items():
-        torch._dynamo.reset()
-        model = zerograph.compile(_models.MODELS["gpt"](), config)
-        opt = _harness._optimizer(model.parameters())
-        losses = []
-        for step in range(steps):
-            idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * world)
-            idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
-            losses.append(_harness.step_mean_loss(_models.loss_of("gpt", model, idx, targets), opt))
-        info = zerograph.inspect(model)
-        plan = info.memory
-        policy = [r.details for r in info.passes if r.name == "zero_policy"]
-        out[name] = {
-            "losses": losses,
-            "params": {k: v.detach().float().clone() for k, v in zerograph.full_state_dict(model).items()},
-            "predicted": [(e.phase, e.name, e.live["gathered"], e.total) for e in plan.step],
-            "measured": list(info.memory_measured.last_step_composed),
-            "peak_gathered": (plan.peak_gathered_bytes, info.memory_measured.peak_gathered_bytes),
-            "comm_predicted": plan.comm_bytes_per_step,
-            "comm_stats": dict(info.comm_bytes_last_step),
-            "comm_executed": dict(info.memory_measured.comm_last_step),
-            "regions": len(info.regions),
-            "policy": policy,
-        }
-        del model, opt
-        gc.collect()
-    return out
+def _tracked(model, opt):
+    """After training with the measuring interpreter on: the predicted and
+    measured timelines and communication of the last step."""
+    info = zerograph.inspect(model)
+    plan = info.memory
+    return {
+        "predicted": [(e.phase, e.name, e.live["gathered"], e.total) for e in plan.step],
+        "measured": list(info.memory_measured.last_step_composed),
+        "peak_gathered": (plan.peak_gathered_bytes, info.memory_measured.peak_gathered_bytes),
+        "comm_predicted": plan.comm_bytes_per_step,
+        "comm_stats": dict(info.comm_bytes_last_step),
+        "comm_executed": dict(info.memory_measured.comm_last_step),
+        "policy": [r.details for r in info.passes if r.name == "zero_policy"],
+    }
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_prediction_equals_measurement_and_reuse_distance_trains_like_eager():
     world, steps = 2, 2
     ref_losses, ref_params = _harness.reference_run("gpt", world, steps=steps)
-    results = spawn(_train_tracked, world, CONFIGS, steps, timeout=TIMEOUT)
+    results = [dict(zip(CONFIGS, rank_results))
+               for rank_results in _harness.train("gpt", list(CONFIGS.values()), steps, world, report=_tracked)]
     for rank_results in results:
         for name, r in rank_results.items():
             assert r["regions"] == 1, name
@@ -407,7 +387,6 @@ def test_measured_device_and_host_bytes_equal_the_plan_with_offload(fake_world, 
     bytes equal the plan's entry for entry. On this CPU-only run host memory
     is the compute device's, so the graphs' ``location`` tags say which is
     which; the bytes and lifetimes are measured."""
-    torch._dynamo.reset()
     torch.manual_seed(0)
     zero, ac = OFFLOADS[offload]
     model = zerograph.compile(BrokenBlocks([4, 6, 5], [5, 3]), {

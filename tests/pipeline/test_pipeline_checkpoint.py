@@ -12,11 +12,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import zerograph
-from tests import _harness, _models
+from tests import _harness, _models, _pool
+from tests._harness import TIMEOUT
 from zerograph.config import Config
-from zerograph.runtime.launch import spawn
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(TIMEOUT + 30)
 
 SAVE_AT, END = 3, 5
 GLOBAL_ROWS = 2 * _harness.PER_RANK_BATCH  # rows per step, as _harness.reference_run(model, world=2) uses
@@ -128,7 +128,7 @@ def reference():
 def pipeline_checkpoint(tmp_path_factory):
     """3 steps of p=2 1F1B (world 2) with a plain AdamW, saved."""
     path = str(tmp_path_factory.mktemp("pp") / "ckpt")
-    losses = spawn(_save, 2, PIPELINE, "plain", path, timeout=240)[0]
+    losses = _pool.run(_save, 2, PIPELINE, "plain", path, timeout=TIMEOUT)[0]
     return path, losses
 
 
@@ -168,7 +168,7 @@ def test_pipeline_checkpoint_holds_the_original_names_once(pipeline_checkpoint, 
 
 def test_pipeline_checkpoint_loads_into_zero3_without_pipeline(pipeline_checkpoint, reference):
     path, first = pipeline_checkpoint
-    results = spawn(_resume, 2, ZERO3, "plain", path, timeout=240)
+    results = _pool.run(_resume, 2, ZERO3, "plain", path, timeout=TIMEOUT)
     _assert_continues(results, first, reference)
 
 
@@ -177,14 +177,14 @@ def test_pipeline_checkpoint_loads_into_another_pipeline(pipeline_checkpoint, re
     make_optimizer's ShardOptimizer."""
     path, first = pipeline_checkpoint
     config = {"pipeline": {**PIPELINE["pipeline"], "schedule": "gpipe"}, "zero_optimization": {"stage": 3}}
-    results = spawn(_resume, 2, config, "make_optimizer", path, timeout=240)
+    results = _pool.run(_resume, 2, config, "make_optimizer", path, timeout=TIMEOUT)
     _assert_continues(results, first, reference)
 
 
 def test_zero3_checkpoint_loads_into_a_pipeline(tmp_path, reference):
     """Saved without a pipeline (ZeRO-3, world 2, ShardOptimizer); loaded into p=2."""
-    results = spawn(_save_then_resume, 2, ZERO3, "make_optimizer", PIPELINE, "plain", str(tmp_path / "ckpt"),
-                    timeout=240)
+    results = _pool.run(_save_then_resume, 2, ZERO3, "make_optimizer", PIPELINE, "plain", str(tmp_path / "ckpt"),
+                        timeout=TIMEOUT)
     _assert_continues([r[1] for r in results], results[0][0], reference)
 
 
@@ -236,7 +236,7 @@ def test_interleaved_with_shared_weights_hands_over_to_zero3_and_back():
                    "zero_optimization": {"stage": 3}}
     runs = [(interleaved, "plain", range(3)), (ZERO3, "plain", range(3, 4)),
             (interleaved, "make_optimizer", range(4, 5))]
-    results = spawn(_hand_over, 2, "gpt4_shared", runs, timeout=240)
+    results = _pool.run(_hand_over, 2, "gpt4_shared", runs, timeout=TIMEOUT)
     ref_losses, ref_params = _eager_reference("gpt4_shared")
     for rank, (losses, params, steps_seen) in enumerate(results):
         assert steps_seen == [[3], [4, 4]], (rank, steps_seen)
@@ -244,7 +244,7 @@ def test_interleaved_with_shared_weights_hands_over_to_zero3_and_back():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(3 * TIMEOUT + 30)
 def test_pipeline_times_data_parallel_zero3_checkpoint_loads_on_two_ranks(tmp_path, reference):
     """Saved by p=2 x dp=2 with ZeRO-3 inside each stage (world 4: every
     stage's tensors sharded over its data-parallel pair); loaded into ZeRO-3
@@ -252,7 +252,7 @@ def test_pipeline_times_data_parallel_zero3_checkpoint_loads_on_two_ranks(tmp_pa
     on this 2-core machine is slow)."""
     path = str(tmp_path / "ckpt")
     config = {"pipeline": {"stages": 2, "micro_batches": 2}, "zero_optimization": {"stage": 3}}
-    first = spawn(_save, 4, config, "make_optimizer", path, timeout=400)
+    first = _pool.run(_save, 4, config, "make_optimizer", path, timeout=TIMEOUT)
     assert len({tuple(losses) for losses in first}) == 1  # every rank reports the step's mean loss
-    _assert_continues(spawn(_resume, 2, ZERO3, "plain", path, timeout=240), first[0], reference)
-    _assert_continues(spawn(_resume, 2, PIPELINE, "make_optimizer", path, timeout=240), first[0], reference)
+    _assert_continues(_pool.run(_resume, 2, ZERO3, "plain", path, timeout=TIMEOUT), first[0], reference)
+    _assert_continues(_pool.run(_resume, 2, PIPELINE, "make_optimizer", path, timeout=TIMEOUT), first[0], reference)

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 import zerograph
+from tests import _harness
+from tests._harness import TIMEOUT
 from tests._models import Blocks
 from zerograph._torch_private import c10d_functional
 from zerograph.graph.tags import get_tag
@@ -107,14 +109,8 @@ def test_persistence_threshold_keeps_small_params_replicated(fake_world):
     assert "all_reduce" in reduced and "reduce_scatter" in reduced
 
 
-TIMEOUT = 300
-
-
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_new_options_train_like_eager():
-    from tests import _harness
-    from zerograph.runtime.launch import spawn
-
     world = 2
     ref_losses, ref_params = _harness.reference_run("gpt", world)
     configs = [
@@ -122,7 +118,7 @@ def test_new_options_train_like_eager():
         {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000},
          "zerograph": {"verify_graphs": True}},
     ]
-    results = spawn(_harness.zerograph_run, world, "gpt", configs, timeout=TIMEOUT)
+    results = _harness.train("gpt", configs, _harness.STEPS, world)
     for config, result in zip(configs, results[0]):
         try:
             _harness.assert_same_training(result, ref_losses, ref_params)

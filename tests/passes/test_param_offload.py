@@ -19,15 +19,14 @@ from expecttest import assert_expected_inline
 from torch import nn
 
 import zerograph
-from tests import _harness, _models
+from tests import _harness, _models, _pool
+from tests._harness import TIMEOUT
 from tests._models import TinyMLP
 from zerograph.config import Config, ConfigError
 from zerograph.graph.format import format_graph
 from zerograph.graph.tags import get_tag
 from zerograph.planner.liveness import saved_inputs
-from zerograph.runtime.launch import spawn
 
-TIMEOUT = 300
 OFFLOAD = {"offload_param": {"device": "cpu"}}
 COPY = torch.ops.aten._to_copy.default
 
@@ -262,7 +261,7 @@ CASES = [
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_offload_param_matches_eager_world2():
     ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=2)
-    results = spawn(_offload_rank, 2, CASES, timeout=TIMEOUT)[0]
+    results = _pool.run(_offload_rank, 2, CASES, timeout=TIMEOUT)[0]
     for (zero, builder), (losses, params) in zip(CASES, results):
         try:
             _harness.assert_same_training({"losses": losses, "params": params}, ref_losses, ref_params)
@@ -379,35 +378,38 @@ def _inductor_offload_rank(steps: int):
         return decomposed[-1]
 
     private._decompose_copies = counting
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch._dynamo.reset()
-    config = {"zero_optimization": {"stage": 3, **OFFLOAD}, "zerograph": {"compiler": "inductor"}}
-    model = zerograph.compile(_make_mlp_lm(), config)
-    opt = make_optimizer(model, torch.optim.AdamW, lr=_harness.LR, eps=_harness.EPS, foreach=False)
-    assert all(opt.resident)
-    losses = []
-    for step in range(steps):
-        idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * world)
-        idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
-        losses.append(_harness.step_mean_loss(model(idx, targets), opt))
-    info = zerograph.inspect(model)
-    graphs = info.forward + info.backward
-    host_copies = [sum(_role(n) == "host_copy" for n in g.graph.nodes) for g in graphs]
-    gathers = sum(_role(n) == "all_gather" for g in graphs for n in g.graph.nodes)
-    params = {k: v.detach().clone() for k, v in zerograph.full_state_dict(model).items()}
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        torch._dynamo.reset()
+        config = {"zero_optimization": {"stage": 3, **OFFLOAD}, "zerograph": {"compiler": "inductor"}}
+        model = zerograph.compile(_make_mlp_lm(), config)
+        opt = make_optimizer(model, torch.optim.AdamW, lr=_harness.LR, eps=_harness.EPS, foreach=False)
+        assert all(opt.resident)
+        losses = []
+        for step in range(steps):
+            idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * world)
+            idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
+            losses.append(_harness.step_mean_loss(model(idx, targets), opt))
+        info = zerograph.inspect(model)
+        graphs = info.forward + info.backward
+        host_copies = [sum(_role(n) == "host_copy" for n in g.graph.nodes) for g in graphs]
+        gathers = sum(_role(n) == "all_gather" for g in graphs for n in g.graph.nodes)
+        params = {k: v.detach().clone() for k, v in zerograph.full_state_dict(model).items()}
+    finally:  # the rank process runs other tests' bodies next
+        private._decompose_copies = original
     return losses, params, decomposed, host_copies, gathers
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
-def test_offload_param_with_inductor_matches_eager_world2(tmp_path, monkeypatch):
+def test_offload_param_with_inductor_matches_eager_world2(tmp_path):
     """offload_param with ``zerograph.compiler: inductor``: the lowered graphs'
     host copies (``aten._to_copy``, which Inductor has no lowering for) reach
     Inductor decomposed; training equals the eager reference. A fresh Inductor
     cache directory and no FX graph cache: every graph is compiled."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}
     steps = 2
-    losses, params, decomposed, host_copies, gathers = spawn(_inductor_offload_rank, 2, steps, timeout=TIMEOUT)[0]
+    losses, params, decomposed, host_copies, gathers = _pool.run(_inductor_offload_rank, 2, steps, timeout=TIMEOUT,
+                                                                 env=env)[0]
     # forward and backward compiled by Inductor, each with every host copy decomposed
     assert len(decomposed) == 2 and decomposed == host_copies, (decomposed, host_copies)
     assert host_copies[0] == len(list(_make_mlp_lm().parameters())) and gathers > 0

@@ -22,7 +22,7 @@ from zerograph.config import (
     reference_markdown,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def load_error(source) -> str:

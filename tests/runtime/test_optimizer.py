@@ -5,6 +5,7 @@ and equal to the single-process eager reference."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -12,10 +13,9 @@ import torch
 
 import zerograph
 from tests import _harness, _models
-from zerograph.runtime.launch import spawn
+from tests._harness import TIMEOUT
 from zerograph.runtime.optimizer import ShardOptimizer, make_optimizer
 
-TIMEOUT = 240
 
 OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, dict(lr=_harness.LR, eps=_harness.EPS, foreach=False)),
@@ -24,42 +24,44 @@ OPTIMIZERS = {
 }
 
 
-def _train_rank(stage, optimizer, builder, steps=3):
-    torch._dynamo.reset()
+def _build_optimizer(optimizer, builder, model):
     cls, kwargs = OPTIMIZERS[optimizer]
-    model = zerograph.compile(_models.make_gpt(), {"zero_optimization": {"stage": stage}})
     if builder == "make_optimizer":
         opt = make_optimizer(model, cls, **kwargs)
         assert isinstance(opt, ShardOptimizer) and isinstance(opt.optimizer, cls)
         # every master shares its parameter's shard: no second copy, no copies per step
         assert all(m.data_ptr() == p.to_local().data_ptr() for m, p in zip(opt.masters, opt.device_params))
-    else:
-        opt = cls(model.parameters(), **kwargs)
-    losses = _harness.train_global_batches(model, opt, range(steps))
-    params = {k: v.detach().clone() for k, v in zerograph.full_state_dict(model).items()}
-    states = sum(1 for _ in opt.state.values())
-    return losses, params, states
+        return opt
+    return cls(model.parameters(), **kwargs)
+
+
+def _states(model, opt):
+    return {"states": sum(1 for _ in opt.state.values())}
+
+
+def _train(stage, optimizer, builder, steps=3):
+    return _harness.train("gpt", {"zero_optimization": {"stage": stage}}, steps, 2,
+                          optimizer=functools.partial(_build_optimizer, optimizer, builder), report=_states)
 
 
 @pytest.mark.timeout(2 * TIMEOUT + 30)
 @pytest.mark.parametrize("stage,optimizer", [(3, "adamw"), (3, "sgd"), (1, "adamw_foreach")])
 def test_shard_optimizer_equals_the_optimizer_over_dtensors(stage, optimizer):
-    shard = spawn(_train_rank, 2, stage, optimizer, "make_optimizer", timeout=TIMEOUT)
-    plain = spawn(_train_rank, 2, stage, optimizer, "plain", timeout=TIMEOUT)
-    for (s_losses, s_params, s_states), (p_losses, p_params, p_states) in zip(shard, plain):
-        assert s_losses == p_losses  # bitwise: the same ops on the same elements
-        assert s_params.keys() == p_params.keys()
-        for key in s_params:
-            assert torch.equal(s_params[key], p_params[key]), key
-        assert s_states == p_states > 0
+    shard = _train(stage, optimizer, "make_optimizer")
+    plain = _train(stage, optimizer, "plain")
+    for s, p in zip(shard, plain):
+        assert s["losses"] == p["losses"]  # bitwise: the same ops on the same elements
+        assert s["params"].keys() == p["params"].keys()
+        for key in s["params"]:
+            assert torch.equal(s["params"][key], p["params"][key]), key
+        assert s["states"] == p["states"] > 0
     if optimizer == "adamw":  # and the single-process eager reference
         ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=3)
-        _harness.assert_same_training({"losses": shard[0][0], "params": shard[0][1]}, ref_losses, ref_params)
+        _harness.assert_same_training(shard[0], ref_losses, ref_params)
 
 
 def test_make_optimizer_lr_scheduler_and_zero_grad():
     """Schedulers drive the wrapped optimizer; zero_grad clears the model's gradients."""
-    torch._dynamo.reset()
     model = zerograph.compile(_models.TinyMLP(), {})
     opt = make_optimizer(model, torch.optim.SGD, lr=0.1)
     assert isinstance(opt, ShardOptimizer) and opt.param_groups is opt.optimizer.param_groups
@@ -79,7 +81,6 @@ def test_make_optimizer_keeps_whole_parameter_optimizers_on_dtensors(caplog):
     """An optimizer that reads whole parameters (Adafactor's row and column
     statistics) cannot step shards: make_optimizer builds it over the DTensors,
     and offload, which must step shards, rejects it by name."""
-    torch._dynamo.reset()
     caplog.set_level(logging.INFO, logger="zerograph")
     model = zerograph.compile(_models.TinyMLP(), {})
     opt = make_optimizer(model, torch.optim.Adafactor, lr=0.01)

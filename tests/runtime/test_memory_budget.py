@@ -156,7 +156,6 @@ class _Hungry(torch.nn.Module):
 
 
 def test_out_of_memory_in_a_graph_names_the_budgets():
-    torch._dynamo.reset()
     model = zerograph.compile(_Hungry(), {"zero_optimization": {"stage": 2}})
     with pytest.raises(zerograph.MemoryBudgetError) as info:
         model(torch.randn(4, 8))

@@ -4,13 +4,14 @@ different shapes in the same step (collectives depend on parameters only)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from tests import _harness, _models
-from zerograph.runtime.launch import spawn
+from tests._harness import TIMEOUT
 
-TIMEOUT = 300
 # Sequence length per step; 16 twice, to show the static graph is reused.
 LENGTHS = (16, 12, 9, 16, 14)
 
@@ -34,34 +35,29 @@ def _reference(world):
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _zerograph_run(per_rank_lengths: bool):
+def _length_of_step(per_rank_lengths: bool, step: int, rows: int):
+    """The global batch of ``step`` at its sequence length; with
+    ``per_rank_lengths`` rank r sees a different length in the same step."""
     import torch.distributed as dist
 
-    import zerograph
+    length = LENGTHS[(step + dist.get_rank()) % len(LENGTHS)] if per_rank_lengths else LENGTHS[step]
+    return _batch(step, rows, length)
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch._dynamo.reset()
-    model = zerograph.compile(_models.make_gpt(), {"zero_optimization": {"stage": 3}})
-    opt = _harness._optimizer(model.parameters())
-    losses = []
-    for step, length in enumerate(LENGTHS):
-        if per_rank_lengths:  # rank r sees a different length in the same step
-            length = LENGTHS[(step + rank) % len(LENGTHS)]
-        idx, targets = _batch(step, _harness.PER_RANK_BATCH * world, length)
-        losses.append(_harness.step_mean_loss(model(idx.chunk(world)[rank], targets.chunk(world)[rank]).loss, opt))
-    params = {k: v.float().clone() for k, v in zerograph.full_state_dict(model).items()}
-    return {"losses": losses, "params": params, "regions": len(zerograph.inspect(model).regions)}
+
+def _train(per_rank_lengths: bool):
+    return _harness.train("gpt", {"zero_optimization": {"stage": 3}}, len(LENGTHS), 2,
+                          batch=functools.partial(_length_of_step, per_rank_lengths))
 
 
 @pytest.mark.timeout(2 * TIMEOUT + 30)
 def test_changing_sequence_length_recompiles_once_and_matches_eager():
     ref_losses, ref_params = _reference(2)
-    same = spawn(_zerograph_run, 2, False, timeout=TIMEOUT)[0]
+    same = _train(False)[0]
     _harness.assert_same_training(same, ref_losses, ref_params)
     assert same["regions"] == 2, same["regions"]  # the static graph, then one dynamic graph
     # Ranks with different lengths in one step: no hang, finite training, and
     # still one recompile on every rank.
-    mixed = spawn(_zerograph_run, 2, True, timeout=TIMEOUT)
+    mixed = _train(True)
     for result in mixed:
         assert result["regions"] == 2, result["regions"]
         assert all(torch.isfinite(torch.tensor(result["losses"])))

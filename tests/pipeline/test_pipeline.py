@@ -19,7 +19,8 @@ import torch
 from expecttest import assert_expected_inline
 
 import zerograph
-from tests import _harness, _models
+from tests import _harness, _models, _pool
+from tests._harness import TIMEOUT
 from zerograph.config import Config, ConfigError
 from zerograph.pipeline import (
     Action,
@@ -37,9 +38,7 @@ from zerograph.pipeline import (
 )
 from zerograph.pipeline.build import _untie_copies_on_one_rank, trace
 from zerograph.pipeline.step import split_batch
-from zerograph.runtime.launch import spawn
 
-TIMEOUT = 420
 GLOBAL_ROWS = 8  # rows per step, as _harness.reference_run(model, world=2) uses
 
 
@@ -532,7 +531,7 @@ def test_two_stages_match_eager():
         # a weight shared by blocks 0 and 2: stages 0 and 2 of rank 0 each hold a copy
         ("gpt4_shared", {"pipeline": il, "zero_optimization": {"stage": 3}, "gradient_clipping": 0.05}),
     ]
-    results = spawn(_train, 2, runs, timeout=TIMEOUT)
+    results = _pool.run(_train, 2, runs, timeout=TIMEOUT)
     _check(results, runs, clip={2: 0.05, 6: 0.05, 8: 0.05})
     for rank, rank_results in enumerate(results):  # model(...) in pipeline mode says to use train_step
         assert "call loss = model.train_step(batch) instead" in rank_results[0]["misuse"]
@@ -556,7 +555,7 @@ def test_two_stages_with_the_inductor_executor_match_eager():
         ("gpt4", {"pipeline": {"stages": 2, "micro_batches": 4, "schedule": "interleaved_1f1b"},
                   "zerograph": inductor}),
     ]
-    results = spawn(_train, 2, runs, timeout=TIMEOUT)
+    results = _pool.run(_train, 2, runs, timeout=TIMEOUT)
     for i, (name, _) in enumerate(runs):
         ref_losses, ref_params = _reference(name)
         for rank_results in results:
@@ -572,7 +571,7 @@ def test_two_stages_times_two_data_parallel_zero3_match_eager():
         ("gpt4", {"pipeline": {"stages": 2, "micro_batches": 2, "schedule": "interleaved_1f1b"},
                   "zero_optimization": {"stage": 3}}),
     ]
-    _check(spawn(_train, 4, runs, timeout=TIMEOUT), runs)
+    _check(_pool.run(_train, 4, runs, timeout=TIMEOUT), runs)
 
 
 @pytest.mark.slow
@@ -586,7 +585,7 @@ def test_two_stages_times_two_data_parallel_all_models_and_stages():
                 "zero_optimization": {"stage": s}})
         for name in ("hf_gpt2_4", "llama") for s in (0, 2)
     ]
-    _check(spawn(_train, 4, runs, timeout=TIMEOUT), runs)
+    _check(_pool.run(_train, 4, runs, timeout=TIMEOUT), runs)
 
 
 def _resume_with_dropout(path: str):
@@ -621,7 +620,7 @@ def _resume_with_dropout(path: str):
 
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_checkpoint_resume_restores_rng_and_every_stage_counter(tmp_path):
-    results = spawn(_resume_with_dropout, 2, str(tmp_path / "ckpt"), timeout=TIMEOUT)
+    results = _pool.run(_resume_with_dropout, 2, str(tmp_path / "ckpt"), timeout=TIMEOUT)
     for rank, (first, again, steps, warnings) in enumerate(results):
         assert not [w for w in warnings if "RNG states not restored" in w], (rank, warnings)
         assert steps == [1, 1], (rank, steps)  # both model stages of this rank
@@ -733,7 +732,7 @@ def test_eval_step_matches_eager_and_leaves_training_bit_identical():
         ("gpt4_dropout", {"pipeline": {**pp, "schedule": "interleaved_1f1b"}, "zero_optimization": {"stage": 3}}),
         ("gpt_dropout", {"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 2}),  # no pipeline
     ]
-    results = spawn(_eval_and_train, 2, runs, timeout=TIMEOUT)
+    results = _pool.run(_eval_and_train, 2, runs, timeout=TIMEOUT)
     for i, (name, config) in enumerate(runs):
         ref = _eager_eval_loss(name, results[0][i][True]["state"])
         for rank, rank_results in enumerate(results):

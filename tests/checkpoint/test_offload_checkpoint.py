@@ -18,11 +18,11 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import zerograph
-from tests import _harness, _models
+from tests import _harness, _models, _pool
+from tests._harness import TIMEOUT
 from zerograph.runtime.launch import spawn
 from zerograph.runtime.optimizer import HostOptimizer, make_optimizer
 
-TIMEOUT = 240
 SAVE_AT, END = 2, 4
 OFFLOAD_PARAM = {"stage": 3, "offload_param": {"device": "cpu"}}
 OFFLOAD_OPTIMIZER = {"stage": 3, "offload_optimizer": {"device": "cpu"}}
@@ -87,8 +87,8 @@ def _resume_rank(root):
 
 @pytest.mark.timeout(2 * TIMEOUT + 60)
 def test_resume_with_host_optimizer_is_exact(tmp_path):
-    saved = spawn(_save_rank, 2, str(tmp_path), timeout=TIMEOUT)[0]
-    resumed = spawn(_resume_rank, 2, str(tmp_path), timeout=TIMEOUT)[0]
+    saved = _pool.run(_save_rank, 2, str(tmp_path), timeout=TIMEOUT)[0]
+    resumed = spawn(_resume_rank, 2, str(tmp_path), timeout=TIMEOUT)[0]  # in new processes
     ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=END)
     for (saved_with, zero), (second, params) in zip(RESUMED, resumed):
         straight, straight_params, first = saved[saved_with]
@@ -119,7 +119,6 @@ def test_host_master_follows_weights_loaded_after_it_was_built():
     after the optimizer was built (here by ``load_full_state_dict``) is
     refreshed before the next step: the step starts from the loaded weights,
     as with an optimizer built after the load (world 1)."""
-    torch._dynamo.reset()
     config = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
     loaded = {k: v + 0.01 for k, v in zerograph.full_state_dict(_models.make_gpt()).items()}
     idx, targets = _models.global_batch(0, _harness.PER_RANK_BATCH)

@@ -39,7 +39,6 @@ class Outer(nn.Module):
 
 
 def test_untraceable_op_names_op_module_and_fix():
-    torch._dynamo.reset()
     model = zerograph.compile(Outer(), {"zero_optimization": {"stage": 3}})
     with pytest.raises(zerograph.TraceError) as info:
         model(torch.randn(2, 4))
@@ -53,7 +52,6 @@ def test_untraceable_op_names_op_module_and_fix():
 
 
 def test_disabling_the_module_trains():
-    torch._dynamo.reset()
     inner_forward = Inner.forward
 
     class EagerInner(Inner):

@@ -12,7 +12,7 @@ import pytest
 
 import zerograph.cli.bench as bench_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--world-size", "2", "--steps", "2", "--warmup", "1", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
         "--vocab-size", "64", "--block-size", "16", "--batch-size", "2", "--timeout", "200"]
 

@@ -4,6 +4,7 @@ fusion on equal to eager PyTorch (CPU runs the kernels' references)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -14,11 +15,11 @@ from torch import nn
 
 import zerograph
 from tests import _harness, _models
+from tests._harness import TIMEOUT
 from zerograph.config import Config
 from zerograph.models import GPT, GPTConfig
 from zerograph.passes import PassContext
 from zerograph.passes.fusion import fuse
-from zerograph.runtime.launch import spawn
 
 FAMILIES = ("attention", "norms", "mlp_activation", "cross_entropy")
 ON = Config.load({"zerograph": {"fusion": True}})
@@ -623,7 +624,6 @@ def test_hf_sdpa_with_a_padding_mask():
 
 # --------------------------------------------------------------------------- training equivalence
 
-TIMEOUT = 300
 # (model, attention implementation, left padding): nanoGPT-style GPT returning
 # only its loss (linear_cross_entropy on the tied lm_head), HF GPT-2 and Llama
 # with written-out attention (causal mask, repeat_kv, NewGELU, rotary), Llama
@@ -692,28 +692,23 @@ def _reference(world):
     return out
 
 
-def _fused_rank():
-    import torch.distributed as dist
+def _variant_loss(name, pad, model, idx, targets):
+    return _loss(name, model, idx, targets, pad)
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+
+def _pass_counts(model, opt):
+    counts = {}
+    for record in zerograph.inspect(model).passes:
+        for k, v in record.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    return {"counts": counts}
+
+
+def _fused(world):
     config = {"zero_optimization": {"stage": 3}, "zerograph": {"fusion": True}}
-    out = []
-    for name, attn, pad in _variants(world):
-        torch._dynamo.reset()
-        model = zerograph.compile(_model(name, attn), config)
-        opt = _harness._optimizer(model.parameters())
-        losses = []
-        for step in range(_harness.STEPS):
-            idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * world)
-            idx, targets = idx.chunk(world)[rank], targets.chunk(world)[rank]
-            losses.append(_harness.step_mean_loss(_loss(name, model, idx, targets, pad), opt))
-        counts = {}
-        for record in zerograph.inspect(model).passes:
-            for k, v in record.counts.items():
-                counts[k] = counts.get(k, 0) + v
-        params = {k: v.detach().float().clone() for k, v in zerograph.full_state_dict(model).items()}
-        out.append({"losses": losses, "params": params, "counts": counts})
-    return out
+    return [_harness.train(functools.partial(_model, name, attn), config, _harness.STEPS, world,
+                           loss=functools.partial(_variant_loss, name, pad), report=_pass_counts)[0]
+            for name, attn, pad in _variants(world)]
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
@@ -728,7 +723,7 @@ def test_training_with_fusion_matches_eager(world):
     # up to 2.7e-6, eager attention at world size 1); hence atol 1e-5 for Llama.
     # GPT (also with linear_cross_entropy on the tied lm_head) and HF GPT-2
     # match at rtol 1e-5 / atol 1e-6 (measured: at most 5.7e-7).
-    results = spawn(_fused_rank, world, timeout=TIMEOUT)[0]
+    results = _fused(world)
     variants = _variants(world)
     assert len(results) == len(variants)
     for (name, attn, pad), result, (ref_losses, ref_params) in zip(variants, results, _reference(world)):

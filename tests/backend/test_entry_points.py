@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from tests import _harness, _models
-from zerograph.runtime.launch import spawn
-
-TIMEOUT = 300
+from tests._harness import TIMEOUT
 
 
 def test_backend_registered_through_entry_point_without_import():
@@ -34,7 +32,7 @@ def test_sharded_model_trains_like_eager_via(entry):
     world = 2
     ref_losses, ref_params = _harness.reference_run("gpt", world)
     configs = [{"zero_optimization": {"stage": 3}}]
-    results = spawn(_harness.zerograph_run, world, "gpt", configs, _harness.STEPS, _harness.LR, entry, timeout=TIMEOUT)
+    results = _harness.train("gpt", configs, _harness.STEPS, world, entry=entry)
     result = results[0][0]
     _harness.assert_same_training(result, ref_losses, ref_params)
     if entry == "torch_compile":
@@ -61,7 +59,6 @@ def test_plain_model_with_zerograph_backend_refuses_a_config_that_needs_sharding
     the fix, not ranks silently training on their own. Pass-only settings work."""
     from zerograph.config import ConfigError
 
-    torch._dynamo.reset()
     idx, targets = _models.global_batch(0, 4)
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0, "bf16": {"enabled": True},
               "zero_optimization": {"stage": 3}}
@@ -100,7 +97,6 @@ def test_many_models_in_one_process_each_compile():
     import zerograph
     from tests._models import TinyMLP
 
-    torch._dynamo.reset()
     limit = torch._dynamo.config.recompile_limit
     models = [zerograph.compile(TinyMLP(), {}) for _ in range(limit + 2)]
     for model in models:
