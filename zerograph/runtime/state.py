@@ -70,6 +70,9 @@ class ModelState:
     # one failure (errors.naming_failed_ranks)
     collective_guard: Callable | None = None
     collective_failure: Callable | None = None
+    # position_check(phase): every rank checks that the others are at the same
+    # point of training before ``phase`` communicates (zerograph.runtime.agreement.StepCheck)
+    position_check: Callable | None = None
     # the global gradient norm of the last clipped step (None: not clipped yet)
     last_grad_norm: Any = None
     # Gradient accumulation without a collective per micro-batch (stages 0/1):
