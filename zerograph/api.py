@@ -18,7 +18,7 @@ from zerograph.backend import ZerographBackend
 from zerograph.graph import markers  # noqa: F401  (registers the marker ops parameter reads call)
 from zerograph.config import Config, ConfigError
 from zerograph.passes import PassList, PassRecord, default_passes
-from zerograph.runtime.state import ModelState, context_of
+from zerograph.runtime.state import ModelState, check_position, context_of
 from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
 from zerograph.runtime.agreement import StepCheck, agree, model_id, setup_fingerprint
 from zerograph.runtime.dist import DataParallelGroup, RankMonitor, data_parallel_group, ensure_process_group
@@ -263,7 +263,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     pipeline model's state dict covers every stage."""
     if hasattr(model, "_split") and hasattr(model, "full_state_dict"):
         return model.full_state_dict()
-    with naming_failed_ranks(context_of(model), "zerograph.full_state_dict"):
+    ctx = context_of(model)
+    with naming_failed_ranks(ctx, "zerograph.full_state_dict"):
+        check_position(ctx, "zerograph.full_state_dict")
         return _full_state_dict(model)
 
 

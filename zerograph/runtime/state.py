@@ -145,3 +145,13 @@ def context_of(model) -> ModelState | None:
     model = getattr(model, "_orig_mod", model)
     runtime = getattr(model, "_zg_runtime", None)
     return getattr(runtime, "ctx", None)
+
+
+def check_position(ctx: ModelState | None, phase: str) -> None:
+    """Before a collective call outside the model's own steps
+    (``full_state_dict``, the checkpoint functions): every rank checks that
+    the others are at the same point (the runtime's ``position_check``,
+    :class:`zerograph.runtime.agreement.StepCheck`). A no-op without one."""
+    check = ctx.position_check if ctx is not None else None
+    if check is not None:
+        check(phase)
