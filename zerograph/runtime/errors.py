@@ -16,6 +16,8 @@ from torch import nn
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
 _OP = re.compile(r"call_(?:function|method|module) (?:<(?:built-in )?function (?P<fn>[\w.]+)[^>]*>|(?P<op>[^\s(]+))")
 _DEVICES = re.compile(r"found two different devices (?P<a>[\w:]+), (?P<b>[\w:]+)")
+_DTYPE = re.compile(r"scalar types?|expected (?:scalar type|dtype)|dtype .* but got|but got torch\.\w+ instead",
+                    re.IGNORECASE)
 _OWN_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(nn.__file__).rsplit(os.sep, 1)[0])
 
 
@@ -68,6 +70,14 @@ def explain_trace_failure(model: nn.Module, exc: BaseException) -> TraceError:
             "What to do: retry with the config key zerograph.compiler set to \"eager\" (runs the same passes "
             "without Inductor), or zerograph.debug / zerograph.verify_graphs to find the pass at fault. "
             "The original error is attached as __cause__."
+        )
+    if _DTYPE.search(reason):
+        return TraceError(
+            f"zerograph could not trace {op_text} in module {target!r}{where}: {reason}\n"
+            "An input of that op has the wrong dtype: an error in the inputs or the model code, which eager "
+            "PyTorch raises too. Check the dtypes of the tensors you pass to the model (token ids and class "
+            "indices must be torch.long or torch.int, e.g. input_ids.long()); zerograph casts only floating "
+            "inputs to the compute dtype (bf16/fp16). The original error is attached as __cause__."
         )
     devices = _DEVICES.search(message)
     if devices:
