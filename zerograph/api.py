@@ -21,7 +21,13 @@ from zerograph.passes import PassList, PassRecord, default_passes
 from zerograph.runtime.state import ModelState, check_position, context_of
 from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
 from zerograph.runtime.agreement import StepCheck, agree, model_id, setup_fingerprint
-from zerograph.runtime.dist import DataParallelGroup, RankMonitor, data_parallel_group, ensure_process_group
+from zerograph.runtime.dist import (
+    DataParallelGroup,
+    RankMonitor,
+    apply_collective_timeout,
+    data_parallel_group,
+    ensure_process_group,
+)
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.offload import watch_plain_optimizer
 from zerograph.runtime.plan import ParallelPlan
@@ -127,6 +133,8 @@ def shard(
     checked = _communicates(setup_group)
     ranks = dist.get_process_group_ranks(setup_group) if checked else [0]
     # heartbeats from the start, so that a rank missing from (or dying in) the setup is named
+    if checked:  # the agreement waits at most collective_timeout_s, like every later collective
+        apply_collective_timeout(setup_group, timeout_s)
     monitor = RankMonitor.for_group(setup_group, timeout_s) if checked else None
     setup = SimpleNamespace(collective_failure=failure_translator(monitor, timeout_s))
     try:
@@ -190,6 +198,7 @@ def _agreed(model: nn.Module, cfg: Config, passes: PassList | None, build):
     world = dist.group.WORLD if dist.is_initialized() else None
     if not _communicates(world):
         return build()
+    apply_collective_timeout(world, timeout_s)
     monitor = RankMonitor.for_group(world, timeout_s)
     setup = SimpleNamespace(collective_failure=failure_translator(monitor, timeout_s))
     try:
