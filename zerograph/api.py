@@ -21,13 +21,7 @@ from zerograph.passes import PassList, PassRecord, default_passes
 from zerograph.runtime.state import ModelState, check_position, context_of
 from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
 from zerograph.runtime.agreement import StepCheck, agree, model_id, setup_fingerprint
-from zerograph.runtime.dist import (
-    DataParallelGroup,
-    RankMonitor,
-    apply_collective_timeout,
-    data_parallel_group,
-    ensure_process_group,
-)
+from zerograph.runtime.dist import DataParallelGroup, RankMonitor, data_parallel_group, ensure_process_group
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.offload import watch_plain_optimizer
 from zerograph.runtime.plan import ParallelPlan
@@ -133,8 +127,6 @@ def shard(
     checked = _communicates(setup_group)
     ranks = dist.get_process_group_ranks(setup_group) if checked else [0]
     # heartbeats from the start, so that a rank missing from (or dying in) the setup is named
-    if checked:  # the agreement waits at most collective_timeout_s, like every later collective
-        apply_collective_timeout(setup_group, timeout_s)
     monitor = RankMonitor.for_group(setup_group, timeout_s) if checked else None
     setup = SimpleNamespace(collective_failure=failure_translator(monitor, timeout_s))
     try:
@@ -142,7 +134,9 @@ def shard(
             world = dist.get_world_size(setup_group) if checked else 1
             fingerprint = setup_fingerprint(cfg, model, world_size=world, group_ranks=ranks,
                                             passes=_enabled_pass_names(pass_list))
-            if checked:  # before any other collective: mismatched ranks raise here, on every rank
+            if checked:  # before any other collective: mismatched ranks raise here, on every rank. Ranks
+                # reach compile at different times (loading data, weights): this first meeting waits as
+                # long as the process group's own timeout; collective_timeout_s applies from the next one
                 agree(setup_group, fingerprint, "zerograph.compile/shard")
             dp = group if group is not None else data_parallel_group(timeout_s, cfg.zerograph.device, model_device)
             cfg.resolve_batch(dp.world_size)
@@ -198,7 +192,6 @@ def _agreed(model: nn.Module, cfg: Config, passes: PassList | None, build):
     world = dist.group.WORLD if dist.is_initialized() else None
     if not _communicates(world):
         return build()
-    apply_collective_timeout(world, timeout_s)
     monitor = RankMonitor.for_group(world, timeout_s)
     setup = SimpleNamespace(collective_failure=failure_translator(monitor, timeout_s))
     try:

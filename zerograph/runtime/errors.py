@@ -195,7 +195,7 @@ def explain_collective_failure(exc: BaseException, monitor, *, step: int, phase:
         gone = monitor.unresponsive()
     except StoreUnreachable as store_exc:
         host_rank = [] if "torchrun's agent" in store_host_description() else [0]
-        who = "rank 0 (it hosts the process group's store) died or froze" if host_rank else \
+        who = "rank 0 (it hosts the process group's store) probably died or froze" if host_rank else \
             "the process group's store is unreachable"
         return RankFailureError(
             f"zerograph: rank {rank}: a collective failed {where} and {who}: {store_exc}\n"
