@@ -284,9 +284,9 @@ def test_float_token_ids_get_dtype_advice():
 @pytest.mark.parametrize("section, key, value, text", [
     ("zerograph", "collective_timeout_s", 1e300, "got 1e+300; must be between 1 and 604800 seconds"),
     ("zerograph", "collective_timeout_s", 1e-9, "got 1e-09; must be between 1 and 604800 seconds"),
-    ("zero_optimization", "reduce_bucket_size", -5, "got -5; must be between 0 and 9007199254740992"),
-    ("zero_optimization", "allgather_bucket_size", 1e30, "must be between 0 and 9007199254740992"),
-    ("zerograph", "memory_limit_bytes", 1e30, "must be between 0 and 9007199254740992"),
+    ("zero_optimization", "reduce_bucket_size", -5, "got -5; must be between 0 and 9223372036854775807"),
+    ("zero_optimization", "allgather_bucket_size", 1e30, "must be between 0 and 9223372036854775807"),
+    ("zerograph", "memory_limit_bytes", 1e30, "must be between 0 and 9223372036854775807"),
 ])
 def test_config_values_outside_their_range_name_the_range(section, key, value, text):
     with pytest.raises(zerograph.ConfigError) as info:
