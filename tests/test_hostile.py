@@ -62,8 +62,9 @@ def _freeze_run(victim: int, how: str, workdir: str):
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    torch._dynamo.reset()
-    model = zerograph.compile(_models.make_gpt(), _config())
+    # zerograph.shard: the eager marker ops run the same checks and collectives, without compile time
+    # (tests/test_faults.py kills ranks in compiled graphs)
+    model = zerograph.shard(_models.make_gpt(), _config())
     opt = _harness._optimizer(model.parameters())
     try:
         for step in range(3):
@@ -86,14 +87,14 @@ def _freeze_run(victim: int, how: str, workdir: str):
     return {"finished": True}
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(130)
 @pytest.mark.parametrize("victim, how", [
     (0, "freeze"),  # the store's host: the dead-rank check's store calls must not block
     pytest.param(1, "freeze", marks=pytest.mark.slow),  # heartbeat stops: named from the store
     (1, "stuck"),  # alive elsewhere: no wait for a rank that never checks
 ])
 def test_frozen_or_stuck_rank_ends_the_others_within_the_timeout_and_margin(tmp_path, victim, how):
-    results = spawn(_freeze_run, 2, victim, how, str(tmp_path), timeout=80, raise_on_failure=False)
+    results = spawn(_freeze_run, 2, victim, how, str(tmp_path), timeout=120, raise_on_failure=False)
     frozen_at = json.load(open(tmp_path / "victim"))["at"]
     survivor = results[1 - victim]
     assert isinstance(survivor, dict) and "ranks" in survivor, survivor

@@ -175,8 +175,12 @@ class StepCheck:
     def __init__(self, ranks: list[int], model: int, timeout_s: float):
         self.ranks = list(ranks)
         self.model = model
+        # Every rank creates this group (with the whole world: named by torch's group counter, like any
+        # new_group; a subgroup, e.g. a pipeline stage's data-parallel ranks: only its members, named from
+        # the ranks and how many groups each member created before, the same for zerograph's own meshes).
+        subgroup = len(self.ranks) != dist.get_world_size()
         self.group = dist.new_group(self.ranks, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s),
-                                    use_local_synchronization=True)
+                                    use_local_synchronization=subgroup)
         self.count = 0  # checks run, for benchmarks
 
     def __call__(self, phase: str, micro_step: int, step: int) -> None:
