@@ -9,7 +9,7 @@ from zerograph.api import Inspection, compile, full_state_dict, inspect, shard
 from zerograph.checkpoint import export_pretrained, load_checkpoint, load_full_state_dict, save_checkpoint
 from zerograph.explain import Explanation, explain
 from zerograph.config import Config, ConfigError
-from zerograph.runtime.errors import RankFailureError, TraceError
+from zerograph.runtime.errors import CheckpointError, RankFailureError, RankMismatchError, TraceError
 from zerograph.runtime.memory import MemoryBudgetError
 from zerograph.runtime.optimizer import make_optimizer
 from zerograph.passes import GraphPass, PassContext, PassList, PassResult, default_passes
@@ -18,6 +18,7 @@ from zerograph import pipeline  # noqa: F401  (zerograph.pipeline.PipelineModeEr
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "Config",
     "ConfigError",
     "GraphPass",
@@ -27,6 +28,7 @@ __all__ = [
     "PassList",
     "PassResult",
     "RankFailureError",
+    "RankMismatchError",
     "TraceError",
     "compile",
     "default_passes",

@@ -6,9 +6,11 @@ import dataclasses
 import logging
 import os
 import weakref
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -16,13 +18,14 @@ from zerograph.backend import ZerographBackend
 from zerograph.graph import markers  # noqa: F401  (registers the marker ops parameter reads call)
 from zerograph.config import Config, ConfigError
 from zerograph.passes import PassList, PassRecord, default_passes
-from zerograph.runtime.state import ModelState, context_of
+from zerograph.runtime.state import ModelState, check_position, context_of
 from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
-from zerograph.runtime.dist import DataParallelGroup, data_parallel_group
+from zerograph.runtime.agreement import StepCheck, agree, model_id, setup_fingerprint
+from zerograph.runtime.dist import DataParallelGroup, RankMonitor, data_parallel_group, ensure_process_group
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.offload import watch_plain_optimizer
 from zerograph.runtime.plan import ParallelPlan
-from zerograph.runtime.training import TrainingRuntime
+from zerograph.runtime.training import TrainingRuntime, failure_translator
 from zerograph.runtime.sharding import full_state_dict as _full_state_dict
 from zerograph.runtime.sharding import shard_parameters
 
@@ -118,16 +121,39 @@ def shard(
             "use zerograph.compile(model, config, example_batch=batch)"
         )
     model_device = next(iter(model.parameters()), torch.empty(0)).device
-    dp = group if group is not None else data_parallel_group(
-        cfg.zerograph.collective_timeout_s, cfg.zerograph.device, model_device
-    )
-    cfg.resolve_batch(dp.world_size)
-    plan = ParallelPlan.build(cfg, {"dp": dp.world_size}, {"dp": dp.rank})
-    ctx = ModelState(cfg, dp, plan, loss_fn=loss_fn)
-    shard_parameters(model, ctx)
+    timeout_s = cfg.zerograph.collective_timeout_s
+    ensure_process_group(timeout_s)
+    setup_group = group.group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
+    checked = _communicates(setup_group)
+    ranks = dist.get_process_group_ranks(setup_group) if checked else [0]
+    # heartbeats from the start, so that a rank missing from (or dying in) the setup is named
+    monitor = RankMonitor.for_group(setup_group, timeout_s) if checked else None
+    setup = SimpleNamespace(collective_failure=failure_translator(monitor, timeout_s))
+    try:
+        with naming_failed_ranks(setup, "zerograph.compile/shard"):
+            world = dist.get_world_size(setup_group) if checked else 1
+            fingerprint = setup_fingerprint(cfg, model, world_size=world, group_ranks=ranks,
+                                            passes=_enabled_pass_names(pass_list))
+            if checked:  # before any other collective: mismatched ranks raise here, on every rank. Ranks
+                # reach compile at different times (loading data, weights): this first meeting waits as
+                # long as the process group's own timeout; collective_timeout_s applies from the next one
+                agree(setup_group, fingerprint, "zerograph.compile/shard")
+            dp = group if group is not None else data_parallel_group(timeout_s, cfg.zerograph.device, model_device)
+            cfg.resolve_batch(dp.world_size)
+            plan = ParallelPlan.build(cfg, {"dp": dp.world_size}, {"dp": dp.rank})
+            ctx = ModelState(cfg, dp, plan, loss_fn=loss_fn)
+            step_check = StepCheck(ranks, model_id(fingerprint), timeout_s) if checked else None
+            runtime = TrainingRuntime(ctx, model._call_impl, [], monitor=monitor, step_check=step_check)
+            with naming_failed_ranks(ctx, "zerograph.compile/shard"):  # the parameters' broadcast and scatter
+                shard_parameters(model, ctx)
+    except BaseException:
+        if monitor is not None:
+            monitor.stop()
+        raise
     ctx.backend = ZerographBackend(ctx, passes=pass_list)
     params = list(dict.fromkeys(model.parameters()))
-    model._zg_runtime = TrainingRuntime(ctx, model._call_impl, params)
+    runtime.params = params
+    model._zg_runtime = runtime
     model._zg_runtime.named_params = dict(model.named_parameters())
     model._zg_runtime.model_ref = weakref.ref(model)
     if cfg.zero_optimization.offload_optimizer.device == "cpu":
@@ -146,6 +172,41 @@ def shard(
     model.__class__ = type(base.__name__, (base,), attrs)
     log.info("zerograph: sharded %s with ZeRO stage %d on %d rank(s)", base.__name__, cfg.stage, dp.world_size)
     return model
+
+
+def _communicates(group) -> bool:
+    """Whether ``group`` (None: no process group) has several ranks on a real
+    backend (gloo/NCCL; not the fake test backend): then ranks must agree."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return False
+    backend = str(dist.get_backend(group)).lower()
+    return "gloo" in backend or "nccl" in backend
+
+
+def _agreed(model: nn.Module, cfg: Config, passes: PassList | None, build):
+    """``build()`` after every rank of the world agreed on the whole model and
+    config (a pipeline: each stage's ranks then agree on their stage in
+    ``shard``), with a failed collective in either naming the dead rank."""
+    timeout_s = cfg.zerograph.collective_timeout_s
+    ensure_process_group(timeout_s)
+    world = dist.group.WORLD if dist.is_initialized() else None
+    if not _communicates(world):
+        return build()
+    monitor = RankMonitor.for_group(world, timeout_s)
+    setup = SimpleNamespace(collective_failure=failure_translator(monitor, timeout_s))
+    try:
+        with naming_failed_ranks(setup, "zerograph.compile"):
+            fingerprint = setup_fingerprint(cfg, model, world_size=dist.get_world_size(),
+                                            group_ranks=list(range(dist.get_world_size())),
+                                            passes=_enabled_pass_names(passes or default_passes()))
+            agree(world, fingerprint, "zerograph.compile")
+            return build()
+    finally:
+        monitor.stop()
+
+
+def _enabled_pass_names(pass_list: PassList) -> list[str]:
+    return [p.name for p in pass_list if any(p in pass_list.enabled(phase) for phase in p.phases)]
 
 
 def compile(
@@ -177,7 +238,8 @@ def compile(
         def compile_stage(stage, stage_cfg, group):
             return compile(stage, stage_cfg, passes=passes, dynamic=dynamic, fullgraph=fullgraph, group=group)
 
-        return compile_pipeline(model, cfg, example_batch=example_batch, loss_fn=loss_fn, compile_stage=compile_stage)
+        return _agreed(model, cfg, passes, lambda: compile_pipeline(
+            model, cfg, example_batch=example_batch, loss_fn=loss_fn, compile_stage=compile_stage))
     model = shard(model, cfg, passes=passes, loss_fn=loss_fn, group=group)
     runtime = model._zg_runtime
     backend = runtime.ctx.backend
@@ -203,7 +265,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     pipeline model's state dict covers every stage."""
     if hasattr(model, "_split") and hasattr(model, "full_state_dict"):
         return model.full_state_dict()
-    with naming_failed_ranks(context_of(model), "zerograph.full_state_dict"):
+    ctx = context_of(model)
+    with naming_failed_ranks(ctx, "zerograph.full_state_dict"):
+        check_position(ctx, "zerograph.full_state_dict")
         return _full_state_dict(model)
 
 

@@ -31,9 +31,20 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from zerograph.runtime.state import context_of
+from zerograph.runtime.state import check_position, context_of
 from zerograph.runtime.dist import rank_and_world as _dist
-from zerograph.runtime.errors import naming_failed_ranks
+from zerograph.runtime.errors import CheckpointError, naming_failed_ranks
+from zerograph.checkpoint.integrity import (
+    COMMIT_MARKER,
+    METADATA,
+    candidates,
+    file_digest,
+    is_complete,
+    marker_for,
+    what_to_do,
+    written_by,
+)
+from zerograph.checkpoint.verify import _advice, run_dcp, verified_checkpoint
 from zerograph.checkpoint.names import CheckpointNames
 from zerograph.runtime.optimizer import ShardOptimizer
 from torch.distributed.checkpoint.state_dict import (
@@ -45,7 +56,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 log = logging.getLogger(__name__)
 
-COMMIT_MARKER = "ZEROGRAPH_COMMITTED"
 __all__ = ["save_checkpoint", "load_checkpoint", "COMMIT_MARKER"]
 
 
@@ -53,9 +63,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _barrier() -> None:
-    if _dist()[1] > 1:
-        dist.barrier()
+def _all_gather_obj(value: Any) -> list[Any]:
+    if _dist()[1] == 1:
+        return [value]
+    everyone: list[Any] = [None] * _dist()[1]
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def _broadcast_str(value: str) -> str:
@@ -120,12 +133,19 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                     **extra: Any) -> Path:
     """Save this rank's shards of the model and optimizer, every rank's RNG
     state, zerograph's step counters and fp16 loss-scaler state, and
-    ``extra`` (picklable values taken from rank 0) to the directory ``path``.
+    ``extra`` (picklable values taken from rank 0) to the directory ``path``,
+    with a SHA-256 checksum of every file in the commit marker.
 
     Atomic: an existing checkpoint at ``path`` is replaced only once the new
     one is complete. Collective: call on every rank; a rank that dies
-    meanwhile ends the others with a RankFailureError naming it."""
-    with naming_failed_ranks(context_of(model), "zerograph.save_checkpoint"):
+    meanwhile ends the others with a RankFailureError naming it. A failed
+    write (no space left, a path below a regular file, no permission) on any
+    rank raises :class:`~zerograph.runtime.errors.CheckpointError` on every
+    rank, naming the rank, the path and the cause, and leaves the previous
+    checkpoint at ``path`` as it was."""
+    ctx = context_of(model)
+    with naming_failed_ranks(ctx, "zerograph.save_checkpoint"):
+        check_position(ctx, "zerograph.save_checkpoint")
         return _save(Path(path), _unwrap(model), optimizer, extra)
 
 
@@ -143,8 +163,8 @@ def _save(path: Path, model: nn.Module, optimizer, extra: dict[str, Any]) -> Pat
             buf = io.BytesIO()  # one opaque value: DCP would flatten a dict into keys
             torch.save({"extra": dict(extra), "zerograph": _runtime_state(model), "optimizer_fresh": fresh}, buf)
             state["zerograph_extra"] = buf.getvalue()
-        dcp.save(state, checkpoint_id=str(tmp))
-        _barrier()
+        run_dcp(dcp.save, state, path=tmp, action="save", target=path)
+        files = _gather_digests(written_by(rank, tmp), world)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -152,40 +172,81 @@ def _save(path: Path, model: nn.Module, optimizer, extra: dict[str, Any]) -> Pat
     finally:
         if fresh:  # undo the zero-gradient step that filled the states in (see _never_stepped)
             optimizer.state.clear()
+    failure = None
     if rank == 0:
-        marker = {"world_size": world, "has_optimizer": optimizer is not None, "torch": torch.__version__}
-        with open(tmp / COMMIT_MARKER, "w") as f:
-            json.dump(marker, f)
-            f.flush()
-            os.fsync(f.fileno())
-        old = None
-        if path.exists():
-            old = path.with_name(f"{path.name}.old-{uuid.uuid4().hex}")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        runtime = getattr(model, "_zg_runtime", None)
+        try:
+            files[METADATA] = file_digest(tmp / METADATA)
+            marker = marker_for(files, world_size=world, has_optimizer=optimizer is not None,
+                                torch=torch.__version__, step=runtime.ctx.step if runtime is not None else None)
+            _commit(tmp, path, marker)
+        except OSError as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+            shutil.rmtree(tmp, ignore_errors=True)
+    failure = _broadcast_obj(failure)
+    if failure is not None:
+        state_of_path = f"{path} still holds the checkpoint saved before" if is_complete(path) else \
+            f"nothing was written to {path}"
+        raise CheckpointError(
+            f"zerograph: rank {rank}: rank 0 could not commit the checkpoint {path}: {failure}. Every rank's "
+            f"shards were written, but without the commit the save is void: {state_of_path}. {_advice(failure)}",
+            path, ranks=[0])
+    if rank == 0:
+        _remove_leftovers(path)
     log.info("zerograph: checkpoint saved to %s", path)
     return path
 
 
-def _check_committed(path: Path) -> None:
-    if (path / COMMIT_MARKER).is_file():
-        return
-    if not path.exists():
-        olds = sorted(path.parent.glob(f"{path.name}.old-*"))
-        hint = (f"; an interrupted save left the previous checkpoint at {olds[-1]}: rename it to {path}"
-                if olds else "")
-        raise FileNotFoundError(f"zerograph: no checkpoint at {path}{hint}")
-    raise RuntimeError(
-        f"zerograph: {path} has no {COMMIT_MARKER} marker: it is not a complete zerograph checkpoint "
-        "(a save was interrupted, or it was not written by zerograph.save_checkpoint); load an earlier checkpoint"
-    )
+def _rename(src: Path, dst: Path) -> None:
+    os.rename(src, dst)
+
+
+def _commit(tmp: Path, path: Path, marker: dict[str, Any]) -> None:
+    """Write the commit marker into ``tmp`` and move it to ``path`` (rank 0).
+
+    Two renames: an existing ``path`` to ``<path>.old-*``, then ``tmp`` to
+    ``path``. A crash between them leaves no ``path``, and load_checkpoint
+    loads the complete ``tmp`` instead (integrity.resolve)."""
+    with open(tmp / COMMIT_MARKER, "w") as f:
+        json.dump(marker, f)
+        f.flush()
+        os.fsync(f.fileno())
+    old = None
+    if path.exists():
+        old = path.with_name(f"{path.name}.old-{uuid.uuid4().hex}")
+        _rename(path, old)
+    try:
+        _rename(tmp, path)
+    except OSError:
+        if old is not None and not path.exists():
+            _rename(old, path)  # put the previous checkpoint back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove what interrupted saves of ``path`` left (``.tmp-*``, ``.old-*``):
+    ``path`` now holds a newer complete checkpoint than any of them."""
+    for leftover in candidates(path)[1:] if path.exists() else []:
+        log.info("zerograph: removing %s, left by an interrupted save of %s", leftover, path)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _gather_digests(mine: dict[str, Any], world: int) -> dict[str, Any]:
+    return {name: digest for part in _all_gather_obj(mine) for name, digest in part.items()}
+
+
+def _broadcast_obj(value: Any) -> Any:
+    if _dist()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+                    optimizer: torch.optim.Optimizer | None = None, *, verify: bool = True) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and
     ``optimizer``, created from ``model.parameters()`` or by
     :func:`zerograph.make_optimizer`: a host optimizer's and a plain one's
@@ -193,10 +254,21 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     run's world size and ZeRO stage. Restores zerograph's step counters, the
     fp16 loss scale and, when the world size is unchanged, every rank's RNG
     state. Returns the ``extra`` keywords given to ``save_checkpoint``.
+
+    ``verify`` (default): check every file against the checksums saved in
+    the commit marker first (the ranks share the reading); a corrupt,
+    truncated or missing file raises
+    :class:`~zerograph.runtime.errors.CheckpointError` on every rank, naming
+    the file and the previous complete checkpoint. ``verify=False`` skips
+    the checksums (faster for huge checkpoints on trusted storage). When
+    ``path`` is missing because a save was interrupted between its renames,
+    the newest complete checkpoint that save left is loaded, with a warning.
     Collective: call on every rank; a rank that dies meanwhile ends the
     others with a RankFailureError naming it."""
-    with naming_failed_ranks(context_of(model), "zerograph.load_checkpoint"):
-        return _load(Path(path), _unwrap(model), optimizer)
+    ctx = context_of(model)
+    with naming_failed_ranks(ctx, "zerograph.load_checkpoint"):
+        check_position(ctx, "zerograph.load_checkpoint")
+        return _load(Path(path), _unwrap(model), optimizer, verify)
 
 
 def _resumed_micro_step(saved: dict[str, Any], accumulation: int) -> int:
@@ -215,10 +287,14 @@ def _resumed_micro_step(saved: dict[str, Any], accumulation: int) -> int:
     return steps * accumulation
 
 
-def _load(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
-    _check_committed(path)
+def _load(path: Path, model: nn.Module, optimizer, verify: bool) -> dict[str, Any]:
     rank, world = _dist()
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    path = verified_checkpoint(path, rank, world, verify, _broadcast_obj, _all_gather_obj)
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as exc:  # noqa: BLE001 -- a torn .metadata (verify=False), an unreadable file
+        raise CheckpointError(f"zerograph: rank {rank}: cannot read {path / METADATA}: {type(exc).__name__}: "
+                              f"{exc}; {what_to_do(path)}", path, str(path / METADATA), [rank]) from exc
     keys = saved.keys()
     has_optim = any(k.startswith("optim.") for k in keys)
     if optimizer is not None and not has_optim:
@@ -234,11 +310,15 @@ def _load(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
     rng_key = f"rng/rank{rank}"
     if rng_key in keys:
         state[rng_key] = None
-    dcp.load(state, checkpoint_id=str(path))
+    run_dcp(dcp.load, state, path=path, action="load")
     set_model_state_dict(model, names.model_loaded(own_model, state["model"]))
     if optimizer is not None:
         _set_optimizer_state(model, optimizer, names.optimizer_loaded(own_optim, state["optim"]))
-    payload = torch.load(io.BytesIO(state["zerograph_extra"]), weights_only=False)
+    try:
+        payload = torch.load(io.BytesIO(state["zerograph_extra"]), weights_only=False)
+    except Exception as exc:  # noqa: BLE001 -- corrupt bytes that were not verified
+        raise CheckpointError(f"zerograph: rank {rank}: the step counters and extras in {path} cannot be "
+                              f"read: {type(exc).__name__}: {exc}; {what_to_do(path)}", path, ranks=[rank]) from exc
     if payload.get("optimizer_fresh") and optimizer is not None:
         optimizer.state.clear()  # saved before its first step: keep the learning rates, no states
     zg = payload.get("zerograph", {})

@@ -15,7 +15,7 @@ from zerograph.checkpoint.dcp import _broadcast_str, _unwrap
 from zerograph.runtime.dist import rank_and_world as _dist
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.sharding import full_state_dict as _full_state_dict
-from zerograph.runtime.state import context_of
+from zerograph.runtime.state import check_position, context_of
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,9 @@ def export_pretrained(model: nn.Module, path: str | os.PathLike, hf_model_or_con
     or an unsharded instance of the architecture (its weights are replaced).
     ``save_kwargs`` go to ``save_pretrained`` (e.g. ``max_shard_size``).
     Collective (the parameters are gathered): call it on every rank."""
-    with naming_failed_ranks(context_of(model), "zerograph.export_pretrained"):
+    ctx = context_of(model)
+    with naming_failed_ranks(ctx, "zerograph.export_pretrained"):
+        check_position(ctx, "zerograph.export_pretrained")
         return _export(_unwrap(model), Path(path), hf_model_or_config, save_kwargs)
 
 

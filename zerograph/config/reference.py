@@ -23,6 +23,7 @@ from zerograph.config.values import (
     NO_EFFECT,
     UNSUPPORTED,
     ZEROGRAPH_ONLY,
+    _Between,
     _section_model,
     field_extra,
     show,
@@ -35,6 +36,8 @@ def _constraint_text(metadata: Iterable[Any]) -> str:
         for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             if isinstance(m, getattr(annotated_types, attr.capitalize())):
                 parts.append(f"{op} {getattr(m, attr)}")
+        if isinstance(m, _Between):
+            parts.append(f"from {m.low} to {m.high}")
     return " and ".join(parts)
 
 

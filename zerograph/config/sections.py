@@ -11,6 +11,7 @@ from pydantic import Field, StrictBool, StrictStr, field_validator, model_valida
 
 from zerograph.config.values import (
     Section,
+    _between,
     _expected,
     _Float,
     _PositiveInt,
@@ -58,10 +59,11 @@ class ZerographOptions(Section):
     verify_graphs: StrictBool = Field(
         False, description="Run graph verification after every pass (slow; for debugging)."
     )
-    collective_timeout_s: Annotated[_Float, annotated_types.Gt(0)] = Field(
-        300.0, description="Timeout in seconds for collective operations. Set on the data-parallel process "
-        "group (also one you initialized); a collective waiting longer, e.g. on a dead rank, fails with a "
-        "RankFailureError naming that rank (docs/troubleshooting.md#a-rank-died)."
+    collective_timeout_s: Annotated[_Float, _between(1, 604800, " seconds (1 s to 7 days)")] = Field(
+        300.0, description="Timeout in seconds for collective operations, from 1 to 604800 (7 days). Set on the "
+        "data-parallel process group (also one you initialized); a collective waiting longer, e.g. on a dead "
+        "or frozen rank, fails with a RankFailureError naming that rank, at most a few seconds later "
+        "(docs/troubleshooting.md#a-rank-died)."
     )
     seed_from_rank0: StrictBool = Field(
         True,

@@ -5,6 +5,7 @@ and :class:`Section`, the base of every section, which enforces it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import typing
@@ -12,7 +13,7 @@ from collections.abc import Iterable
 from typing import Annotated, Any, Optional
 
 import annotated_types
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 class ConfigError(ValueError):
@@ -61,9 +62,28 @@ def _finite_number(value: Any) -> Any:
     return float(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Between(AfterValidator):
+    """A range check whose error names both ends of the range (and the
+    generated reference in docs/config.md shows it)."""
+
+    low: float = 0
+    high: float = 0
+
+
+def _between(low: float, high: float, unit: str = "") -> _Between:
+    def check(value: Any) -> Any:
+        if not low <= value <= high:
+            raise _problem(f"{{key}}: got {show(value)}; must be between {low} and {high}{unit}")
+        return value
+
+    return _Between(check, low=low, high=high)
+
+
+MAX_COUNT = 2**63 - 1  # element counts and bytes: int64 (DeepSpeed writes sys.maxsize for "no limit")
 _Int = Annotated[int, BeforeValidator(_whole_number)]
 _PositiveInt = Annotated[int, BeforeValidator(_whole_number), annotated_types.Ge(1)]
-_Size = Annotated[int, BeforeValidator(_whole_number), annotated_types.Ge(0)]
+_Size = Annotated[int, BeforeValidator(_whole_number), _between(0, MAX_COUNT)]
 _Float = Annotated[float, BeforeValidator(_finite_number)]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")

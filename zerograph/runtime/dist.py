@@ -161,7 +161,7 @@ def apply_collective_timeout(group, timeout_s: float) -> None:
 
 
 class StoreUnreachable(RuntimeError):
-    """The process group's key-value store did not answer."""
+    """The process group's key-value store did not answer (in time)."""
 
 
 def store_host_description() -> str:
@@ -171,6 +171,56 @@ def store_host_description() -> str:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
         return f"the store{where} (served by torchrun's agent on the first node)"
     return f"the store{where} (served by the process of global rank 0)"
+
+
+def call_with_deadline(fn, deadline_s: float, what: str):
+    """``fn()``, or :class:`StoreUnreachable` when it has not returned
+    within ``deadline_s`` seconds or raised.
+
+    Store calls block without a bound while the store's host is stopped
+    (SIGSTOP, a frozen node): a TCPStore's own timeout covers waits for
+    keys, not a request whose answer never comes. ``fn`` runs on a daemon
+    thread; on a timeout that thread is left blocked (it ends with the
+    process), and the caller goes on."""
+    box: dict[str, object] = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except Exception as exc:  # noqa: BLE001 -- handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="zerograph-store-call", daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    if thread.is_alive():
+        raise StoreUnreachable(f"{store_host_description()} did not answer {what} within {deadline_s:.1f} s")
+    if "error" in box:
+        raise StoreUnreachable(f"{store_host_description()} did not answer {what}: {box['error']}") from box["error"]
+    return box.get("value")
+
+
+def heartbeat_interval_s(timeout_s: float) -> float:
+    """Seconds between heartbeats for ``zerograph.collective_timeout_s``:
+    ``timeout_s / 20``, between 0.05 s and 1 s."""
+    return min(1.0, max(0.05, timeout_s / 20))
+
+
+def detection_margin_s(timeout_s: float) -> float:
+    """How long after ``zerograph.collective_timeout_s`` every surviving rank
+    has raised, at most, when a rank died, froze or is stuck elsewhere:
+    the heartbeat watch (4 intervals: ``timeout_s / 5``, at most 4 s), plus
+    one store deadline (``max(1 s, 2 intervals)``) for the case that the
+    store's host is the rank that froze, plus the wait of rank 0 (which
+    serves the store) for the ranks still checking (at most 2 intervals).
+    docs/troubleshooting.md#a-rank-died."""
+    interval = heartbeat_interval_s(timeout_s)
+    return 6 * interval + store_deadline_s(interval)
+
+
+def store_deadline_s(interval_s: float) -> float:
+    """The longest a failure check waits for one answer of the store."""
+    return max(1.0, 2 * interval_s)
 
 
 def _beat(store, key: str, interval_s: float, stop: threading.Event) -> None:
@@ -191,10 +241,11 @@ class RankMonitor:
     default group's store every ``interval_s`` seconds while this object
     lives. The thread keeps beating while the main thread is blocked in a
     collective (gloo and NCCL release the GIL while they wait), so after a
-    collective fails, :meth:`unresponsive` tells a dead process (counter
-    stopped) from a slow one (counter moving). Each zerograph model owns
-    one; :meth:`stop` (also run when the model is garbage-collected) ends
-    the thread.
+    collective fails, :meth:`unresponsive` tells a dead or frozen process
+    (counter stopped) from a slow one (counter moving). Each zerograph model
+    owns one; :meth:`stop` (also run when the model is garbage-collected)
+    ends the thread. Every store call of the check has a deadline
+    (:func:`store_deadline_s`): a stopped store host cannot hang it.
     """
 
     PREFIX = "zerograph/heartbeat/"
@@ -205,6 +256,7 @@ class RankMonitor:
         self.ranks = list(ranks)
         self.rank = dist.get_rank()
         self.interval_s = interval_s
+        self.deadline_s = store_deadline_s(interval_s)
         self._store = dist.PrefixStore(self.PREFIX, store if store is not None else default_store())
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -216,47 +268,48 @@ class RankMonitor:
     @classmethod
     def for_group(cls, group, timeout_s: float) -> "RankMonitor":
         """A monitor of ``group``'s ranks whose check fits well inside ``timeout_s``."""
-        interval = min(1.0, max(0.05, timeout_s / 20))
-        return cls(dist.get_process_group_ranks(group), interval)
+        return cls(dist.get_process_group_ranks(group), heartbeat_interval_s(timeout_s))
 
     def stop(self) -> None:
         self._stop.set()
 
     def _read(self, kind: str) -> dict[int, int]:
-        try:
-            return {r: int(self._store.add(f"{kind}/{r}", 0)) for r in self.ranks}
-        except Exception as exc:
-            raise StoreUnreachable(f"{store_host_description()} did not answer: {exc}") from exc
+        return call_with_deadline(lambda: {r: int(self._store.add(f"{kind}/{r}", 0)) for r in self.ranks},
+                                  self.deadline_s, f"a read of the {kind} counters")
 
     def _mark(self, kind: str) -> None:
-        try:
-            self._store.add(f"{kind}/{self.rank}", 1)
-        except Exception as exc:
-            raise StoreUnreachable(f"{store_host_description()} did not answer: {exc}") from exc
+        call_with_deadline(lambda: self._store.add(f"{kind}/{self.rank}", 1), self.deadline_s,
+                           f"a write of this rank's {kind} counter")
 
-    def unresponsive(self, wait_s: float | None = None, linger_s: float = 0.0) -> list[int]:
-        """After a failed collective: the ranks (global) that are gone.
+    def unresponsive(self, wait_s: float | None = None, linger_s: float | None = None) -> dict[int, str]:
+        """After a failed collective: the ranks (global) that are gone, each
+        with how (``"stopped"``: its heartbeat stopped; ``"never started"``:
+        it never had one, i.e. never reached zerograph.compile/shard).
 
         This rank records that it saw the failure, then watches the
         heartbeats for ``wait_s`` seconds (default: 4 intervals). A rank is
         gone when its heartbeat did not move and it did not record a failure
         of its own (a survivor that already reported and exited is not
         counted). The rank that serves the store then waits up to
-        ``linger_s`` for the other live ranks to finish this check, so its
-        exit does not look like a death to them. Raises
-        :class:`StoreUnreachable` when the store itself is gone."""
+        ``linger_s`` (default: 2 intervals past the others' watch) for the
+        ranks that recorded a failure to finish this check, so its exit does
+        not look like a death to them; a rank stuck elsewhere is not waited
+        for. Raises :class:`StoreUnreachable` when the store does not answer
+        within its deadline (its host died or froze)."""
         wait_s = 4 * self.interval_s if wait_s is None else wait_s
+        linger_s = wait_s + 2 * self.interval_s if linger_s is None else linger_s
         self._mark("failed")
         before = self._read("beat")
         time.sleep(wait_s)
         after, reported = self._read("beat"), self._read("failed")
-        gone = [r for r in self.ranks if r != self.rank and after[r] == before[r] and not reported[r]]
+        gone = {r: ("never started" if after[r] == 0 else "stopped") for r in self.ranks
+                if r != self.rank and after[r] == before[r] and not reported[r]}
         self._mark("checked")
         if linger_s > 0 and self.rank == 0 and "torchrun's agent" not in store_host_description():
             deadline = time.monotonic() + linger_s
             while time.monotonic() < deadline:
-                checked = self._read("checked")
-                if all(checked[r] for r in self.ranks if r not in gone):
+                checked, reported = self._read("checked"), self._read("failed")
+                if all(checked[r] >= reported[r] for r in self.ranks if r not in gone):
                     break
-                time.sleep(self.interval_s)
+                time.sleep(min(self.interval_s, 0.1))
         return gone

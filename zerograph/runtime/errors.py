@@ -16,6 +16,8 @@ from torch import nn
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
 _OP = re.compile(r"call_(?:function|method|module) (?:<(?:built-in )?function (?P<fn>[\w.]+)[^>]*>|(?P<op>[^\s(]+))")
 _DEVICES = re.compile(r"found two different devices (?P<a>[\w:]+), (?P<b>[\w:]+)")
+_DTYPE = re.compile(r"scalar types?|expected (?:scalar type|dtype)|dtype .* but got|but got torch\.\w+ instead",
+                    re.IGNORECASE)
 _OWN_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(nn.__file__).rsplit(os.sep, 1)[0])
 
 
@@ -69,6 +71,14 @@ def explain_trace_failure(model: nn.Module, exc: BaseException) -> TraceError:
             "without Inductor), or zerograph.debug / zerograph.verify_graphs to find the pass at fault. "
             "The original error is attached as __cause__."
         )
+    if _DTYPE.search(reason):
+        return TraceError(
+            f"zerograph could not trace {op_text} in module {target!r}{where}: {reason}\n"
+            "An input of that op has the wrong dtype: an error in the inputs or the model code, which eager "
+            "PyTorch raises too. Check the dtypes of the tensors you pass to the model (token ids and class "
+            "indices must be torch.long or torch.int, e.g. input_ids.long()); zerograph casts only floating "
+            "inputs to the compute dtype (bf16/fp16). The original error is attached as __cause__."
+        )
     devices = _DEVICES.search(message)
     if devices:
         return TraceError(
@@ -121,7 +131,7 @@ class RankFailureError(RuntimeError):
 def is_collective_failure(exc: BaseException) -> bool:
     """Whether ``exc`` looks like a failed or timed-out collective (gloo and
     NCCL raise plain RuntimeErrors; torch's DistError subclasses count too)."""
-    if isinstance(exc, RankFailureError):
+    if isinstance(exc, (RankFailureError, RankMismatchError, CheckpointError)):
         return False
     dist_error = getattr(torch.distributed, "DistError", None)
     if dist_error is not None and isinstance(exc, dist_error):
@@ -182,25 +192,72 @@ def explain_collective_failure(exc: BaseException, monitor, *, step: int, phase:
             f"Another rank probably died or is stuck: check the other ranks' logs; if one is only slow, "
             f"{fix_timeout}. {saved}", [], step, phase)
     try:
-        dead = monitor.unresponsive(linger_s=min(timeout_s, 12 * monitor.interval_s))
+        gone = monitor.unresponsive()
     except StoreUnreachable as store_exc:
         host_rank = [] if "torchrun's agent" in store_host_description() else [0]
-        who = "rank 0 (it hosts the process group's store) probably died" if host_rank else \
+        who = "rank 0 (it hosts the process group's store) probably died or froze" if host_rank else \
             "the process group's store is unreachable"
         return RankFailureError(
             f"zerograph: rank {rank}: a collective failed {where} and {who}: {store_exc}\n"
             f"Collective error: {cause}\nCheck rank 0's log for the cause (out of memory, a crash, a kill "
-            f"by the scheduler); if it is only slow, {fix_timeout}. {saved}", host_rank, step, phase)
-    if dead:
+            f"by the scheduler, a stopped process); if it is only slow, {fix_timeout}. {saved}",
+            host_rank, step, phase)
+    if gone:
+        dead = sorted(gone)
         names = ", ".join(map(str, dead))
         noun = "rank" if len(dead) == 1 else "ranks"
+        never = [r for r in dead if gone[r] == "never started"]
+        how = "heartbeat stopped: the process died or froze"
+        if never and len(never) == len(dead):
+            how = ("no heartbeat at all: the process never reached zerograph.compile/shard for this model, "
+                   "or died before it; every rank must call them")
         return RankFailureError(
-            f"zerograph: rank {rank}: {noun} {names} stopped responding {where} (heartbeat stopped: the "
-            f"process died or froze). Collective error: {cause}\n"
-            f"Check the log of {noun} {names} for the cause (out of memory, a crash, a kill by the "
-            f"scheduler); if it is only slow, {fix_timeout}. {saved}", dead, step, phase)
+            f"zerograph: rank {rank}: {noun} {names} stopped responding {where} ({how}). Collective error: "
+            f"{cause}\nCheck the log of {noun} {names} for the cause (out of memory, a crash, a kill by the "
+            f"scheduler, a stopped process); if it is only slow, {fix_timeout}. {saved}", dead, step, phase)
     return RankFailureError(
         f"zerograph: rank {rank}: a collective failed {where}, but every rank is alive (all heartbeats "
         f"moving): a rank is slow or stuck in different code (e.g. a different number of steps or "
         f"micro-batches). Collective error: {cause}\nIf the ranks are only slow, {fix_timeout}. {saved}",
         [], step, phase)
+
+
+# -- ranks that disagree --------------------------------------------------------
+
+class RankMismatchError(RuntimeError):
+    """The ranks disagree on something that must be the same on every rank:
+    the config, the model, the mesh or the versions when a model is compiled
+    (``key`` names it, e.g. ``"config.zero_optimization.stage"``), or where
+    they are in training (``key == "position"``: a rank skipped a batch, a
+    backward or a collective call such as ``full_state_dict``).
+
+    Raised on every rank instead of handing the collectives mismatched
+    tensors. ``ranks``: the ranks that differ from the lowest rank;
+    ``values``: ``{rank: value}`` of ``key`` on each rank; ``differences``:
+    every differing key with its values."""
+
+    def __init__(self, message: str, ranks: list[int], key: str, values: dict[int, str],
+                 differences: dict[str, dict[int, str]] | None = None):
+        super().__init__(message)
+        self.ranks, self.key, self.values = list(ranks), key, dict(values)
+        self.differences = dict(differences) if differences is not None else {key: dict(values)}
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.ranks, self.key, self.values, self.differences))
+
+
+# -- checkpoints ----------------------------------------------------------------
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded: a corrupt, truncated or
+    missing file, a failed write (no space left, a path below a file), an
+    interrupted save. ``path``: the checkpoint; ``file``: the file at fault
+    (None when not one file); ``ranks``: the ranks that saw the problem.
+    The message says what to do (e.g. the previous complete checkpoint)."""
+
+    def __init__(self, message: str, path: str = "", file: str | None = None, ranks: list[int] | None = None):
+        super().__init__(message)
+        self.path, self.file, self.ranks = str(path), file, list(ranks or [])
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.path, self.file, self.ranks))

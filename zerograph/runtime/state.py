@@ -70,6 +70,9 @@ class ModelState:
     # one failure (errors.naming_failed_ranks)
     collective_guard: Callable | None = None
     collective_failure: Callable | None = None
+    # position_check(phase): every rank checks that the others are at the same
+    # point of training before ``phase`` communicates (zerograph.runtime.agreement.StepCheck)
+    position_check: Callable | None = None
     # the global gradient norm of the last clipped step (None: not clipped yet)
     last_grad_norm: Any = None
     # Gradient accumulation without a collective per micro-batch (stages 0/1):
@@ -142,3 +145,13 @@ def context_of(model) -> ModelState | None:
     model = getattr(model, "_orig_mod", model)
     runtime = getattr(model, "_zg_runtime", None)
     return getattr(runtime, "ctx", None)
+
+
+def check_position(ctx: ModelState | None, phase: str) -> None:
+    """Before a collective call outside the model's own steps
+    (``full_state_dict``, the checkpoint functions): every rank checks that
+    the others are at the same point (the runtime's ``position_check``,
+    :class:`zerograph.runtime.agreement.StepCheck`). A no-op without one."""
+    check = ctx.position_check if ctx is not None else None
+    if check is not None:
+        check(phase)

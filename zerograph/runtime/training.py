@@ -17,6 +17,7 @@ from zerograph.runtime.state import ModelState
 from zerograph.runtime.dist import RankMonitor
 from zerograph.runtime.memory import MemoryBudgetError
 from zerograph.runtime.errors import (
+    STEP_PHASES,
     explain_collective_failure,
     explain_trace_failure,
     is_collective_failure,
@@ -70,10 +71,30 @@ class _BackwardEntry(torch.autograd.Function):
     def backward(ctx, *grads):
         runtime = ctx.runtime
         scale = runtime.scaler.scale if runtime.scaler is not None else 1.0
+        if ctx.boundary or not runtime.ctx.defers_grad_sync:  # a backward that communicates
+            runtime.check_position("backward")
         if ctx.boundary:
             runtime.queue_finish()
         out = tuple(None if g is None else (g * scale if scale != 1.0 else g) for g in grads)
         return (None, None, *out)
+
+
+def failure_translator(monitor, timeout_s: float, step=lambda: 0):
+    """A ``collective_failure`` translation (see
+    :func:`~zerograph.runtime.errors.naming_failed_ranks`) for collectives
+    outside a model's steps, e.g. the parameter setup in
+    ``zerograph.compile``: a failed collective becomes a RankFailureError
+    naming the dead rank(s) found by ``monitor``."""
+
+    def translate(exc: BaseException, phase: str) -> BaseException:
+        if not is_collective_failure(exc):
+            return exc
+        err = explain_collective_failure(exc, monitor, step=step() + 1, phase=phase, timeout_s=timeout_s,
+                                         rank=dist.get_rank())
+        log.error("%s", err)
+        return err
+
+    return translate
 
 
 def _translator(ref: "weakref.ref[TrainingRuntime]"):
@@ -90,7 +111,8 @@ def _translator(ref: "weakref.ref[TrainingRuntime]"):
 class TrainingRuntime:
     """Calls the compiled model and runs what surrounds each step."""
 
-    def __init__(self, ctx: ModelState, compiled, params: list[torch.nn.Parameter]):
+    def __init__(self, ctx: ModelState, compiled, params: list[torch.nn.Parameter], monitor=None,
+                 step_check=None):
         self.ctx = ctx
         self.compiled = compiled
         self.params = params
@@ -102,13 +124,20 @@ class TrainingRuntime:
         self._finish_queued = False
         # Dead-rank detection: a heartbeat per rank in the store, read only
         # after a collective fails (docs/troubleshooting.md#a-rank-died).
-        self.monitor = None
-        if ctx.world_size > 1 and dist.is_initialized() and str(dist.get_backend(ctx.dp.group)) in ("gloo", "nccl"):
+        self.monitor = monitor
+        if monitor is None and ctx.world_size > 1 and dist.is_initialized() and \
+                str(dist.get_backend(ctx.dp.group)) in ("gloo", "nccl"):
             self.monitor = RankMonitor.for_group(ctx.dp.group, cfg.zerograph.collective_timeout_s)
+        if self.monitor is not None:
             weakref.finalize(self, self.monitor.stop)
+        # Ranks that drifted apart raise before a phase's collectives
+        # (zerograph.runtime.agreement.StepCheck; None: world size 1).
+        self.step_check = step_check
+        self._forward_communicates: bool | None = None
         ref = weakref.ref(self)  # the context must not keep its runtime alive
         ctx.collective_guard = lambda executable, phase: ref().guard_collectives(executable, phase)
         ctx.collective_failure = _translator(ref)
+        ctx.position_check = lambda phase: ref().check_position(phase)
 
     # -- collective failures -------------------------------------------------
     def collective_failure(self, exc: BaseException, phase: str) -> BaseException:
@@ -122,6 +151,16 @@ class TrainingRuntime:
         )
         log.error("%s", err)
         return err
+
+    def check_position(self, phase: str) -> None:
+        """Check that every rank is about to run ``phase`` at the same
+        micro-batch and step (collective; :class:`~zerograph.runtime.agreement.StepCheck`).
+        A no-op at world size 1."""
+        if self.step_check is None:
+            return
+        ctx = self.ctx
+        with naming_failed_ranks(ctx, phase if phase in STEP_PHASES else phase.replace("inference ", "")):
+            self.step_check(phase, ctx.micro_step, ctx.step)
 
     def guard_collectives(self, executable, phase: str):
         """Wrap a boxed compiled graph so that a failed collective inside it
@@ -174,7 +213,15 @@ class TrainingRuntime:
             ctx.region_order = []
         deferring = boundary is False and ctx.defers_grad_sync
         ctx.read_state.tag = ctx.nosync_tag if deferring else ctx.tag
+        if self.step_check is not None and self._communicating_forward():
+            self.check_position("forward" if boundary is not None else "inference forward")
         return args, kwargs, boundary
+
+    def _communicating_forward(self) -> bool:
+        """Whether a forward gathers parameters (ZeRO stages 1-3: some are sharded)."""
+        if self._forward_communicates is None:
+            self._forward_communicates = any(s.storage == "sharded" for s in self.ctx.specs.values())
+        return self._forward_communicates
 
     @torch.compiler.disable
     def after(self, out, boundary):
