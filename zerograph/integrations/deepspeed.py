@@ -124,9 +124,6 @@ def _build_optimizer(module, cfg: Config, optimizer, groups):
     """The optimizer over the prepared model's shards: from the client's
     optimizer (rebuilt over the shards), callable or class, or the config's
     ``optimizer`` section; None without any."""
-    if optimizer is not None and cfg.optimizer is not None:
-        raise ConfigError("zerograph.initialize: got an optimizer and an 'optimizer' section in the config; "
-                          "pass one of them")
     params = _on_shards(groups, module)
     if optimizer is None:
         return build_optimizer(module, cfg, params=params) if cfg.optimizer is not None else None
@@ -170,9 +167,6 @@ def _build_scheduler(lr_scheduler, optimizer, old_optimizer, cfg: Config):
     """The LR scheduler: the client's (a callable of the optimizer, or an
     instance moved onto the rebuilt optimizer) or the config's ``scheduler``
     section. Returns ``(scheduler, rebound)``."""
-    if lr_scheduler is not None and cfg.scheduler is not None:
-        raise ConfigError("zerograph.initialize: got an lr_scheduler and a 'scheduler' section in the config; "
-                          "pass one of them")
     if lr_scheduler is None:
         if cfg.scheduler is None:
             return None, False
@@ -234,6 +228,12 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
         raise ConfigError("zerograph.initialize: mpu/mesh_param (Megatron-style model parallelism) is not supported; "
                           "zerograph parallelizes with ZeRO data parallelism and the config's 'pipeline' section")
     cfg = Config.load(_config_source(args, config, config_params))
+    conflicts = [f"got {given} and {section!r} section in the config; pass one of them"
+                 for given, value, section in (("an optimizer", optimizer, "optimizer"),
+                                               ("an lr_scheduler", lr_scheduler, "scheduler"))
+                 if value is not None and getattr(cfg, section) is not None]
+    if conflicts:
+        raise ConfigError([f"zerograph.initialize: {c}" for c in conflicts])
     init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required,
                      timeout=cfg.zerograph.collective_timeout_s)
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -172,14 +172,18 @@ class StepTimers:
 class FlopsProfile:
     """``flops_profiler``: counts the FLOPs of the optimizer step that starts
     after ``profile_step`` completed ones (DeepSpeed's ``global_steps ==
-    profile_step``, so the default 1 skips the first, compiling step) on
-    global rank 0, forward and backward of every micro-batch, with
-    ``torch.utils.flop_counter.FlopCounterMode``; then logs the report (and
-    writes it to ``output_file`` when set). ``result`` holds the numbers."""
+    profile_step``, so the default 1 skips the first, compiling step),
+    forward and backward of every micro-batch, with
+    ``torch.utils.flop_counter.FlopCounterMode`` (on every rank, so that
+    all run alike); then global rank 0 logs the report (and writes it to
+    ``output_file`` when set) and holds the numbers in ``result``."""
 
     def __init__(self, config: Config, rank: int, params: int):
         self.section = config.flops_profiler
-        self.enabled = self.section.enabled and rank == 0
+        # every rank counts (a dispatch mode on one rank only could change how its graphs run and so
+        # its collectives); rank 0 reports
+        self.enabled = self.section.enabled
+        self.reports = rank == 0
         self.params = params
         self.mode: Optional[Any] = None
         self.phase_flops: Counter = Counter()
@@ -211,13 +215,18 @@ class FlopsProfile:
             return
         seconds = time.perf_counter() - self.t0
         total = sum(self.phase_flops.values())
-        self.result = {"step": step, "micro_batches": micro_batches, "params": self.params,
+        self.result = {"step": step + 1, "micro_batches": micro_batches, "params": self.params,
                        "forward_flops": int(self.phase_flops.get("forward", 0)),
                        "backward_flops": int(self.phase_flops.get("backward", 0)),
                        "total_flops": int(total), "seconds": seconds,
                        "flops_per_second": total / seconds if seconds > 0 else 0.0}
+        self.mode = None
+        if not self.reports:
+            self.result = None
+            self.enabled = False
+            return
         r = self.result
-        text = (f"flops profiler, optimizer step {step} (rank 0, {micro_batches} micro-batch(es)): "
+        text = (f"flops profiler, optimizer step {step + 1} (rank 0, {micro_batches} micro-batch(es)): "
                 f"params {r['params']:,}, forward FLOPs {r['forward_flops']:,}, backward FLOPs "
                 f"{r['backward_flops']:,}, total {r['total_flops']:,}, {seconds * 1e3:.2f} ms, "
                 f"{r['flops_per_second'] / 1e9:.3f} GFLOPS")
@@ -229,7 +238,6 @@ class FlopsProfile:
                 path.write_text(text + "\n")
             except OSError as exc:
                 raise ConfigError(f"flops_profiler.output_file: cannot write {path}: {exc.strerror or exc}") from None
-        self.mode = None
 
 
 class CommsLog:
