@@ -365,3 +365,17 @@ def test_a_misplaced_step_is_an_error():
     with pytest.raises(RuntimeError, match="once per micro-batch"):
         engine.step()
     assert math.isfinite(engine.get_lr()[0])
+
+
+def test_the_loss_can_be_scaled_in_place():
+    """The Hugging Face Trainer scales the loss in place (``loss *= num_processes``)."""
+    torch._dynamo.reset()
+    engine, *_ = zerograph.initialize(model=make_net(), config=config(0, gradient_accumulation_steps=1, gradient_clipping=0.0))
+    x, y = global_batch(0, MICRO)
+    loss = engine(x, y)
+    loss *= 2.0
+    engine.backward(loss)
+    ref = make_net()
+    (ref(x, y) * 2.0).backward()
+    for (name, p), q in zip(engine.module.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

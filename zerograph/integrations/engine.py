@@ -198,6 +198,17 @@ class ZeroGraphEngine(nn.Module):
         if boundary:
             self._end_step()
 
+    def _skip_micro_batches(self, count: int) -> None:
+        """Count ``count`` micro-batches as done at the start of an
+        optimizer step, so that it ends after fewer (a trainer's short last
+        window of an epoch). Gradients are still divided by the full
+        ``gradient_accumulation_steps``: scale the losses to match."""
+        if self.is_pipeline or self.micro_steps % self.gradient_accumulation_steps():
+            raise RuntimeError("micro-batches can only be skipped at the start of an optimizer step without a pipeline")
+        self.micro_steps += count
+        for ctx in self._contexts():
+            ctx.micro_step += count
+
     def _zg_steps(self) -> int:
         return sum(ctx.step for ctx in self._contexts())
 
