@@ -25,9 +25,13 @@ def _free_port() -> int:
 
 
 def _torchrun(script: str, *args: str) -> str:
+    return _run(script, "--steps", "2", "--seq", "32", *args)
+
+
+def _run(script: str, *args: str) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           str(REPO / "examples" / script), "--steps", "2", "--seq", "32", *args]
+           str(REPO / "examples" / script), *args]
     # A new session, so a timeout kills torchrun's workers too.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             start_new_session=True)
@@ -56,3 +60,32 @@ def test_example_trains_and_saves_pretrained(tmp_path, script, model_class):
     model = getattr(transformers, model_class).from_pretrained(tmp_path / "model")
     ids = torch.randint(0, 256, (1, 16))
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_deepspeed_style_script_runs_with_only_its_import_changed(tmp_path):
+    import ast
+
+    source = (REPO / "examples" / "deepspeed_style.py").read_text()
+    tree = ast.parse(source)
+    imports = [a for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+               for a in node.names if "zerograph" in (getattr(node, "module", None) or a.name)]
+    assert [(a.name, a.asname) for a in imports] == [("zerograph", "deepspeed")]
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "zerograph"]
+    out = _run("deepspeed_style.py", "--deepspeed", "--epochs", "2", "--out", str(tmp_path))
+    losses = [float(line.split()[4]) for line in out.splitlines() if line.startswith("epoch")]
+    assert len(losses) == 2 and losses[1] < losses[0], out
+    assert "optimizer steps 16" in out and "reloaded the checkpoint of epoch 1" in out
+    assert (tmp_path / "latest").read_text() == "global_step16"
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_hf_trainer_example_trains_and_saves_pretrained(tmp_path):
+    import transformers
+
+    out = _run("hf_trainer.py", "--steps", "2", "--seq", "32", "--out", str(tmp_path))
+    assert "steps 2" in out, out
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "final")
+    ids = torch.randint(0, 256, (1, 16))
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    assert (tmp_path / "checkpoint-1" / "latest").read_text() == "global_step1"

@@ -25,8 +25,9 @@ LAYERS = {
     "backend": {"passes"},
     "api": {"backend", "pipeline", "checkpoint"},
     "explain": {"api"},
+    "integrations": {"api"},
     "cli": {"__init__", "models"},
-    "__init__": {"explain"},
+    "__init__": {"explain", "integrations"},
     "__main__": {"__init__"},
 }
 TOP_LEVEL = {"__init__", "__main__", "api", "_torch_private", "explain"}

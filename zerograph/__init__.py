@@ -12,6 +12,8 @@ from zerograph.config import Config, ConfigError
 from zerograph.runtime.errors import CheckpointError, RankFailureError, RankMismatchError, TraceError
 from zerograph.runtime.memory import MemoryBudgetError
 from zerograph.runtime.optimizer import make_optimizer
+from zerograph.runtime.ds_optim import build_optimizer, build_scheduler
+from zerograph.integrations import ZeroGraphEngine, add_config_arguments, init_distributed, initialize
 from zerograph.passes import GraphPass, PassContext, PassList, PassResult, default_passes
 from zerograph import pipeline  # noqa: F401  (zerograph.pipeline.PipelineModeError, schedules)
 
@@ -30,12 +32,18 @@ __all__ = [
     "RankFailureError",
     "RankMismatchError",
     "TraceError",
+    "ZeroGraphEngine",
+    "add_config_arguments",
+    "build_optimizer",
+    "build_scheduler",
     "compile",
     "default_passes",
     "export_pretrained",
     "explain",
     "Explanation",
     "full_state_dict",
+    "init_distributed",
+    "initialize",
     "inspect",
     "load_checkpoint",
     "load_full_state_dict",

@@ -11,6 +11,8 @@ from pydantic import Field, StrictBool, StrictStr
 from zerograph.config.values import ForeignSection, Section, _Float, _Int, _PositiveInt, _Size, foreign, meta
 
 _LOG_YOURSELF = "log from your training loop"
+_COUNTED = "the profiler counts the FLOPs torch runs, recomputation included"
+_WHOLE_MODEL = "the report covers the whole model; there is no per-module breakdown yet"
 
 
 def _monitor(what: str, instead: str) -> dict[str, Any]:
@@ -21,8 +23,9 @@ class TensorBoardConfig(Section):
     """The ``tensorboard`` section: DeepSpeed's TensorBoard monitor."""
 
     enabled: StrictBool = Field(
-        False, description="Write training metrics for TensorBoard.",
-        json_schema_extra=_monitor("TensorBoard logs", "use torch.utils.tensorboard in your loop"))
+        False, description="Write each optimizer step's loss, learning rate (and fp16 loss scale, step timers) as "
+        "TensorBoard scalars into output_path/job_name, from rank 0 of the engine of zerograph.initialize; needs the "
+        "tensorboard package (pip install tensorboard).")
     output_path: StrictStr = Field("", description="Directory of the logs.")
     job_name: StrictStr = Field("DeepSpeedJobName", description="Sub-directory of this job.")
 
@@ -55,8 +58,9 @@ class CometConfig(Section):
 class CSVMonitorConfig(Section):
     """The ``csv_monitor`` section: DeepSpeed's CSV monitor."""
 
-    enabled: StrictBool = Field(False, description="Write training metrics to CSV files.",
-                                json_schema_extra=_monitor("CSV logs", _LOG_YOURSELF))
+    enabled: StrictBool = Field(False, description="Write each optimizer step's loss, learning rate (and fp16 loss "
+                                "scale, step timers) to one CSV file per metric in output_path/job_name, from rank 0 "
+                                "of the engine of zerograph.initialize.")
     output_path: StrictStr = Field("", description="Directory of the files.")
     job_name: StrictStr = Field("DeepSpeedJobName", description="Sub-directory of this job.")
 
@@ -64,27 +68,35 @@ class CSVMonitorConfig(Section):
 class FlopsProfilerConfig(Section):
     """The ``flops_profiler`` section: DeepSpeed's FLOPs profiler."""
 
-    enabled: StrictBool = Field(False, description="Profile one step's FLOPs and latency.",
-                                json_schema_extra=meta(no_effect="zerograph has no FLOPs profiler; use "
-                                                       "torch.utils.flop_counter.FlopCounterMode or torch.profiler"))
-    recompute_fwd_factor: _Float = Field(0.0, description="Share of the forward recomputed in the backward.")
-    profile_step: _PositiveInt = Field(1, description="Step to profile.")
-    module_depth: _Int = Field(-1, description="Module depth of the report; -1: all.")
-    top_modules: _PositiveInt = Field(1, description="Modules listed in the report.")
-    detailed: StrictBool = Field(True, description="Print the detailed profile.")
-    output_file: Optional[StrictStr] = Field(None, description="File of the report; null: stdout.")
+    enabled: StrictBool = Field(False, description="Count the FLOPs (forward and backward, every micro-batch) and "
+                                "time of one optimizer step with torch.utils.flop_counter, on rank 0 of the engine of "
+                                "zerograph.initialize, and log the report.")
+    recompute_fwd_factor: _Float = Field(0.0, description="Share of the forward recomputed in the backward.",
+                                         json_schema_extra=meta(no_effect=_COUNTED))
+    profile_step: _PositiveInt = Field(1, description="Profile the optimizer step after this many completed ones.")
+    module_depth: _Int = Field(-1, description="Module depth of the report; -1: all.",
+                               json_schema_extra=meta(no_effect=_WHOLE_MODEL))
+    top_modules: _PositiveInt = Field(1, description="Modules listed in the report.",
+                                      json_schema_extra=meta(no_effect=_WHOLE_MODEL))
+    detailed: StrictBool = Field(True, description="Print the detailed profile.",
+                                 json_schema_extra=meta(no_effect=_WHOLE_MODEL))
+    output_file: Optional[StrictStr] = Field(None, description="File the report is written to as well; null: "
+                                             "only the log.")
 
 
 class CommsLoggerConfig(Section):
     """The ``comms_logger`` section: DeepSpeed's communication logger."""
 
-    enabled: StrictBool = Field(False, description="Log every collective with its size and time.",
-                                json_schema_extra=meta(no_effect="zerograph has no communication logger; "
-                                                       "zerograph.explain lists every collective with its bytes"))
-    verbose: StrictBool = Field(False, description="Print each collective as it runs.")
-    prof_all: StrictBool = Field(True, description="Profile all collectives.")
-    debug: StrictBool = Field(False, description="Name the caller of each collective.")
-    prof_ops: tuple[StrictStr, ...] = Field((), description="Collectives to profile.")
+    enabled: StrictBool = Field(False, description="Record the bytes of each collective kind per optimizer step "
+                                "(zerograph.inspect(model).comm_bytes_last_step) in the engine of zerograph.initialize; "
+                                "the totals are logged every steps_per_print steps (10 when unset).")
+    verbose: StrictBool = Field(False, description="Log every optimizer step's bytes per collective.")
+    prof_all: StrictBool = Field(True, description="Record all collectives (else those in prof_ops).")
+    debug: StrictBool = Field(False, description="Name the caller of each collective.",
+                              json_schema_extra=meta(no_effect="collectives are nodes of the compiled graphs; "
+                                                     "zerograph.explain shows where each one is"))
+    prof_ops: tuple[StrictStr, ...] = Field((), description="Collectives to record when prof_all is false "
+                                            "(all_gather_into_tensor, reduce_scatter_tensor, all_reduce).")
 
 
 class ParallelWriteConfig(Section):
@@ -100,8 +112,8 @@ class CheckpointConfig(Section):
     """The ``checkpoint`` section: DeepSpeed's checkpoint options."""
 
     tag_validation: Literal["Ignore", "Warn", "Fail", "ignore", "warn", "fail", "IGNORE", "WARN", "FAIL"] = Field(
-        "Warn", description="Check that every rank saves under the same tag.",
-        json_schema_extra=meta(no_effect="zerograph.save_checkpoint has no tags; it writes to the directory given"),
+        "Warn", description="engine.save_checkpoint of zerograph.initialize checks that every rank saves under the "
+        "same tag: a differing tag is logged (Warn), an error (Fail), or not checked (Ignore). DeepSpeed: same key.",
     )
     load_universal: StrictBool = Field(
         False, description="Load a universal checkpoint (any parallel layout).",

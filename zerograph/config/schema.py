@@ -19,10 +19,12 @@ from zerograph.config.values import FOREIGN, NO_EFFECT, ConfigError, field_extra
 
 log = logging.getLogger(__name__)
 
-# top-level sections that change nothing the backend runs: built on request (optimizer, scheduler) or
-# accepted only when they ask for nothing zerograph lacks
+# top-level keys and sections that change nothing the backend runs: built on request (optimizer, scheduler),
+# read by zerograph.initialize's engine (monitors, its data loader), or accepted only when they ask for nothing
+# zerograph lacks
 _INERT_SECTIONS = ("optimizer", "scheduler", "data_types", "tensor_parallel", "hybrid_engine", "checkpoint",
-                   "compile", "tensorboard", "wandb", "comet", "csv_monitor", "flops_profiler", "comms_logger")
+                   "compile", "tensorboard", "wandb", "comet", "csv_monitor", "flops_profiler", "comms_logger",
+                   "steps_per_print", "wall_clock_breakdown", "dataloader_drop_last")
 
 
 class Config(ConfigKeys):

@@ -63,8 +63,9 @@ class ConfigKeys(Section):
         "DeepSpeed: same key.",
     )
     steps_per_print: Optional[_PositiveInt] = Field(
-        None, description="DeepSpeed: print a progress report every this many steps.",
-        json_schema_extra=meta(no_effect="zerograph prints no progress reports; log from your training loop"),
+        None, description="Log a progress line (step, skipped steps, loss, learning rate) every this many optimizer "
+        "steps, from the engine of zerograph.initialize (and ZeroGraphTrainer); null: none. DeepSpeed: same key "
+        "(its default is 10).",
     )
     zero_allow_untested_optimizer: StrictBool = Field(
         False,
@@ -73,8 +74,9 @@ class ConfigKeys(Section):
         json_schema_extra=meta(no_effect="any torch optimizer works with zerograph"),
     )
     wall_clock_breakdown: StrictBool = Field(
-        False, description="DeepSpeed: log the time of forward, backward and step.",
-        json_schema_extra=meta(no_effect="zerograph has no step timers; time your loop or use torch.profiler"),
+        False, description="Time forward, backward and step in the engine of zerograph.initialize: logged every "
+        "steps_per_print steps (10 when unset) and written by the csv_monitor/tensorboard monitors. DeepSpeed: "
+        "same key.",
     )
     fp16: FP16Config = _section(FP16Config, "float16 mixed precision. DeepSpeed: same section.")
     bf16: BF16Config = _section(BF16Config, "bfloat16 mixed precision. DeepSpeed: same section.",
@@ -157,8 +159,8 @@ class ConfigKeys(Section):
         json_schema_extra=meta(no_effect="zerograph.compiler \"inductor\" decides how graphs run"),
     )
     dataloader_drop_last: StrictBool = Field(
-        False, description="DeepSpeed: drop the last incomplete batch of its data loader.",
-        json_schema_extra=meta(no_effect="zerograph builds no data loader"),
+        False, description="Drop the last incomplete batch of the data loader zerograph.initialize builds from "
+        "training_data. DeepSpeed: same key.",
     )
     log_level: Optional[StrictStr] = Field(
         None, description="DeepSpeed's logger level.",

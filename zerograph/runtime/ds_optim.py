@@ -54,12 +54,13 @@ def optimizer_class_and_kwargs(section: OptimizerConfig) -> tuple[type[torch.opt
     return cls, kwargs
 
 
-def build_optimizer(model_or_params: Any, config: Any = None) -> Any:
+def build_optimizer(model_or_params: Any, config: Any = None, *, params: Any = None) -> Any:
     """The optimizer of ``config``'s ``optimizer`` section.
 
     ``model_or_params``: a model ``zerograph.compile``/``shard`` prepared
     (built with ``zerograph.make_optimizer``, so offload and shard stepping
-    apply; ``config`` defaults to the model's), any other ``nn.Module``
+    apply; ``config`` defaults to the model's; ``params`` picks its
+    parameters or parameter groups, default all), any other ``nn.Module``
     (over its parameters), or parameters / parameter groups."""
     cfg = _config_of(model_or_params, config)
     if cfg.optimizer is None:
@@ -69,9 +70,9 @@ def build_optimizer(model_or_params: Any, config: Any = None) -> Any:
     if getattr(model_or_params, "_zg_runtime", None) is not None:
         from zerograph.runtime.optimizer import make_optimizer
 
-        return make_optimizer(model_or_params, cls, **kwargs)
+        return make_optimizer(model_or_params, cls, params=params, **kwargs)
     if isinstance(model_or_params, torch.nn.Module):
-        return cls(model_or_params.parameters(), **kwargs)
+        return cls(model_or_params.parameters() if params is None else params, **kwargs)
     return cls(model_or_params, **kwargs)
 
 

@@ -101,7 +101,8 @@ class ShardOptimizer:
     def __init__(self, params, optimizer_cls: Callable[..., torch.optim.Optimizer], *, on_host: bool = False,
                  pin_memory: bool = False, host_resident=(), **optimizer_kwargs: Any):
         check_elementwise(optimizer_cls)
-        self.device_params = [p for p in params if p.requires_grad]
+        groups = _param_groups(params)
+        self.device_params = [p for group in groups for p in group["params"]]
         if not self.device_params:
             raise ValueError(f"{type(self).__name__} got no parameters that require gradients; pass model.parameters()")
         self.on_host = on_host
@@ -112,7 +113,10 @@ class ShardOptimizer:
         # version of each copied master's parameter when the two last agreed (None: resident)
         self._synced = [None if resident else tensor_version(_local(p.detach()))
                         for p, resident in zip(self.device_params, self.resident)]
-        self.optimizer = optimizer_cls(self.masters, **optimizer_kwargs)
+        master_of = {id(p): m for p, m in zip(self.device_params, self.masters)}
+        self.optimizer = optimizer_cls([{**{k: v for k, v in group.items() if k != "params"},
+                                         "params": [master_of[id(p)] for p in group["params"]]}
+                                        for group in groups], **optimizer_kwargs)
         if on_host:
             log.info("zerograph: optimizer offload: %d master shards (%d bytes, %d of them the parameter shards "
                      "themselves) and %s states on the host", len(self.masters),
@@ -290,9 +294,31 @@ class HostOptimizer(ShardOptimizer):
                          host_resident=host_resident, **optimizer_kwargs)
 
 
+def _param_groups(params) -> list[dict[str, Any]]:
+    """``params`` (tensors, or dicts with ``"params"`` and per-group options)
+    as parameter groups of the parameters that require gradients; groups left
+    empty are dropped (as DeepSpeed does)."""
+    items = list(params)
+    if not items or not isinstance(items[0], dict):
+        items = [{"params": items}]
+    groups = []
+    for group in items:
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError("parameters must be tensors or parameter groups (dicts with 'params'), not a mix")
+        members = group["params"]
+        members = [members] if isinstance(members, torch.Tensor) else list(members)
+        members = [p for p in members if p.requires_grad]
+        if members:
+            groups.append({**group, "params": members})
+    return groups
+
+
 def make_optimizer(model: torch.nn.Module, optimizer_cls: Callable[..., torch.optim.Optimizer],
-                   **optimizer_kwargs: Any):
-    """The optimizer for a model prepared by ``zerograph.compile``/``shard``:
+                   params=None, **optimizer_kwargs: Any):
+    """The optimizer for a model prepared by ``zerograph.compile``/``shard``
+    over ``params`` (its parameters or parameter groups, dicts with
+    ``"params"`` and per-group options such as ``weight_decay``; default: every
+    parameter):
 
     * a :class:`HostOptimizer` when ``zero_optimization.offload_optimizer.device``
       or ``offload_param.device`` is ``"cpu"`` (with ``offload_param`` the
@@ -306,16 +332,26 @@ def make_optimizer(model: torch.nn.Module, optimizer_cls: Callable[..., torch.op
         raise ValueError("make_optimizer needs a model prepared by zerograph.compile or zerograph.shard")
     zero = ctx.config.zero_optimization
     named = dict(getattr(model, "_orig_mod", model).named_parameters())
+    if params is None:
+        params = list(named.values())
+    else:
+        params = _param_groups(params)
+        own = {id(p) for p in named.values()}
+        foreign = sum(id(p) not in own for group in params for p in group["params"])
+        if foreign:
+            raise ValueError(f"make_optimizer: {foreign} of the parameters given are not parameters of the prepared "
+                             f"{type(model).__name__} (zerograph.compile replaces them by shards): pass "
+                             "model.parameters() or groups of them, taken after zerograph.compile")
     if zero.offload_optimizer.device == "cpu" or zero.offload_param.device == "cpu":
         resident = [p for name, p in named.items() if name in ctx.specs and ctx.specs[name].compute_device is not None]
         pin = zero.offload_optimizer.pin_memory or zero.offload_param.pin_memory
-        return HostOptimizer(named.values(), optimizer_cls, pin_memory=pin, host_resident=resident,
+        return HostOptimizer(params, optimizer_cls, pin_memory=pin, host_resident=resident,
                              **optimizer_kwargs)
     if is_elementwise(optimizer_cls):
-        return ShardOptimizer(named.values(), optimizer_cls, **optimizer_kwargs)
+        return ShardOptimizer(params, optimizer_cls, **optimizer_kwargs)
     log.info("zerograph: %s is not element-wise; it steps the parameters as DTensors",
              getattr(optimizer_cls, "__name__", optimizer_cls))
-    return optimizer_cls(model.parameters(), **optimizer_kwargs)
+    return optimizer_cls(params, **optimizer_kwargs)
 
 
 def _like_param(param: torch.Tensor, key: str, value):

@@ -65,7 +65,10 @@ class _BackwardEntry(torch.autograd.Function):
         # An output the loss does not use (logits next to the loss) gets no
         # gradient; do not turn that None into a zeros tensor of its size.
         ctx.set_materialize_grads(False)
-        return tuple(t.view_as(t) for t in tensors)
+        # Views of the outputs, but a one-element output (the loss) is copied: autograd forbids in-place
+        # ops on the views a custom Function returns, and losses get them (the Hugging Face Trainer's
+        # ``loss *= num_processes``)
+        return tuple(t.clone() if t.numel() == 1 else t.view_as(t) for t in tensors)
 
     @staticmethod
     def backward(ctx, *grads):
