@@ -13,12 +13,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from zerograph.backend import ZerographBackend
-from zerograph.graph import markers  # noqa: F401  (registers the marker ops parameter reads call)
+from zerograph.graph import markers, tp_markers  # noqa: F401  (registers the marker ops parameter reads call)
 from zerograph.config import Config, ConfigError
 from zerograph.passes import PassList, PassRecord, default_passes
 from zerograph.runtime.state import ModelState, context_of
 from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
-from zerograph.runtime.dist import DataParallelGroup, data_parallel_group
+from zerograph.runtime.dist import DataParallelGroup, data_and_tensor_parallel_groups, data_parallel_group
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.offload import watch_plain_optimizer
 from zerograph.runtime.plan import ParallelPlan
@@ -28,7 +28,7 @@ from zerograph.runtime.sharding import shard_parameters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compile", "shard", "inspect", "full_state_dict", "Inspection"]
+__all__ = ["compile", "shard", "inspect", "full_state_dict", "batch_rows", "Inspection"]
 
 
 def _zerograph_call(self, *args, **kwargs):
@@ -83,6 +83,7 @@ def shard(
     passes: PassList | None = None,
     loss_fn=None,
     group: DataParallelGroup | None = None,
+    example_batch=None,
 ) -> nn.Module:
     """Shard ``model`` for ZeRO without compiling it (collective: call on every rank).
 
@@ -118,13 +119,21 @@ def shard(
             "use zerograph.compile(model, config, example_batch=batch)"
         )
     model_device = next(iter(model.parameters()), torch.empty(0)).device
-    dp = group if group is not None else data_parallel_group(
-        cfg.zerograph.collective_timeout_s, cfg.zerograph.device, model_device
-    )
+    tp, tp_layouts = None, None
+    if cfg.tensor_parallel.autotp_size > 1:
+        dp, tp, tp_layouts = _tensor_parallel_setup(model, cfg, group, model_device, example_batch)
+    else:
+        dp = group if group is not None else data_parallel_group(
+            cfg.zerograph.collective_timeout_s, cfg.zerograph.device, model_device
+        )
     cfg.resolve_batch(dp.world_size)
-    plan = ParallelPlan.build(cfg, {"dp": dp.world_size}, {"dp": dp.rank})
+    mesh, coords = {"dp": dp.world_size}, {"dp": dp.rank}
+    if tp is not None:
+        mesh["tp"], coords["tp"] = tp.world_size, tp.rank
+    plan = ParallelPlan.build(cfg, mesh, coords)
     ctx = ModelState(cfg, dp, plan, loss_fn=loss_fn)
-    shard_parameters(model, ctx)
+    ctx.tp = tp
+    shard_parameters(model, ctx, tp_layouts)
     ctx.backend = ZerographBackend(ctx, passes=pass_list)
     params = list(dict.fromkeys(model.parameters()))
     model._zg_runtime = TrainingRuntime(ctx, model._call_impl, params)
@@ -146,6 +155,35 @@ def shard(
     model.__class__ = type(base.__name__, (base,), attrs)
     log.info("zerograph: sharded %s with ZeRO stage %d on %d rank(s)", base.__name__, cfg.stage, dp.world_size)
     return model
+
+
+def _tensor_parallel_setup(model, cfg: Config, group, model_device, example_batch):
+    """The (dp, tp) groups and, decided before anything is stored, how each
+    split parameter is cut (docs/tensor_parallel.md)."""
+    from zerograph.backend.capture import capture_graphs
+    from zerograph.planner.tp_plan import decide_splits, describe, tp_layouts
+
+    size = cfg.tensor_parallel.autotp_size
+    if group is not None:
+        raise ConfigError(f"tensor_parallel.autotp_size={size} with a given data-parallel group (pipeline stages) "
+                          "is not supported yet; remove the tensor_parallel section or the pipeline section")
+    dp, tp = data_and_tensor_parallel_groups(size, cfg.zerograph.collective_timeout_s, cfg.zerograph.device,
+                                             model_device)
+    capture = None if example_batch is None else (lambda: capture_graphs(model, example_batch))
+    splits = decide_splits(model, cfg.tensor_parallel.partition_config, capture)
+    log.info("zerograph: tensor parallelism over %d ranks splits %d layer(s) of %s:\n%s", size, len(splits),
+             type(model).__name__, describe(splits))
+    return dp, tp, tp_layouts(model, splits, size, tp.rank)
+
+
+def batch_rows(model: nn.Module, global_rows: int) -> slice:
+    """The rows of each global batch of ``global_rows`` rows that this rank
+    reads: its data-parallel index's share. The tensor-parallel ranks of one
+    data-parallel index read the same rows (docs/tensor_parallel.md)::
+
+        idx = global_idx[zerograph.batch_rows(model, len(global_idx))]
+    """
+    return _context(getattr(model, "_orig_mod", model)).plan.batch_rows(global_rows)
 
 
 def compile(
@@ -172,13 +210,17 @@ def compile(
     """
     cfg = Config.load(config)
     if cfg.pipeline.stages > 1:
+        if cfg.tensor_parallel.autotp_size > 1:
+            raise ConfigError(
+                f"pipeline.stages={cfg.pipeline.stages} with tensor_parallel.autotp_size="
+                f"{cfg.tensor_parallel.autotp_size}: pipeline x tensor parallelism is not supported yet; use one of them")
         from zerograph.pipeline.build import compile_pipeline
 
         def compile_stage(stage, stage_cfg, group):
             return compile(stage, stage_cfg, passes=passes, dynamic=dynamic, fullgraph=fullgraph, group=group)
 
         return compile_pipeline(model, cfg, example_batch=example_batch, loss_fn=loss_fn, compile_stage=compile_stage)
-    model = shard(model, cfg, passes=passes, loss_fn=loss_fn, group=group)
+    model = shard(model, cfg, passes=passes, loss_fn=loss_fn, group=group, example_batch=example_batch)
     runtime = model._zg_runtime
     backend = runtime.ctx.backend
     call_impl = model._call_impl

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # top-level sections that change nothing the backend runs: built on request (optimizer, scheduler) or
 # accepted only when they ask for nothing zerograph lacks
-_INERT_SECTIONS = ("optimizer", "scheduler", "data_types", "tensor_parallel", "hybrid_engine", "checkpoint",
+_INERT_SECTIONS = ("optimizer", "scheduler", "data_types", "hybrid_engine", "checkpoint",
                    "compile", "tensorboard", "wandb", "comet", "csv_monitor", "flops_profiler", "comms_logger")
 
 
