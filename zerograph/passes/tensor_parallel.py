@@ -43,7 +43,8 @@ from zerograph.graph.markers import UNSHARD
 from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_COPY, UNSHARD_WHOLE
 from zerograph.graph.tp_ops import full_shape, linear_use, module_of
 from zerograph.passes.manager import PassContext, PassResult
-from zerograph.passes.tp_propagation import Propagator, Split, TensorParallelError
+from zerograph.passes.tp_propagation import Propagator, Split
+from zerograph.runtime.tp_layout import TensorParallelError
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,8 @@ class _Rewrite:
             if use.bias is not None and not isinstance(bias, _SplitParam):
                 raise TensorParallelError(f"tensor parallelism: {layout.module}: column-split weight, whole bias")
             copy = self.copies.get(use.x)
-            if copy is None:
-                with self.graph.inserting_after(use.x):
+            if copy is None:  # in front of the first column linear reading x; the others come later
+                with self.graph.inserting_before(node):
                     copy = self.copies[use.x] = _inserted(self.graph, node, TP_COPY, (use.x, self.tag))
                 self.counts["tp_copy"] += 1
             node.replace_input_with(use.x, copy)

@@ -22,10 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zerograph.graph.tp_ops import full_shape, module_of
-
-
-class TensorParallelError(ValueError):
-    """The model's graph cannot be split over the tensor-parallel ranks as planned."""
+from zerograph.runtime.tp_layout import TensorParallelError
 
 
 @dataclasses.dataclass(frozen=True)

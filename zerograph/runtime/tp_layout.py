@@ -25,6 +25,11 @@ import torch
 SplitKind = Literal["column", "row"]
 
 
+class TensorParallelError(ValueError):
+    """The model's graph cannot be split over the tensor-parallel ranks as
+    planned (the message names the module and the fix)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TpLayout:
     """This rank's tensor-parallel slice of one parameter."""

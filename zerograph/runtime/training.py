@@ -23,6 +23,7 @@ from zerograph.runtime.errors import (
     naming_failed_ranks,
 )
 from zerograph.runtime.precision import LossScaler
+from zerograph.runtime.tp_layout import TensorParallelError
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,10 @@ class TrainingRuntime:
         try:
             out = self.compiled(*args, **kwargs)
         except dynamo_exception_types() as exc:
-            budget = _cause_of_type(exc, MemoryBudgetError)
-            if budget is not None:  # raised by the backend inside Dynamo: report it as is
-                raise budget from exc
+            for kind in (MemoryBudgetError, TensorParallelError):
+                own = _cause_of_type(exc, kind)
+                if own is not None:  # raised by the backend inside Dynamo: report it as is
+                    raise own from exc
             model = self.model_ref() if self.model_ref is not None else None
             if model is None:
                 raise
