@@ -1,6 +1,8 @@
-"""DeepSpeed sections zerograph reads but does not act on yet: monitoring and
-profiling, checkpoint and compile options, tensor parallelism; and the catalog
-of DeepSpeed features zerograph does not have (:data:`FOREIGN_SECTIONS`)."""
+"""DeepSpeed sections zerograph reads but does not act on yet (monitoring and
+profiling, checkpoint and compile options), the ``tensor_parallel`` section
+(AutoTP training: ``autotp_size`` and ``partition_config`` work, see
+docs/tensor_parallel.md), and the catalog of DeepSpeed features zerograph does
+not have (:data:`FOREIGN_SECTIONS`)."""
 
 from __future__ import annotations
 
