@@ -206,6 +206,53 @@ def test_tp2_dp2_every_stage_matches_eager(model_name):
     _check(results, model_name, 4, [f"stage {s}" for s in (0, 1, 2, 3)])
 
 
+GPT_SPECS = {"use_default_specs": False, "layer_specs": [
+    {"patterns": [r".*\.qkv\.weight$"], "partition_type": "column", "shape": [3, -1], "partition_dim": 0},
+    {"patterns": [r".*\.mlp\.fc\.weight$"], "partition_type": "column"},
+    {"patterns": [r".*\.proj\.weight$"], "partition_type": "row"},
+]}
+
+
+def tp_eager_run(model_name: str, config: dict, steps: int):
+    """``zerograph.shard`` without compiling: every parameter read gathers the
+    whole parameter (``unshard_whole``), so the model runs unsplit on every
+    rank; then a ``full_state_dict`` -> ``load_full_state_dict`` round trip
+    into a fresh model."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = zerograph.shard(_models.MODELS[model_name](), config)
+    opt = _harness._optimizer(model.parameters())
+    rows = zerograph.batch_rows(model, _harness.PER_RANK_BATCH)
+    losses = []
+    for step in range(steps):
+        idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH)
+        losses.append(_harness.step_mean_loss(_models.loss_of(model_name, model, idx[rows], targets[rows]), opt))
+    full = {k: v.detach().clone() for k, v in zerograph.full_state_dict(model).items()}
+    fresh = zerograph.shard(_models.MODELS[model_name](), config)
+    zerograph.load_full_state_dict(fresh, full)
+    again = zerograph.full_state_dict(fresh)
+    same = all(torch.equal(again[k], full[k]) for k in full)
+    shapes = {n: tuple(p.shape) for n, p in fresh.named_parameters()}
+    return {"losses": losses, "params": full, "round_trip": same, "shapes": shapes, "rank": rank, "world": world}
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_tp2_without_compiling_and_full_state_dict_round_trip():
+    """Layer specs (DeepSpeed's form, fused qkv as shape [3, -1]) on an
+    uncompiled model: eager reads gather whole parameters and reduce this
+    rank's slice of the gradient, so it trains like single-process eager;
+    ``load_full_state_dict`` cuts whole tensors into this rank's slices."""
+    steps = 3
+    config = {"zero_optimization": {"stage": 3}, "tensor_parallel": {"autotp_size": TP, "partition_config": GPT_SPECS}}
+    results = spawn(tp_eager_run, 2, "gpt", config, steps, timeout=TIMEOUT)
+    ref_losses, ref_params = _harness.reference_run("gpt", 1, steps=steps)
+    for result in results:
+        _harness.assert_same_training(result, ref_losses, ref_params)
+        assert result["round_trip"]
+        assert result["shapes"]["h.0.attn.qkv.weight"] == (45, 30)
+
+
 # -- pass level (fake process group) ------------------------------------------
 
 class ResidualMLP(nn.Module):

@@ -125,8 +125,18 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     Atomic: an existing checkpoint at ``path`` is replaced only once the new
     one is complete. Collective: call on every rank; a rank that dies
     meanwhile ends the others with a RankFailureError naming it."""
+    _refuse_tensor_parallel(model, "save_checkpoint")
     with naming_failed_ranks(context_of(model), "zerograph.save_checkpoint"):
         return _save(Path(path), _unwrap(model), optimizer, extra)
+
+
+def _refuse_tensor_parallel(model: nn.Module, what: str) -> None:
+    ctx = context_of(model)
+    if ctx is not None and getattr(ctx, "tp", None) is not None:
+        raise NotImplementedError(
+            f"zerograph.{what}: checkpoints of tensor-parallel models (tensor_parallel.autotp_size="
+            f"{ctx.tp.world_size}) are not supported yet; save zerograph.full_state_dict(model) (collective; write it "
+            "from rank 0) and load it with zerograph.load_full_state_dict(model, state_dict) instead")
 
 
 def _save(path: Path, model: nn.Module, optimizer, extra: dict[str, Any]) -> Path:
@@ -195,6 +205,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     state. Returns the ``extra`` keywords given to ``save_checkpoint``.
     Collective: call on every rank; a rank that dies meanwhile ends the
     others with a RankFailureError naming it."""
+    _refuse_tensor_parallel(model, "load_checkpoint")
     with naming_failed_ranks(context_of(model), "zerograph.load_checkpoint"):
         return _load(Path(path), _unwrap(model), optimizer)
 
