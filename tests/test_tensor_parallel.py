@@ -73,13 +73,14 @@ def tp_run(model_name: str, configs: list[dict], steps: int = _harness.STEPS):
             "state_bytes": state_bytes,
             "comm": dict(info.comm_bytes_last_step),
             "comm_by_phase": _harness._comm_by_phase(info),
+            "grad_norm": zerograph.runtime.state.context_of(model).last_grad_norm,
         })
         del model, opt
         gc.collect()
     return results
 
 
-def _reference64(model_name: str, dp: int):
+def _reference64(model_name: str, dp: int, clip: float = 0.0):
     """The eager reference in float64: the exact training, up to fp64 round-off."""
     model = _models.MODELS[model_name]().double()
     opt = _harness._optimizer(model.parameters())
@@ -88,6 +89,8 @@ def _reference64(model_name: str, dp: int):
         idx, targets = _models.global_batch(step, _harness.PER_RANK_BATCH * dp)
         loss = _models.loss_of(model_name, model, idx, targets)
         loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
@@ -111,15 +114,15 @@ def _assert_within_roundoff(got, ref32, ref64, what, rtol=1e-5, atol=1e-6):
                              f"fp32 eager {ref32.flatten()[i].item()!r} (fp64 eager {ref64.flatten()[i].item()!r})")
 
 
-def _check(results, model_name, world, labels):
+def _check(results, model_name, world, labels, clip: float = 0.0):
     dp = world // TP
-    ref_losses, ref_params = _harness.reference_run(model_name, dp)
+    ref_losses, ref_params = _harness.reference_run(model_name, dp, clip=clip)
     exact = None
     for label, result in zip(labels, results[0]):
         try:
             _harness.assert_same_training(result, ref_losses, ref_params)
         except AssertionError:
-            exact = exact or _reference64(model_name, dp)
+            exact = exact or _reference64(model_name, dp, clip)
             where = f"{label}, world {world}, {model_name}"
             _assert_within_roundoff(torch.tensor(result["losses"]), torch.tensor(ref_losses), exact[0],
                                     f"{where}: losses")
@@ -189,13 +192,22 @@ def test_tp2_traffic_and_memory_match_megatron():
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
-def test_tp2_dp2_stage3_matches_eager():
+def test_tp2_dp2_stage3_with_clipping_matches_eager():
     """tp=2 x dp=2 (world 4): global rank = dp_index * 2 + tp_index; ZeRO-3
-    shards each rank's tp slice over its 2 data-parallel ranks."""
-    results = spawn(tp_run, 4, "gpt", [_config(3)], timeout=TIMEOUT)
-    _check(results, "gpt", 4, ["tp=2 x dp=2 stage 3"])
-    rs = results[0][0]["comm"]
-    assert rs["reduce_scatter"] > 0 and rs["all_gather"] > 0 and rs["tp_all_reduce"] > 0
+    shards each rank's tp slice over its 2 data-parallel ranks. Clipping by
+    the global norm counts every element once over tp x dp (0.05 clips every
+    step here). Model states per rank ~ 16 x (split / tp + whole) / dp."""
+    clip = 0.05
+    results = spawn(tp_run, 4, "gpt_untied", [_config(3, gradient_clipping=clip)], timeout=TIMEOUT)
+    _check(results, "gpt_untied", 4, ["tp=2 x dp=2 stage 3, clipped"], clip=clip)
+    assert results[0][0]["grad_norm"] > clip  # the last step was clipped
+    comm = results[0][0]["comm"]
+    assert comm["reduce_scatter"] > 0 and comm["all_gather"] > 0 and comm["tp_all_reduce"] > 0
+    split, whole = _split_and_whole_elements("gpt_untied")
+    expected = 16 * (split // TP + whole) / 2
+    for rank_results in results:
+        state = rank_results[0]["state_bytes"]
+        assert abs(state - expected) / expected < 0.03, (state, expected)
 
 
 @pytest.mark.slow
