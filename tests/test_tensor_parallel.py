@@ -74,6 +74,7 @@ def tp_run(model_name: str, configs: list[dict], steps: int = _harness.STEPS):
             "comm": dict(info.comm_bytes_last_step),
             "comm_by_phase": _harness._comm_by_phase(info),
             "grad_norm": zerograph.runtime.state.context_of(model).last_grad_norm,
+            "planned_comm": dict(info.memory.comm_bytes_per_step),
         })
         del model, opt
         gc.collect()
@@ -185,6 +186,7 @@ def test_tp2_traffic_and_memory_match_megatron():
         assert result["comm_by_phase"]["backward"] == {"tp_all_reduce": all_reduce}
         assert result["comm"] == {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0,
                                   "tp_all_reduce": 2 * all_reduce}
+        assert result["planned_comm"] == result["comm"]  # the planner (zerograph.explain) predicts the same
     split, whole = _split_and_whole_elements("gpt_untied")
     scalars = 4 * len(results[0][1]["local_shapes"])  # AdamW's step per parameter
     for rank_results in results:
