@@ -90,6 +90,9 @@ def shard(
     ``loss_fn(outputs, batch)`` is what ``model.train_step(batch)`` minimises
     (default: the output's ``.loss``). ``group``: the data-parallel ranks to
     shard over (default: every rank; pipeline stages pass their own).
+    ``example_batch``: with ``tensor_parallel.autotp_size`` > 1 and neither
+    layer specs nor a Hugging Face tp plan, the model is traced on it once to
+    find the layers to split (docs/tensor_parallel.md).
 
     The returned module (the same object) is correct when run eagerly: its
     marker ops communicate. ``torch.compile(model, backend="zerograph")``

@@ -10,7 +10,9 @@ parameters' specs; this pass is the mechanism:
   the input's gradient in the backward) and yields its slice of the output
   features; one ``tp_copy`` serves every column linear reading the same ``x``;
 * a row-split linear's partial product goes through ``tp_all_reduce``
-  (Megatron's *g*) before its bias is added;
+  (Megatron's *g*) before its bias is added; a row linear whose input is
+  whole (no column partner in this graph) first takes its slice of the
+  input features (``narrow``, no traffic);
 * downstream, every shape argument along a split dimension becomes a
   per-rank size (heads per rank; :mod:`zerograph.passes.tp_propagation`);
 * a split value the graph returns is gathered whole (``tp_all_gather``).
@@ -39,7 +41,6 @@ import torch
 import torch.fx as fx
 
 from zerograph._torch_private import fake_mode_of
-from zerograph.graph.markers import UNSHARD
 from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_COPY, UNSHARD_WHOLE
 from zerograph.graph.tp_ops import full_shape, linear_use, module_of
 from zerograph.passes.manager import PassContext, PassResult
