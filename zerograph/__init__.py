@@ -5,7 +5,7 @@
     loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
 """
 
-from zerograph.api import Inspection, compile, full_state_dict, inspect, shard
+from zerograph.api import Inspection, batch_rows, compile, full_state_dict, inspect, shard
 from zerograph.checkpoint import export_pretrained, load_checkpoint, load_full_state_dict, save_checkpoint
 from zerograph.explain import Explanation, explain
 from zerograph.config import Config, ConfigError
@@ -36,6 +36,7 @@ __all__ = [
     "add_config_arguments",
     "build_optimizer",
     "build_scheduler",
+    "batch_rows",
     "compile",
     "default_passes",
     "export_pretrained",

@@ -39,6 +39,7 @@ __all__ = [
     "tensor_version",
     "is_view_op",
     "is_inplace_op",
+    "fake_mode_of",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])  # type: ignore[assignment]
@@ -163,3 +164,11 @@ def tensor_version(t: torch.Tensor) -> int:
     """``t``'s version counter (shared by its views and ``detach()``es),
     bumped by every in-place write to it."""
     return t._version
+
+
+def fake_mode_of(values) -> object | None:
+    """The fake mode the first fake tensor among ``values`` belongs to (a
+    Dynamo graph's recorded values), or None."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return next((v.fake_mode for v in values if isinstance(v, FakeTensor)), None)

@@ -15,13 +15,14 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from zerograph.backend import ZerographBackend
-from zerograph.graph import markers  # noqa: F401  (registers the marker ops parameter reads call)
+from zerograph.graph import markers, tp_markers  # noqa: F401  (registers the marker ops parameter reads call)
 from zerograph.config import Config, ConfigError
 from zerograph.passes import PassList, PassRecord, default_passes
 from zerograph.runtime.state import ModelState, check_position, context_of
 from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
 from zerograph.runtime.agreement import StepCheck, agree, model_id, setup_fingerprint
-from zerograph.runtime.dist import DataParallelGroup, RankMonitor, data_parallel_group, ensure_process_group
+from zerograph.runtime.dist import (DataParallelGroup, RankMonitor, data_and_tensor_parallel_groups,
+                                    data_parallel_group, ensure_process_group)
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.offload import watch_plain_optimizer
 from zerograph.runtime.plan import ParallelPlan
@@ -31,7 +32,7 @@ from zerograph.runtime.sharding import shard_parameters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compile", "shard", "inspect", "full_state_dict", "Inspection"]
+__all__ = ["compile", "shard", "inspect", "full_state_dict", "batch_rows", "Inspection"]
 
 
 def _zerograph_call(self, *args, **kwargs):
@@ -86,12 +87,16 @@ def shard(
     passes: PassList | None = None,
     loss_fn=None,
     group: DataParallelGroup | None = None,
+    example_batch=None,
 ) -> nn.Module:
     """Shard ``model`` for ZeRO without compiling it (collective: call on every rank).
 
     ``loss_fn(outputs, batch)`` is what ``model.train_step(batch)`` minimises
     (default: the output's ``.loss``). ``group``: the data-parallel ranks to
     shard over (default: every rank; pipeline stages pass their own).
+    ``example_batch``: with ``tensor_parallel.autotp_size`` > 1 and neither
+    layer specs nor a Hugging Face tp plan, the model is traced on it once to
+    find the layers to split (docs/tensor_parallel.md).
 
     The returned module (the same object) is correct when run eagerly: its
     marker ops communicate. ``torch.compile(model, backend="zerograph")``
@@ -138,14 +143,23 @@ def shard(
                 # reach compile at different times (loading data, weights): this first meeting waits as
                 # long as the process group's own timeout; collective_timeout_s applies from the next one
                 agree(setup_group, fingerprint, "zerograph.compile/shard")
-            dp = group if group is not None else data_parallel_group(timeout_s, cfg.zerograph.device, model_device)
+            tp, tp_layouts = None, None
+            if cfg.tensor_parallel.autotp_size > 1:
+                dp, tp, tp_layouts = _tensor_parallel_setup(model, cfg, group, model_device, example_batch)
+            else:
+                dp = group if group is not None else data_parallel_group(timeout_s, cfg.zerograph.device,
+                                                                         model_device)
             cfg.resolve_batch(dp.world_size)
-            plan = ParallelPlan.build(cfg, {"dp": dp.world_size}, {"dp": dp.rank})
+            mesh, coords = {"dp": dp.world_size}, {"dp": dp.rank}
+            if tp is not None:
+                mesh["tp"], coords["tp"] = tp.world_size, tp.rank
+            plan = ParallelPlan.build(cfg, mesh, coords)
             ctx = ModelState(cfg, dp, plan, loss_fn=loss_fn)
+            ctx.tp = tp
             step_check = StepCheck(ranks, model_id(fingerprint), timeout_s) if checked else None
             runtime = TrainingRuntime(ctx, model._call_impl, [], monitor=monitor, step_check=step_check)
             with naming_failed_ranks(ctx, "zerograph.compile/shard"):  # the parameters' broadcast and scatter
-                shard_parameters(model, ctx)
+                shard_parameters(model, ctx, tp_layouts)
     except BaseException:
         if monitor is not None:
             monitor.stop()
@@ -209,6 +223,35 @@ def _enabled_pass_names(pass_list: PassList) -> list[str]:
     return [p.name for p in pass_list if any(p in pass_list.enabled(phase) for phase in p.phases)]
 
 
+def _tensor_parallel_setup(model, cfg: Config, group, model_device, example_batch):
+    """The (dp, tp) groups and, decided before anything is stored, how each
+    split parameter is cut (docs/tensor_parallel.md)."""
+    from zerograph.backend.capture import capture_graphs
+    from zerograph.planner.tp_plan import decide_splits, describe, tp_layouts
+
+    size = cfg.tensor_parallel.autotp_size
+    if group is not None:
+        raise ConfigError(f"tensor_parallel.autotp_size={size} with a given data-parallel group (pipeline stages) "
+                          "is not supported yet; remove the tensor_parallel section or the pipeline section")
+    dp, tp = data_and_tensor_parallel_groups(size, cfg.zerograph.collective_timeout_s, cfg.zerograph.device,
+                                             model_device)
+    capture = None if example_batch is None else (lambda: capture_graphs(model, example_batch))
+    splits = decide_splits(model, cfg.tensor_parallel.partition_config, capture)
+    log.info("zerograph: tensor parallelism over %d ranks splits %d layer(s) of %s:\n%s", size, len(splits),
+             type(model).__name__, describe(splits))
+    return dp, tp, tp_layouts(model, splits, size, tp.rank)
+
+
+def batch_rows(model: nn.Module, global_rows: int) -> slice:
+    """The rows of each global batch of ``global_rows`` rows that this rank
+    reads: its data-parallel index's share. The tensor-parallel ranks of one
+    data-parallel index read the same rows (docs/tensor_parallel.md)::
+
+        idx = global_idx[zerograph.batch_rows(model, len(global_idx))]
+    """
+    return _context(getattr(model, "_orig_mod", model)).plan.batch_rows(global_rows)
+
+
 def compile(
     model: nn.Module,
     config: Config | dict | str | os.PathLike | None = None,
@@ -233,6 +276,10 @@ def compile(
     """
     cfg = Config.load(config)
     if cfg.pipeline.stages > 1:
+        if cfg.tensor_parallel.autotp_size > 1:
+            raise ConfigError(
+                f"pipeline.stages={cfg.pipeline.stages} with tensor_parallel.autotp_size="
+                f"{cfg.tensor_parallel.autotp_size}: pipeline x tensor parallelism is not supported yet; use one of them")
         from zerograph.pipeline.build import compile_pipeline
 
         def compile_stage(stage, stage_cfg, group):
@@ -240,7 +287,7 @@ def compile(
 
         return _agreed(model, cfg, passes, lambda: compile_pipeline(
             model, cfg, example_batch=example_batch, loss_fn=loss_fn, compile_stage=compile_stage))
-    model = shard(model, cfg, passes=passes, loss_fn=loss_fn, group=group)
+    model = shard(model, cfg, passes=passes, loss_fn=loss_fn, group=group, example_batch=example_batch)
     runtime = model._zg_runtime
     backend = runtime.ctx.backend
     call_impl = model._call_impl

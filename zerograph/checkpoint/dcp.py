@@ -143,10 +143,20 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     rank raises :class:`~zerograph.runtime.errors.CheckpointError` on every
     rank, naming the rank, the path and the cause, and leaves the previous
     checkpoint at ``path`` as it was."""
+    _refuse_tensor_parallel(model, "save_checkpoint")
     ctx = context_of(model)
     with naming_failed_ranks(ctx, "zerograph.save_checkpoint"):
         check_position(ctx, "zerograph.save_checkpoint")
         return _save(Path(path), _unwrap(model), optimizer, extra)
+
+
+def _refuse_tensor_parallel(model: nn.Module, what: str) -> None:
+    ctx = context_of(model)
+    if ctx is not None and getattr(ctx, "tp", None) is not None:
+        raise NotImplementedError(
+            f"zerograph.{what}: checkpoints of tensor-parallel models (tensor_parallel.autotp_size="
+            f"{ctx.tp.world_size}) are not supported yet; save zerograph.full_state_dict(model) (collective; write it "
+            "from rank 0) and load it with zerograph.load_full_state_dict(model, state_dict) instead")
 
 
 def _save(path: Path, model: nn.Module, optimizer, extra: dict[str, Any]) -> Path:
@@ -265,6 +275,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     the newest complete checkpoint that save left is loaded, with a warning.
     Collective: call on every rank; a rank that dies meanwhile ends the
     others with a RankFailureError naming it."""
+    _refuse_tensor_parallel(model, "load_checkpoint")
     ctx = context_of(model)
     with naming_failed_ranks(ctx, "zerograph.load_checkpoint"):
         check_position(ctx, "zerograph.load_checkpoint")

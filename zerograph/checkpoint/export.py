@@ -50,12 +50,23 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         raise KeyError(f"zerograph.load_full_state_dict: missing keys: {', '.join(missing[:8])}"
                        f"{' ...' if len(missing) > 8 else ''}; pass strict=False to keep their current values")
     done: set[int] = set()
+    ctx = context_of(model)
+    split = {}  # tensor parallelism: id(parameter) -> how it is cut over the tp ranks
+    if ctx is not None and getattr(ctx, "tp", None) is not None:
+        split = {id(p): ctx.specs[n].tp for n, p in model.named_parameters() if n in ctx.specs and ctx.specs[n].tp}
     with torch.no_grad():
         for key, target in own.items():
             source = next((state_dict[a] for a in by_id[id(target)] if a in state_dict), None)
             if source is None or id(target) in done:
                 continue
             done.add(id(target))
+            layout = split.get(id(target))
+            if layout is not None:  # this rank's tensor-parallel slice of the whole tensor
+                if tuple(source.shape) != layout.whole_shape:
+                    raise ValueError(f"zerograph.load_full_state_dict: {key} has shape {tuple(source.shape)} in the "
+                                     f"state dict but {layout.whole_shape} in the model; is it the same model "
+                                     "configuration?")
+                source = layout.local_part(source)
             full_shape = tuple(target.shape)  # a DTensor's shape is the global shape
             if tuple(source.shape) != full_shape:
                 raise ValueError(f"zerograph.load_full_state_dict: {key} has shape {tuple(source.shape)} in the "

@@ -1,6 +1,8 @@
-"""DeepSpeed sections zerograph reads but does not act on yet: monitoring and
-profiling, checkpoint and compile options, tensor parallelism; and the catalog
-of DeepSpeed features zerograph does not have (:data:`FOREIGN_SECTIONS`)."""
+"""DeepSpeed sections zerograph reads but does not act on yet (monitoring and
+profiling, checkpoint and compile options), the ``tensor_parallel`` section
+(AutoTP training: ``autotp_size`` and ``partition_config`` work, see
+docs/tensor_parallel.md), and the catalog of DeepSpeed features zerograph does
+not have (:data:`FOREIGN_SECTIONS`)."""
 
 from __future__ import annotations
 
@@ -188,24 +190,33 @@ class CompileConfig(Section):
 class TPSizeConfig(Section):
     """``tensor_parallel.tp``: the tensor-parallel group."""
 
-    tp_size: _Size = Field(1, description="Tensor-parallel degree.",
-                           json_schema_extra=meta(unsupported="tensor parallelism is not supported yet; remove the "
-                                                  "key or set it to 1", allowed=[0, 1]))
+    tp_size: _Size = Field(1, description="Tensor-parallel degree of DeepSpeed's inference engine.",
+                           json_schema_extra=meta(unsupported="tensor_parallel.tp.tp_size is DeepSpeed's inference "
+                                                  "setting; for training set tensor_parallel.autotp_size instead",
+                                                  allowed=[0, 1]))
     tp_grain_size: _PositiveInt = Field(1, description="Granularity of the tensor-parallel split.")
 
 
 class TensorParallelConfig(Section):
-    """The ``tensor_parallel`` section: DeepSpeed's AutoTP tensor parallelism."""
+    """The ``tensor_parallel`` section: DeepSpeed's AutoTP training keys (docs/tensor_parallel.md)."""
 
     autotp_size: _Size = Field(
-        0, description="Tensor-parallel degree; 0 or 1: off.",
-        json_schema_extra=meta(unsupported="tensor parallelism (AutoTP) is not supported yet; remove the key or set "
-                               "it to 1", allowed=[0, 1]),
+        0, description="Tensor-parallel degree tp; 0 or 1: off. The world size must be a multiple of it "
+        "(world = data-parallel ranks x tp; tp innermost); ZeRO shards over the data-parallel ranks.",
     )
-    preset_model: Optional[StrictStr] = Field(None, description="AutoTP's built-in partitioning preset.")
-    tp_overlap_comm: StrictBool = Field(False, description="Overlap tensor-parallel all-reduces with compute.")
-    partition_config: Optional[dict[str, Any]] = Field(None, description="Custom AutoTP partitioning rules.")
-    keep_module_on_host: StrictBool = Field(False, description="Keep modules on the host while partitioning.")
+    preset_model: Optional[StrictStr] = Field(
+        None, description="AutoTP's built-in partitioning preset.",
+        json_schema_extra=meta(no_effect="zerograph reads the model's Hugging Face tp plan or its traced graph"))
+    tp_overlap_comm: StrictBool = Field(
+        False, description="Overlap tensor-parallel all-reduces with compute.",
+        json_schema_extra=meta(no_effect="each tensor-parallel all-reduce is waited on where its result is needed"))
+    partition_config: Optional[dict[str, Any]] = Field(
+        None, description="Which layers split how: {\"layer_specs\": [{\"patterns\": [regex, ...], "
+        "\"partition_type\": \"column\" | \"row\" | \"skip\", \"shape\": [parts, -1]}], "
+        "\"use_default_specs\": true}.")
+    keep_module_on_host: StrictBool = Field(
+        False, description="Keep modules on the host while partitioning.",
+        json_schema_extra=meta(no_effect="zerograph partitions on the parameters' device"))
     replace_with_kernel_inject: StrictBool = Field(
         False, description="Inject DeepSpeed's inference kernels.",
         json_schema_extra=meta(aliases=["kernel_inject"],

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # top-level keys and sections that change nothing the backend runs: built on request (optimizer, scheduler),
 # read by zerograph.initialize's engine (monitors, its data loader), or accepted only when they ask for nothing
 # zerograph lacks
-_INERT_SECTIONS = ("optimizer", "scheduler", "data_types", "tensor_parallel", "hybrid_engine", "checkpoint",
+_INERT_SECTIONS = ("optimizer", "scheduler", "data_types", "hybrid_engine", "checkpoint",
                    "compile", "tensorboard", "wandb", "comet", "csv_monitor", "flops_profiler", "comms_logger",
                    "steps_per_print", "wall_clock_breakdown", "dataloader_drop_last")
 

@@ -40,7 +40,7 @@ def _arg(a, names, canonical=False) -> str:
 
 
 def _shape(node: fx.Node) -> str:
-    val = node.meta.get("val")
+    val = node.meta.get("val", node.meta.get("example_value"))  # a Dynamo graph records example_value
     if isinstance(val, torch.Tensor):
         dtype = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.int64: "i64"}.get(
             val.dtype, str(val.dtype).replace("torch.", "")
@@ -110,6 +110,7 @@ def format_graph(gm: fx.GraphModule, *, tags: bool = True, canonical: bool = Fal
         tag = get_tag(node)
         if tags and tag is not None and tag.role != "compute":
             names_ = tag.param or ",".join(tag.bucket)
-            line += f"  # {tag.role} {names_}".rstrip()
+            role = tag.role if tag.mesh_dim == "dp" else f"{tag.mesh_dim} {tag.role}"
+            line += f"  # {role} {names_}".rstrip()
         lines.append(line)
     return "\n".join(lines)

@@ -49,6 +49,9 @@ class NodeTag:
     # memory (offload_param's gradient shards, offload_activations' saved
     # copies; their views too), "device" (the compute device) for the rest
     location: Location = "device"
+    # the mesh dimension a collective runs over: "dp" (ZeRO) or "tp" (tensor
+    # parallelism); its bytes are counted as "<kind>" or "tp_<kind>"
+    mesh_dim: str = "dp"
 
     def replace(self, **changes) -> "NodeTag":
         return dataclasses.replace(self, **changes)

@@ -16,14 +16,16 @@ def _nbytes(val) -> int:
 
 
 def comm_bytes(gm: fx.GraphModule) -> dict[str, int]:
-    """Bytes of the full buffer of every collective in ``gm``, by kind."""
+    """Bytes of the full buffer of every collective in ``gm``, by kind
+    (``"all_reduce"``; ``"tp_all_reduce"`` for one over the tensor-parallel ranks)."""
     out: Counter = Counter()
     for node in gm.graph.nodes:
         tag = get_tag(node)
         if tag is None or tag.role not in COLLECTIVE_ROLES:
             continue
         in_val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-        out[tag.role] += collective_buffer_bytes(tag.role, _nbytes(in_val), _nbytes(node.meta.get("val")))
+        kind = tag.role if tag.mesh_dim == "dp" else f"{tag.mesh_dim}_{tag.role}"
+        out[kind] += collective_buffer_bytes(tag.role, _nbytes(in_val), _nbytes(node.meta.get("val")))
     return dict(out)
 
 

@@ -13,15 +13,21 @@ from zerograph.passes.defer_grad_sync import defer_grad_sync
 from zerograph.passes.fusion import FUSION_PASSES
 from zerograph.passes.liveness import liveness
 from zerograph.passes.lower_markers import lower_markers
+from zerograph.passes.lower_tp_markers import lower_tp_markers
 from zerograph.passes.manager import GraphPass, PassList
 from zerograph.passes.reuse_comm_buffers import reuse_comm_buffers
 from zerograph.passes.schedule_collectives import schedule_collectives
 from zerograph.passes.tag_nodes import tag_nodes
+from zerograph.passes.tensor_parallel import tensor_parallel
 from zerograph.passes.zero_policy import zero_policy
 
 
 def _sharded(config, plan) -> bool:
     return plan is not None
+
+
+def _tensor_parallel(config, plan) -> bool:
+    return plan is not None and plan.tp_size > 1
 
 
 def _fusion(config, plan) -> bool:
@@ -62,6 +68,8 @@ def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
     shard), as ``zerograph.inspect`` will list them."""
     passes = PassList(
         [
+            GraphPass("tensor_parallel", tensor_parallel, phases=("dynamo",), applies=_tensor_parallel,
+                      ensures=("tensor_parallel",)),
             GraphPass("dedupe_markers", dedupe_markers, phases=("dynamo",), applies=_sharded,
                       ensures=("markers_deduplicated",)),
             *(GraphPass(name, fn, phases=("dynamo",), applies=_fusion) for name, fn in FUSION_PASSES),
@@ -73,6 +81,8 @@ def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
                       applies=_checkpointing, requires=("tagged",), ensures=("recompute_policy",)),
             GraphPass("defer_grad_sync", defer_grad_sync, phases=("backward",), applies=_defers_grad_sync),
             GraphPass("lower_markers", lower_markers, applies=_sharded, requires=("tagged",),
+                      ensures=("collectives",)),
+            GraphPass("lower_tp_markers", lower_tp_markers, applies=_tensor_parallel, requires=("tagged",),
                       ensures=("collectives",)),
             GraphPass("schedule_collectives", schedule_collectives, applies=_overlaps,
                       requires=("collectives",), ensures=("scheduled",)),
@@ -87,5 +97,6 @@ def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
     config = Config.load(config)
     if plan is None and sharded:
         _, world = rank_and_world()
-        plan = ParallelPlan.build(config, {"dp": world})
+        tp = max(1, config.tensor_parallel.autotp_size)
+        plan = ParallelPlan.build(config, {"dp": max(1, world // tp), "tp": tp})
     return passes.active(config, plan)

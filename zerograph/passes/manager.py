@@ -51,6 +51,7 @@ PROPERTIES = {
     "tagged": "every node carries zerograph's tag (module path, layer, parameter, phase, role)",
     "recompute_policy": "the joint graph's nodes carry the save/recompute decisions of ZeRO and checkpointing",
     "collectives": "markers are lowered to functional collectives with explicit waits",
+    "tensor_parallel": "split layers compute on this rank's tensor-parallel slice (per-rank shapes, f/g markers)",
     "scheduled": "collective starts and waits are placed by the scheduler (prefetch, deferred waits)",
 }
 

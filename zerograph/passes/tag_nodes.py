@@ -81,6 +81,7 @@ def tag_nodes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 param=param,
                 pass_name=old.pass_name if old else None,
                 location=old.location if old else "device",
+                mesh_dim=old.mesh_dim if old else "dp",
             ),
         )
     return PassResult(changed=False, details=counts)

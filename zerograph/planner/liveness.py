@@ -337,8 +337,9 @@ def comm_by_kind(gm: fx.GraphModule) -> tuple[dict[str, int], dict[str, int]]:
         if tag is None or tag.role not in COLLECTIVE_ROLES:
             continue
         b, n = comm_by_kind_single(node, tag.role)
-        elems[tag.role] += n
-        nbytes[tag.role] += b
+        kind = tag.role if tag.mesh_dim == "dp" else f"{tag.mesh_dim}_{tag.role}"  # "tp_all_reduce"
+        elems[kind] = elems.get(kind, 0) + n
+        nbytes[kind] = nbytes.get(kind, 0) + b
     return nbytes, elems
 
 

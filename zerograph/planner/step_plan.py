@@ -271,15 +271,21 @@ class MemoryPlan:
     def peak_host_total_bytes(self) -> int:
         return max((r.host_peak_total for r in self.regions), default=0)
 
+    def _kinds(self) -> list[str]:
+        """ZeRO's collective kinds, then any other kind the regions have
+        (tensor parallelism's ``tp_all_reduce``)."""
+        extra = sorted({k for r in self.regions for k in r.comm_bytes} - set(COMM_KINDS))
+        return [*COMM_KINDS, *extra]
+
     @property
     def comm_bytes_per_step(self) -> dict[str, int]:
         n = self.gradient_accumulation_steps
-        return {k: n * sum(r.comm_bytes[k] for r in self.regions) for k in COMM_KINDS}
+        return {k: n * sum(r.comm_bytes.get(k, 0) for r in self.regions) for k in self._kinds()}
 
     @property
     def comm_elements_per_step(self) -> dict[str, int]:
         n = self.gradient_accumulation_steps
-        return {k: n * sum(r.comm_elements[k] for r in self.regions) for k in COMM_KINDS}
+        return {k: n * sum(r.comm_elements.get(k, 0) for r in self.regions) for k in self._kinds()}
 
     def order_note(self) -> str:
         """How the step's timeline was composed, in words."""

@@ -313,3 +313,65 @@ class RankMonitor:
                     break
                 time.sleep(min(self.interval_s, 0.1))
         return gone
+
+
+# -- tensor parallelism: the 2-D (dp, tp) mesh ---------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallelGroup:
+    """This rank's tensor-parallel group on the 2-D ``(dp, tp)`` mesh.
+
+    Global rank ``r`` is data-parallel index ``r // tp`` and tensor-parallel
+    index ``r % tp`` (tp innermost: the ranks of one tp group are adjacent,
+    so they share a node's fast links). The ranks of one tp group read the
+    same batch rows; ZeRO shards over the ranks with the same tp index."""
+
+    rank: int  # this rank's tp index
+    world_size: int  # tp
+    mesh: object  # the 2-D DeviceMesh ("dp", "tp")
+    group_name: str
+
+    @property
+    def group(self):
+        return self.mesh["tp"].get_group()
+
+    @property
+    def model_group(self):
+        """Every rank of the model (dp x tp): the default group."""
+        return dist.group.WORLD
+
+
+def data_and_tensor_parallel_groups(
+    tp: int, timeout_s: float = 300.0, device: str | None = None, model_device: torch.device | None = None
+) -> tuple[DataParallelGroup, TensorParallelGroup]:
+    """The data-parallel group ZeRO shards over and the tensor-parallel group,
+    from a 2-D ``(dp, tp)`` device mesh over every rank (world = dp x tp)."""
+    from zerograph.config import ConfigError
+
+    ensure_process_group(timeout_s)
+    dev = default_device(device, model_device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world % tp:
+        raise ConfigError(
+            f"tensor_parallel.autotp_size={tp} does not divide the world size {world}: launch a multiple of {tp} "
+            f"ranks (world = data-parallel ranks x autotp_size), or use an autotp_size that divides {world}"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp = world // tp
+    mesh = init_device_mesh(dev.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    for sub in (mesh["tp"], mesh["dp"]):
+        apply_collective_timeout(sub.get_group(), timeout_s)
+    apply_collective_timeout(dist.group.WORLD, timeout_s)
+    dp_rank, tp_rank = divmod(dist.get_rank(), tp)
+    if dp == 1:
+        dp_group = DataParallelGroup(rank=0, world_size=1, device=dev, mesh=None, group_name="")
+    else:
+        sub = mesh["dp"]
+        dp_group = DataParallelGroup(rank=dp_rank, world_size=dp, device=dev, mesh=sub,
+                                     group_name=sub.get_group().group_name)
+    tp_group = TensorParallelGroup(rank=tp_rank, world_size=tp, mesh=mesh,
+                                   group_name=mesh["tp"].get_group().group_name)
+    log.info("tensor-parallel mesh: %d data-parallel x %d tensor-parallel rank(s); this rank is dp %d, tp %d",
+             dp, tp, dp_rank, tp_rank)
+    return dp_group, tp_group

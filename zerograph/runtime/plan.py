@@ -143,6 +143,22 @@ class ParallelPlan:
         return self.mesh.size("dp")
 
     @property
+    def tp_size(self) -> int:
+        """Ranks each tensor-parallel layer is split over."""
+        return self.mesh.size("tp")
+
+    def batch_rows(self, global_rows: int) -> slice:
+        """The rows of a global batch of ``global_rows`` that this rank reads:
+        its data-parallel index's share (the ranks of one tensor- or
+        sequence-parallel group read the same rows)."""
+        dp, index = self.dp_size, self.mesh.index("dp")
+        if global_rows % dp:
+            raise ValueError(f"a global batch of {global_rows} rows does not split over {dp} data-parallel ranks; "
+                             f"use a multiple of {dp}")
+        per = global_rows // dp
+        return slice(index * per, (index + 1) * per)
+
+    @property
     def defers_grad_sync(self) -> bool:
         """Stages 0 and 1 keep full local gradients, so with accumulation they
         reduce once per optimizer step instead of once per micro-batch."""

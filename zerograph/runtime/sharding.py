@@ -21,19 +21,32 @@ instances change class; nothing in PyTorch is patched.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from zerograph.runtime.state import ModelState
+from zerograph.runtime.state import ModelState, context_of
+from zerograph.runtime.tp_layout import TpLayout
 from zerograph.runtime.offload import host_shard, pin_host_memory
 from zerograph.runtime.specs import ParamSpec
 
 log = logging.getLogger(__name__)
 
-def _make_getter(local_name: str):
+def _make_getter(local_name: str, whole: bool = False):
+    """The property reading ``local_name``: ``unshard``, or for a parameter split
+    over tensor-parallel ranks ``unshard_whole`` (zerograph.graph.tp_markers)."""
+    if whole:
+        def read_parameter(module: nn.Module) -> torch.Tensor:
+            param = module._parameters[local_name]
+            local = param.to_local() if isinstance(param, DTensor) else param
+            return torch.ops.zerograph.unshard_whole(local, module._zg_read.tag, module._zg_fqns[local_name])
+
+        read_parameter.__name__ = f"read_{local_name}"
+        return read_parameter
+
     def read_parameter(module: nn.Module) -> torch.Tensor:
         param = module._parameters[local_name]
         local = param.to_local() if isinstance(param, DTensor) else param
@@ -43,12 +56,13 @@ def _make_getter(local_name: str):
     return read_parameter
 
 
-def _spec_for(fqn: str, param: nn.Parameter, ctx: ModelState) -> ParamSpec:
-    placement = ctx.plan.placement(param.numel(), param.dim())
+def _spec_for(fqn: str, param: nn.Parameter, ctx: ModelState, tp: TpLayout | None = None) -> ParamSpec:
+    shape = tp.local_shape if tp is not None else tuple(param.shape)  # ZeRO shards this rank's tp slice
+    placement = ctx.plan.placement(math.prod(shape), param.dim())
     compute = ctx.config.compute_dtype if param.is_floating_point() else param.dtype
     return ParamSpec(
         name=fqn,
-        full_shape=tuple(param.shape),
+        full_shape=shape,
         storage=placement.storage,
         grad_reduce=placement.grad_reduce,
         rank=ctx.rank,
@@ -60,6 +74,7 @@ def _spec_for(fqn: str, param: nn.Parameter, ctx: ModelState) -> ParamSpec:
         # offload_param (stage 3): every parameter that stage 3 would shard
         # lives on the host; persistent ones stay on the device
         compute_device=ctx.dp.device if placement.offloaded else None,
+        tp=tp,
     )
 
 
@@ -74,6 +89,8 @@ def _stored(param: nn.Parameter, spec: ParamSpec, ctx: ModelState) -> nn.Paramet
 def _placed(param: nn.Parameter, spec: ParamSpec, ctx: ModelState) -> nn.Parameter:
     """The parameter as stored on the compute device: a DTensor ``Shard(0)``
     or ``Replicate()``, or a plain tensor (stage 0, or world size 1)."""
+    if ctx.tp is not None:
+        return _placed_tensor_parallel(param, spec, ctx)
     if ctx.world_size == 1 and param.device == ctx.dp.device:
         return param
     data = param.detach().to(ctx.dp.device)
@@ -91,8 +108,27 @@ def _placed(param: nn.Parameter, spec: ParamSpec, ctx: ModelState) -> nn.Paramet
     return nn.Parameter(stored, requires_grad=param.requires_grad)
 
 
-def shard_parameters(model: nn.Module, ctx: ModelState) -> None:
-    """Replace every parameter by its stored form and route reads through ``unshard``."""
+def _placed_tensor_parallel(param: nn.Parameter, spec: ParamSpec, ctx: ModelState) -> nn.Parameter:
+    """With tensor parallelism: every rank starts from global rank 0's values
+    (``seed_from_rank0``), keeps its tp slice of a split parameter, and
+    stores that as ZeRO would store a parameter over the data-parallel ranks."""
+    data = param.detach().to(ctx.dp.device)
+    if ctx.config.zerograph.seed_from_rank0:
+        dist.broadcast(data, src=0, group=ctx.model_group)
+    if spec.tp is not None:
+        data = spec.tp.local_part(data).clone()  # a copy: the whole tensor is not kept alive
+    if ctx.world_size > 1 and spec.storage == "sharded":
+        data = distribute_tensor(data, ctx.dp.mesh, [Shard(0)], src_data_rank=None)
+    elif ctx.world_size > 1 and ctx.plan.zero.shards_parameters:
+        data = distribute_tensor(data, ctx.dp.mesh, [Replicate()], src_data_rank=None)
+    return nn.Parameter(data, requires_grad=param.requires_grad)
+
+
+def shard_parameters(model: nn.Module, ctx: ModelState, tp_layouts: dict[str, TpLayout] | None = None) -> None:
+    """Replace every parameter by its stored form and route reads through
+    ``unshard`` (``unshard_whole`` for the parameters in ``tp_layouts``, which
+    are split over the tensor-parallel ranks as each layout says)."""
+    tp_layouts = tp_layouts or {}
     new_params: dict[int, tuple[nn.Parameter, str]] = {}
     subclasses: dict[tuple[type, tuple[str, ...]], type] = {}
     for mod_name, module in model.named_modules():
@@ -107,7 +143,7 @@ def shard_parameters(model: nn.Module, ctx: ModelState) -> None:
             param = module._parameters[local_name]
             if id(param) not in new_params:
                 fqn = f"{mod_name}.{local_name}" if mod_name else local_name
-                spec = _spec_for(fqn, param, ctx)
+                spec = _spec_for(fqn, param, ctx, tp_layouts.get(fqn))
                 ctx.specs[fqn] = spec
                 new_params[id(param)] = (_stored(param, spec, ctx), fqn)
             stored, fqn = new_params[id(param)]
@@ -116,10 +152,11 @@ def shard_parameters(model: nn.Module, ctx: ModelState) -> None:
         module._zg_tag = ctx.tag
         module._zg_read = ctx.read_state
         module._zg_fqns = fqns
-        key = (type(module), tuple(names))
+        whole = tuple(ctx.specs[fqns[n]].tp is not None for n in names)
+        key = (type(module), tuple(names), whole)
         if key not in subclasses:
             base = type(module)
-            attrs = {n: property(_make_getter(n)) for n in names}
+            attrs = {n: property(_make_getter(n, w)) for n, w in zip(names, whole)}
             attrs.update(__module__=base.__module__, __qualname__=base.__qualname__, _zg_base_class=base)
             subclasses[key] = type(base.__name__, (base,), attrs)
         module.__class__ = subclasses[key]
@@ -135,7 +172,17 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every sharded tensor gathered (collective:
     call it on every rank). Keys are the original model's keys."""
     model = getattr(model, "_orig_mod", model)
+    ctx = context_of(model)
+    split = {}  # id(parameter) -> its tensor-parallel layout
+    if ctx is not None and ctx.tp is not None:
+        split = {id(p): ctx.specs[n].tp for n, p in model.named_parameters() if n in ctx.specs and ctx.specs[n].tp}
     out = {}
-    for key, value in model.state_dict().items():
-        out[key] = value.full_tensor() if isinstance(value, DTensor) else value
+    for key, value in model.state_dict(keep_vars=True).items():
+        full = value.detach().full_tensor() if isinstance(value, DTensor) else value.detach()
+        layout = split.get(id(value))
+        if layout is not None:  # this rank's tp slice: gather the others' and reassemble
+            parts = [torch.empty_like(full) for _ in range(layout.size)]
+            dist.all_gather(parts, full.contiguous(), group=ctx.tp.group)
+            full = layout.assemble(parts)
+        out[key] = full
     return out

@@ -8,6 +8,7 @@ import torch
 
 from zerograph.runtime.offload import HOST
 from zerograph.runtime.plan import GradReduce, Storage
+from zerograph.runtime.tp_layout import TpLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,10 @@ class ParamSpec:
     # (compute) device before its gather; its reduced gradient is copied back.
     # None: the shard lives on the device it is computed on.
     compute_device: torch.device | None = None
+    # tensor parallelism: how this parameter is split over the tp ranks (None:
+    # whole on every tp rank). ``full_shape`` is then this rank's tp slice,
+    # which is what ZeRO shards and gathers over the data-parallel ranks.
+    tp: TpLayout | None = None
 
     @property
     def offloaded(self) -> bool:

@@ -89,6 +89,9 @@ class ModelState:
     # recomputed forward is not counted). Empty: not recorded.
     region_order: list[int] = dataclasses.field(default_factory=list)
     recording_order: bool = False
+    # tensor parallelism (tensor_parallel.autotp_size > 1): this rank's tp
+    # group (zerograph.runtime.dist.TensorParallelGroup); None without it
+    tp: Any = None
 
     def __post_init__(self) -> None:
         registry.register(self)
@@ -107,6 +110,16 @@ class ModelState:
     @property
     def world_size(self) -> int:
         return self.dp.world_size
+
+    @property
+    def model_group(self):
+        """Every rank holding a part of this model's step: the data-parallel
+        group, or with tensor parallelism the whole (dp x tp) mesh."""
+        return self.tp.model_group if self.tp is not None else self.dp.group
+
+    @property
+    def model_ranks(self) -> int:
+        return self.world_size * (self.tp.world_size if self.tp is not None else 1)
 
     @property
     def rank(self) -> int:

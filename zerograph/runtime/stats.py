@@ -40,6 +40,8 @@ class CommStats:
 
     def end_step(self) -> None:
         self.last_step = {k: int(self.current.get(k, 0)) for k in KINDS}
+        # other kinds (tensor parallelism's "tp_all_reduce") only when they moved bytes
+        self.last_step.update({k: int(v) for k, v in self.current.items() if k not in KINDS})
         self.current = Counter()
         if self.memory is not None:
             self.memory.end_step()

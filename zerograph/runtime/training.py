@@ -24,6 +24,7 @@ from zerograph.runtime.errors import (
     naming_failed_ranks,
 )
 from zerograph.runtime.precision import LossScaler
+from zerograph.runtime.tp_layout import TensorParallelError
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,9 @@ class TrainingRuntime:
         # Dead-rank detection: a heartbeat per rank in the store, read only
         # after a collective fails (docs/troubleshooting.md#a-rank-died).
         self.monitor = monitor
-        if monitor is None and ctx.world_size > 1 and dist.is_initialized() and \
-                str(dist.get_backend(ctx.dp.group)) in ("gloo", "nccl"):
-            self.monitor = RankMonitor.for_group(ctx.dp.group, cfg.zerograph.collective_timeout_s)
+        if monitor is None and ctx.model_ranks > 1 and dist.is_initialized() and \
+                str(dist.get_backend(ctx.model_group)) in ("gloo", "nccl"):
+            self.monitor = RankMonitor.for_group(ctx.model_group, cfg.zerograph.collective_timeout_s)
         if self.monitor is not None:
             weakref.finalize(self, self.monitor.stop)
         # Ranks that drifted apart raise before a phase's collectives
@@ -146,7 +147,7 @@ class TrainingRuntime:
     def collective_failure(self, exc: BaseException, phase: str) -> BaseException:
         """``exc`` as a :class:`~zerograph.runtime.errors.RankFailureError`
         naming the dead rank(s) when it is a failed collective, else ``exc``."""
-        if self.ctx.world_size == 1 or not is_collective_failure(exc):
+        if self.ctx.model_ranks == 1 or not is_collective_failure(exc):
             return exc
         err = explain_collective_failure(
             exc, self.monitor, step=self.ctx.step + 1, phase=phase,
@@ -168,7 +169,7 @@ class TrainingRuntime:
     def guard_collectives(self, executable, phase: str):
         """Wrap a boxed compiled graph so that a failed collective inside it
         raises a RankFailureError (the backend wraps every graph with this)."""
-        if self.ctx.world_size == 1:
+        if self.ctx.model_ranks == 1:
             return executable
         ctx = self.ctx
 
@@ -188,9 +189,10 @@ class TrainingRuntime:
         try:
             out = self.compiled(*args, **kwargs)
         except dynamo_exception_types() as exc:
-            budget = _cause_of_type(exc, MemoryBudgetError)
-            if budget is not None:  # raised by the backend inside Dynamo: report it as is
-                raise budget from exc
+            for kind in (MemoryBudgetError, TensorParallelError):
+                own = _cause_of_type(exc, kind)
+                if own is not None:  # raised by the backend inside Dynamo: report it as is
+                    raise own from exc
             model = self.model_ref() if self.model_ref is not None else None
             if model is None:
                 raise
@@ -247,23 +249,37 @@ class TrainingRuntime:
             self._finish_queued = True
             queue_backward_callback(self._finish)
 
-    def _local_grads(self) -> list[tuple[torch.Tensor, bool]]:
-        """(local gradient, is_sharded) for every parameter with a gradient."""
+    def _local_grads(self) -> list[tuple[torch.Tensor, float]]:
+        """(local gradient, share) for every parameter with a gradient: the
+        share of its squared norm this rank counts, so that the sum over the
+        model's ranks counts every element once (1 for a shard; 1/dp for a
+        gradient every data-parallel rank holds, and 1/tp more for one every
+        tensor-parallel rank holds)."""
         out = []
+        dp = self.ctx.world_size
+        tp = self.ctx.tp.world_size if self.ctx.tp is not None else 1
+        split = self._tp_split()
         for p in self.params:
             g = p.grad
             if g is None:
                 continue
-            if isinstance(g, DTensor):
-                out.append((g.to_local(), g.placements[0].is_shard()))
-            else:
-                out.append((g, False))
+            local = g.to_local() if isinstance(g, DTensor) else g
+            sharded = isinstance(g, DTensor) and g.placements[0].is_shard()
+            share = (1.0 if sharded else 1.0 / dp) * (1.0 if id(p) in split else 1.0 / tp)
+            out.append((local, share))
         return out
 
+    def _tp_split(self) -> set[int]:
+        """ids of the parameters split over the tensor-parallel ranks."""
+        if self.ctx.tp is None:
+            return set()
+        named = self.named_params or {}
+        return {id(p) for name, p in named.items() if name in self.ctx.specs and self.ctx.specs[name].tp is not None}
+
     def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        if self.ctx.world_size > 1:
+        if self.ctx.model_ranks > 1:
             with naming_failed_ranks(self.ctx, "optimizer step boundary"):
-                dist.all_reduce(t, op=op, group=self.ctx.dp.group)
+                dist.all_reduce(t, op=op, group=self.ctx.model_group)
         return t
 
     def _flush_stash(self) -> None:
@@ -369,11 +385,9 @@ class TrainingRuntime:
         """Clip by global L2 norm over all ranks' shards, as
         ``torch.nn.utils.clip_grad_norm_`` would on the full gradients."""
         device = self.ctx.dp.device
-        world = self.ctx.world_size
         total = torch.zeros((), dtype=torch.float32, device=device)
-        for g, sharded in grads:
-            sq = g.detach().float().pow(2).sum()
-            total = total + (sq if sharded else sq / world)
+        for g, share in grads:
+            total = total + g.detach().float().pow(2).sum() * share
         norm = math.sqrt(self._all_reduce(total, dist.ReduceOp.SUM).item())
         self.ctx.last_grad_norm = norm
         coef = self.clip / (norm + 1e-6)

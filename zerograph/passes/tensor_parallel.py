@@ -1,0 +1,214 @@
+"""``tensor_parallel`` (Dynamo graph): run each split layer on this rank's slice.
+
+The model was traced with whole parameters (``unshard_whole`` markers,
+:mod:`zerograph.graph.tp_markers`). Each layer's split was decided when the
+model was sharded (:mod:`zerograph.planner.tp_plan`) and is in its
+parameters' specs; this pass is the mechanism:
+
+* every ``unshard_whole`` becomes ``unshard``: this rank's tp slice;
+* a column-split linear reads ``tp_copy(x)`` (Megatron's *f*: all-reduce of
+  the input's gradient in the backward) and yields its slice of the output
+  features; one ``tp_copy`` serves every column linear reading the same ``x``;
+* a row-split linear's partial product goes through ``tp_all_reduce``
+  (Megatron's *g*) before its bias is added; a row linear whose input is
+  whole (no column partner in this graph) first takes its slice of the
+  input features (``narrow``, no traffic);
+* downstream, every shape argument along a split dimension becomes a
+  per-rank size (heads per rank; :mod:`zerograph.passes.tp_propagation`);
+* a split value the graph returns is gathered whole (``tp_all_gather``).
+
+For nanoGPT's attention at tp=2 (12 heads of 64)::
+
+    unshard_whole(qkv.weight) -> linear(x, W, b) -> split(768, dim=2) -> view(b, t, 12, 64)
+
+becomes::
+
+    unshard(qkv.weight) -> linear(tp_copy(x), W, b) -> split(384, dim=2) -> view(b, t, 6, 64)
+
+and ``proj``'s ``linear(y, W, b)`` becomes ``tp_all_reduce(linear(y, W)) + b``.
+AOTAutograd then traces the rewritten graph with per-rank shapes, so ZeRO's
+passes see ordinary (smaller) parameters, and ``lower_tp_markers`` lowers
+the markers to collectives. Dynamo's recorded values are recomputed with the
+new shapes (fusion passes read them).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+import torch.fx as fx
+
+from zerograph._torch_private import fake_mode_of
+from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_COPY, UNSHARD_WHOLE
+from zerograph.graph.tp_ops import full_shape, linear_use, module_of
+from zerograph.passes.manager import PassContext, PassResult
+from zerograph.passes.tp_propagation import Propagator, Split
+from zerograph.runtime.tp_layout import TensorParallelError
+
+log = logging.getLogger(__name__)
+
+_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+class _SplitParam:
+    """The state of a tp-split parameter's read: only a linear may consume it."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+
+def _inserted(graph: fx.Graph, like: fx.Node, target, args) -> fx.Node:
+    node = graph.call_function(target, args)
+    for key in _META:
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    return node
+
+
+class _Rewrite:
+    def __init__(self, gm: fx.GraphModule, specs: dict, tp: int):
+        self.gm, self.graph, self.specs = gm, gm.graph, specs
+        self.prop = Propagator(tp)
+        self.copies: dict[fx.Node, fx.Node] = {}
+        self.counts = {"column": 0, "row": 0, "tp_copy": 0, "tp_all_reduce": 0}
+        self.tag = None
+
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op == "call_function" and node.target in (UNSHARD_WHOLE, torch.ops.zerograph.unshard_whole):
+                node.target = torch.ops.zerograph.unshard
+                self.tag = node.args[1]
+                self.prop.states[node] = _SplitParam(self.specs[node.args[2]])
+                continue
+            if node.op == "output":
+                self._gather_outputs(node)
+                continue
+            use = linear_use(node)
+            if use is not None and isinstance(self.prop.get(use.weight), _SplitParam):
+                self._linear(use)
+                continue
+            if use is not None and isinstance(self.prop.get(use.bias), _SplitParam):
+                raise TensorParallelError(f"tensor parallelism: {module_of(node)}: a whole weight with a tp-split "
+                                          "bias")
+            for arg in node.all_input_nodes:
+                if isinstance(self.prop.get(arg), _SplitParam):
+                    layout = self.prop.get(arg).spec.tp
+                    raise TensorParallelError(
+                        f"tensor parallelism: {module_of(node)} reads {arg.args[2]}, which is {layout.kind}-split "
+                        f"for {layout.module}, other than as a linear layer's weight (graph node {node.name}); keep "
+                        f"{layout.module} whole with a layer spec {{\"partition_type\": \"skip\"}}")
+            self.prop.visit(node)
+
+    def _gather_outputs(self, out: fx.Node) -> None:
+        """A split value the graph returns (a Hugging Face KV cache, or a value
+        crossing a graph break inside a layer) is gathered whole."""
+        leaving = []
+        for value in out.all_input_nodes:
+            state = self.prop.get(value)
+            if state is None:
+                continue
+            if not isinstance(state, Split):
+                raise TensorParallelError(f"tensor parallelism: {module_of(value)}: the graph returns a tp-split "
+                                          f"value {value.name} it cannot gather")
+            with self.graph.inserting_before(out):
+                whole = _inserted(self.graph, value, TP_ALL_GATHER, (value, self.tag, state.dim, list(state.parts)))
+            out.replace_input_with(value, whole)
+            leaving.append(value)
+        if leaving:
+            self.counts["tp_all_gather"] = len(leaving)
+            log.warning(
+                "tensor parallelism: %d value(s) split over the tp ranks leave a compiled graph (%s) and are gathered "
+                "whole every step, e.g. a Hugging Face KV cache (set model.config.use_cache = False for training) "
+                "or a graph break inside a layer", len(leaving),
+                ", ".join(sorted({module_of(v) for v in leaving})))
+
+    def _linear(self, use) -> None:
+        layout = self.prop.get(use.weight).spec.tp
+        x_state = self.prop.get(use.x)
+        node = use.node
+        if layout.kind == "column":
+            if x_state is not None:
+                raise TensorParallelError(f"tensor parallelism: {layout.module} is column-split but its input is "
+                                          "already split over tp; make it row-split (its input's producer is column-split)")
+            bias = self.prop.get(use.bias)
+            if use.bias is not None and not isinstance(bias, _SplitParam):
+                raise TensorParallelError(f"tensor parallelism: {layout.module}: column-split weight, whole bias")
+            copy = self.copies.get(use.x)
+            if copy is None:  # in front of the first column linear reading x; the others come later
+                with self.graph.inserting_before(node):
+                    copy = self.copies[use.x] = _inserted(self.graph, node, TP_COPY, (use.x, self.tag))
+                self.counts["tp_copy"] += 1
+            node.replace_input_with(use.x, copy)
+            self.prop.states[node] = Split(len(full_shape(node)) - 1, layout.parts)
+            self.counts["column"] += 1
+            return
+        features = full_shape(use.x)[-1] if full_shape(use.x) else None
+        x = use.x
+        if x_state is None and features is not None:
+            # a whole input (its producer is not column-split, or a graph break
+            # gathered it): each rank takes its slice of the features, no traffic
+            width = features // layout.size
+            with self.graph.inserting_before(node):
+                x = _inserted(self.graph, node, torch.narrow, (use.x, len(full_shape(use.x)) - 1,
+                                                               layout.index * width, width))
+            node.replace_input_with(use.x, x)
+            self.counts["input_slices"] = self.counts.get("input_slices", 0) + 1
+        elif x_state != Split(len(full_shape(use.x)) - 1, (features,)):
+            raise TensorParallelError(
+                f"tensor parallelism: {layout.module} is row-split but its input is not split over tp along its "
+                f"features (it is {x_state or 'whole'}); split the layers that produce its input by columns, or keep "
+                f"{layout.module} whole")
+        bias = use.bias
+        if use.form == "linear":
+            node.args = (x, use.weight, None)
+            node.kwargs = {}
+        else:  # addmm(bias, x, weight) -> mm(x, weight)
+            node.target, node.args, node.kwargs = torch.mm, (x, use.weight), {}
+        with self.graph.inserting_after(node):
+            reduced = _inserted(self.graph, node, TP_ALL_REDUCE, (node, self.tag))
+        out = reduced
+        if bias is not None:
+            with self.graph.inserting_after(reduced):
+                out = _inserted(self.graph, node, operator.add, (reduced, bias))
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not reduced)
+        self.counts["row"] += 1
+        self.counts["tp_all_reduce"] += 1
+
+
+def _refresh_example_values(gm: fx.GraphModule) -> None:
+    """Recompute Dynamo's recorded values with per-rank shapes."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = [n.meta.get("example_value") for n in placeholders]
+    mode = fake_mode_of(values)
+    if mode is None:
+        return
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            try:
+                out = super().run_node(node)
+            except Exception as exc:
+                raise TensorParallelError(
+                    f"tensor parallelism: the per-rank graph fails at node {node.name} ({module_of(node)}): {exc}"
+                ) from exc
+            if node.op != "placeholder":
+                node.meta["example_value"] = out
+            return out
+
+    with mode:
+        Recorder(gm).run(*values)
+
+
+def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    state = ctx.state
+    if state is None or getattr(state, "tp", None) is None:
+        return PassResult()
+    rewrite = _Rewrite(gm, state.specs, state.tp.world_size)
+    rewrite.run()
+    gm.graph.lint()
+    gm.recompile()
+    _refresh_example_values(gm)
+    details = dict(rewrite.counts, shape_args=rewrite.prop.rewritten)
+    return PassResult(changed=any(details.values()), details=details)

@@ -1,0 +1,244 @@
+"""Which layers tensor parallelism splits, and how (policy; the
+``tensor_parallel`` pass is the mechanism).
+
+In order of precedence:
+
+1. ``tensor_parallel.partition_config.layer_specs`` (DeepSpeed's form): each
+   spec's ``patterns`` (regexes, matched against the weight's FQN and the
+   layer's module path) and its ``partition_type``: ``"column"``, ``"row"``
+   or ``"skip"`` (stays whole). ``"shape": [k, -1]`` declares a fused weight of
+   ``k`` equal parts along the output features, ``"shape": [[q, k, v], -1]``
+   one of listed part sizes. The first spec that matches a layer decides it.
+2. With ``use_default_specs`` (default true), the layers no spec matched:
+   the model's Hugging Face ``config.base_model_tp_plan`` (``colwise``,
+   ``rowwise``, ``packed_colwise``) if it has one;
+3. else the graph rule (:mod:`zerograph.planner.tp_graph_rule`) on the
+   model's Dynamo graph, traced on ``example_batch``.
+
+Only ``nn.Linear`` and Hugging Face's ``Conv1D`` (GPT-2; weight ``[in, out]``)
+layers are split. A column split cuts the output features (weight and bias),
+a row split the input features (the bias stays whole and is added after the
+all-reduce).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Callable
+
+from torch import nn
+
+from zerograph.config import ConfigError
+from zerograph.planner.tp_graph_rule import graph_rule
+from zerograph.runtime.tp_layout import TpLayout
+
+log = logging.getLogger(__name__)
+
+_KINDS = ("column", "row", "skip")
+_HF_KINDS = {"colwise": "column", "rowwise": "row", "packed_colwise": "column"}
+_SECTION = "tensor_parallel.partition_config"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSplit:
+    """How one layer is split, and who said so."""
+
+    module: str
+    kind: str  # "column" or "row"
+    parts: tuple[int, ...] | None  # fused parts of the output features (column); None: one part
+    source: str  # "layer_specs[0]", "base_model_tp_plan['layers.*.mlp.up_proj']", "graph rule"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    index: int
+    patterns: tuple[re.Pattern, ...]
+    kind: str
+    shape: object  # the spec's "shape" (fused parts), or None
+
+    def matches(self, module: str) -> bool:
+        names = (module, f"{module}.weight")
+        return any(p.match(n) for p in self.patterns for n in names)
+
+
+def splittable_modules(model: nn.Module) -> dict[str, str]:
+    """Module path -> ``"linear"`` (``nn.Linear``, weight ``[out, in]``) or
+    ``"addmm"`` (Hugging Face ``Conv1D``, weight ``[in, out]``)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            out[name] = "linear"
+        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+                and module.weight.dim() == 2:
+            out[name] = "addmm"
+    return out
+
+
+def parse_partition_config(config: dict | None) -> tuple[list[LayerSpec], bool]:
+    """The layer specs and ``use_default_specs`` of ``partition_config``."""
+    config = dict(config or {})
+    unknown = set(config) - {"layer_specs", "use_default_specs"}
+    if unknown:
+        raise ConfigError(f"{_SECTION}: unknown key(s) {sorted(unknown)}; the keys are layer_specs, use_default_specs")
+    use_default = config.get("use_default_specs", True)
+    if not isinstance(use_default, bool):
+        raise ConfigError(f"{_SECTION}.use_default_specs: expected true or false; got {use_default!r}")
+    raw = config.get("layer_specs", [])
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"{_SECTION}.layer_specs: expected a list of specs; got {type(raw).__name__}")
+    specs = []
+    for i, spec in enumerate(raw):
+        key = f"{_SECTION}.layer_specs[{i}]"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{key}: expected an object with patterns and partition_type; got {spec!r}")
+        extra = set(spec) - {"patterns", "partition_type", "shape", "partition_dim"}
+        if extra:
+            raise ConfigError(f"{key}: unknown key(s) {sorted(extra)}; the keys are patterns, partition_type, shape, "
+                              "partition_dim")
+        patterns = spec.get("patterns")
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ConfigError(f"{key}.patterns: expected a list of regexes; got {patterns!r}")
+        kind = spec.get("partition_type")
+        if kind not in _KINDS:
+            raise ConfigError(f"{key}.partition_type: expected one of {list(_KINDS)}; got {kind!r}")
+        if spec.get("partition_dim", 0) != 0:
+            raise ConfigError(f"{key}.partition_dim={spec['partition_dim']!r}: only 0 (the output features of a "
+                              "fused weight, as \"shape\" lists them) is supported")
+        if spec.get("shape") is not None and kind != "column":
+            raise ConfigError(f"{key}: \"shape\" declares fused parts of a column split; partition_type is {kind!r}")
+        try:
+            compiled = tuple(re.compile(p) for p in patterns)
+        except re.error as exc:
+            raise ConfigError(f"{key}.patterns: not a valid regex ({exc})") from None
+        specs.append(LayerSpec(i, compiled, kind, spec.get("shape")))
+    return specs, use_default
+
+
+def _spec_parts(spec: LayerSpec, out_features: int, module: str) -> tuple[int, ...] | None:
+    shape = spec.shape
+    if shape is None:
+        return None
+    key = f"{_SECTION}.layer_specs[{spec.index}].shape"
+    if not isinstance(shape, (list, tuple)) or len(shape) != 2 or shape[1] != -1:
+        raise ConfigError(f"{key}={shape!r}: expected [parts, -1] or [[size, ...], -1]")
+    head = shape[0]
+    if isinstance(head, int) and head >= 1 and out_features % head == 0:
+        return (out_features // head,) * head
+    if isinstance(head, (list, tuple)) and all(isinstance(s, int) and s > 0 for s in head) and sum(head) == out_features:
+        return tuple(head)
+    raise ConfigError(f"{key}={shape!r} does not divide the {out_features} output features of {module}")
+
+
+def hf_tp_plan(model: nn.Module) -> dict[str, str] | None:
+    """The model's Hugging Face ``base_model_tp_plan``, if it has one."""
+    plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
+    return dict(plan) if isinstance(plan, dict) and plan else None
+
+
+def _hf_kind(plan: dict[str, str], module: str) -> tuple[str, str] | None:
+    for key, style in plan.items():
+        regex = r"(?:^|\.)" + re.escape(key).replace(r"\*", r"[^.]+") + "$"
+        if re.search(regex, module):
+            if style not in _HF_KINDS:
+                raise ConfigError(
+                    f"{module}: the model's Hugging Face tp plan says {key!r}: {style!r}, which zerograph does not "
+                    f"do yet (it does {', '.join(_HF_KINDS)}); give this layer a {_SECTION}.layer_specs entry")
+            return _HF_KINDS[style], key
+    return None
+
+
+def decide_splits(model: nn.Module, partition_config: dict | None,
+                  capture: Callable[[], list] | None) -> dict[str, LayerSplit]:
+    """Module path -> :class:`LayerSplit` for every layer to split.
+    ``capture()`` returns the model's Dynamo graphs for the graph rule (None:
+    no example batch to trace on)."""
+    modules = splittable_modules(model)
+    specs, use_default = parse_partition_config(partition_config)
+    out: dict[str, LayerSplit] = {}
+    decided: set[str] = set()
+    for spec in specs:
+        hits = [m for m in modules if spec.matches(m)]
+        if not hits:
+            examples = ", ".join(f"{m}.weight" for m in list(modules)[:4]) or "none"
+            raise ConfigError(
+                f"{_SECTION}.layer_specs[{spec.index}]: patterns {[p.pattern for p in spec.patterns]} match no "
+                f"Linear or Conv1D layer of {type(model).__name__} (weights are named like {examples}); fix the "
+                "patterns or remove the spec")
+        for m in hits:
+            if m in decided:
+                continue
+            decided.add(m)
+            if spec.kind != "skip":
+                parts = _spec_parts(spec, _out_features(model, m, modules[m]), m)
+                out[m] = LayerSplit(m, spec.kind, parts, f"layer_specs[{spec.index}]")
+    rest = {m: form for m, form in modules.items() if m not in decided}
+    if use_default and rest:
+        plan = hf_tp_plan(model)
+        if plan is not None:
+            for m in rest:
+                found = _hf_kind(plan, m)
+                if found is not None:
+                    kind, key = found
+                    parts = (_out_features(model, m, rest[m]) // 2,) * 2 if plan[key] == "packed_colwise" else None
+                    out[m] = LayerSplit(m, kind, parts, f"base_model_tp_plan[{key!r}]")
+        elif capture is not None:
+            try:
+                rule = graph_rule(capture(), rest)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            for m, split in rule.items():
+                out[m] = LayerSplit(m, split.kind, split.parts, "graph rule")
+        elif not specs:
+            raise ConfigError(
+                f"tensor parallelism must know which layers of {type(model).__name__} to split, and it has no "
+                "Hugging Face tp plan: pass zerograph.compile(model, config, example_batch=batch) so the graph rule "
+                f"can trace it, or list the layers in {_SECTION}.layer_specs")
+        else:
+            log.info("tensor parallelism: no example batch to trace, so only layer_specs split layers of %s",
+                     type(model).__name__)
+    if not out:
+        raise ConfigError(
+            f"tensor parallelism finds no layer of {type(model).__name__} to split (no column/row linear pair); "
+            f"list the layers in {_SECTION}.layer_specs")
+    return out
+
+
+def _out_features(model: nn.Module, module: str, form: str) -> int:
+    weight = model.get_submodule(module).weight
+    return weight.shape[0 if form == "linear" else 1]
+
+
+def tp_layouts(model: nn.Module, splits: dict[str, LayerSplit], size: int, index: int) -> dict[str, TpLayout]:
+    """Parameter FQN (as ``named_parameters`` names it) -> its :class:`TpLayout`."""
+    forms = splittable_modules(model)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for m, split in splits.items():
+        layer = model.get_submodule(m)
+        shape = tuple(layer.weight.shape)
+        out_dim = 0 if forms[m] == "linear" else 1
+        try:
+            if split.kind == "column":
+                parts = split.parts or (shape[out_dim],)
+                out[canonical[id(layer.weight)]] = TpLayout("column", m, out_dim, parts, shape, size, index)
+                if getattr(layer, "bias", None) is not None:
+                    out[canonical[id(layer.bias)]] = TpLayout("column", m, 0, parts, tuple(layer.bias.shape),
+                                                              size, index)
+            else:
+                in_dim = 1 - out_dim
+                out[canonical[id(layer.weight)]] = TpLayout("row", m, in_dim, (shape[in_dim],), shape, size, index)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (the {split.kind} split comes from {split.source})") from None
+    return out
+
+
+def describe(splits: dict[str, LayerSplit]) -> str:
+    lines = []
+    for m, s in splits.items():
+        fused = f" in {len(s.parts)} parts {list(s.parts)}" if s.parts else ""
+        lines.append(f"  {m}: {s.kind}{fused} ({s.source})")
+    return "\n".join(lines)
