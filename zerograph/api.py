@@ -20,6 +20,7 @@ from zerograph.runtime.state import ModelState, context_of
 from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
 from zerograph.runtime.dist import DataParallelGroup, data_parallel_group
 from zerograph.runtime.errors import naming_failed_ranks
+from zerograph.runtime.hierarchy import node_groups
 from zerograph.runtime.offload import watch_plain_optimizer
 from zerograph.runtime.plan import ParallelPlan
 from zerograph.runtime.training import TrainingRuntime
@@ -124,6 +125,7 @@ def shard(
     cfg.resolve_batch(dp.world_size)
     plan = ParallelPlan.build(cfg, {"dp": dp.world_size}, {"dp": dp.rank})
     ctx = ModelState(cfg, dp, plan, loss_fn=loss_fn)
+    ctx.node_groups = node_groups(dp, plan.zero.zeropp.node_size, cfg.zerograph.collective_timeout_s)
     shard_parameters(model, ctx)
     ctx.backend = ZerographBackend(ctx, passes=pass_list)
     params = list(dict.fromkeys(model.parameters()))
@@ -220,6 +222,9 @@ class Inspection:
     memory: Any = None
     # with zerograph.track_memory: the measuring interpreter's record (zerograph.planner.measured.MemoryTracker)
     memory_measured: Any = None
+    # comm_bytes_last_step by scope: "intra_group" (collectives inside a node,
+    # ZeRO++'s node groups) and "cross_group" (the rest), then by kind
+    comm_bytes_by_scope_last_step: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def forward(self) -> list[torch.fx.GraphModule]:
@@ -247,6 +252,10 @@ class Inspection:
         if fused:
             lines.append("fused patterns: " + ", ".join(f"{k}={v}" for k, v in sorted(fused.items())))
         lines.append("communication last step (bytes): " + ", ".join(f"{k}={v}" for k, v in self.comm_bytes_last_step.items()))
+        intra = self.comm_bytes_by_scope_last_step.get("intra_group", {})
+        if any(intra.values()):  # ZeRO++ node groups: where the bytes went
+            for scope, counts in self.comm_bytes_by_scope_last_step.items():
+                lines.append(f"  {scope.replace('_', '-')} (bytes): " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         return "\n".join(lines)
 
 
@@ -268,6 +277,7 @@ def inspect(model: nn.Module) -> Inspection:
     parts = _stage_contexts(model)
     regions = [
         {"index": r.index, "stage": stage, "graphs": dict(r.graphs), "comm_bytes": dict(r.comm_bytes),
+         "comm_bytes_by_scope": dict(r.comm_bytes_by_scope),
          "steps": list(r.step_records), "pass_records": dict(r.pass_records)}
         for stage, ctx in parts for r in ctx.regions
     ]
@@ -281,12 +291,16 @@ def inspect(model: nn.Module) -> Inspection:
     memory = plan_model([r for _, ctx in parts for r in ctx.regions], first.config.gradient_accumulation_steps,
                         order)
     comm: dict[str, int] = {}
+    by_scope: dict[str, dict[str, int]] = {}
     for _, ctx in parts:
         for kind, nbytes in ctx.stats.last_step.items():
             comm[kind] = comm.get(kind, 0) + nbytes
+        for scope, counts in ctx.stats.last_step_by_scope.items():
+            for kind, nbytes in counts.items():
+                by_scope.setdefault(scope, {})[kind] = by_scope.get(scope, {}).get(kind, 0) + nbytes
     steps = [step for region in regions for step in region["steps"]]
     return Inspection(regions=regions, passes=records, comm_bytes_last_step=comm, steps=steps,
-                      memory=memory, memory_measured=first.stats.memory)
+                      memory=memory, memory_measured=first.stats.memory, comm_bytes_by_scope_last_step=by_scope)
 
 
 def _stage_contexts(model: nn.Module) -> list[tuple[Optional[int], ModelState]]:

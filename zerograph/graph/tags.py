@@ -27,10 +27,12 @@ Role = Literal[
     "all_gather",
     "reduce_scatter",
     "all_reduce",
+    "all_to_all",  # ZeRO++ qgZ: one hop of the quantized gradient reduction
     "wait",
     "host_copy",  # offload_param: a host shard copied to the compute device, or a gradient shard back
+    "secondary",  # ZeRO++ hpZ: the secondary shard cut from a gathered parameter (kept for the backward)
 ]
-COLLECTIVE_ROLES = ("all_gather", "reduce_scatter", "all_reduce")
+COLLECTIVE_ROLES = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 Location = Literal["device", "host"]
 
 
@@ -49,6 +51,10 @@ class NodeTag:
     # memory (offload_param's gradient shards, offload_activations' saved
     # copies; their views too), "device" (the compute device) for the rest
     location: Location = "device"
+    # a collective's process group: "dp" (the data-parallel ranks), or ZeRO++'s
+    # "node" / "peer" subgroups (zerograph.runtime.hierarchy); comm accounting
+    # counts "node" as intra-group traffic, the others as cross-group
+    group: str = "dp"
 
     def replace(self, **changes) -> "NodeTag":
         return dataclasses.replace(self, **changes)

@@ -34,6 +34,9 @@ class ParamSpec:
     # (compute) device before its gather; its reduced gradient is copied back.
     # None: the shard lives on the device it is computed on.
     compute_device: torch.device | None = None
+    # the label of the process group its collectives run on (NodeTag.group):
+    # "dp", or "node" for an hpZ secondary partition (zerograph.runtime.hierarchy)
+    comm_group: str = "dp"
 
     @property
     def offloaded(self) -> bool:
