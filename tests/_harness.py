@@ -183,6 +183,7 @@ def zerograph_run(model, configs: list[dict], steps: int = STEPS, lr: float = LR
                 "params": {k: v.detach().float().clone() for k, v in zerograph.full_state_dict(net).items()},
                 "state_bytes": state_bytes,
                 "comm": dict(info.comm_bytes_last_step),
+                "comm_by_scope": dict(info.comm_bytes_by_scope_last_step),
                 "regions": len(info.regions),
                 "comm_by_phase": _comm_by_phase(info),
                 **(report(net, opt) if report is not None else {}),

@@ -24,6 +24,7 @@ from zerograph.runtime.agreement import StepCheck, agree, model_id, setup_finger
 from zerograph.runtime.dist import (DataParallelGroup, RankMonitor, data_and_tensor_parallel_groups,
                                     data_parallel_group, ensure_process_group)
 from zerograph.runtime.errors import naming_failed_ranks
+from zerograph.runtime.hierarchy import node_groups
 from zerograph.runtime.offload import watch_plain_optimizer
 from zerograph.runtime.plan import ParallelPlan
 from zerograph.runtime.training import TrainingRuntime, failure_translator
@@ -156,6 +157,7 @@ def shard(
             plan = ParallelPlan.build(cfg, mesh, coords)
             ctx = ModelState(cfg, dp, plan, loss_fn=loss_fn)
             ctx.tp = tp
+            ctx.node_groups = node_groups(dp, plan.zero.zeropp.node_size, timeout_s)
             step_check = StepCheck(ranks, model_id(fingerprint), timeout_s) if checked else None
             runtime = TrainingRuntime(ctx, model._call_impl, [], monitor=monitor, step_check=step_check)
             with naming_failed_ranks(ctx, "zerograph.compile/shard"):  # the parameters' broadcast and scatter
@@ -331,6 +333,9 @@ class Inspection:
     memory: Any = None
     # with zerograph.track_memory: the measuring interpreter's record (zerograph.planner.measured.MemoryTracker)
     memory_measured: Any = None
+    # comm_bytes_last_step by scope: "intra_group" (collectives inside a node,
+    # ZeRO++'s node groups) and "cross_group" (the rest), then by kind
+    comm_bytes_by_scope_last_step: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def forward(self) -> list[torch.fx.GraphModule]:
@@ -358,6 +363,10 @@ class Inspection:
         if fused:
             lines.append("fused patterns: " + ", ".join(f"{k}={v}" for k, v in sorted(fused.items())))
         lines.append("communication last step (bytes): " + ", ".join(f"{k}={v}" for k, v in self.comm_bytes_last_step.items()))
+        intra = self.comm_bytes_by_scope_last_step.get("intra_group", {})
+        if any(intra.values()):  # ZeRO++ node groups: where the bytes went
+            for scope, counts in self.comm_bytes_by_scope_last_step.items():
+                lines.append(f"  {scope.replace('_', '-')} (bytes): " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         return "\n".join(lines)
 
 
@@ -379,6 +388,7 @@ def inspect(model: nn.Module) -> Inspection:
     parts = _stage_contexts(model)
     regions = [
         {"index": r.index, "stage": stage, "graphs": dict(r.graphs), "comm_bytes": dict(r.comm_bytes),
+         "comm_bytes_by_scope": dict(r.comm_bytes_by_scope),
          "steps": list(r.step_records), "pass_records": dict(r.pass_records)}
         for stage, ctx in parts for r in ctx.regions
     ]
@@ -392,12 +402,16 @@ def inspect(model: nn.Module) -> Inspection:
     memory = plan_model([r for _, ctx in parts for r in ctx.regions], first.config.gradient_accumulation_steps,
                         order)
     comm: dict[str, int] = {}
+    by_scope: dict[str, dict[str, int]] = {}
     for _, ctx in parts:
         for kind, nbytes in ctx.stats.last_step.items():
             comm[kind] = comm.get(kind, 0) + nbytes
+        for scope, counts in ctx.stats.last_step_by_scope.items():
+            for kind, nbytes in counts.items():
+                by_scope.setdefault(scope, {})[kind] = by_scope.get(scope, {}).get(kind, 0) + nbytes
     steps = [step for region in regions for step in region["steps"]]
     return Inspection(regions=regions, passes=records, comm_bytes_last_step=comm, steps=steps,
-                      memory=memory, memory_measured=first.stats.memory)
+                      memory=memory, memory_measured=first.stats.memory, comm_bytes_by_scope_last_step=by_scope)
 
 
 def _stage_contexts(model: nn.Module) -> list[tuple[Optional[int], ModelState]]:

@@ -31,6 +31,7 @@ from torch import nn
 
 from zerograph import api
 from zerograph.config import Config
+from zerograph.graph.hpz import secondary_bytes
 from zerograph.planner.liveness import KINDS
 from zerograph.planner.step_plan import MemoryPlan
 from zerograph.runtime.memory import host_state_bytes, model_state_bytes
@@ -97,6 +98,24 @@ class Explanation:
         """Bytes per optimizer step by collective kind (this rank)."""
         return self.plan.comm_bytes_per_step
 
+    def communication_by_scope(self) -> dict[str, dict[str, int]]:
+        """Bytes per optimizer step by scope (``intra_group``: collectives
+        inside a ZeRO++ node, ``cross_group``: the rest), then by kind."""
+        out: dict[str, dict[str, int]] = {}
+        n = self.config.gradient_accumulation_steps
+        for region in self.inspection.regions:
+            for phase in ("forward", "backward"):
+                for scope, counts in region["comm_bytes_by_scope"].get(phase, {}).items():
+                    for kind, nbytes in counts.items():
+                        out.setdefault(scope, {})[kind] = out.get(scope, {}).get(kind, 0) + n * nbytes
+        return out
+
+    def secondary_bytes(self) -> int:
+        """ZeRO++ hpZ: bytes of this rank's secondary shards, held from each
+        forward to its backward (counted in the gathered-parameter bytes)."""
+        return sum(secondary_bytes(r["graphs"]["forward"]) for r in self.inspection.regions
+                   if "forward" in r["graphs"])
+
     def volume_elements(self) -> int:
         """Elements per step in the ZeRO paper's unit (an all-reduce counts twice)."""
         e = self.plan.comm_elements_per_step
@@ -130,6 +149,7 @@ class Explanation:
             f"  activation peak     {_mib(peak['activation'])}   (saved for the backward)",
             f"  live in-step peak   {_mib(self.plan.peak_total_bytes)}   (gathered + saved + gradients + temporaries)",
             *_host_step_lines(self.plan),
+            *self._secondary_lines(),
             f"  step timeline       {self.plan.order_note()}",
             f"  DDP model states    {_mib(self.ddp_model_states)}   (= Ψ·(m + m + 2m), m = {self.master_bytes} bytes)",
             f"  FSDP2 model states  {_mib(self.fsdp2_model_states)}   (= Ψ·4m / W)",
@@ -138,12 +158,26 @@ class Explanation:
         ]
         for kind, nbytes in self.communication().items():
             lines.append(f"  {kind:<15} {nbytes:>14,} bytes")
+        if self.config.zero_optimization.zero_hpz_partition_size > 1:
+            k = self.config.zero_optimization.zero_hpz_partition_size
+            for scope, counts in sorted(self.communication_by_scope().items()):
+                where = "inside a node" if scope == "intra_group" else "across nodes"
+                lines.append(f"  {scope:<15} {sum(counts.values()):>14,} bytes ({where}, nodes of {k} ranks: "
+                             + ", ".join(f"{kind} {v:,}" for kind, v in counts.items() if v) + ")")
         lines += [
             f"  volume          {self.volume_elements():>14,} elements (ZeRO paper unit; all-reduce counts 2x)",
             f"  DDP             {2 * psi:>14,} elements (= 2Ψ, all-reduce)",
             f"  FSDP2           {3 * psi:>14,} elements (= 3Ψ, reshard after forward)",
         ]
         return "\n".join(lines)
+
+    def _secondary_lines(self) -> list[str]:
+        k = self.config.zero_optimization.zero_hpz_partition_size
+        nbytes = self.secondary_bytes()
+        if not nbytes:
+            return []
+        return [f"  hpZ secondary       {_mib(nbytes)}   (shards over a node of {k} ranks, held forward to "
+                "backward; in the gathered-param peak)"]
 
     def chrome_trace(self) -> dict:
         """The step's memory timeline and collectives as Chrome trace JSON

@@ -227,7 +227,6 @@ def test_zero_plus_plus_is_not_supported_yet_and_all_problems_are_listed():
         """\
 zero_optimization.reduce_bucket_size: got -5; must be >= 0
 zero_optimization.offload_param.device="nvme": NVMe offload (ZeRO-Infinity) is not supported yet; use "cpu" (host memory)
-zero_optimization.zero_hpz_partition_size=8: ZeRO++ hierarchical partitioning (hpZ) is not supported yet; remove the key or set it to 1
 zero_optimization.zero_quantized_weights=true: ZeRO++ quantized weight gathers (qwZ) are not supported yet; remove the key or set it to false
 zero_optimization.zero_quantized_gradients=true: ZeRO++ quantized gradient reduction (qgZ) is not supported yet; remove the key or set it to false
 optimizer.type="OneBitAdam": 1-bit Adam (compressed communication) is a DeepSpeed optimizer zerograph does not have; build it yourself with zerograph.make_optimizer(model, OptimizerClass, ...) and delete the 'optimizer' section

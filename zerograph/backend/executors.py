@@ -55,11 +55,11 @@ def translate_oom(executable, state, phase: str, plan):
     return _boxed(run)
 
 
-def count_comm(executable, stats, static: dict[str, int]):
-    """Adds the graph's bytes per collective kind to the step's counters each run."""
+def count_comm(executable, stats, static: dict[str, int], by_scope: dict[str, dict[str, int]] | None = None):
+    """Adds the graph's bytes per collective kind (and scope) to the step's counters each run."""
 
     def run(args):
-        stats.add_all(static)
+        stats.add_all(static, by_scope)
         return executable(args)
 
     return _boxed(run)
@@ -77,5 +77,5 @@ def wrap(executable, state, config, gm, phase: str, region, memory_plan):
         executable = state.collective_guard(executable, phase)
     static = region.comm_bytes.get(phase)
     if static:
-        executable = count_comm(executable, state.stats, static)
+        executable = count_comm(executable, state.stats, static, region.comm_bytes_by_scope.get(phase))
     return executable

@@ -24,7 +24,7 @@ from zerograph.config import Config
 from zerograph.graph.deterministic_rng import unwrap_deterministic_rng
 from zerograph.graph.verify import verify_graph
 from zerograph.passes import PassContext, default_passes, run_passes
-from zerograph.passes.comm_analysis import comm_bytes
+from zerograph.passes.comm_analysis import comm_bytes, comm_bytes_by_scope
 from zerograph.planner.liveness import saved_count
 from zerograph.planner.step_plan import plan_in_step
 from zerograph.runtime.memory import check_region, out_of_memory
@@ -66,6 +66,7 @@ def _count_saved(job: CompileJob) -> None:
 
 def _count_comm(job: CompileJob) -> None:
     job.region.comm_bytes[job.phase] = comm_bytes(job.gm)
+    job.region.comm_bytes_by_scope[job.phase] = comm_bytes_by_scope(job.gm)
 
 
 def _check_memory_limit(job: CompileJob) -> None:

@@ -305,8 +305,11 @@ class ZeroConfig(Section):
         default_factory=LeafModuleConfig, description="Modules ZeRO-3 fetches as a whole."
     )
     zero_hpz_partition_size: _Size = Field(
-        1, description="Ranks of ZeRO++'s hierarchical (secondary) parameter partition; 1: off.",
-        json_schema_extra=meta(unsupported="ZeRO++ hierarchical partitioning (hpZ) is" + _ZEROPP + "1", allowed=[0, 1]),
+        1, description="ZeRO++ hpZ (stage 3): ranks per node, consecutive data-parallel ranks (on one machine, "
+        "simulated nodes). After the forward all-gather each rank keeps a secondary shard of every re-gathered "
+        "parameter, partitioned over its node, and the backward all-gather reads it inside the node (exact; "
+        "costs the secondary shards' memory, docs/zeropp.md). Must divide the data-parallel world size; 0 or "
+        "1: off. DeepSpeed: same key.",
     )
     zero_quantized_weights: StrictBool = Field(
         False, description="ZeRO++: all-gather int8-quantized weights (qwZ).",
@@ -374,6 +377,15 @@ class ZeroConfig(Section):
     @classmethod
     def _null_is_no_offload(cls, value: Any) -> Any:
         return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _zeropp_needs_stage3(self) -> "ZeroConfig":
+        if self.zero_hpz_partition_size > 1 and self.stage != 3:
+            raise _problem(
+                f"zero_optimization.zero_hpz_partition_size={self.zero_hpz_partition_size} needs "
+                f"zero_optimization.stage 3 (now {self.stage}): hpZ serves the backward's re-gather of parameters, "
+                "which only stage 3 does; set stage to 3, or zero_hpz_partition_size to 1")
+        return self
 
     @model_validator(mode="after")
     def _param_offload_needs_stage3(self) -> "ZeroConfig":

@@ -27,10 +27,12 @@ Role = Literal[
     "all_gather",
     "reduce_scatter",
     "all_reduce",
+    "all_to_all",  # ZeRO++ qgZ: one hop of the quantized gradient reduction
     "wait",
     "host_copy",  # offload_param: a host shard copied to the compute device, or a gradient shard back
+    "secondary",  # ZeRO++ hpZ: the secondary shard cut from a gathered parameter (kept for the backward)
 ]
-COLLECTIVE_ROLES = ("all_gather", "reduce_scatter", "all_reduce")
+COLLECTIVE_ROLES = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 Location = Literal["device", "host"]
 
 
@@ -52,6 +54,10 @@ class NodeTag:
     # the mesh dimension a collective runs over: "dp" (ZeRO) or "tp" (tensor
     # parallelism); its bytes are counted as "<kind>" or "tp_<kind>"
     mesh_dim: str = "dp"
+    # a collective's process group: "dp" (the data-parallel ranks), or ZeRO++'s
+    # "node" / "peer" subgroups (zerograph.runtime.hierarchy); comm accounting
+    # counts "node" as intra-group traffic, the others as cross-group
+    group: str = "dp"
 
     def replace(self, **changes) -> "NodeTag":
         return dataclasses.replace(self, **changes)

@@ -8,6 +8,7 @@ import torch.fx as fx
 
 from zerograph.graph.tags import COLLECTIVE_ROLES, get_tag
 from zerograph.passes.manager import PassContext, PassResult
+from zerograph.runtime.hierarchy import scope_of
 from zerograph.runtime.stats import collective_buffer_bytes
 
 
@@ -29,5 +30,21 @@ def comm_bytes(gm: fx.GraphModule) -> dict[str, int]:
     return dict(out)
 
 
+def comm_bytes_by_scope(gm: fx.GraphModule) -> dict[str, dict[str, int]]:
+    """:func:`comm_bytes` split by scope: collectives on the node group
+    (``NodeTag.group == "node"``) are ``"intra_group"``, the others
+    ``"cross_group"`` (:mod:`zerograph.runtime.hierarchy`); scopes without
+    traffic are left out."""
+    out: dict[str, Counter] = {}
+    for node in gm.graph.nodes:
+        tag = get_tag(node)
+        if tag is None or tag.role not in COLLECTIVE_ROLES:
+            continue
+        in_val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        nbytes = collective_buffer_bytes(tag.role, _nbytes(in_val), _nbytes(node.meta.get("val")))
+        out.setdefault(scope_of(tag.group), Counter())[tag.role] += nbytes
+    return {scope: dict(counts) for scope, counts in out.items()}
+
+
 def comm_analysis(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    return PassResult(details={"comm_bytes": comm_bytes(gm)})
+    return PassResult(details={"comm_bytes": comm_bytes(gm), "comm_bytes_by_scope": comm_bytes_by_scope(gm)})

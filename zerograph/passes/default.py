@@ -11,6 +11,7 @@ from zerograph.passes.dce import dce
 from zerograph.passes.dedupe_markers import dedupe_markers
 from zerograph.passes.defer_grad_sync import defer_grad_sync
 from zerograph.passes.fusion import FUSION_PASSES
+from zerograph.passes.hpz import hpz_secondary
 from zerograph.passes.liveness import liveness
 from zerograph.passes.lower_markers import lower_markers
 from zerograph.passes.lower_tp_markers import lower_tp_markers
@@ -36,6 +37,10 @@ def _fusion(config, plan) -> bool:
 
 def _regathers(config, plan) -> bool:
     return plan is not None and plan.zero.regathers_in_backward
+
+
+def _hpz(config, plan) -> bool:
+    return plan is not None and plan.zero.zeropp.hpz
 
 
 def _checkpointing(config, plan) -> bool:
@@ -79,6 +84,8 @@ def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
                       requires=("tagged",), ensures=("recompute_policy",)),
             GraphPass("activation_checkpointing", activation_checkpointing, phases=("joint",),
                       applies=_checkpointing, requires=("tagged",), ensures=("recompute_policy",)),
+            GraphPass("hpz_secondary", hpz_secondary, phases=("joint",), applies=_hpz,
+                      requires=("tagged", "recompute_policy")),
             GraphPass("defer_grad_sync", defer_grad_sync, phases=("backward",), applies=_defers_grad_sync),
             GraphPass("lower_markers", lower_markers, applies=_sharded, requires=("tagged",),
                       ensures=("collectives",)),

@@ -24,17 +24,17 @@ import torch.fx as fx
 from zerograph.graph import collectives
 from zerograph._torch_private import detect_fake_mode
 from zerograph.graph.tags import NodeTag, get_tag, set_tag
-from zerograph.graph.markers import UNSHARD
-from zerograph.planner.buckets import plan_buckets
+from zerograph.graph.hpz import HPZ_UNSHARD, secondary_spec
+from zerograph.planner.buckets import GATHER_MARKERS, plan_buckets
 from zerograph.passes.manager import PassContext, PassResult
 
 
-def _emit_into(base_tag: NodeTag, params: tuple[str, ...], new_nodes: list):
+def _emit_into(base_tag: NodeTag, params: tuple[str, ...], new_nodes: list, group: str = "dp"):
     def emit(role: str, proxy, location: str = "device"):
         node = proxy.node
         param = params[0] if len(params) == 1 else None
         set_tag(node, base_tag.replace(role=role, param=param, bucket=params, pass_name="lower_markers",
-                                       location=location))
+                                       location=location, group=group))
         new_nodes.append(node)
         return proxy
 
@@ -85,10 +85,10 @@ def _per_param(fn):
     return single
 
 
-def _lower_bucket(gm: fx.GraphModule, bucket: list[fx.Node], specs: dict, phase: str) -> None:
+def _lower_bucket(gm: fx.GraphModule, bucket: list[fx.Node], spec_of, phase: str) -> None:
     graph = gm.graph
-    gather = bucket[0].target is UNSHARD
-    bucket_specs = [specs[n.args[2]] for n in bucket]
+    gather = bucket[0].target in GATHER_MARKERS
+    bucket_specs = [spec_of(n) for n in bucket]
     if len(bucket) == 1:
         fn = _per_param(collectives.gather_param if gather else collectives.reduce_param_grad)
     else:
@@ -105,7 +105,8 @@ def _lower_bucket(gm: fx.GraphModule, bucket: list[fx.Node], specs: dict, phase:
     new_nodes: list[fx.Node] = []
     tracer = fx.proxy.GraphAppendingTracer(graph)
     with graph.inserting_before(anchor):
-        outs = fn([fx.Proxy(src, tracer) for src in sources], bucket_specs, _emit_into(base, params, new_nodes))
+        outs = fn([fx.Proxy(src, tracer) for src in sources], bucket_specs,
+                  _emit_into(base, params, new_nodes, bucket_specs[0].comm_group))
     fake = _fake_values(fn, [src.meta.get("val") for src in sources], bucket_specs)
     if fake is not None:
         for new, val in zip(new_nodes, fake):
@@ -120,16 +121,30 @@ def _lower_bucket(gm: fx.GraphModule, bucket: list[fx.Node], specs: dict, phase:
         graph.erase_node(marker)
 
 
+def _spec_lookup(state):
+    """The spec a marker node communicates: its parameter's, or for hpZ's
+    marker the parameter's secondary partition over this rank's node."""
+    specs = state.specs
+
+    def spec_of(node: fx.Node):
+        spec = specs[node.args[2]]
+        if node.target is HPZ_UNSHARD:
+            return secondary_spec(spec, state.node_groups.node)
+        return spec
+
+    return spec_of
+
+
 def lower_markers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.state is None:
         return PassResult()
-    specs = ctx.state.specs
+    spec_of = _spec_lookup(ctx.state)
     zero = ctx.config.zero_optimization
-    buckets = plan_buckets(gm, specs, gather_cap=zero.allgather_bucket_size, reduce_cap=zero.reduce_bucket_size)
+    buckets = plan_buckets(gm, spec_of, gather_cap=zero.allgather_bucket_size, reduce_cap=zero.reduce_bucket_size)
     lowered = {"unshard": 0, "reduce_grad": 0, "buckets": 0}
     for bucket in buckets:
-        _lower_bucket(gm, bucket, specs, ctx.phase)
-        lowered["unshard" if bucket[0].target is UNSHARD else "reduce_grad"] += len(bucket)
+        _lower_bucket(gm, bucket, spec_of, ctx.phase)
+        lowered["unshard" if bucket[0].target in GATHER_MARKERS else "reduce_grad"] += len(bucket)
         lowered["buckets"] += 1
     gm.recompile()
     return PassResult(changed=bool(buckets), details=lowered)

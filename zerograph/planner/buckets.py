@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from typing import Callable, Mapping, Union
+
+from zerograph.graph.hpz import HPZ_UNSHARD
 from zerograph.graph.tags import get_tag
 from zerograph.graph.markers import REDUCE_GRAD, UNSHARD
 from zerograph.runtime.specs import ParamSpec
+
+# markers that become an all-gather (hpZ's gathers secondary shards inside a node)
+GATHER_MARKERS = (UNSHARD, HPZ_UNSHARD)
+MARKERS = (*GATHER_MARKERS, REDUCE_GRAD)
 
 
 def _group_key(node: fx.Node, spec: ParamSpec):
@@ -25,22 +32,24 @@ def _group_key(node: fx.Node, spec: ParamSpec):
     where = None
     if tag is not None:
         where = ("layer", tag.layer) if tag.layer is not None else ("module", tag.module_path)
-    # an offloaded (host) shard never shares a buffer with one on the device
-    if node.target is UNSHARD:
-        return ("gather", where, spec.compute_dtype, spec.offloaded)
+    # an offloaded (host) shard never shares a buffer with one on the device, nor
+    # a gather inside a node (hpZ) one over all ranks
+    if node.target in GATHER_MARKERS:
+        return ("gather", where, spec.compute_dtype, spec.offloaded, spec.comm_group)
     return ("reduce", where, spec.grad_reduce, spec.master_dtype, spec.offloaded)
 
 
 def _bucketable(node: fx.Node, spec: ParamSpec) -> bool:
     if spec.world_size == 1:
         return False
-    if node.target is UNSHARD:
+    if node.target in GATHER_MARKERS:
         return spec.storage == "sharded"
     return True
 
 
 def plan_buckets(
-    gm: fx.GraphModule, specs: dict[str, ParamSpec], *, gather_cap: int, reduce_cap: int
+    gm: fx.GraphModule, specs: Union[Mapping[str, ParamSpec], Callable[[fx.Node], ParamSpec]], *,
+    gather_cap: int, reduce_cap: int
 ) -> list[list[fx.Node]]:
     """Markers of ``gm`` in graph order, grouped into buckets (lists of one or more).
 
@@ -48,7 +57,10 @@ def plan_buckets(
     reduction kind, e.g. a persistent replicated bias among reduce-scattered
     weights) fill separate open buckets, so one odd parameter does not split
     its block's bucket. A marker that is not bucketable becomes its own bucket.
+    ``specs``: by parameter name, or a function of the marker node (hpZ's
+    markers gather a secondary partition).
     """
+    spec_of = specs if callable(specs) else (lambda node: specs[node.args[2]])
     buckets: list[list[fx.Node]] = []
     open_buckets: dict[tuple, list] = {}  # key -> [nodes, size]
     current_where = object()
@@ -60,10 +72,10 @@ def plan_buckets(
             buckets.append(nodes)
 
     for node in gm.graph.nodes:
-        if node.target is not UNSHARD and node.target is not REDUCE_GRAD:
+        if node.target not in MARKERS:
             continue
-        spec = specs[node.args[2]]
-        cap = gather_cap if node.target is UNSHARD else reduce_cap
+        spec = spec_of(node)
+        cap = gather_cap if node.target in GATHER_MARKERS else reduce_cap
         if cap <= 0 or not _bucketable(node, spec):
             buckets.append([node])
             continue

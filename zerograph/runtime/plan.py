@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Mapping
 
+from zerograph.config import ConfigError
+
 MESH_DIMS = ("pp", "dp", "sp", "tp")
 
 Storage = Literal["replicated", "sharded"]
@@ -67,6 +69,21 @@ class DeviceMeshPlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class ZeroPPPlan:
+    """ZeRO++ (arXiv 2306.10209) on the data-parallel ranks.
+
+    ``node_size`` consecutive data-parallel ranks form a node (on one machine,
+    a simulated one; ``zero_hpz_partition_size``): collectives inside a node
+    are *intra-group* traffic, the others *cross-group*."""
+
+    node_size: int = 1  # ranks per node; 1: every rank is its own node
+    hpz: bool = False  # secondary shards over the node serve the backward's re-gather
+
+    def node_of(self, dp_index: int) -> int:
+        return dp_index // self.node_size
+
+
+@dataclasses.dataclass(frozen=True)
 class ZeroPlan:
     """What the configured ZeRO stage means for states, gradients and gathers."""
 
@@ -82,6 +99,7 @@ class ZeroPlan:
     persistence_threshold: int
     offload_param: bool
     offload_optimizer: bool
+    zeropp: ZeroPPPlan = ZeroPPPlan()
 
     @property
     def shards_optimizer_states(self) -> bool:
@@ -132,6 +150,7 @@ class ParallelPlan:
             persistence_threshold=z.stage3_param_persistence_threshold if z.stage == 3 else 0,
             offload_param=z.stage == 3 and z.offload_param.device == "cpu",
             offload_optimizer=z.offload_optimizer.device == "cpu",
+            zeropp=_zeropp_plan(z, mesh_sizes.get("dp", 1)),
         )
         mesh = DeviceMeshPlan(sizes=tuple((d, mesh_sizes.get(d, 1)) for d in MESH_DIMS),
                               coords=tuple((d, coords.get(d, 0)) for d in MESH_DIMS))
@@ -184,3 +203,15 @@ class ParallelPlan:
     def describe(self) -> str:
         return (f"mesh {self.mesh.describe()}; ZeRO stage {self.zero.stage} "
                 f"({self.zero.grad_reduce} gradients{', re-gather in backward' if self.zero.regathers_in_backward else ''})")
+
+
+def _zeropp_plan(z, dp: int) -> ZeroPPPlan:
+    """The ZeRO++ settings of ``zero_optimization`` ``z`` on ``dp`` data-parallel ranks."""
+    k = max(1, z.zero_hpz_partition_size)
+    if dp > 1 and k > 1 and dp % k:
+        raise ConfigError(
+            f"zero_optimization.zero_hpz_partition_size={k} must divide the data-parallel world size {dp} "
+            f"(nodes of {k} consecutive ranks); use a divisor of {dp}, or 1 to turn hpZ off")
+    if dp <= 1:
+        k = 1
+    return ZeroPPPlan(node_size=k, hpz=1 < k < dp and z.stage == 3)

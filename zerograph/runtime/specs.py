@@ -39,6 +39,9 @@ class ParamSpec:
     # whole on every tp rank). ``full_shape`` is then this rank's tp slice,
     # which is what ZeRO shards and gathers over the data-parallel ranks.
     tp: TpLayout | None = None
+    # the label of the process group its collectives run on (NodeTag.group):
+    # "dp", or "node" for an hpZ secondary partition (zerograph.runtime.hierarchy)
+    comm_group: str = "dp"
 
     @property
     def offloaded(self) -> bool:

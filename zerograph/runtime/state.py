@@ -29,6 +29,8 @@ class CompiledRegion:
     graphs: dict[str, torch.fx.GraphModule] = dataclasses.field(default_factory=dict)
     pass_records: dict[str, list] = dataclasses.field(default_factory=dict)
     comm_bytes: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # the same per graph, by scope then kind (intra_group / cross_group: zerograph.runtime.hierarchy)
+    comm_bytes_by_scope: dict[str, dict[str, dict[str, int]]] = dataclasses.field(default_factory=dict)
     # how many of the forward graph's outputs are values saved for the backward
     # (AOTAutograd returns them last), counted at partition time: the memory
     # limit reads what a region holds from its forward graph before its
@@ -92,6 +94,8 @@ class ModelState:
     # tensor parallelism (tensor_parallel.autotp_size > 1): this rank's tp
     # group (zerograph.runtime.dist.TensorParallelGroup); None without it
     tp: Any = None
+    # ZeRO++: this rank's node and peer groups (zerograph.runtime.hierarchy.NodeGroups; None: no hierarchy)
+    node_groups: Any = None
 
     def __post_init__(self) -> None:
         registry.register(self)
