@@ -86,6 +86,9 @@ class ModelState:
     # recomputed forward is not counted). Empty: not recorded.
     region_order: list[int] = dataclasses.field(default_factory=list)
     recording_order: bool = False
+    # offload_param.device "nvme": the file of this rank's offloaded parameter
+    # shards and its reads (zerograph.runtime.nvme_params.ParamStore)
+    nvme_params: Any = None
 
     def __post_init__(self) -> None:
         registry.register(self)
