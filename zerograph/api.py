@@ -172,7 +172,7 @@ def shard(
     model._zg_runtime = runtime
     model._zg_runtime.named_params = dict(model.named_parameters())
     model._zg_runtime.model_ref = weakref.ref(model)
-    if cfg.zero_optimization.offload_optimizer.device == "cpu":
+    if cfg.zero_optimization.offload_optimizer.device != "none":
         # warns when a plain torch optimizer, not make_optimizer's, steps these parameters
         watch_plain_optimizer(model, params)
     base = type(model)

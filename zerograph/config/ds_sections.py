@@ -313,10 +313,6 @@ FOREIGN_SECTIONS: dict[str, dict[str, Any]] = {
     "datastates_ckpt": foreign(
         "DataStates asynchronous checkpointing", keys=["host_cache_size", "parser_threads"],
         instead="save with zerograph.save_checkpoint, and delete the 'datastates_ckpt' section"),
-    "aio": foreign(
-        "asynchronous NVMe I/O", keys=["block_size", "queue_depth", "intra_op_parallelism", "thread_count",
-                                       "single_submit", "overlap_events", "use_gds"],
-        no_effect="it tunes NVMe offload, which zerograph does not have yet"),
     "timers": foreign("DeepSpeed's step timers", keys=["throughput"],
                       no_effect="zerograph has no step timers; time your loop"),
 }

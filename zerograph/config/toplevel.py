@@ -25,7 +25,7 @@ from zerograph.config.optim import OptimizerConfig, SchedulerConfig
 from zerograph.config.precision import BF16Config, DataTypesConfig, FP16Config
 from zerograph.config.sections import ActivationCheckpointingConfig, PipelineConfig, ZerographOptions
 from zerograph.config.values import ForeignSection, Section, _Float, _PositiveInt, _problem, _Size, meta
-from zerograph.config.zero import ZeroConfig
+from zerograph.config.zero import AioConfig, ZeroConfig
 
 _AVERAGED = ("gradients are reduced in fp32 and averaged once; scaling before or after the reduction gives the same "
              "result")
@@ -82,6 +82,8 @@ class ConfigKeys(Section):
     bf16: BF16Config = _section(BF16Config, "bfloat16 mixed precision. DeepSpeed: same section.",
                                 aliases=["bfloat16"])
     zero_optimization: ZeroConfig = _section(ZeroConfig, "ZeRO sharding. DeepSpeed: same section.")
+    aio: AioConfig = _section(AioConfig, "How NVMe offload issues its file I/O (offload device \"nvme\"). "
+                              "DeepSpeed: same section.")
     zerograph: ZerographOptions = _section(ZerographOptions, "zerograph's own options; not in DeepSpeed.",
                                            zerograph_only=True)
     activation_checkpointing: ActivationCheckpointingConfig = _section(
@@ -199,7 +201,6 @@ class ConfigKeys(Section):
     expert_parallel: ForeignSection = _foreign("expert_parallel")
     nebula: ForeignSection = _foreign("nebula")
     datastates_ckpt: ForeignSection = _foreign("datastates_ckpt")
-    aio: ForeignSection = _foreign("aio")
     timers: ForeignSection = _foreign("timers")
 
     @model_validator(mode="after")

@@ -25,10 +25,9 @@ from zerograph.config.values import (
 log = logging.getLogger(__name__)
 
 _BUCKETING = "zerograph picks the reduction per stage and lays gradients out in its bucket buffers"
-_NVME = "NVMe offload (ZeRO-Infinity) is not supported yet"
-_NVME_ONLY = "it configures NVMe offload, which zerograph does not have yet"
 _NO_HOOKS = "zerograph traces the model and gathers parameters per bucket; there are no ZeRO-3 module hooks"
 _ZEROPP = " not supported yet; remove the key or set it to "
+_WITH_NVME = " Used with device \"nvme\" only."
 
 
 class OffloadConfig(Section):
@@ -36,38 +35,46 @@ class OffloadConfig(Section):
 
     device: Literal["none", "cpu", "nvme"] = Field(
         "none",
-        description="Where to offload to: \"none\", or \"cpu\" (host memory); \"nvme\" is "
-        "rejected. DeepSpeed: same key.",
-        json_schema_extra=meta(unsupported=_NVME + '; use "cpu" (host memory)', allowed=["none", "cpu"]),
+        description="Where to offload to: \"none\", \"cpu\" (host memory) or \"nvme\" (files under "
+        "nvme_path, ZeRO-Infinity; docs/nvme_offload.md). DeepSpeed: same key.",
     )
     pin_memory: StrictBool = Field(
         False, description="Use pinned host memory for offloaded buffers (only where an accelerator exists; "
         "CPU builds cannot pin). DeepSpeed: same key (DeepSpeed's default is true)."
     )
     nvme_path: Optional[StrictStr] = Field(
-        None, description="Directory for NVMe offload files. DeepSpeed: same key.",
-        json_schema_extra=meta(no_effect=_NVME_ONLY),
+        None, description="Directory (on a local NVMe drive) for the offload files; each rank makes its own "
+        "sub-directory there, fresh per run, removed at a clean exit. Required with device \"nvme\". "
+        "DeepSpeed: same key.",
     )
     buffer_count: _PositiveInt = Field(
-        4, description="Number of staging buffers for NVMe offload. DeepSpeed: same key.",
-        json_schema_extra=meta(no_effect=_NVME_ONLY),
+        4, description="Host buffers of one optimizer sub-group each that the NVMe swap cycles through "
+        "(reads ahead, steps, writes behind)." + _WITH_NVME + " DeepSpeed: same key.",
     )
+
+    @model_validator(mode="after")
+    def _nvme_needs_a_path(self) -> "OffloadConfig":
+        if self.device == "nvme" and not self.nvme_path:
+            raise _problem('{key}.device is "nvme" but {key}.nvme_path is not set: set it to a directory on a '
+                           "local NVMe drive (each rank writes its offloaded states there)")
+        return self
 
 
 class OffloadParamConfig(OffloadConfig):
     """``zero_optimization.offload_param``: parameter offload (stage 3)."""
 
     buffer_count: _PositiveInt = Field(
-        5, description="Number of staging buffers for NVMe parameter offload.",
-        json_schema_extra=meta(no_effect=_NVME_ONLY),
+        5, description="Parameter shards read ahead of their use in the compiled schedule, plus the one being "
+        "copied (host buffers of the read-ahead pool)." + _WITH_NVME + " DeepSpeed: same key.",
     )
     buffer_size: _Size = Field(
-        100_000_000, description="Elements per staging buffer for NVMe parameter offload.",
-        json_schema_extra=meta(no_effect=_NVME_ONLY),
+        100_000_000, description="Elements per read-ahead buffer; a buffer is sized to the largest shard when that "
+        "is smaller, and a shard larger than buffer_size is an error." + _WITH_NVME + " DeepSpeed: same key.",
     )
     max_in_cpu: _Size = Field(
-        1_000_000_000, description="Parameter elements kept in host memory with NVMe offload.",
-        json_schema_extra=meta(no_effect=_NVME_ONLY),
+        1_000_000_000, description="Parameter elements (per rank, in model order) kept in host memory; the rest "
+        "go to files. DeepSpeed's default keeps models under 1e9 elements per rank in memory: set 0 to put every "
+        "offloaded shard in a file." + _WITH_NVME + " DeepSpeed: same key.",
     )
 
 
@@ -75,23 +82,23 @@ class OffloadOptimizerConfig(OffloadConfig):
     """``zero_optimization.offload_optimizer``: optimizer-state offload."""
 
     fast_init: StrictBool = Field(
-        False, description="Fast optimizer initialization for NVMe offload. DeepSpeed: same key.",
-        json_schema_extra=meta(no_effect=_NVME_ONLY),
+        False, description="false: reserve the swap files' blocks when the optimizer is built (posix_fallocate), "
+        "so a full disk fails then; true: sparse files, blocks allocated at the first write." + _WITH_NVME
+        + " DeepSpeed: same key.",
     )
     pipeline_read: StrictBool = Field(
-        False, description="Overlap NVMe reads with the optimizer step.", json_schema_extra=meta(no_effect=_NVME_ONLY)
+        False, description="Read the next optimizer sub-groups while this one steps." + _WITH_NVME
+        + " DeepSpeed: same key.",
     )
     pipeline_write: StrictBool = Field(
-        False, description="Overlap NVMe writes with the optimizer step.", json_schema_extra=meta(no_effect=_NVME_ONLY)
+        False, description="Write a stepped sub-group while the next ones step." + _WITH_NVME
+        + " DeepSpeed: same key.",
     )
     ratio: Annotated[_Float, annotated_types.Ge(0), annotated_types.Le(1)] = Field(
         1.0,
-        description="Fraction of the parameters whose optimizer step runs on the host (ZeRO-Offload++).",
-        json_schema_extra=meta(
-            unsupported="partial optimizer offload (ZeRO-Offload++) is not supported yet; remove the key or set it "
-            "to 1",
-            allowed=[1.0],
-        ),
+        description="With device \"nvme\": the fraction of the optimizer sub-groups (in parameter order) whose "
+        "states live in files; the rest keep theirs in host memory. Device \"cpu\" offloads everything "
+        "(ZeRO-Offload++'s partial offload is not supported: 1 only). DeepSpeed: same key.",
     )
     super_offload: StrictBool = Field(
         False, description="DeepSpeed's SuperOffload (superchip offload).",
@@ -103,6 +110,53 @@ class OffloadOptimizerConfig(OffloadConfig):
         json_schema_extra=meta(no_effect="the host step runs a torch optimizer on torch's threads "
                                "(torch.set_num_threads)"),
     )
+
+    @model_validator(mode="after")
+    def _ratio_needs_nvme(self) -> "OffloadOptimizerConfig":
+        if self.ratio != 1.0 and self.device != "nvme":
+            raise _problem(f"{{key}}.ratio={self.ratio}: partial optimizer offload (ZeRO-Offload++) is supported "
+                           'with device "nvme" only (the rest of the sub-groups stay in host memory); remove the '
+                           "key or set it to 1")
+        return self
+
+
+class AioConfig(Section):
+    """The ``aio`` section: how NVMe offload's file I/O is issued (DeepSpeed's async I/O)."""
+
+    block_size: _PositiveInt = Field(
+        1_048_576, description="Bytes per I/O request (one preadv/pwritev call); a multiple of 4096. "
+        "DeepSpeed: same key.",
+    )
+    queue_depth: _PositiveInt = Field(
+        8, description="Requests of one transfer in flight at once. DeepSpeed: same key.",
+    )
+    intra_op_parallelism: _PositiveInt = Field(
+        1, description="Threads issuing the I/O requests. DeepSpeed: same key (older name thread_count).",
+        json_schema_extra=meta(aliases=["thread_count"]),
+    )
+    single_submit: StrictBool = Field(
+        False, description="Submit requests one by one rather than as a batch.",
+        json_schema_extra=meta(no_effect="each request is its own system call on a pool thread; threads have no "
+                               "batched submission"),
+    )
+    overlap_events: StrictBool = Field(
+        True, description="true: issue a request as soon as one completes (queue_depth in flight); false: "
+        "requests go in waves of queue_depth, each waited for before the next. DeepSpeed: same key.",
+    )
+    use_gds: StrictBool = Field(
+        False, description="DeepSpeed: read and write GPU memory directly with GPUDirect Storage.",
+        json_schema_extra=meta(
+            unsupported="GPUDirect Storage needs an NVIDIA GPU with cuFile (GDS); zerograph's NVMe offload reads "
+            "and writes through host buffers. Remove the key or set it to false", allowed=[False]),
+    )
+
+    @field_validator("block_size")
+    @classmethod
+    def _aligned(cls, value: int) -> int:
+        if value % 4096:
+            raise _problem(f"{{key}}={value}: must be a multiple of 4096 (the O_DIRECT alignment), e.g. "
+                           f"{max(4096, value // 4096 * 4096)}")
+        return value
 
 
 class LeafModuleConfig(Section):
@@ -161,9 +215,10 @@ class ZeroConfig(Section):
     )
     sub_group_size: _Size = Field(
         1_000_000_000,
-        description="Elements per optimizer sub-group step (DeepSpeed's offload granularity). "
+        description="Elements per optimizer sub-group (whole parameter shards, in parameter order; a larger "
+        "shard is a sub-group of its own). With offload_optimizer.device \"nvme\" each sub-group is read, "
+        "stepped and written back on its own, so host memory holds buffer_count sub-groups at most. "
         "DeepSpeed: same key.",
-        json_schema_extra=meta(no_effect="the optimizer steps each parameter's shard; there are no sub-groups"),
     )
     round_robin_gradients: StrictBool = Field(
         False,
@@ -221,7 +276,8 @@ class ZeroConfig(Section):
         default_factory=OffloadOptimizerConfig,
         description="ZeRO-Offload of optimizer state; null means no offload. Device \"cpu\": fp32 master "
         "shards and optimizer states on the host, the step runs there (build the optimizer with "
-        "zerograph.make_optimizer); \"nvme\" is rejected. DeepSpeed: same key (deprecated form: "
+        "zerograph.make_optimizer); \"nvme\": the masters and states in files under nvme_path, swapped in per "
+        "sub_group_size sub-group for the step (docs/nvme_offload.md). DeepSpeed: same key (deprecated form: "
         "`cpu_offload: true`).",
     )
     offload_param: OffloadParamConfig = Field(
@@ -232,7 +288,8 @@ class ZeroConfig(Section):
         "the optimizer step runs, with or without offload_optimizer (zerograph.make_optimizer steps the "
         "shards in place, with no second master copy). Parameters under stage3_param_persistence_threshold stay on "
         "the device. "
-        "\"nvme\" is rejected. DeepSpeed: same key (deprecated form: `cpu_offload_param: true`).",
+        "\"nvme\": the shards in files under nvme_path, read ahead of each copy in the compiled schedule's order "
+        "(docs/nvme_offload.md). DeepSpeed: same key (deprecated form: `cpu_offload_param: true`).",
     )
     allgather_partitions: StrictBool = Field(
         True, description="Gather updated parameters with all-gather (false: a series of broadcasts).",
@@ -299,7 +356,8 @@ class ZeroConfig(Section):
     )
     save_muon_momentum_buffer_in_memory: StrictBool = Field(
         False, description="Keep Muon's momentum in memory with NVMe offload.",
-        json_schema_extra=meta(no_effect=_NVME_ONLY),
+        json_schema_extra=meta(no_effect="Muon reads whole parameters, so it is never offloaded "
+                               "(zerograph.make_optimizer steps it over the DTensors)"),
     )
     leaf_module: LeafModuleConfig = Field(
         default_factory=LeafModuleConfig, description="Modules ZeRO-3 fetches as a whole."
@@ -389,10 +447,15 @@ class ZeroConfig(Section):
 
     @model_validator(mode="after")
     def _param_offload_needs_stage3(self) -> "ZeroConfig":
-        if self.offload_param.device == "cpu" and self.stage != 3:
+        if self.offload_param.device != "none" and self.stage != 3:
+            device = self.offload_param.device
+            where = "on the host" if device == "cpu" else "in files"
             raise _problem(
-                f'zero_optimization.offload_param.device="cpu" needs zero_optimization.stage 3 (now {self.stage}): '
-                "only stage 3 gathers parameters from shards, so only there can they live on the host; "
-                'set stage to 3, or use offload_optimizer.device "cpu" (optimizer states on the host) instead'
+                f'zero_optimization.offload_param.device="{device}" needs zero_optimization.stage 3 (now {self.stage}): '
+                f"only stage 3 gathers parameters from shards, so only there can they live {where}; "
+                f'set stage to 3, or use offload_optimizer.device "{device}" (optimizer states {where}) instead'
             )
+        if self.offload_param.device == "nvme":
+            raise _problem('zero_optimization.offload_param.device="nvme": NVMe parameter offload is not supported '
+                           'yet; use "cpu" (host memory), with offload_optimizer.device "nvme" for the states')
         return self

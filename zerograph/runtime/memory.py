@@ -73,7 +73,7 @@ def _shard_bytes(ctx) -> tuple[int, int, int, int]:
 def _host_step(ctx) -> bool:
     """Whether the optimizer steps on the host (its states live there)."""
     z = ctx.config.zero_optimization
-    return z.offload_optimizer.device == "cpu" or z.offload_param.device == "cpu"
+    return z.offload_optimizer.device != "none" or z.offload_param.device != "none"
 
 
 def model_state_bytes(ctx) -> tuple[dict[str, int], int, int]:

@@ -228,6 +228,11 @@ class ShardOptimizer:
         for host in self.masters:
             host.grad = None
 
+    def _inner_state_dict(self) -> dict:
+        """The wrapped optimizer's state dict, with every state in it (a
+        subclass that keeps states elsewhere puts them in)."""
+        return self.optimizer.state_dict()
+
     def _flat_order(self) -> dict[int, int]:
         """id(host master) -> its index in the wrapped optimizer's state dict."""
         flat = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -242,7 +247,7 @@ class ShardOptimizer:
         ``torch.distributed.checkpoint.load`` fills it in place)."""
         names = self._names(model)
         self._init_state()
-        inner = self.optimizer.state_dict()
+        inner = self._inner_state_dict()
         flat = [p for group in self.optimizer.param_groups for p in group["params"]]
         which = {id(h): i for i, h in enumerate(self.masters)}
         state = {}
@@ -323,6 +328,8 @@ def make_optimizer(model: torch.nn.Module, optimizer_cls: Callable[..., torch.op
     * a :class:`HostOptimizer` when ``zero_optimization.offload_optimizer.device``
       or ``offload_param.device`` is ``"cpu"`` (with ``offload_param`` the
       host parameter shards are their own masters);
+    * a :class:`~zerograph.runtime.nvme_optimizer.NvmeOptimizer` when either
+      is ``"nvme"`` (masters and states swapped from files per sub-group);
     * else a :class:`ShardOptimizer` stepping the local shards in place, for
       the element-wise optimizers (:data:`ELEMENTWISE`);
     * else ``optimizer_cls(model.parameters(), **optimizer_kwargs)`` over the
@@ -342,9 +349,15 @@ def make_optimizer(model: torch.nn.Module, optimizer_cls: Callable[..., torch.op
             raise ValueError(f"make_optimizer: {foreign} of the parameters given are not parameters of the prepared "
                              f"{type(model).__name__} (zerograph.compile replaces them by shards): pass "
                              "model.parameters() or groups of them, taken after zerograph.compile")
-    if zero.offload_optimizer.device == "cpu" or zero.offload_param.device == "cpu":
+    devices = (zero.offload_optimizer.device, zero.offload_param.device)
+    if "cpu" in devices or "nvme" in devices:
         resident = [p for name, p in named.items() if name in ctx.specs and ctx.specs[name].compute_device is not None]
         pin = zero.offload_optimizer.pin_memory or zero.offload_param.pin_memory
+        if "nvme" in devices:
+            from zerograph.runtime.nvme_optimizer import NvmeOptimizer
+
+            return NvmeOptimizer(named, optimizer_cls, ctx=ctx, pin_memory=pin, host_resident=resident,
+                                 **optimizer_kwargs)
         return HostOptimizer(params, optimizer_cls, pin_memory=pin, host_resident=resident,
                              **optimizer_kwargs)
     if is_elementwise(optimizer_cls):

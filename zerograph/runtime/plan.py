@@ -97,6 +97,7 @@ class ZeroPlan:
     grad_reduce: GradReduce
     # stage 3: parameters of at most this many elements stay whole (never gathered)
     persistence_threshold: int
+    # offload_param / offload_optimizer device is "cpu" or "nvme" (files behind the host)
     offload_param: bool
     offload_optimizer: bool
     zeropp: ZeroPPPlan = ZeroPPPlan()
@@ -148,8 +149,8 @@ class ParallelPlan:
             regathers_in_backward=z.stage == 3,
             grad_reduce=_GRAD_REDUCE_BY_STAGE[z.stage],
             persistence_threshold=z.stage3_param_persistence_threshold if z.stage == 3 else 0,
-            offload_param=z.stage == 3 and z.offload_param.device == "cpu",
-            offload_optimizer=z.offload_optimizer.device == "cpu",
+            offload_param=z.stage == 3 and z.offload_param.device != "none",
+            offload_optimizer=z.offload_optimizer.device != "none",
             zeropp=_zeropp_plan(z, mesh_sizes.get("dp", 1)),
         )
         mesh = DeviceMeshPlan(sizes=tuple((d, mesh_sizes.get(d, 1)) for d in MESH_DIMS),

@@ -96,6 +96,9 @@ class ModelState:
     tp: Any = None
     # ZeRO++: this rank's node and peer groups (zerograph.runtime.hierarchy.NodeGroups; None: no hierarchy)
     node_groups: Any = None
+    # offload_param.device "nvme": the file of this rank's offloaded parameter
+    # shards and its reads (zerograph.runtime.nvme_params.ParamStore)
+    nvme_params: Any = None
 
     def __post_init__(self) -> None:
         registry.register(self)
