@@ -224,7 +224,7 @@ def test_zero_plus_plus_is_not_supported_yet_and_all_problems_are_listed():
             "sparse_attention": {"mode": "fixed", "block": 16}, "optimizer": {"type": "OneBitAdam",
                                                                              "params": {"freeze_step": 400}}})),
         """\
-zero_optimization.reduce_bucket_size: got -5; must be >= 0
+zero_optimization.reduce_bucket_size: got -5; must be between 0 and 9223372036854775807
 zero_optimization.offload_param.device is "nvme" but zero_optimization.offload_param.nvme_path is not set: set it to a directory on a local NVMe drive (each rank writes its offloaded states there)
 zero_optimization.zero_quantized_weights=true: ZeRO++ quantized weight gathers (qwZ) are not supported yet; remove the key or set it to false
 zero_optimization.zero_quantized_gradients=true: ZeRO++ quantized gradient reduction (qgZ) is not supported yet; remove the key or set it to false

@@ -55,7 +55,7 @@ import torch
 from zerograph._torch_private import tensor_version
 from zerograph.runtime.aio import FileIO, IOConfig, SwapDir, SwapFile, align_up, aligned_buffer, global_rank
 from zerograph.runtime.offload import HOST, _local, pin_host_memory
-from zerograph.runtime.optimizer import ShardOptimizer, _is_host_master, check_elementwise
+from zerograph.runtime.shard_optimizer import ShardOptimizer, _is_host_master, check_elementwise
 
 log = logging.getLogger(__name__)
 
