@@ -7,10 +7,12 @@ batch 8 per rank, 2 gloo ranks), per ZeRO stage: two models trained in one
 launch from the same weights on the same batches, one with the check (the
 default) and one with it switched off (``runtime.step_check = None``, for
 this measurement only), their timed steps interleaved so that load drift
-falls on both alike. Prints, per stage: checks per step, the mean time of
-one check (a blocking all-gather of 4 int64 on a gloo group of its own),
-the checks' share of the step, and the median step times with and without
-(ratio).
+falls on both alike. Prints, per stage: checks per step; the latency of
+one check alone (200 back to back: a blocking all-gather of 4 int64 on a
+gloo group of its own); the mean time spent in a check during training
+(which includes waiting for the other rank to arrive: time the step would
+otherwise spend waiting in its first collective) and its share of the step;
+the median step times with and without (ratio).
 """
 
 from __future__ import annotations
@@ -81,7 +83,13 @@ def _rank_main(stages: list[int], steps: int, warmup: int):
             order = list(runs.values()) if i % 2 == 0 else list(runs.values())[::-1]
             for run in order:
                 run["times"].append(one_step(run, warmup + i))
-        out.append({"stage": stage, "check_s": timed.seconds, "checks": timed.calls,
+        # the check alone, back to back (no waiting for a slower rank): its own latency
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(200):
+            timed.check("forward", 0, 0)
+        alone = (time.perf_counter() - start) / 200
+        out.append({"stage": stage, "check_s": timed.seconds, "checks": timed.calls, "alone_s": alone,
                     "with": runs["with check"]["times"], "without": runs["without"]["times"]})
     return out
 
@@ -96,16 +104,18 @@ def main(argv=None) -> int:
 
     stages = [int(s) for s in args.stages.split(",")]
     per_rank = spawn(_rank_main, 2, stages, args.steps, args.warmup, timeout=1800)
-    print("| stage | checks per step | mean check µs | checks' share of the step | median step ms with | "
-          "without | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| stage | checks per step | one check alone, µs | mean check in training, µs (incl. waiting for the "
+          "other rank) | its share of the step | median step ms with | without | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for i, stage in enumerate(stages):
         rows = [r[i] for r in per_rank]
         per_check = max(r["check_s"] / max(1, r["checks"]) for r in rows)
         with_ms = statistics.median(max(r["with"][j] for r in rows) for j in range(args.steps)) * 1e3
         without_ms = statistics.median(max(r["without"][j] for r in rows) for j in range(args.steps)) * 1e3
         share = max(r["check_s"] / sum(r["with"]) for r in rows)
-        print(f"| {stage} | {rows[0]['checks'] / args.steps:g} | {per_check * 1e6:.0f} | {share * 100:.2f} % | "
+        alone = max(r["alone_s"] for r in rows)
+        print(f"| {stage} | {rows[0]['checks'] / args.steps:g} | {alone * 1e6:.0f} | {per_check * 1e6:.0f} | "
+              f"{share * 100:.2f} % | "
               f"{with_ms:.0f} | {without_ms:.0f} | {with_ms / without_ms:.3f} |")
     return 0
 
