@@ -470,8 +470,8 @@ def plan_region(forward: fx.GraphModule, backward: fx.GraphModule | None, index:
         stores["backward"] = b_stores
         tl += timeline(backward, "backward", b_stores)
         b_b, b_e = comm_by_kind(backward)
-        comm_b = {k: comm_b[k] + b_b[k] for k in comm_b}
-        comm_e = {k: comm_e[k] + b_e[k] for k in comm_e}
+        comm_b = {k: comm_b.get(k, 0) + b_b.get(k, 0) for k in {**comm_b, **b_b}}  # tp kinds may be in one only
+        comm_e = {k: comm_e.get(k, 0) + b_e.get(k, 0) for k in {**comm_e, **b_e}}
         colls += _collectives(backward, "backward")
     peak = {k: max((e.live[k] for e in tl), default=0) for k in KINDS}
     held = _held(f_stores, set(pairs.values()))
