@@ -379,3 +379,52 @@ def test_the_loss_can_be_scaled_in_place():
     (ref(x, y) * 2.0).backward()
     for (name, p), q in zip(engine.module.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# -- pipelines ----------------------------------------------------------------------------
+
+
+def run_pipeline(steps: int):
+    """engine.train_batch on a 2-stage pipeline: micro-batches drawn from an iterator."""
+    from tests import _models
+
+    torch._dynamo.reset()
+    rows = 4  # per micro-batch
+    batches = [_models.global_batch(step, 2 * rows) for step in range(steps)]
+    micro = iter([(idx[i * rows:(i + 1) * rows], t[i * rows:(i + 1) * rows]) for idx, t in batches for i in range(2)])
+    cfg = {"pipeline": {"stages": 2, "micro_batches": 2}, "train_micro_batch_size_per_gpu": rows,
+           "optimizer": {"type": "AdamW", "params": {"lr": LR, "eps": EPS}},
+           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": LR / 4, "warmup_max_lr": LR,
+                                                        "warmup_num_steps": 2, "warmup_type": "linear"}}}
+    engine, opt, _, sched = zerograph.initialize(model=_models.make_gpt(), config=cfg, example_batch=batches[0])
+    assert engine.is_pipeline and engine.micro_batches() == 2
+    losses = [engine.train_batch(micro).item() for _ in range(steps)]
+    return {"losses": losses, "global_steps": engine.global_steps,
+            "params": {k: v.detach().clone() for k, v in zerograph.full_state_dict(engine.module).items()}}
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_train_batch_trains_a_pipeline_like_eager():
+    from tests import _models
+
+    steps = 3
+    results = spawn(run_pipeline, WORLD, steps, timeout=TIMEOUT)
+    model = _models.make_gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
+    # DeepSpeed's WarmupLR, linear from LR/4 to LR over 2 steps (its iteration is last_epoch - 1), written out
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.25 + 0.75 * min(1.0, max(0, e - 1) / 2))
+    ref = []
+    for step in range(steps):
+        idx, targets = _models.global_batch(step, 8)
+        loss = model(idx, targets).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        ref.append(loss.item())
+    state = model.state_dict()
+    for r in results:
+        assert r["global_steps"] == steps
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+        for key, value in r["params"].items():
+            torch.testing.assert_close(value, state[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
