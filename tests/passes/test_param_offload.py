@@ -363,19 +363,19 @@ def _inductor_offload_rank(steps: int):
     import torch._inductor.config as inductor_config
     import torch.distributed as dist
 
-    import zerograph._torch_private as private
+    import zerograph.backend.lowering as lowering
     from zerograph.runtime.optimizer import make_optimizer
 
     inductor_config.fx_graph_cache = False  # compile every graph (the test's cache dir is fresh, too)
     decomposed = []
-    original = private._decompose_copies
+    original = lowering.decompose_copies
 
     def counting(gm):
         decomposed.append(original(gm))
         assert not any(n.target is COPY for n in gm.graph.nodes)
         return decomposed[-1]
 
-    private._decompose_copies = counting
+    lowering.decompose_copies = counting
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         torch._dynamo.reset()
@@ -394,7 +394,7 @@ def _inductor_offload_rank(steps: int):
         gathers = sum(_role(n) == "all_gather" for g in graphs for n in g.graph.nodes)
         params = {k: v.detach().clone() for k, v in zerograph.full_state_dict(model).items()}
     finally:  # the rank process runs other tests' bodies next
-        private._decompose_copies = original
+        lowering.decompose_copies = original
     return losses, params, decomposed, host_copies, gathers
 
 
@@ -422,7 +422,7 @@ def test_decompose_copies_for_inductor():
     a cpu -> cpu host copy); the graph computes the same values."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from zerograph._torch_private import _decompose_copies
+    from zerograph.graph.decompose_copies import decompose_copies
 
     def f(x):
         cast = COPY(x, dtype=torch.bfloat16)
@@ -432,7 +432,7 @@ def test_decompose_copies_for_inductor():
     x = torch.randn(3, 5)
     gm = make_fx(f, tracing_mode="fake")(x)
     assert sum(n.target is COPY for n in gm.graph.nodes) == 2
-    assert _decompose_copies(gm) == 2
+    assert decompose_copies(gm) == 2
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets == [torch.ops.prims.convert_element_type.default, torch.ops.aten.clone.default,
                        torch.ops.aten.mul.Tensor], targets

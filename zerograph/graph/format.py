@@ -89,8 +89,10 @@ def _canonical_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
 
 def format_graph(gm: fx.GraphModule, *, tags: bool = True, canonical: bool = False) -> str:
     """One line per node. ``canonical=True`` (golden tests) renames nodes
-    sequentially and hides what differs between torch versions: identity
-    views and non-tensor graph inputs."""
+    sequentially and hides what differs between torch versions and between
+    runs: identity views, non-tensor graph inputs, and the number in a
+    model's tag (``'zg17'`` becomes ``'zg0'``, the first tag seen; the tag
+    counts the models compiled in this process)."""
     names = _canonical_names(gm) if canonical else {}
     lines = []
     for node in gm.graph.nodes:
@@ -113,4 +115,15 @@ def format_graph(gm: fx.GraphModule, *, tags: bool = True, canonical: bool = Fal
             role = tag.role if tag.mesh_dim == "dp" else f"{tag.mesh_dim} {tag.role}"
             line += f"  # {role} {names_}".rstrip()
         lines.append(line)
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    return _renumber_tags(text) if canonical else text
+
+
+def _renumber_tags(text: str) -> str:
+    seen: dict[str, str] = {}
+
+    def rename(m: re.Match) -> str:
+        number = seen.setdefault(m.group(1), str(len(seen)))
+        return f"'zg{number}{m.group(2)}"
+
+    return re.sub(r"'zg(\d+)([/'])", rename, text)
