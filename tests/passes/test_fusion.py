@@ -722,11 +722,12 @@ def test_training_with_fusion_matches_eager(world):
     # parameter difference of a few 1e-6 after 5 steps at lr 1e-2 (measured:
     # up to 2.7e-6, eager attention at world size 1); hence atol 1e-5 for Llama.
     # GPT (also with linear_cross_entropy on the tied lm_head) and HF GPT-2
-    # match at rtol 1e-5 / atol 1e-6 (measured: at most 5.7e-7).
+    # measured at most 5.7e-7 here, but 1.5e-6 (GPT, c_proj.bias, world 2) on
+    # CI's machine, whose CPU takes other vector paths: the same amplified
+    # round-off, so atol 1e-5 for every variant (losses agree to ~1e-7).
     results = _fused(world)
     variants = _variants(world)
     assert len(results) == len(variants)
     for (name, attn, pad), result, (ref_losses, ref_params) in zip(variants, results, _reference(world)):
         assert result["counts"] == FUSED[name, attn, pad], (name, attn, pad)
-        atol = 1e-5 if name == "llama" else 1e-6
-        _harness.assert_same_training(result, ref_losses, ref_params, atol=atol)
+        _harness.assert_same_training(result, ref_losses, ref_params, atol=1e-5)
