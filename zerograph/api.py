@@ -150,7 +150,7 @@ def shard(
             else:
                 dp = group if group is not None else data_parallel_group(timeout_s, cfg.zerograph.device,
                                                                          model_device)
-            cfg.resolve_batch(dp.world_size)
+            cfg = cfg.with_resolved_batch(dp.world_size)  # derived accumulation steps take effect
             mesh, coords = {"dp": dp.world_size}, {"dp": dp.rank}
             if tp is not None:
                 mesh["tp"], coords["tp"] = tp.world_size, tp.rank

@@ -102,3 +102,16 @@ def test_many_models_in_one_process_each_compile():
     for model in models:
         model(torch.randn(2, 4)).backward()
     assert [len(zerograph.inspect(m).regions) for m in models] == [1] * len(models)
+
+
+def test_compile_applies_the_derived_accumulation_steps(fake_world):
+    """DeepSpeed's batch rule: train_batch_size 8 = micro 2 x accumulation x 2
+    ranks, so the model accumulates 2 micro-batches per optimizer step (the
+    plan and the runtime's config say so), as deepspeed.initialize would."""
+    import zerograph
+    from tests._models import TinyMLP
+
+    model = zerograph.compile(TinyMLP(), {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,
+                                          "zero_optimization": {"stage": 2}})
+    ctx = model._zg_runtime.ctx
+    assert ctx.config.gradient_accumulation_steps == 2 and ctx.plan.accumulation == 2

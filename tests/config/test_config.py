@@ -452,3 +452,12 @@ def test_from_deepspeed_doc_matches_generated_tables():
     assert "| `zero_optimization.max_live_parameters` | DeepSpeed's other name for " in doc
     assert "| `sparse_attention` | not in zerograph (block-sparse attention kernels)" in doc
     assert "| `zerograph" not in doc  # zerograph's own section is not a DeepSpeed key
+
+
+def test_with_resolved_batch_fills_in_what_the_rule_derives():
+    cfg = Config.load({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8})
+    resolved = cfg.with_resolved_batch(4)
+    assert (resolved.train_batch_size, resolved.train_micro_batch_size_per_gpu,
+            resolved.gradient_accumulation_steps) == (64, 8, 2)
+    assert cfg.gradient_accumulation_steps == 1  # the original is unchanged
+    assert Config().with_resolved_batch(2) == Config()

@@ -212,6 +212,18 @@ class Config(ConfigKeys):
             return micro * gas * world_size, micro, gas
         return None, None, gas
 
+    def with_resolved_batch(self, world_size: int) -> "Config":
+        """This config with the batch sizes and accumulation steps that
+        :meth:`resolve_batch` checks or derives for ``world_size`` data-parallel
+        ranks filled in (``train_batch_size: 64`` with ``micro 8`` at 4 ranks
+        runs 2 accumulation steps); the same config when nothing changes."""
+        train, micro, gas = self.resolve_batch(world_size)
+        updates = {key: value for key, value in (("train_batch_size", train),
+                                                 ("train_micro_batch_size_per_gpu", micro),
+                                                 ("gradient_accumulation_steps", gas))
+                   if value is not None and getattr(self, key) != value}
+        return self.model_copy(update=updates) if updates else self
+
     def changed_settings(self, *, skip: tuple[str, ...] = ()) -> list[str]:
         """Dotted names of the settings whose value differs from the default and
         that change what zerograph does (settings without effect and the

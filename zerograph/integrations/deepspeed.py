@@ -83,15 +83,6 @@ def _config_source(args, config, config_params):
     return config if config is not None else from_args
 
 
-def _resolve_batch(cfg: Config, dp_world: int) -> Config:
-    """``cfg`` with the batch sizes and accumulation steps DeepSpeed's rule derives for ``dp_world`` ranks."""
-    train, micro, gas = cfg.resolve_batch(dp_world)
-    updates = {key: value for key, value in (("train_batch_size", train), ("train_micro_batch_size_per_gpu", micro),
-                                             ("gradient_accumulation_steps", gas))
-               if value is not None and cfg.get(key) != value}
-    return cfg.model_copy(update=updates) if updates else cfg
-
-
 def _names_of(params, names: dict[int, str], what: str) -> list[dict[str, Any]]:
     """Parameters or parameter groups as groups of parameter names."""
     out = []
@@ -240,7 +231,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     stages = cfg.pipeline.stages
     if world % stages:
         raise ConfigError(f"pipeline.stages={stages} does not divide the world size {world}")
-    cfg = _resolve_batch(cfg, world // stages)
+    cfg = cfg.with_resolved_batch(world // stages)
     pipeline = stages > 1
     named = dict(model.named_parameters())
     groups = _client_groups(optimizer, model_parameters, {id(p): n for n, p in named.items()})
