@@ -1,0 +1,258 @@
+"""Ulysses sequence parallelism (``sequence_parallel_size``) trains exactly like
+single-process eager PyTorch on the full sequences, moves the Ulysses formula's
+bytes, and refuses what it cannot split with errors that name the fix.
+
+Equivalence tests run on real gloo ranks of the test pool (sp=2 on world 2;
+sp=2 x dp=2 on world 4, slow), train 5 AdamW steps on the same global
+batches as a single-process eager run (every rank of an sp group gets the same
+full rows; zerograph cuts the sequences), and compare every step's mean loss
+and every full parameter (fp32: rtol 1e-5). Pass-level tests use the fake
+process group.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from expecttest import assert_expected_inline
+from torch import nn
+
+import zerograph
+from tests import _harness, _models, _pool
+from zerograph.graph.format import format_graph
+
+SP = 2
+IGNORED = 5  # every IGNORED-th label is -100 in the masked runs
+
+
+def _config(stage: int, sp: int = SP, **extra) -> dict:
+    return {"zero_optimization": {"stage": stage}, "sequence_parallel_size": sp,
+            "zerograph": {"verify_graphs": True}, **extra}
+
+
+def _batch(model_name: str, step: int, rows: int, masked: bool):
+    """(model inputs, kwargs) of a step's global batch: GPT gets (idx, targets),
+    Hugging Face models ``input_ids`` and ``labels`` (shifted inside the model)."""
+    idx, targets = _models.global_batch(step, rows)
+    labels = targets if model_name.startswith("gpt") else idx.clone()
+    if masked:
+        labels = labels.clone()
+        labels[:, step % IGNORED::IGNORED] = -100
+        labels[0, -3:] = -100  # right padding of the first row
+    if model_name.startswith("gpt"):
+        return (idx, labels), {}
+    return (), {"input_ids": idx, "labels": labels}
+
+
+def _reference(model_name: str, dp: int, masked: bool, steps: int = _harness.STEPS):
+    model = _models.MODELS[model_name]()
+    opt = _harness._optimizer(model.parameters())
+    losses = []
+    for step in range(steps):
+        args, kwargs = _batch(model_name, step, _harness.PER_RANK_BATCH * dp, masked)
+        loss = model(*args, **kwargs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
+def sp_run(model_name: str, configs: list[dict], masked: bool = False, steps: int = _harness.STEPS):
+    """On each rank: train one fresh model per config on the full rows of
+    its data-parallel index (``zerograph.batch_rows``)."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    for config in configs:
+        torch._dynamo.reset()
+        sp = config["sequence_parallel_size"]
+        dp = world // sp
+        global_rows = _harness.PER_RANK_BATCH * dp
+        model = zerograph.compile(_models.MODELS[model_name](), config)
+        mine = zerograph.batch_rows(model, global_rows)
+        assert mine == slice((rank // sp) * _harness.PER_RANK_BATCH, (rank // sp + 1) * _harness.PER_RANK_BATCH)
+        opt = _harness._optimizer(model.parameters())
+        losses = []
+        for step in range(steps):
+            args, kwargs = _batch(model_name, step, global_rows, masked)
+            args = tuple(a[mine] for a in args)
+            kwargs = {k: v[mine] for k, v in kwargs.items()}
+            loss = model(*args, **kwargs).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / world)
+        info = zerograph.inspect(model)
+        results.append({
+            "losses": losses,
+            "params": {k: v.detach().float().clone() for k, v in zerograph.full_state_dict(model).items()},
+            "comm": dict(info.comm_bytes_last_step),
+            "comm_by_phase": _harness._comm_by_phase(info),
+            "sequence_slice": zerograph.sequence_slice(model, _models.SEQ),
+        })
+        del model, opt
+        gc.collect()
+    return results
+
+
+def _check(results, model_name: str, dp: int, masked: bool):
+    ref_losses, ref_params = _reference(model_name, dp, masked)
+    for result in results[0]:
+        _harness.assert_same_training(result, ref_losses, ref_params)
+    for other in results[1:]:  # every rank ends with the same full parameters
+        for mine, theirs in zip(results[0], other):
+            for key in mine["params"]:
+                assert torch.equal(mine["params"][key], theirs["params"][key]), key
+
+
+@pytest.mark.timeout(2 * _harness.TIMEOUT)
+@pytest.mark.parametrize("model_name", ["gpt", "llama"])
+def test_sp2_matches_eager_at_stages_0_and_3_with_ignored_labels(model_name):
+    """sp=2 on world 2: each rank holds half of every sequence; -100 labels
+    (spread unevenly over the halves) are left out of the global mean."""
+    results = _pool.run(sp_run, 2, model_name, [_config(0), _config(3)], True, timeout=_harness.TIMEOUT)
+    _check(results, model_name, 1, True)
+    assert [r[0]["sequence_slice"] for r in results] == [slice(0, 8), slice(8, 16)]
+
+
+def _ulysses_bytes(model_name: str, sp: int, rows: int) -> int:
+    """Bytes one rank sends per layer in the forward: q, k, v and the output,
+    each [rows, seq/sp, heads*head_dim] (k and v: the key/value heads, repeated
+    up to sp), fp32."""
+    model = _models.MODELS[model_name]()
+    if model_name.startswith("gpt"):
+        hidden, kv = model.config.n_embd, model.config.n_embd
+    else:
+        c = model.config
+        head_dim = c.hidden_size // c.num_attention_heads
+        hidden, kv = c.hidden_size, max(c.num_key_value_heads, sp) * head_dim
+    tokens = rows * _models.SEQ // sp
+    return 4 * tokens * (2 * hidden + 2 * kv)
+
+
+@pytest.mark.timeout(2 * _harness.TIMEOUT)
+def test_sp2_traffic_is_the_ulysses_formula():
+    """Per step and layer: 4 all-to-alls forward (q, k, v, output) and their 4
+    inverses backward, each of this rank's N/sp tokens x h elements (fp32):
+    the 4·N·h/sp of the Ulysses paper each way; plus the loss's two scalar sums."""
+    results = _pool.run(sp_run, 2, "gpt", [_config(0)], False, 1, timeout=_harness.TIMEOUT)
+    comm = results[0][0]["comm_by_phase"]
+    layers = 2
+    per_layer = _ulysses_bytes("gpt", SP, _harness.PER_RANK_BATCH)
+    assert per_layer == 4 * (_harness.PER_RANK_BATCH * _models.SEQ) * 30 * 4 // SP  # 4·N·h/sp elements, 4 bytes
+    assert comm["forward"]["sp_all_to_all"] == layers * per_layer
+    assert comm["backward"]["sp_all_to_all"] == layers * per_layer
+    assert comm["forward"]["sp_all_reduce"] == 2 * 4  # the loss sum and the token count, fp32 scalars
+    assert comm["backward"]["sp_all_reduce"] == 4  # the loss sum's gradient
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(4 * _harness.TIMEOUT)
+@pytest.mark.parametrize("model_name", ["gpt", "llama"])
+def test_sp2_dp2_matches_eager(model_name):
+    """sp=2 x dp=2 on world 4: ZeRO shards over all four ranks; each sp pair
+    reads the rows of its data-parallel index."""
+    results = _pool.run(sp_run, 4, model_name, [_config(1), _config(3)], False, timeout=2 * _harness.TIMEOUT)
+    _check(results, model_name, 2, False)
+
+
+# ---- pass level (fake process group) -------------------------------------------------------------------------------
+
+
+class _Attention(nn.Module):
+    def __init__(self, heads: int = 4, kv_heads: int = 4, d: int = 4):
+        super().__init__()
+        self.heads, self.kv_heads, self.d = heads, kv_heads, d
+        self.q = nn.Linear(heads * d, heads * d)
+        self.kv = nn.Linear(heads * d, 2 * kv_heads * d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        k, v = (z.view(b, t, self.kv_heads, self.d).transpose(1, 2) for z in self.kv(x).chunk(2, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        return y.transpose(1, 2).reshape(b, t, -1).sum()
+
+
+def _compiled(model: nn.Module, x: torch.Tensor):
+    config = {"sequence_parallel_size": SP, "zerograph": {"verify_graphs": True, "device": "cpu"}}
+    model = zerograph.compile(model, config)
+    model(x).backward()
+    return zerograph.inspect(model)
+
+
+def test_sequence_parallel_pass_golden_attention(fake_world):
+    torch.manual_seed(0)
+    info = _compiled(_Attention(), torch.randn(2, 8, 16))  # rank 0 computes positions 0-3
+    graph = format_graph(info.regions[0]["graphs"]["dynamo"], canonical=True)
+    assert_expected_inline(graph, """\
+l_args_0_: f32[2, 4, 16]
+l_call_impl_self_modules_q_parameters_weight_: f32[16, 16]
+l_call_impl_self_modules_q_parameters_bias_: f32[16]
+l_call_impl_self_modules_kv_parameters_weight_: f32[32, 16]
+l_call_impl_self_modules_kv_parameters_bias_: f32[32]
+unshard: f32[16, 16] = unshard(l_call_impl_self_modules_q_parameters_weight_, 'zg0', 'q.weight')
+unshard_1: f32[16] = unshard(l_call_impl_self_modules_q_parameters_bias_, 'zg0', 'q.bias')
+linear: f32[2, 4, 16] = linear(l_args_0_, unshard, unshard_1)
+view: f32[2, 4, 4, 4] = view(linear, 2, 4, 4, 4)
+q: f32[2, 4, 4, 4] = transpose(view, 1, 2)
+unshard_2: f32[32, 16] = unshard(l_call_impl_self_modules_kv_parameters_weight_, 'zg0', 'kv.weight')
+unshard_3: f32[32] = unshard(l_call_impl_self_modules_kv_parameters_bias_, 'zg0', 'kv.bias')
+linear_1: f32[2, 4, 32] = linear(l_args_0_, unshard_2, unshard_3)
+chunk:  = chunk(linear_1, 2, -1)
+z: f32[2, 4, 16] = getitem(chunk, 0)
+z_1: f32[2, 4, 16] = getitem(chunk, 1)
+view_1: f32[2, 4, 4, 4] = view(z, 2, 4, 4, 4)
+k: f32[2, 4, 4, 4] = transpose(view_1, 1, 2)
+view_2: f32[2, 4, 4, 4] = view(z_1, 2, 4, 4, 4)
+v: f32[2, 4, 4, 4] = transpose(view_2, 1, 2)
+sp_seq_to_heads_default: f32[2, 2, 8, 4] = zerograph.sp_seq_to_heads(q, 'zg0')
+sp_seq_to_heads_default_1: f32[2, 2, 8, 4] = zerograph.sp_seq_to_heads(k, 'zg0')
+sp_seq_to_heads_default_2: f32[2, 2, 8, 4] = zerograph.sp_seq_to_heads(v, 'zg0')
+y: f32[2, 2, 8, 4] = scaled_dot_product_attention(sp_seq_to_heads_default, sp_seq_to_heads_default_1, sp_seq_to_heads_default_2, is_causal=True, enable_gqa=False)
+sp_heads_to_seq_default: f32[2, 4, 4, 4] = zerograph.sp_heads_to_seq(y, 'zg0')
+transpose: f32[2, 4, 4, 4] = transpose(sp_heads_to_seq_default, 1, 2)
+reshape: f32[2, 4, 16] = reshape(transpose, 2, 4, -1)
+sum: f32[] = sum(reshape)
+return [sum]""")
+    forward = format_graph(info.forward[0], canonical=True)
+    assert_expected_inline("\n".join(line for line in forward.splitlines() if "sp " in line), """\
+reshape_default: f32[2, 2, 2, 4, 4] = aten.reshape(transpose, [2, 2, 2, 4, 4])  # sp comm_prep
+permute_default: f32[2, 2, 2, 4, 4] = aten.permute(reshape_default, [1, 0, 2, 3, 4])  # sp comm_prep
+clone_default: f32[2, 2, 2, 4, 4] = aten.clone(permute_default, memory_format=torch.contiguous_format)  # sp comm_prep
+all_to_all_single_default: f32[2, 2, 2, 4, 4] = _c10d_functional.all_to_all_single(clone_default, [1, 1], [1, 1], '0')  # sp all_to_all
+wait_tensor_default: f32[2, 2, 2, 4, 4] = _c10d_functional.wait_tensor(all_to_all_single_default)  # sp wait
+permute_default_1: f32[2, 2, 2, 4, 4] = aten.permute(wait_tensor_default, [1, 2, 0, 3, 4])  # sp comm_prep
+clone_default_1: f32[2, 2, 2, 4, 4] = aten.clone(permute_default_1, memory_format=torch.contiguous_format)  # sp comm_prep
+view_default: f32[2, 2, 8, 4] = aten.view(clone_default_1, [2, 2, 8, 4])  # sp comm_prep
+reshape_default_1: f32[2, 2, 2, 4, 4] = aten.reshape(transpose_1, [2, 2, 2, 4, 4])  # sp comm_prep
+permute_default_2: f32[2, 2, 2, 4, 4] = aten.permute(reshape_default_1, [1, 0, 2, 3, 4])  # sp comm_prep
+clone_default_2: f32[2, 2, 2, 4, 4] = aten.clone(permute_default_2, memory_format=torch.contiguous_format)  # sp comm_prep
+all_to_all_single_default_1: f32[2, 2, 2, 4, 4] = _c10d_functional.all_to_all_single(clone_default_2, [1, 1], [1, 1], '0')  # sp all_to_all
+wait_tensor_default_1: f32[2, 2, 2, 4, 4] = _c10d_functional.wait_tensor(all_to_all_single_default_1)  # sp wait
+permute_default_3: f32[2, 2, 2, 4, 4] = aten.permute(wait_tensor_default_1, [1, 2, 0, 3, 4])  # sp comm_prep
+clone_default_3: f32[2, 2, 2, 4, 4] = aten.clone(permute_default_3, memory_format=torch.contiguous_format)  # sp comm_prep
+view_default_1: f32[2, 2, 8, 4] = aten.view(clone_default_3, [2, 2, 8, 4])  # sp comm_prep
+reshape_default_2: f32[2, 2, 2, 4, 4] = aten.reshape(transpose_2, [2, 2, 2, 4, 4])  # sp comm_prep
+permute_default_4: f32[2, 2, 2, 4, 4] = aten.permute(reshape_default_2, [1, 0, 2, 3, 4])  # sp comm_prep
+clone_default_4: f32[2, 2, 2, 4, 4] = aten.clone(permute_default_4, memory_format=torch.contiguous_format)  # sp comm_prep
+all_to_all_single_default_2: f32[2, 2, 2, 4, 4] = _c10d_functional.all_to_all_single(clone_default_4, [1, 1], [1, 1], '0')  # sp all_to_all
+wait_tensor_default_2: f32[2, 2, 2, 4, 4] = _c10d_functional.wait_tensor(all_to_all_single_default_2)  # sp wait
+permute_default_5: f32[2, 2, 2, 4, 4] = aten.permute(wait_tensor_default_2, [1, 2, 0, 3, 4])  # sp comm_prep
+clone_default_5: f32[2, 2, 2, 4, 4] = aten.clone(permute_default_5, memory_format=torch.contiguous_format)  # sp comm_prep
+view_default_2: f32[2, 2, 8, 4] = aten.view(clone_default_5, [2, 2, 8, 4])  # sp comm_prep
+reshape_default_3: f32[2, 2, 2, 4, 4] = aten.reshape(getitem_2, [2, 2, 2, 4, 4])  # sp comm_prep
+permute_default_6: f32[2, 2, 2, 4, 4] = aten.permute(reshape_default_3, [2, 0, 1, 3, 4])  # sp comm_prep
+clone_default_6: f32[2, 2, 2, 4, 4] = aten.clone(permute_default_6, memory_format=torch.contiguous_format)  # sp comm_prep
+all_to_all_single_default_3: f32[2, 2, 2, 4, 4] = _c10d_functional.all_to_all_single(clone_default_6, [1, 1], [1, 1], '0')  # sp all_to_all
+wait_tensor_default_3: f32[2, 2, 2, 4, 4] = _c10d_functional.wait_tensor(all_to_all_single_default_3)  # sp wait
+permute_default_7: f32[2, 2, 2, 4, 4] = aten.permute(wait_tensor_default_3, [1, 0, 2, 3, 4])  # sp comm_prep
+clone_default_7: f32[2, 2, 2, 4, 4] = aten.clone(permute_default_7, memory_format=torch.contiguous_format)  # sp comm_prep
+view_default_3: f32[2, 4, 4, 4] = aten.view(clone_default_7, [2, 4, 4, 4])  # sp comm_prep""")
