@@ -126,7 +126,7 @@ def slice_sequences(module, plan, args: tuple, kwargs: dict) -> tuple[tuple, dic
 
     def cut(value):
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq:
-            return value[:, where]
+            return value[:, where].contiguous()
         return value
 
     return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
