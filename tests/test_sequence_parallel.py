@@ -13,6 +13,7 @@ process group.
 from __future__ import annotations
 
 import gc
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 import zerograph
 from tests import _harness, _models, _pool
 from zerograph.graph.format import format_graph
+from zerograph.runtime.sequence import SequenceParallelError
 
 SP = 2
 IGNORED = 5  # every IGNORED-th label is -100 in the masked runs
@@ -37,18 +39,23 @@ def _batch(model_name: str, step: int, rows: int, masked: bool):
     """(model inputs, kwargs) of a step's global batch: GPT gets (idx, targets),
     Hugging Face models ``input_ids`` and ``labels`` (shifted inside the model)."""
     idx, targets = _models.global_batch(step, rows)
-    labels = targets if model_name.startswith("gpt") else idx.clone()
+    hf = model_name == "llama"
+    labels = idx.clone() if hf else targets
     if masked:
         labels = labels.clone()
         labels[:, step % IGNORED::IGNORED] = -100
         labels[0, -3:] = -100  # right padding of the first row
-    if model_name.startswith("gpt"):
-        return (idx, labels), {}
-    return (), {"input_ids": idx, "labels": labels}
+    if hf:
+        return (), {"input_ids": idx, "labels": labels}
+    return (idx, labels), {}
+
+
+def _build(model_name: str) -> nn.Module:
+    return TinyGQA() if model_name == "tiny_gqa" else _models.MODELS[model_name]()
 
 
 def _reference(model_name: str, dp: int, masked: bool, steps: int = _harness.STEPS):
-    model = _models.MODELS[model_name]()
+    model = _build(model_name)
     opt = _harness._optimizer(model.parameters())
     losses = []
     for step in range(steps):
@@ -73,7 +80,7 @@ def sp_run(model_name: str, configs: list[dict], masked: bool = False, steps: in
         sp = config["sequence_parallel_size"]
         dp = world // sp
         global_rows = _harness.PER_RANK_BATCH * dp
-        model = zerograph.compile(_models.MODELS[model_name](), config)
+        model = zerograph.compile(_build(model_name), config)
         mine = zerograph.batch_rows(model, global_rows)
         assert mine == slice((rank // sp) * _harness.PER_RANK_BATCH, (rank // sp + 1) * _harness.PER_RANK_BATCH)
         opt = _harness._optimizer(model.parameters())
@@ -256,3 +263,90 @@ wait_tensor_default_3: f32[2, 2, 2, 4, 4] = _c10d_functional.wait_tensor(all_to_
 permute_default_7: f32[2, 2, 2, 4, 4] = aten.permute(wait_tensor_default_3, [1, 0, 2, 3, 4])  # sp comm_prep
 clone_default_7: f32[2, 2, 2, 4, 4] = aten.clone(permute_default_7, memory_format=torch.contiguous_format)  # sp comm_prep
 view_default_3: f32[2, 4, 4, 4] = aten.view(clone_default_7, [2, 4, 4, 4])  # sp comm_prep""")
+
+
+class TinyGQA(nn.Module):
+    """Embedding, one grouped-query attention block (4 query heads, 1
+    key/value head: fewer than sp, so the pass repeats it) and an LM head."""
+
+    def __init__(self, kv_heads: int = 1):
+        super().__init__()
+        torch.manual_seed(1234)
+        self.wte = nn.Embedding(_models.VOCAB, 16)
+        self.wpe = nn.Embedding(_models.SEQ, 16)
+        self.attn = _Attention(heads=4, kv_heads=kv_heads, d=4)
+        self.head = nn.Linear(16, _models.VOCAB)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        b, t, _ = x.shape
+        a = self.attn
+        q = a.q(x).view(b, t, a.heads, a.d).transpose(1, 2)
+        k, v = (z.view(b, t, a.kv_heads, a.d).transpose(1, 2) for z in a.kv(x).chunk(2, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + y.transpose(1, 2).reshape(b, t, -1)
+        loss = F.cross_entropy(self.head(x).flatten(0, 1), targets.flatten())
+        return _Out(loss)
+
+
+class _Out(NamedTuple):
+    loss: torch.Tensor
+
+
+@pytest.mark.timeout(2 * _harness.TIMEOUT)
+def test_sp2_repeats_fewer_kv_heads_than_sp_and_uses_global_positions():
+    """1 key/value head on sp=2: each rank gets a copy (repeated before the
+    all-to-all); the learned positional embedding reads global positions."""
+    results = _pool.run(sp_run, 2, "tiny_gqa", [_config(2)], True, timeout=_harness.TIMEOUT)
+    _check(results, "tiny_gqa", 1, True)
+    per_layer = 4 * _harness.PER_RANK_BATCH * (_models.SEQ // SP) * (2 * 16 + 2 * SP * 4)  # k, v: 2 heads of 4
+    assert results[0][0]["comm_by_phase"]["forward"]["sp_all_to_all"] == per_layer
+
+
+def _errors(model, x, sp=SP, **extra):
+    config = {"sequence_parallel_size": sp, "zerograph": {"device": "cpu"}, **extra}
+    model = zerograph.compile(model, config)
+    return model(x)
+
+
+def test_heads_that_sp_does_not_divide_are_rejected(fake_world):
+    with pytest.raises(SequenceParallelError) as info:
+        _errors(_Attention(heads=3, kv_heads=3), torch.randn(2, 8, 12))
+    assert_expected_inline(str(info.value), """sequence parallelism: <top level>: 3 query heads and 3 key/value heads cannot be split over sequence_parallel_size=2 (sp must divide the query heads, and divide or be a multiple of the key/value heads); valid sequence_parallel_size values: 1, 3""")
+
+
+def test_kv_heads_neither_dividing_nor_divided_by_sp_are_rejected(fake_world):
+    with pytest.raises(SequenceParallelError, match=r"6 query heads and 3 key/value heads .* valid sequence_parallel_size "
+                                        r"values: 1, 3, 6"):
+        _errors(_Attention(heads=6, kv_heads=3, d=2), torch.randn(2, 8, 12), sp=2)
+
+
+def test_sequence_length_and_world_size_that_sp_does_not_divide_are_rejected(fake_world):
+    with pytest.raises(ValueError, match=r"a sequence of 7 tokens does not split over sequence_parallel_size=2 "
+                                         r"ranks; pad the sequences to a multiple of 2"):
+        _errors(_Attention(), torch.randn(2, 7, 16))
+    with pytest.raises(zerograph.ConfigError, match=r"sequence_parallel_size=4 does not divide the world size 2"):
+        _errors(_Attention(), torch.randn(2, 8, 16), sp=4)
+    with pytest.raises(zerograph.ConfigError, match="sequence x tensor parallelism is not supported yet"):
+        _errors(_Attention(), torch.randn(2, 8, 16), tensor_parallel={"autotp_size": 2})
+
+
+class _Masked(_Attention):
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        k, v = (z.view(b, t, self.kv_heads, self.d).transpose(1, 2) for z in self.kv(x).chunk(2, -1))
+        mask = torch.ones(t, t, dtype=torch.bool).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum()
+
+
+def test_attention_with_a_mask_and_padding_masks_are_rejected(fake_world):
+    with pytest.raises(SequenceParallelError, match=r"sequence parallelism: <top level>: attention with an explicit attn_mask "
+                                        r"is not supported yet"):
+        _errors(_Masked(), torch.randn(2, 8, 16))
+    model = zerograph.compile(_models.make_llama(), {"sequence_parallel_size": SP, "zerograph": {"device": "cpu"}})
+    ids = torch.randint(0, _models.VOCAB, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, -2:] = 0
+    with pytest.raises(ValueError, match="an attention_mask with padding is not supported yet; pad on the right"):
+        model(input_ids=ids, attention_mask=mask)

@@ -39,6 +39,7 @@ from zerograph._torch_private import fake_mode_of
 from zerograph.graph.sp_ops import SP_ALL_REDUCE, SP_HEADS_TO_SEQ, SP_SEQ_TO_HEADS
 from zerograph.graph.tp_ops import full_shape, module_of
 from zerograph.passes.manager import PassContext, PassResult
+from zerograph.runtime.sequence import SequenceParallelError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ EMBEDDINGS = (F.embedding,)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 # ops a position index passes through on its way to an embedding
 _INDEX_OPS = ("unsqueeze", "view", "expand", "reshape", "to", "long", "int", "contiguous", "flatten")
-
-
-class SequenceParallelError(ValueError):
-    """A model the sequence-parallel pass cannot split (message names the fix)."""
 
 
 def _arg(node: fx.Node, i: int, name: str, default=None):
@@ -211,9 +208,9 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         elif seq_local is not None and _offset_positions(gm, node, seq_local, state.sp.rank * seq_local):
             counts["positions"] += 1
     if counts["attention"] and not counts["loss"]:
-        log.info("sequence parallelism: %s's graph has attention but no F.cross_entropy loss: a loss computed "
+        log.info("sequence parallelism: %s graph has attention but no F.cross_entropy loss: a loss computed "
                     "outside the model sees only this rank's 1/%d of each sequence (docs/long_sequences.md)",
-                    type(gm).__name__, sp)
+                    "this", sp)
     if any(counts.values()):
         gm.graph.lint()
         gm.recompile()

@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # PyTorch's and Hugging Face's ignored label
 
 
+class SequenceParallelError(ValueError):
+    """A model the sequence-parallel pass cannot split (the message names the
+    module, the counts and the fix)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SequenceParallelGroup:
     """This rank's sequence-parallel group: ``world_size`` ranks that each
