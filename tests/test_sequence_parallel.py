@@ -119,45 +119,50 @@ def _check(results, model_name: str, dp: int, masked: bool):
                 assert torch.equal(mine["params"][key], theirs["params"][key]), key
 
 
-@pytest.mark.timeout(2 * _harness.TIMEOUT)
-@pytest.mark.parametrize("model_name", ["gpt", "llama"])
-def test_sp2_matches_eager_at_stages_0_and_3_with_ignored_labels(model_name):
-    """sp=2 on world 2: each rank holds half of every sequence; -100 labels
-    (spread unevenly over the halves) are left out of the global mean."""
-    results = _pool.run(sp_run, 2, model_name, [_config(0), _config(3)], True, timeout=_harness.TIMEOUT)
-    _check(results, model_name, 1, True)
-    assert [r[0]["sequence_slice"] for r in results] == [slice(0, 8), slice(8, 16)]
-
-
-def _ulysses_bytes(model_name: str, sp: int, rows: int) -> int:
+def _ulysses_bytes(rows: int, hidden: int, kv_width: int, sp: int) -> int:
     """Bytes one rank sends per layer in the forward: q, k, v and the output,
-    each [rows, seq/sp, heads*head_dim] (k and v: the key/value heads, repeated
-    up to sp), fp32."""
-    model = _models.MODELS[model_name]()
-    if model_name.startswith("gpt"):
-        hidden, kv = model.config.n_embd, model.config.n_embd
-    else:
-        c = model.config
-        head_dim = c.hidden_size // c.num_attention_heads
-        hidden, kv = c.hidden_size, max(c.num_key_value_heads, sp) * head_dim
+    each [rows, seq/sp, width] (k and v: the key/value heads' width), fp32."""
     tokens = rows * _models.SEQ // sp
-    return 4 * tokens * (2 * hidden + 2 * kv)
+    return 4 * tokens * (2 * hidden + 2 * kv_width)
 
 
 @pytest.mark.timeout(2 * _harness.TIMEOUT)
-def test_sp2_traffic_is_the_ulysses_formula():
-    """Per step and layer: 4 all-to-alls forward (q, k, v, output) and their 4
+def test_sp2_gpt_matches_eager_at_stages_0_and_3_and_moves_the_ulysses_bytes():
+    """sp=2 on world 2: each rank holds half of every sequence; -100 labels
+    (spread unevenly over the halves) are left out of the global mean. Per
+    step and layer: 4 all-to-alls forward (q, k, v, output) and their 4
     inverses backward, each of this rank's N/sp tokens x h elements (fp32):
-    the 4·N·h/sp of the Ulysses paper each way; plus the loss's two scalar sums."""
-    results = _pool.run(sp_run, 2, "gpt", [_config(0)], False, 1, timeout=_harness.TIMEOUT)
-    comm = results[0][0]["comm_by_phase"]
-    layers = 2
-    per_layer = _ulysses_bytes("gpt", SP, _harness.PER_RANK_BATCH)
-    assert per_layer == 4 * (_harness.PER_RANK_BATCH * _models.SEQ) * 30 * 4 // SP  # 4·N·h/sp elements, 4 bytes
-    assert comm["forward"]["sp_all_to_all"] == layers * per_layer
-    assert comm["backward"]["sp_all_to_all"] == layers * per_layer
-    assert comm["forward"]["sp_all_reduce"] == 2 * 4  # the loss sum and the token count, fp32 scalars
-    assert comm["backward"]["sp_all_reduce"] == 4  # the loss sum's gradient
+    the 4·N·h/sp of the Ulysses paper each way; plus the loss's scalar sums."""
+    results = _pool.run(sp_run, 2, "gpt", [_config(0), _config(3)], True, timeout=_harness.TIMEOUT)
+    _check(results, "gpt", 1, True)
+    assert [r[0]["sequence_slice"] for r in results] == [slice(0, 8), slice(8, 16)]
+    layers, rows, width = 2, _harness.PER_RANK_BATCH, 30
+    per_layer = _ulysses_bytes(rows, width, width, SP)
+    assert per_layer == 4 * (rows * _models.SEQ) * width // SP * 4  # 4·N·h/sp elements of 4 bytes
+    for result in (results[0][0], results[1][0]):
+        comm = result["comm_by_phase"]
+        assert comm["forward"]["sp_all_to_all"] == layers * per_layer
+        assert comm["backward"]["sp_all_to_all"] == layers * per_layer
+        assert comm["forward"]["sp_all_reduce"] == 2 * 4  # the loss sum and the token count, fp32 scalars
+        assert comm["backward"]["sp_all_reduce"] == 4  # the loss sum's gradient
+
+
+@pytest.mark.timeout(2 * _harness.TIMEOUT)
+def test_sp2_llama_gqa_matches_eager_at_stage_3():
+    """Hugging Face Llama (4 heads, 2 key/value heads, rotary): labels shifted
+    on the whole row before the cut, global position ids, -100 labels."""
+    results = _pool.run(sp_run, 2, "llama", [_config(3)], True, timeout=_harness.TIMEOUT)
+    _check(results, "llama", 1, True)
+    head_dim = 32 // 4
+    assert results[0][0]["comm_by_phase"]["forward"]["sp_all_to_all"] == 2 * _ulysses_bytes(
+        _harness.PER_RANK_BATCH, 32, 2 * head_dim, SP)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * _harness.TIMEOUT)
+def test_sp2_llama_matches_eager_at_stage_0():
+    results = _pool.run(sp_run, 2, "llama", [_config(0)], True, timeout=_harness.TIMEOUT)
+    _check(results, "llama", 1, True)
 
 
 @pytest.mark.slow
@@ -299,7 +304,7 @@ def test_sp2_repeats_fewer_kv_heads_than_sp_and_uses_global_positions():
     all-to-all); the learned positional embedding reads global positions."""
     results = _pool.run(sp_run, 2, "tiny_gqa", [_config(2)], True, timeout=_harness.TIMEOUT)
     _check(results, "tiny_gqa", 1, True)
-    per_layer = 4 * _harness.PER_RANK_BATCH * (_models.SEQ // SP) * (2 * 16 + 2 * SP * 4)  # k, v: 2 heads of 4
+    per_layer = _ulysses_bytes(_harness.PER_RANK_BATCH, 16, SP * 4, SP)  # k, v: the 1 head repeated to 2, of 4
     assert results[0][0]["comm_by_phase"]["forward"]["sp_all_to_all"] == per_layer
 
 
