@@ -39,7 +39,7 @@ def _batch(model_name: str, step: int, rows: int, masked: bool):
     """(model inputs, kwargs) of a step's global batch: GPT gets (idx, targets),
     Hugging Face models ``input_ids`` and ``labels`` (shifted inside the model)."""
     idx, targets = _models.global_batch(step, rows)
-    hf = model_name == "llama"
+    hf = model_name in ("llama", "hf_gpt2_eager")
     labels = idx.clone() if hf else targets
     if masked:
         labels = labels.clone()
@@ -50,8 +50,22 @@ def _batch(model_name: str, step: int, rows: int, masked: bool):
     return (idx, labels), {}
 
 
+def make_hf_gpt2_eager():
+    """Hugging Face GPT-2 with its eager (written-out) attention and learned positions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1234)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=_models.VOCAB, n_positions=_models.SEQ, n_embd=32, n_layer=2,
+                                      n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      attn_implementation="eager"))
+
+
 def _build(model_name: str) -> nn.Module:
-    return TinyGQA() if model_name == "tiny_gqa" else _models.MODELS[model_name]()
+    if model_name == "tiny_gqa":
+        return TinyGQA()
+    if model_name == "hf_gpt2_eager":
+        return make_hf_gpt2_eager()
+    return _models.MODELS[model_name]()
 
 
 def _reference(model_name: str, dp: int, masked: bool, steps: int = _harness.STEPS):
@@ -156,6 +170,17 @@ def test_sp2_llama_gqa_matches_eager_at_stage_3():
     head_dim = 32 // 4
     assert results[0][0]["comm_by_phase"]["forward"]["sp_all_to_all"] == 2 * _ulysses_bytes(
         _harness.PER_RANK_BATCH, 32, 2 * head_dim, SP)
+
+
+@pytest.mark.timeout(2 * _harness.TIMEOUT)
+def test_sp2_hf_gpt2_eager_attention_matches_eager():
+    """GPT-2's eager attention subgraph (matmul, causal mask, softmax, matmul)
+    is recognised by the fusion matcher and wrapped; learned positions read
+    the global position ids."""
+    results = _pool.run(sp_run, 2, "hf_gpt2_eager", [_config(1)], True, timeout=_harness.TIMEOUT)
+    _check(results, "hf_gpt2_eager", 1, True)
+    assert results[0][0]["comm_by_phase"]["forward"]["sp_all_to_all"] == 2 * _ulysses_bytes(
+        _harness.PER_RANK_BATCH, 32, 32, SP)
 
 
 @pytest.mark.slow

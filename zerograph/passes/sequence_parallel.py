@@ -4,7 +4,11 @@ Each rank runs the model on its ``1/sp`` of every sequence (the runtime cut
 the inputs: :mod:`zerograph.runtime.sequence`). Everything but attention is
 per-token and needs nothing; this pass rewrites the rest:
 
-* **attention**: every ``F.scaled_dot_product_attention(q, k, v)`` (inputs
+* **attention**: Hugging Face's eager attention subgraph (and nanoGPT-style
+  ``softmax(q @ k^T) @ v`` code) first becomes zerograph's fused
+  ``attention(q, k, v, causal=...)`` (the ``fuse_attention`` matcher, whether
+  or not ``zerograph.fusion`` is on); then every
+  ``F.scaled_dot_product_attention(q, k, v)`` or ``attention(q, k, v)`` (inputs
   ``[b, heads, s/sp, d]``) reads its inputs through ``sp_seq_to_heads`` (one
   all-to-all each: this rank's ``heads/sp`` heads of the whole sequence) and
   its output goes back through ``sp_heads_to_seq``. Key/value heads fewer
@@ -38,6 +42,9 @@ import torch.nn.functional as F
 from zerograph._torch_private import fake_mode_of
 from zerograph.graph.sp_ops import SP_ALL_REDUCE, SP_HEADS_TO_SEQ, SP_SEQ_TO_HEADS
 from zerograph.graph.tp_ops import full_shape, module_of
+from zerograph.passes.fusion import rewrite_matches
+from zerograph.passes.fusion.attention import match_eager_attention
+from zerograph.passes.fusion.patterns import _kernel
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.runtime.sequence import SequenceParallelError
 
@@ -69,7 +76,7 @@ def _check_heads(node: fx.Node, sp: int) -> int:
             f"sequence parallelism: {where}: attention inputs of shapes {q} and {k}; the pass splits "
             "[batch, heads, sequence, head_dim] inputs of F.scaled_dot_product_attention only")
     heads, kv_heads = q[1], k[1]
-    if _arg(node, 3, "attn_mask") is not None:
+    if _arg(node, 3, "attn_mask") is not None or node.kwargs.get("key_padding_mask") is not None:
         raise SequenceParallelError(
             f"sequence parallelism: {where}: attention with an explicit attn_mask is not supported yet; use "
             "is_causal=True attention without a mask (Hugging Face: pass no attention_mask, pad on the right "
@@ -181,9 +188,13 @@ def _refresh_example_values(gm: fx.GraphModule) -> None:
         Recorder(gm).run(*values)
 
 
+def _attention_functions() -> tuple:
+    return (*SDPA_FUNCTIONS, _kernel("attention", "attention"))
+
+
 def _local_seq(gm: fx.GraphModule) -> int | None:
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in SDPA_FUNCTIONS:
+        if node.op == "call_function" and node.target in _attention_functions():
             shape = full_shape(_arg(node, 0, "query"))
             if shape is not None and len(shape) == 4:
                 return shape[2]
@@ -195,12 +206,14 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if state is None or getattr(state, "sp", None) is None:
         return PassResult()
     sp, tag = state.sp.world_size, state.tag
-    counts = {"attention": 0, "positions": 0, "loss": 0}
+    eager = sum(rewrite_matches(gm, (match_eager_attention,)).values())
+    counts = {"eager_attention": eager, "attention": 0, "positions": 0, "loss": 0}
     seq_local = _local_seq(gm)
+    attention = _attention_functions()
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in SDPA_FUNCTIONS:
+        if node.target in attention:
             _wrap_attention(gm, node, tag, _check_heads(node, sp))
             counts["attention"] += 1
         elif node.target in CROSS_ENTROPY:
