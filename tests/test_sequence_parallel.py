@@ -117,6 +117,7 @@ def sp_run(model_name: str, configs: list[dict], masked: bool = False, steps: in
             "comm": dict(info.comm_bytes_last_step),
             "comm_by_phase": _harness._comm_by_phase(info),
             "sequence_slice": zerograph.sequence_slice(model, _models.SEQ),
+            "planned_comm": dict(info.memory.comm_bytes_per_step),
         })
         del model, opt
         gc.collect()
@@ -159,6 +160,9 @@ def test_sp2_gpt_matches_eager_at_stages_0_and_3_and_moves_the_ulysses_bytes():
         assert comm["backward"]["sp_all_to_all"] == layers * per_layer
         assert comm["forward"]["sp_all_reduce"] == 2 * 4  # the loss sum and the token count, fp32 scalars
         assert comm["backward"]["sp_all_reduce"] == 4  # the loss sum's gradient
+        # the planner sees the same traffic
+        assert result["planned_comm"]["sp_all_to_all"] == 2 * layers * per_layer
+        assert result["planned_comm"]["sp_all_reduce"] == 3 * 4
 
 
 @pytest.mark.timeout(2 * _harness.TIMEOUT)
@@ -326,11 +330,14 @@ class _Out(NamedTuple):
 @pytest.mark.timeout(2 * _harness.TIMEOUT)
 def test_sp2_repeats_fewer_kv_heads_than_sp_and_uses_global_positions():
     """1 key/value head on sp=2: each rank gets a copy (repeated before the
-    all-to-all); the learned positional embedding reads global positions."""
-    results = _pool.run(sp_run, 2, "tiny_gqa", [_config(2)], True, timeout=_harness.TIMEOUT)
+    all-to-all); the learned positional embedding reads global positions;
+    with and without zerograph.fusion (fused attention and cross-entropy)."""
+    fused = _config(2, zerograph={"verify_graphs": True, "fusion": True})  # zerograph's kernels inside
+    results = _pool.run(sp_run, 2, "tiny_gqa", [_config(2), fused], True, timeout=_harness.TIMEOUT)
     _check(results, "tiny_gqa", 1, True)
     per_layer = _ulysses_bytes(_harness.PER_RANK_BATCH, 16, SP * 4, SP)  # k, v: the 1 head repeated to 2, of 4
-    assert results[0][0]["comm_by_phase"]["forward"]["sp_all_to_all"] == per_layer
+    for result in results[0]:
+        assert result["comm_by_phase"]["forward"]["sp_all_to_all"] == per_layer
 
 
 def _errors(model, x, sp=SP, **extra):
