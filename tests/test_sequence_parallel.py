@@ -368,6 +368,13 @@ def test_sequence_length_and_world_size_that_sp_does_not_divide_are_rejected(fak
         _errors(_Attention(), torch.randn(2, 8, 16), tensor_parallel={"autotp_size": 2})
 
 
+def test_an_uncompiled_model_is_refused(fake_world):
+    model = zerograph.shard(_Attention(), {"sequence_parallel_size": SP, "zerograph": {"device": "cpu"}})
+    with pytest.raises(ValueError, match=r"sequence_parallel_size=2: _Attention runs uncompiled \(zerograph.shard\), "
+                                         r"so attention would see only this rank's part"):
+        model(torch.randn(2, 8, 16))
+
+
 class _Masked(_Attention):
     def forward(self, x):
         b, t, _ = x.shape

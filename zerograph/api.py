@@ -40,8 +40,14 @@ __all__ = ["compile", "shard", "inspect", "full_state_dict", "batch_rows", "sequ
 
 def _zerograph_call(self, *args, **kwargs):
     ctx = self._zg_runtime.ctx
-    if ctx.sp is not None and not ctx.sp_presliced:  # each rank's part of every sequence
-        args, kwargs = slice_sequences(self, ctx.plan, args, kwargs)
+    if ctx.sp is not None:
+        if self._zg_runtime.compiled == self._call_impl and not torch.compiler.is_compiling():
+            raise ValueError(
+                f"sequence_parallel_size={ctx.sp.world_size}: {type(self).__name__} runs uncompiled (zerograph.shard), "
+                "so attention would see only this rank's part of each sequence; use zerograph.compile(model, "
+                "config) or torch.compile(model, backend=\"zerograph\")")
+        if not ctx.sp_presliced:  # each rank's part of every sequence
+            args, kwargs = slice_sequences(self, ctx.plan, args, kwargs)
     return self._zg_runtime(*args, **kwargs)
 
 

@@ -143,6 +143,9 @@ def _global_loss(gm: fx.GraphModule, node: fx.Node, tag: str) -> bool:
     kwargs = {**{_CE_ARGS[i]: a for i, a in enumerate(node.args[2:], 2)}, **node.kwargs}
     reduction = kwargs.get("reduction", "mean")
     if reduction == "none" or kwargs.get("size_average") is not None or kwargs.get("reduce") is not None:
+        log.warning("sequence parallelism: %s: cross_entropy without a mean or sum reduction keeps this rank's "
+                    "part of each sequence; reduce it over the sequence-parallel group yourself",
+                    module_of(node))
         return False
     if kwargs.get("weight") is not None:
         raise SequenceParallelError(
