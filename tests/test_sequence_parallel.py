@@ -91,11 +91,15 @@ def sp_run(model_name: str, configs: list[dict], masked: bool = False, steps: in
     results = []
     for config in configs:
         torch._dynamo.reset()
+        config = dict(config)
+        presliced = config.pop("_presliced", False)  # the loader cuts: zerograph.sequence_shard
         sp = config["sequence_parallel_size"]
         dp = world // sp
         global_rows = _harness.PER_RANK_BATCH * dp
         model = zerograph.compile(_build(model_name), config)
         mine = zerograph.batch_rows(model, global_rows)
+        if presliced:
+            zerograph.feed_sequence_slices(model)
         assert mine == slice((rank // sp) * _harness.PER_RANK_BATCH, (rank // sp + 1) * _harness.PER_RANK_BATCH)
         opt = _harness._optimizer(model.parameters())
         losses = []
@@ -103,6 +107,9 @@ def sp_run(model_name: str, configs: list[dict], masked: bool = False, steps: in
             args, kwargs = _batch(model_name, step, global_rows, masked)
             args = tuple(a[mine] for a in args)
             kwargs = {k: v[mine] for k, v in kwargs.items()}
+            if presliced:
+                args, kwargs = zerograph.sequence_shard(model, *args, **kwargs)
+                assert all(a.shape[1] == _models.SEQ // sp for a in args)
             loss = model(*args, **kwargs).loss
             loss.backward()
             opt.step()
@@ -331,8 +338,10 @@ class _Out(NamedTuple):
 def test_sp2_repeats_fewer_kv_heads_than_sp_and_uses_global_positions():
     """1 key/value head on sp=2: each rank gets a copy (repeated before the
     all-to-all); the learned positional embedding reads global positions;
-    with and without zerograph.fusion (fused attention and cross-entropy)."""
-    fused = _config(2, zerograph={"verify_graphs": True, "fusion": True})  # zerograph's kernels inside
+    with and without zerograph.fusion (fused attention and cross-entropy),
+    and with the loader cutting the sequences (zerograph.sequence_shard)."""
+    # zerograph's kernels inside, and a loader that feeds only this rank's slices
+    fused = _config(2, zerograph={"verify_graphs": True, "fusion": True}, _presliced=True)
     results = _pool.run(sp_run, 2, "tiny_gqa", [_config(2), fused], True, timeout=_harness.TIMEOUT)
     _check(results, "tiny_gqa", 1, True)
     per_layer = _ulysses_bytes(_harness.PER_RANK_BATCH, 16, SP * 4, SP)  # k, v: the 1 head repeated to 2, of 4
@@ -366,6 +375,19 @@ def test_sequence_length_and_world_size_that_sp_does_not_divide_are_rejected(fak
         _errors(_Attention(), torch.randn(2, 8, 16), sp=4)
     with pytest.raises(zerograph.ConfigError, match="sequence x tensor parallelism is not supported yet"):
         _errors(_Attention(), torch.randn(2, 8, 16), tensor_parallel={"autotp_size": 2})
+
+
+def test_sequence_shard_shifts_hugging_face_labels_and_adds_global_positions(fake_world):
+    model = zerograph.shard(_models.make_llama(), {"sequence_parallel_size": SP, "zerograph": {"device": "cpu"}})
+    ids = torch.arange(16).view(2, 8)
+    args, kwargs = zerograph.sequence_shard(model, input_ids=ids, labels=ids, attention_mask=torch.ones(2, 8))
+    assert args == () and sorted(kwargs) == ["attention_mask", "input_ids", "labels", "position_ids", "shift_labels"]
+    assert kwargs["attention_mask"] is None  # all ones: dropped
+    assert kwargs["input_ids"].tolist() == [[0, 1, 2, 3], [8, 9, 10, 11]]  # rank 0: positions 0-3
+    assert kwargs["shift_labels"].tolist() == [[1, 2, 3, 4], [9, 10, 11, 12]]  # the next token, across the cut
+    assert torch.equal(kwargs["labels"], kwargs["shift_labels"])  # Hugging Face reads shift_labels
+    assert kwargs["position_ids"].tolist() == [[0, 1, 2, 3]] * 2
+    assert zerograph.sequence_slice(model, 8) == slice(0, 4)
 
 
 def test_an_uncompiled_model_is_refused(fake_world):
