@@ -39,7 +39,7 @@ def _batch(model_name: str, step: int, rows: int, masked: bool):
     """(model inputs, kwargs) of a step's global batch: GPT gets (idx, targets),
     Hugging Face models ``input_ids`` and ``labels`` (shifted inside the model)."""
     idx, targets = _models.global_batch(step, rows)
-    hf = model_name in ("llama", "hf_gpt2_eager")
+    hf = model_name in ("llama", "qwen2", "hf_gpt2_eager")
     labels = idx.clone() if hf else targets
     if masked:
         labels = labels.clone()
@@ -60,7 +60,19 @@ def make_hf_gpt2_eager():
                                       attn_implementation="eager"))
 
 
+def make_qwen2():
+    """Hugging Face Qwen2: grouped-query attention (4 heads, 2 key/value heads), biased q/k/v, rotary."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1234)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=_models.VOCAB, hidden_size=32, intermediate_size=56,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=_models.SEQ))
+
+
 def _build(model_name: str) -> nn.Module:
+    if model_name == "qwen2":
+        return make_qwen2()
     if model_name == "tiny_gqa":
         return TinyGQA()
     if model_name == "hf_gpt2_eager":
@@ -196,9 +208,10 @@ def test_sp2_hf_gpt2_eager_attention_matches_eager():
 
 @pytest.mark.slow
 @pytest.mark.timeout(2 * _harness.TIMEOUT)
-def test_sp2_llama_matches_eager_at_stage_0():
-    results = _pool.run(sp_run, 2, "llama", [_config(0)], True, timeout=_harness.TIMEOUT)
-    _check(results, "llama", 1, True)
+@pytest.mark.parametrize("model_name,stages", [("llama", (0,)), ("qwen2", (0, 3))])
+def test_sp2_hf_gqa_models_match_eager(model_name, stages):
+    results = _pool.run(sp_run, 2, model_name, [_config(s) for s in stages], True, timeout=_harness.TIMEOUT)
+    _check(results, model_name, 1, True)
 
 
 @pytest.mark.slow
