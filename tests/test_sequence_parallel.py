@@ -475,3 +475,12 @@ def test_checkpoint_saved_at_sp2_resumes_at_sp1(tmp_path):
     torch.testing.assert_close(result["losses"][1], result["losses"][0], rtol=1e-5, atol=1e-6)
     for key, value in result["a"].items():
         torch.testing.assert_close(result["b"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * _harness.TIMEOUT)
+def test_sp2_with_activation_checkpointing_matches_eager():
+    """sp=2 with per-layer activation checkpointing at ZeRO 3: the same steps as eager."""
+    config = _config(3, activation_checkpointing={"policy": "per_layer"})
+    results = _pool.run(sp_run, 2, "gpt", [config], True, timeout=_harness.TIMEOUT)
+    _check(results, "gpt", 1, True)
