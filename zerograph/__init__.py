@@ -5,7 +5,17 @@
     loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
 """
 
-from zerograph.api import Inspection, batch_rows, compile, full_state_dict, inspect, shard
+from zerograph.api import (
+    Inspection,
+    batch_rows,
+    compile,
+    feed_sequence_slices,
+    full_state_dict,
+    inspect,
+    sequence_shard,
+    sequence_slice,
+    shard,
+)
 from zerograph.checkpoint import export_pretrained, load_checkpoint, load_full_state_dict, save_checkpoint
 from zerograph.explain import Explanation, explain
 from zerograph.config import Config, ConfigError
@@ -37,6 +47,9 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "batch_rows",
+    "sequence_slice",
+    "sequence_shard",
+    "feed_sequence_slices",
     "compile",
     "default_passes",
     "export_pretrained",

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from zerograph.backend import ZerographBackend
-from zerograph.graph import markers, tp_markers  # noqa: F401  (registers the marker ops parameter reads call)
+from zerograph.graph import markers, sp_ops, tp_markers  # noqa: F401  (registers the marker ops graphs call)
 from zerograph.config import Config, ConfigError
 from zerograph.passes import PassList, PassRecord, default_passes
 from zerograph.runtime.state import ModelState, check_position, context_of
@@ -27,16 +27,27 @@ from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.hierarchy import node_groups
 from zerograph.runtime.offload import watch_plain_optimizer
 from zerograph.runtime.plan import ParallelPlan
+from zerograph.runtime.sequence import slice_sequences
 from zerograph.runtime.training import TrainingRuntime, failure_translator
 from zerograph.runtime.sharding import full_state_dict as _full_state_dict
 from zerograph.runtime.sharding import shard_parameters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compile", "shard", "inspect", "full_state_dict", "batch_rows", "Inspection"]
+__all__ = ["compile", "shard", "inspect", "full_state_dict", "batch_rows", "sequence_slice", "sequence_shard",
+           "feed_sequence_slices", "Inspection"]
 
 
 def _zerograph_call(self, *args, **kwargs):
+    ctx = self._zg_runtime.ctx
+    if ctx.sp is not None:
+        if self._zg_runtime.compiled == self._call_impl and not torch.compiler.is_compiling():
+            raise ValueError(
+                f"sequence_parallel_size={ctx.sp.world_size}: {type(self).__name__} runs uncompiled (zerograph.shard), "
+                "so attention would see only this rank's part of each sequence; use zerograph.compile(model, "
+                "config) or torch.compile(model, backend=\"zerograph\")")
+        if not ctx.sp_presliced:  # each rank's part of every sequence
+            args, kwargs = slice_sequences(self, ctx.plan, args, kwargs)
     return self._zg_runtime(*args, **kwargs)
 
 
@@ -144,19 +155,22 @@ def shard(
                 # reach compile at different times (loading data, weights): this first meeting waits as
                 # long as the process group's own timeout; collective_timeout_s applies from the next one
                 agree(setup_group, fingerprint, "zerograph.compile/shard")
-            tp, tp_layouts = None, None
-            if cfg.tensor_parallel.autotp_size > 1:
+            tp, tp_layouts, sp = None, None, None
+            if cfg.sequence_parallel_size > 1:
+                dp, sp, dp_index = _sequence_parallel_setup(cfg, group, model_device)
+                mesh = {"dp": dp.world_size // sp.world_size, "sp": sp.world_size}
+                coords = {"dp": dp_index, "sp": sp.rank}
+            elif cfg.tensor_parallel.autotp_size > 1:
                 dp, tp, tp_layouts = _tensor_parallel_setup(model, cfg, group, model_device, example_batch)
+                mesh, coords = {"dp": dp.world_size, "tp": tp.world_size}, {"dp": dp.rank, "tp": tp.rank}
             else:
                 dp = group if group is not None else data_parallel_group(timeout_s, cfg.zerograph.device,
                                                                          model_device)
-            cfg = cfg.with_resolved_batch(dp.world_size)  # derived accumulation steps take effect
-            mesh, coords = {"dp": dp.world_size}, {"dp": dp.rank}
-            if tp is not None:
-                mesh["tp"], coords["tp"] = tp.world_size, tp.rank
+                mesh, coords = {"dp": dp.world_size}, {"dp": dp.rank}
+            cfg = cfg.with_resolved_batch(mesh["dp"])  # derived accumulation steps take effect
             plan = ParallelPlan.build(cfg, mesh, coords)
             ctx = ModelState(cfg, dp, plan, loss_fn=loss_fn)
-            ctx.tp = tp
+            ctx.tp, ctx.sp = tp, sp
             ctx.node_groups = node_groups(dp, plan.zero.zeropp.node_size, timeout_s)
             step_check = StepCheck(ranks, model_id(fingerprint), timeout_s) if checked else None
             runtime = TrainingRuntime(ctx, model._call_impl, [], monitor=monitor, step_check=step_check)
@@ -244,6 +258,23 @@ def _tensor_parallel_setup(model, cfg: Config, group, model_device, example_batc
     return dp, tp, tp_layouts(model, splits, size, tp.rank)
 
 
+def _sequence_parallel_setup(cfg: Config, group, model_device):
+    """ZeRO's group (dp x sp ranks), the sequence-parallel group and this
+    rank's data-parallel index (docs/long_sequences.md)."""
+    from zerograph.runtime.sequence import data_and_sequence_parallel_groups
+
+    sp = cfg.sequence_parallel_size
+    if group is not None:
+        raise ConfigError(f"sequence_parallel_size={sp} with a given data-parallel group (pipeline stages) is not "
+                          "supported yet; remove sequence_parallel_size or the pipeline section")
+    if cfg.tensor_parallel.autotp_size > 1:
+        raise ConfigError(f"sequence_parallel_size={sp} with tensor_parallel.autotp_size="
+                          f"{cfg.tensor_parallel.autotp_size}: sequence x tensor parallelism is not supported yet; "
+                          "use one of them")
+    return data_and_sequence_parallel_groups(sp, cfg.zerograph.collective_timeout_s, cfg.zerograph.device,
+                                             model_device)
+
+
 def batch_rows(model: nn.Module, global_rows: int) -> slice:
     """The rows of each global batch of ``global_rows`` rows that this rank
     reads: its data-parallel index's share. The tensor-parallel ranks of one
@@ -252,6 +283,27 @@ def batch_rows(model: nn.Module, global_rows: int) -> slice:
         idx = global_idx[zerograph.batch_rows(model, len(global_idx))]
     """
     return _context(getattr(model, "_orig_mod", model)).plan.batch_rows(global_rows)
+
+
+def sequence_slice(model: nn.Module, seq_len: int) -> slice:
+    """The positions of every ``seq_len``-token sequence this rank computes
+    with ``sequence_parallel_size`` > 1 (docs/long_sequences.md)."""
+    return _context(getattr(model, "_orig_mod", model)).plan.sequence_slice(seq_len)
+
+
+def sequence_shard(model: nn.Module, *args, **kwargs):
+    """This rank's part of a call's full-length sequences, cut as zerograph
+    cuts full rows itself (Hugging Face labels shifted first, global
+    ``position_ids`` added): ``args, kwargs``. For a loader that feeds only
+    the slices: call it, then ``feed_sequence_slices(model)``."""
+    module = getattr(model, "_orig_mod", model)
+    return slice_sequences(module, _context(module).plan, args, kwargs)
+
+
+def feed_sequence_slices(model: nn.Module, presliced: bool = True) -> None:
+    """From now on the caller gives each rank only its slice of every sequence
+    (``sequence_shard``'s result); ``False``: zerograph cuts full rows again."""
+    _context(getattr(model, "_orig_mod", model)).sp_presliced = presliced
 
 
 def compile(

@@ -210,7 +210,6 @@ def test_megatron_deepspeed_style():
                             "curriculum_learning": {"enabled": True}, "data_types": {"grad_accum_dtype": "bf16"}})),
         """\
 data_types.grad_accum_dtype="bf16": zerograph reduces and accumulates gradients in fp32 (the master dtype); other dtypes are not supported yet (remove the key or set it to "fp32")
-sequence_parallel_size=4: sequence parallelism is not supported yet; remove the key or set it to 1
 tensor_parallel.tp.tp_size=2: tensor_parallel.tp.tp_size is DeepSpeed's inference setting; for training set tensor_parallel.autotp_size instead
 curriculum_learning is a DeepSpeed feature zerograph does not have (curriculum learning): order or truncate the samples in your data loader, and delete the 'curriculum_learning' section""",
     )

@@ -136,9 +136,9 @@ class ConfigKeys(Section):
         json_schema_extra=meta(no_effect="any torch optimizer steps offloaded shards (zerograph.make_optimizer)"),
     )
     sequence_parallel_size: _PositiveInt = Field(
-        1, description="Ranks of a sequence-parallel (Ulysses) group; 1: off.",
-        json_schema_extra=meta(unsupported="sequence parallelism is not supported yet; remove the key or set it "
-                               "to 1", allowed=[1]),
+        1, description="Ranks of a sequence-parallel (Ulysses) group: each holds 1/sequence_parallel_size of every "
+        "sequence and all-to-alls heads around attention; ZeRO shards over data-parallel x sequence-parallel "
+        "ranks; 1: off (docs/long_sequences.md). DeepSpeed: same key.",
     )
     data_parallel_size: Optional[_PositiveInt] = Field(
         None, description="DeepSpeed: ranks of the data-parallel group.",

@@ -231,7 +231,8 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     stages = cfg.pipeline.stages
     if world % stages:
         raise ConfigError(f"pipeline.stages={stages} does not divide the world size {world}")
-    cfg = cfg.with_resolved_batch(world // stages)
+    sp = cfg.sequence_parallel_size  # the ranks of a sequence-parallel group read the same rows
+    cfg = cfg.with_resolved_batch(max(1, world // (stages * sp)))
     pipeline = stages > 1
     named = dict(model.named_parameters())
     groups = _client_groups(optimizer, model_parameters, {id(p): n for n, p in named.items()})

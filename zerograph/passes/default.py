@@ -14,10 +14,12 @@ from zerograph.passes.fusion import FUSION_PASSES
 from zerograph.passes.hpz import hpz_secondary
 from zerograph.passes.liveness import liveness
 from zerograph.passes.lower_markers import lower_markers
+from zerograph.passes.lower_sp_markers import lower_sp_markers
 from zerograph.passes.lower_tp_markers import lower_tp_markers
 from zerograph.passes.manager import GraphPass, PassList
 from zerograph.passes.reuse_comm_buffers import reuse_comm_buffers
 from zerograph.passes.schedule_collectives import schedule_collectives
+from zerograph.passes.sequence_parallel import sequence_parallel
 from zerograph.passes.tag_nodes import tag_nodes
 from zerograph.passes.tensor_parallel import tensor_parallel
 from zerograph.passes.zero_policy import zero_policy
@@ -29,6 +31,10 @@ def _sharded(config, plan) -> bool:
 
 def _tensor_parallel(config, plan) -> bool:
     return plan is not None and plan.tp_size > 1
+
+
+def _sequence_parallel(config, plan) -> bool:
+    return plan is not None and plan.sp_size > 1
 
 
 def _fusion(config, plan) -> bool:
@@ -75,6 +81,8 @@ def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
         [
             GraphPass("tensor_parallel", tensor_parallel, phases=("dynamo",), applies=_tensor_parallel,
                       ensures=("tensor_parallel",)),
+            GraphPass("sequence_parallel", sequence_parallel, phases=("dynamo",), applies=_sequence_parallel,
+                      ensures=("sequence_parallel",)),
             GraphPass("dedupe_markers", dedupe_markers, phases=("dynamo",), applies=_sharded,
                       ensures=("markers_deduplicated",)),
             *(GraphPass(name, fn, phases=("dynamo",), applies=_fusion) for name, fn in FUSION_PASSES),
@@ -91,6 +99,8 @@ def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
                       ensures=("collectives",)),
             GraphPass("lower_tp_markers", lower_tp_markers, applies=_tensor_parallel, requires=("tagged",),
                       ensures=("collectives",)),
+            GraphPass("lower_sp_markers", lower_sp_markers, applies=_sequence_parallel, requires=("tagged",),
+                      ensures=("collectives",)),
             GraphPass("schedule_collectives", schedule_collectives, applies=_overlaps,
                       requires=("collectives",), ensures=("scheduled",)),
             GraphPass("dce", dce),
@@ -105,5 +115,6 @@ def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
     if plan is None and sharded:
         _, world = rank_and_world()
         tp = max(1, config.tensor_parallel.autotp_size)
-        plan = ParallelPlan.build(config, {"dp": max(1, world // tp), "tp": tp})
+        sp = max(1, config.sequence_parallel_size)
+        plan = ParallelPlan.build(config, {"dp": max(1, world // (tp * sp)), "sp": sp, "tp": tp})
     return passes.active(config, plan)

@@ -151,7 +151,7 @@ class ParallelPlan:
             persistence_threshold=z.stage3_param_persistence_threshold if z.stage == 3 else 0,
             offload_param=z.stage == 3 and z.offload_param.device != "none",
             offload_optimizer=z.offload_optimizer.device != "none",
-            zeropp=_zeropp_plan(z, mesh_sizes.get("dp", 1)),
+            zeropp=_zeropp_plan(z, mesh_sizes.get("dp", 1) * mesh_sizes.get("sp", 1)),
         )
         mesh = DeviceMeshPlan(sizes=tuple((d, mesh_sizes.get(d, 1)) for d in MESH_DIMS),
                               coords=tuple((d, coords.get(d, 0)) for d in MESH_DIMS))
@@ -159,8 +159,15 @@ class ParallelPlan:
 
     @property
     def dp_size(self) -> int:
-        """Ranks ZeRO shards over."""
-        return self.mesh.size("dp")
+        """Ranks ZeRO shards over (and averages gradients over): the
+        data-parallel ranks times the sequence-parallel ranks of each, as
+        DeepSpeed does (the ranks of one sp group hold the same parameters)."""
+        return self.mesh.size("dp") * self.mesh.size("sp")
+
+    @property
+    def sp_size(self) -> int:
+        """Ranks each sequence is split over (Ulysses; docs/long_sequences.md)."""
+        return self.mesh.size("sp")
 
     @property
     def tp_size(self) -> int:
@@ -171,11 +178,21 @@ class ParallelPlan:
         """The rows of a global batch of ``global_rows`` that this rank reads:
         its data-parallel index's share (the ranks of one tensor- or
         sequence-parallel group read the same rows)."""
-        dp, index = self.dp_size, self.mesh.index("dp")
+        dp, index = self.mesh.size("dp"), self.mesh.index("dp")
         if global_rows % dp:
             raise ValueError(f"a global batch of {global_rows} rows does not split over {dp} data-parallel ranks; "
                              f"use a multiple of {dp}")
         per = global_rows // dp
+        return slice(index * per, (index + 1) * per)
+
+    def sequence_slice(self, seq_len: int) -> slice:
+        """The positions of a sequence of ``seq_len`` tokens that this rank
+        computes: its sequence-parallel index's contiguous share."""
+        sp, index = self.sp_size, self.mesh.index("sp")
+        if seq_len % sp:
+            raise ValueError(f"a sequence of {seq_len} tokens does not split over sequence_parallel_size={sp} ranks; "
+                             f"pad the sequences to a multiple of {sp} (labels -100 on the padding)")
+        per = seq_len // sp
         return slice(index * per, (index + 1) * per)
 
     @property

@@ -94,6 +94,12 @@ class ModelState:
     # tensor parallelism (tensor_parallel.autotp_size > 1): this rank's tp
     # group (zerograph.runtime.dist.TensorParallelGroup); None without it
     tp: Any = None
+    # sequence parallelism (sequence_parallel_size > 1): this rank's sp group
+    # (zerograph.runtime.sequence.SequenceParallelGroup); None without it
+    sp: Any = None
+    # sequence parallelism: the caller feeds each rank its slice of every
+    # sequence itself (zerograph.feed_sequence_slices); False: zerograph cuts full rows
+    sp_presliced: bool = False
     # ZeRO++: this rank's node and peer groups (zerograph.runtime.hierarchy.NodeGroups; None: no hierarchy)
     node_groups: Any = None
     # offload_param.device "nvme": the file of this rank's offloaded parameter

@@ -24,6 +24,7 @@ from zerograph.runtime.errors import (
     naming_failed_ranks,
 )
 from zerograph.runtime.precision import LossScaler
+from zerograph.runtime.sequence import SequenceParallelError
 from zerograph.runtime.tp_layout import TensorParallelError
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class TrainingRuntime:
         try:
             out = self.compiled(*args, **kwargs)
         except dynamo_exception_types() as exc:
-            for kind in (MemoryBudgetError, TensorParallelError):
+            for kind in (MemoryBudgetError, TensorParallelError, SequenceParallelError):
                 own = _cause_of_type(exc, kind)
                 if own is not None:  # raised by the backend inside Dynamo: report it as is
                     raise own from exc

@@ -121,20 +121,27 @@ def _apply(gm: fx.GraphModule, m: patterns.Match, dead: set[fx.Node]) -> bool:
     return True
 
 
-def fuse(gm: fx.GraphModule, ctx: PassContext, *, family: str) -> PassResult:
-    """Rewrite every match of ``family``'s patterns (see :data:`FAMILIES`)."""
-    if not _enabled(ctx):
-        return PassResult(details={"skipped": "zerograph.fusion is false"})
+def rewrite_matches(gm: fx.GraphModule, matchers) -> Counter:
+    """Rewrite every match of ``matchers`` (tried in order at each node); the
+    count of each pattern rewritten. The caller lints and recompiles."""
     counts: Counter[str] = Counter()
     dead: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         if node in dead or node.op not in ("call_function", "call_method"):
             continue
-        for matcher in FAMILIES[family]:
+        for matcher in matchers:
             m = matcher(node)
             if m is not None and _apply(gm, m, dead):
                 counts[m.pattern] += 1
                 break
+    return counts
+
+
+def fuse(gm: fx.GraphModule, ctx: PassContext, *, family: str) -> PassResult:
+    """Rewrite every match of ``family``'s patterns (see :data:`FAMILIES`)."""
+    if not _enabled(ctx):
+        return PassResult(details={"skipped": "zerograph.fusion is false"})
+    counts = rewrite_matches(gm, FAMILIES[family])
     if counts:
         gm.graph.lint()
         gm.recompile()

@@ -1,0 +1,137 @@
+"""Sequence parallelism (Ulysses): the sequence-parallel group and the
+slicing of a batch's sequences (docs/long_sequences.md).
+
+The ranks form the mesh ``("dp", "sp")``, sp innermost: global rank ``r`` is
+data-parallel index ``r // sp`` and sequence-parallel index ``r % sp``. ZeRO
+shards over all of them (dp x sp, as DeepSpeed does); the ranks of one sp
+group read the same batch rows, and each computes one contiguous
+``1/sp`` of every sequence.
+
+:func:`slice_sequences` cuts a model call's arguments: every tensor whose
+second dimension is the sequence length (input ids, labels, targets, position
+ids) keeps this rank's positions. Before cutting it
+
+* adds ``position_ids`` (global positions, ``arange(seq)``) for a model whose
+  forward takes them (Hugging Face), so rotary embeddings see where each token is;
+* turns Hugging Face's ``labels`` into ``shift_labels`` (each position's next
+  token, ``-100`` at the end), so the label of a shard's last token, which
+  lives on the next rank, is not lost;
+* drops an all-ones ``attention_mask`` (and rejects one with padding: pad on
+  the right with labels ``-100`` instead; causal attention never lets a real
+  token see later padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+
+import torch
+import torch.distributed as dist
+
+from zerograph.runtime.dist import (
+    DataParallelGroup,
+    apply_collective_timeout,
+    data_parallel_group,
+    default_device,
+    ensure_process_group,
+)
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # PyTorch's and Hugging Face's ignored label
+
+
+class SequenceParallelError(ValueError):
+    """A model the sequence-parallel pass cannot split (the message names the
+    module, the counts and the fix)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallelGroup:
+    """This rank's sequence-parallel group: ``world_size`` ranks that each
+    hold ``1/world_size`` of every sequence."""
+
+    rank: int  # this rank's sp index
+    world_size: int  # sp
+    mesh: object  # the 2-D DeviceMesh ("dp", "sp")
+    group_name: str
+
+    @property
+    def group(self):
+        return self.mesh["sp"].get_group()
+
+
+def data_and_sequence_parallel_groups(
+    sp: int, timeout_s: float = 300.0, device: str | None = None, model_device: torch.device | None = None
+) -> tuple[DataParallelGroup, SequenceParallelGroup, int]:
+    """ZeRO's group (every rank: dp x sp), the sequence-parallel group, and
+    this rank's data-parallel index, from a ``("dp", "sp")`` mesh."""
+    from zerograph.config import ConfigError
+
+    ensure_process_group(timeout_s)
+    dev = default_device(device, model_device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world % sp:
+        raise ConfigError(
+            f"sequence_parallel_size={sp} does not divide the world size {world}: launch a multiple of {sp} ranks "
+            f"(world = data-parallel ranks x sequence_parallel_size), or use a sequence_parallel_size that divides "
+            f"{world}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp = world // sp
+    mesh = init_device_mesh(dev.type, (dp, sp), mesh_dim_names=("dp", "sp"))
+    for dim in ("dp", "sp"):
+        apply_collective_timeout(mesh[dim].get_group(), timeout_s)
+    apply_collective_timeout(dist.group.WORLD, timeout_s)
+    zero = data_parallel_group(timeout_s, device, model_device)  # every rank, in global rank order
+    dp_index, sp_index = divmod(dist.get_rank(), sp)
+    group = SequenceParallelGroup(rank=sp_index, world_size=sp, mesh=mesh,
+                                  group_name=mesh["sp"].get_group().group_name)
+    log.info("sequence-parallel mesh: %d data-parallel x %d sequence-parallel rank(s); this rank is dp %d, sp %d",
+             dp, sp, dp_index, sp_index)
+    return zero, group, dp_index
+
+
+def _takes(forward, name: str) -> bool:
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def slice_sequences(module, plan, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` of a call of ``module`` with every sequence cut to
+    this rank's positions (``plan.sequence_slice``); see the module docstring."""
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
+    if first is None:
+        return args, kwargs
+    seq = first.shape[1]
+    where = plan.sequence_slice(seq)
+    kwargs = dict(kwargs)
+    forward = getattr(module, "forward", None)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        if not bool((mask == 1).all()):
+            raise ValueError(
+                "sequence_parallel_size > 1: an attention_mask with padding is not supported yet; pad on the right "
+                "with labels -100 and pass no attention_mask (causal attention keeps real tokens from seeing "
+                "later padding), or pack sequences without padding")
+        kwargs["attention_mask"] = None
+    if _takes(forward, "position_ids") and kwargs.get("position_ids") is None:
+        kwargs["position_ids"] = torch.arange(seq, device=first.device).unsqueeze(0).expand(first.shape[0], seq)
+    labels = kwargs.get("labels")
+    if isinstance(labels, torch.Tensor) and callable(getattr(module, "loss_function", None)) \
+            and kwargs.get("shift_labels") is None:
+        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+        kwargs["shift_labels"] = shifted
+        kwargs["labels"] = shifted
+
+    def cut(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq:
+            return value[:, where].contiguous()
+        return value
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
