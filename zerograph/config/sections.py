@@ -14,6 +14,7 @@ from zerograph.config.values import (
     _between,
     _expected,
     _Float,
+    _Int,
     _PositiveInt,
     _problem,
     _Size,
@@ -62,7 +63,7 @@ class ZerographOptions(Section):
         "reported as intra-group, and qgZ reduces in two hops (inside the node, then across). Must divide the "
         "data-parallel world size.",
     )
-    zeropp_block_size: Annotated[_PositiveInt, _between(1, 2**20, " elements")] = Field(
+    zeropp_block_size: Annotated[_Int, _between(1, 2**20, " elements")] = Field(
         256, description="ZeRO++ qwZ/qgZ: elements per int8 quantization block (one fp32 scale each, so the "
         "scales add 4/block bytes per element); smaller blocks bound the error tighter (docs/zeropp.md).",
     )
