@@ -188,7 +188,7 @@ mul_tensor: f32[1, 6] = aten.mul_.Tensor(view_default_16, 0.25)  # comm_prep fc2
 def _groups(world: int, node: int):
     """The quantized reduce-scatter's hops on the default group: one over all
     ranks, or (nodes of ``node`` ranks) the node's, then the peers'."""
-    from zerograph.graph.quantized import Hop
+    from zerograph.passes.quantized_collectives import Hop
 
     rank = dist.get_rank()
     if node in (0, 1):
@@ -208,7 +208,7 @@ def _scales(x: torch.Tensor, block: int) -> torch.Tensor:
 def _reduce_scatter_rank(world: int, node: int, shape: tuple, block: int, seed: int):
     """On each rank: the quantized reduce-scatter of a random tensor with
     per-row magnitudes from 1e-3 to 1e3, against the exact sum and the bound."""
-    from zerograph.graph.quantized import quantized_reduce_scatter
+    from zerograph.passes.quantized_collectives import quantized_reduce_scatter
 
     rank = dist.get_rank()
     xs = []

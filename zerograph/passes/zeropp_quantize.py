@@ -3,7 +3,7 @@ ZeRO++'s int8 collectives, as rewrites of the lowered collectives.
 
 Both run after ``lower_markers`` and before scheduling, read the collective
 nodes' tags (role, group) and replace a collective and its wait with the
-sequences of :mod:`zerograph.graph.quantized`; the new nodes keep the
+sequences of :mod:`zerograph.passes.quantized_collectives`; the new nodes keep the
 collective's tag (parameter, bucket, phase) with their own role and
 ``pass_name``, so ``comm_analysis`` counts the int8 values and scales
 exactly and ``schedule_collectives`` prefetches them like any gather.
@@ -48,7 +48,7 @@ import torch
 import torch.fx as fx
 
 from zerograph._torch_private import c10d_functional, detect_fake_mode
-from zerograph.graph.quantized import Hop, quantized_all_gather, quantized_reduce_scatter
+from zerograph.passes.quantized_collectives import Hop, quantized_all_gather, quantized_reduce_scatter
 from zerograph.graph.tags import get_tag, set_tag
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.runtime.stats import collective_buffer_bytes
