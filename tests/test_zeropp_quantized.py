@@ -387,3 +387,28 @@ def test_quantization_config_errors_name_the_fix():
     assert (plan.node_size, plan.qgz, plan.qwz, plan.hpz, plan.block) == (3, True, False, False, 256)
     # one rank: nothing to quantize
     assert not ParallelPlan.build(cfg, {"dp": 1}).zero.zeropp.qgz
+
+
+def test_buckets_are_quantized_as_one_message(fake_world4):
+    """With the default bucket sizes each layer's parameters share one gather
+    and one gradient reduction (fc1: weight and bias, fc2: weight): qwZ
+    quantizes a packed bucket (M = the sum of its padded shards' elements)
+    as one row of blocks, qgZ its W rows of M; bytes W * b(M) forward, W *
+    b(M) inside and P * b(M) across the nodes in the backward (all three on,
+    nodes of 2)."""
+    torch.manual_seed(0)
+    config = {"zero_optimization": {"stage": 3, "zero_quantized_weights": True, "zero_quantized_gradients": True,
+                                    "zero_hpz_partition_size": 2},
+              "zerograph": {"device": "cpu", "nonfinite_grads": "ignore", "verify_graphs": True}}
+    model = zerograph.compile(TinyMLP(), config)
+    model(torch.randn(5, 4)).backward()
+    info = zerograph.inspect(model)
+    p = dict(model.named_parameters())
+    buckets = [_chunk(p["fc1.weight"], 4) + _chunk(p["fc1.bias"], 4), _chunk(p["fc2.weight"], 4)]
+    records = {(r.phase, r.name): r.details for r in info.passes}
+    assert records[("forward", "quantize_weight_gathers")]["collectives"] == 2
+    assert records[("backward", "quantize_grad_reduction")]["collectives"] == 2
+    by_scope = info.regions[0]["comm_bytes_by_scope"]
+    assert by_scope["forward"] == {"cross_group": {"all_gather": sum(4 * _packed(m) for m in buckets)}}
+    assert by_scope["backward"]["cross_group"] == {"all_to_all": sum(2 * _packed(m) for m in buckets)}
+    assert by_scope["backward"]["intra_group"]["all_to_all"] == sum(4 * _packed(m) for m in buckets)
