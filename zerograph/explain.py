@@ -158,8 +158,8 @@ class Explanation:
         ]
         for kind, nbytes in self.communication().items():
             lines.append(f"  {kind:<15} {nbytes:>14,} bytes")
-        if self.config.zero_optimization.zero_hpz_partition_size > 1:
-            k = self.config.zero_optimization.zero_hpz_partition_size
+        k = max(self.config.zero_optimization.zero_hpz_partition_size, self.config.zerograph.ranks_per_node)
+        if k > 1:
             for scope, counts in sorted(self.communication_by_scope().items()):
                 where = "inside a node" if scope == "intra_group" else "across nodes"
                 lines.append(f"  {scope:<15} {sum(counts.values()):>14,} bytes ({where}, nodes of {k} ranks: "

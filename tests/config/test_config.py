@@ -448,7 +448,7 @@ def test_from_deepspeed_doc_matches_generated_tables():
         "docs/from_deepspeed.md is out of date: replace everything from the '<!-- Generated' line on with the output "
         "of python -c \"import zerograph.config as c; print(c.deepspeed_markdown())\""
     )
-    assert "| `zero_optimization.zero_quantized_weights` | only `false`; otherwise rejected:" in doc
+    assert "| `zero_optimization.zero_quantized_nontrainable_weights` | only `false`; otherwise rejected:" in doc
     assert "| `zero_optimization.max_live_parameters` | DeepSpeed's other name for " in doc
     assert "| `sparse_attention` | not in zerograph (block-sparse attention kernels)" in doc
     assert "| `zerograph" not in doc  # zerograph's own section is not a DeepSpeed key

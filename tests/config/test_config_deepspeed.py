@@ -215,18 +215,18 @@ curriculum_learning is a DeepSpeed feature zerograph does not have (curriculum l
     )
 
 
-def test_zero_plus_plus_is_not_supported_yet_and_all_problems_are_listed():
+def test_unsupported_zero_plus_plus_keys_and_all_problems_are_listed():
     assert_expected_inline(
         "\n".join(problems({"zero_optimization": {
             "stage": 3, "zero_quantized_weights": True, "zero_hpz_partition_size": 8, "zero_quantized_gradients": True,
+            "zero_quantized_nontrainable_weights": True,
             "offload_param": {"device": "nvme"}, "reduce_bucket_size": -5},
             "sparse_attention": {"mode": "fixed", "block": 16}, "optimizer": {"type": "OneBitAdam",
                                                                              "params": {"freeze_step": 400}}})),
         """\
 zero_optimization.reduce_bucket_size: got -5; must be between 0 and 9223372036854775807
 zero_optimization.offload_param.device is "nvme" but zero_optimization.offload_param.nvme_path is not set: set it to a directory on a local NVMe drive (each rank writes its offloaded states there)
-zero_optimization.zero_quantized_weights=true: ZeRO++ quantized weight gathers (qwZ) are not supported yet; remove the key or set it to false
-zero_optimization.zero_quantized_gradients=true: ZeRO++ quantized gradient reduction (qgZ) is not supported yet; remove the key or set it to false
+zero_optimization.zero_quantized_nontrainable_weights=true: ZeRO++ quantized frozen weights are not supported yet; remove the key or set it to false
 optimizer.type="OneBitAdam": 1-bit Adam (compressed communication) is a DeepSpeed optimizer zerograph does not have; build it yourself with zerograph.make_optimizer(model, OptimizerClass, ...) and delete the 'optimizer' section
 sparse_attention is a DeepSpeed feature zerograph does not have (block-sparse attention kernels): use dense attention (zerograph.fusion fuses it) or a sparse-attention module in your model, and delete the 'sparse_attention' section""",
     )

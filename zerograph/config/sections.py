@@ -14,6 +14,7 @@ from zerograph.config.values import (
     _between,
     _expected,
     _Float,
+    _Int,
     _PositiveInt,
     _problem,
     _Size,
@@ -55,6 +56,16 @@ class ZerographOptions(Section):
         "Dynamo graph into zerograph's fused kernels (Triton on CUDA, pure-torch references elsewhere). "
         "Disable one family with `disabled_passes` (`fuse_attention`, `fuse_norms`, `fuse_mlp_activation`, "
         "`fuse_cross_entropy`); see docs/passes.md.",
+    )
+    ranks_per_node: _PositiveInt = Field(
+        1, description="ZeRO++: data-parallel ranks per node (consecutive ranks; on one machine, simulated "
+        "nodes) when zero_optimization.zero_hpz_partition_size does not set it: traffic inside a node is "
+        "reported as intra-group, and qgZ reduces in two hops (inside the node, then across). Must divide the "
+        "data-parallel world size.",
+    )
+    zeropp_block_size: Annotated[_Int, _between(1, 2**20, " elements")] = Field(
+        256, description="ZeRO++ qwZ/qgZ: elements per int8 quantization block (one fp32 scale each, so the "
+        "scales add 4/block bytes per element); smaller blocks bound the error tighter (docs/zeropp.md).",
     )
     verify_graphs: StrictBool = Field(
         False, description="Run graph verification after every pass (slow; for debugging)."

@@ -370,18 +370,19 @@ class ZeroConfig(Section):
         "1: off. DeepSpeed: same key.",
     )
     zero_quantized_weights: StrictBool = Field(
-        False, description="ZeRO++: all-gather int8-quantized weights (qwZ).",
-        json_schema_extra=meta(unsupported="ZeRO++ quantized weight gathers (qwZ) are" + _ZEROPP + "false",
-                               allowed=[False]),
+        False, description="ZeRO++ qwZ (stage 3): the forward's parameter all-gather sends blockwise-symmetric "
+        "int8 values and one fp32 scale per block (zerograph.zeropp_block_size elements), dequantized after the "
+        "wait; the backward's re-gather stays full precision (or is served by hpZ). Master shards and "
+        "checkpoints stay full precision (docs/zeropp.md). DeepSpeed: same key.",
     )
     zero_quantized_nontrainable_weights: StrictBool = Field(
         False, description="ZeRO++: keep frozen weights quantized.",
         json_schema_extra=meta(unsupported="ZeRO++ quantized frozen weights are" + _ZEROPP + "false", allowed=[False]),
     )
     zero_quantized_gradients: StrictBool = Field(
-        False, description="ZeRO++: reduce int4-quantized gradients (qgZ).",
-        json_schema_extra=meta(unsupported="ZeRO++ quantized gradient reduction (qgZ) is" + _ZEROPP + "false",
-                               allowed=[False]),
+        False, description="ZeRO++ qgZ (stages 2-3): gradients are reduce-scattered by int8 all-to-alls in two "
+        "hops, inside the node and then across nodes (one hop without nodes), dequantized and summed in fp32; "
+        "no error feedback (docs/zeropp.md). DeepSpeed: same key (DeepSpeed sends int4).",
     )
     zeropp_loco_param: ForeignSection = Field(
         None, description="ZeRO++ LoCo error feedback for quantized gradients.",
@@ -443,6 +444,16 @@ class ZeroConfig(Section):
                 f"zero_optimization.zero_hpz_partition_size={self.zero_hpz_partition_size} needs "
                 f"zero_optimization.stage 3 (now {self.stage}): hpZ serves the backward's re-gather of parameters, "
                 "which only stage 3 does; set stage to 3, or zero_hpz_partition_size to 1")
+        if self.zero_quantized_weights and self.stage != 3:
+            raise _problem(
+                f"zero_optimization.zero_quantized_weights=true needs zero_optimization.stage 3 (now {self.stage}): "
+                "at stages 1-2 the forward's gathered weights are also the backward's, so quantizing them would "
+                "quantize the weights the gradients are taken at; set stage to 3, or zero_quantized_weights to false")
+        if self.zero_quantized_gradients and self.stage not in (2, 3):
+            raise _problem(
+                f"zero_optimization.zero_quantized_gradients=true needs zero_optimization.stage 2 or 3 (now "
+                f"{self.stage}): qgZ replaces the gradients' reduce-scatter, which stages 0-1 do not do (they "
+                "all-reduce); set stage to 2 or 3, or zero_quantized_gradients to false")
         return self
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ from zerograph.passes.sequence_parallel import sequence_parallel
 from zerograph.passes.tag_nodes import tag_nodes
 from zerograph.passes.tensor_parallel import tensor_parallel
 from zerograph.passes.zero_policy import zero_policy
+from zerograph.passes.zeropp_quantize import quantize_grad_reduction, quantize_weight_gathers
 
 
 def _sharded(config, plan) -> bool:
@@ -47,6 +48,14 @@ def _regathers(config, plan) -> bool:
 
 def _hpz(config, plan) -> bool:
     return plan is not None and plan.zero.zeropp.hpz
+
+
+def _qwz(config, plan) -> bool:
+    return plan is not None and plan.zero.zeropp.qwz
+
+
+def _qgz(config, plan) -> bool:
+    return plan is not None and plan.zero.zeropp.qgz
 
 
 def _checkpointing(config, plan) -> bool:
@@ -101,6 +110,10 @@ def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
                       ensures=("collectives",)),
             GraphPass("lower_sp_markers", lower_sp_markers, applies=_sequence_parallel, requires=("tagged",),
                       ensures=("collectives",)),
+            GraphPass("quantize_weight_gathers", quantize_weight_gathers, phases=("forward", "inference"),
+                      applies=_qwz, requires=("collectives",)),
+            GraphPass("quantize_grad_reduction", quantize_grad_reduction, phases=("backward",), applies=_qgz,
+                      requires=("collectives",)),
             GraphPass("schedule_collectives", schedule_collectives, applies=_overlaps,
                       requires=("collectives",), ensures=("scheduled",)),
             GraphPass("dce", dce),

@@ -78,6 +78,9 @@ class ZeroPPPlan:
 
     node_size: int = 1  # ranks per node; 1: every rank is its own node
     hpz: bool = False  # secondary shards over the node serve the backward's re-gather
+    qwz: bool = False  # the forward's parameter all-gathers send int8 blocks + fp32 scales
+    qgz: bool = False  # gradients are reduce-scattered by int8 all-to-alls (two hops with nodes)
+    block: int = 256  # elements per quantization block (zerograph.zeropp_block_size)
 
     def node_of(self, dp_index: int) -> int:
         return dp_index // self.node_size
@@ -151,7 +154,7 @@ class ParallelPlan:
             persistence_threshold=z.stage3_param_persistence_threshold if z.stage == 3 else 0,
             offload_param=z.stage == 3 and z.offload_param.device != "none",
             offload_optimizer=z.offload_optimizer.device != "none",
-            zeropp=_zeropp_plan(z, mesh_sizes.get("dp", 1) * mesh_sizes.get("sp", 1)),
+            zeropp=_zeropp_plan(config, mesh_sizes.get("dp", 1) * mesh_sizes.get("sp", 1)),
         )
         mesh = DeviceMeshPlan(sizes=tuple((d, mesh_sizes.get(d, 1)) for d in MESH_DIMS),
                               coords=tuple((d, coords.get(d, 0)) for d in MESH_DIMS))
@@ -223,13 +226,21 @@ class ParallelPlan:
                 f"({self.zero.grad_reduce} gradients{', re-gather in backward' if self.zero.regathers_in_backward else ''})")
 
 
-def _zeropp_plan(z, dp: int) -> ZeroPPPlan:
-    """The ZeRO++ settings of ``zero_optimization`` ``z`` on ``dp`` data-parallel ranks."""
-    k = max(1, z.zero_hpz_partition_size)
+def _zeropp_plan(config, dp: int) -> ZeroPPPlan:
+    """The ZeRO++ settings of ``config`` on ``dp`` data-parallel ranks."""
+    z, own = config.zero_optimization, config.zerograph
+    hpz_k, node_k = max(1, z.zero_hpz_partition_size), own.ranks_per_node
+    if hpz_k > 1 and node_k > 1 and hpz_k != node_k:
+        raise ConfigError(
+            f"zero_optimization.zero_hpz_partition_size={hpz_k} and zerograph.ranks_per_node={node_k} disagree: "
+            "both set the ranks of a node; remove zerograph.ranks_per_node")
+    k, key = (hpz_k, "zero_optimization.zero_hpz_partition_size") if hpz_k > 1 else (node_k, "zerograph.ranks_per_node")
     if dp > 1 and k > 1 and dp % k:
         raise ConfigError(
-            f"zero_optimization.zero_hpz_partition_size={k} must divide the data-parallel world size {dp} "
-            f"(nodes of {k} consecutive ranks); use a divisor of {dp}, or 1 to turn hpZ off")
+            f"{key}={k} must divide the data-parallel world size {dp} "
+            f"(nodes of {k} consecutive ranks); use a divisor of {dp}, or 1 to turn it off")
     if dp <= 1:
         k = 1
-    return ZeroPPPlan(node_size=k, hpz=1 < k < dp and z.stage == 3)
+    return ZeroPPPlan(node_size=k, hpz=1 < k < dp and z.stage == 3 and hpz_k > 1,
+                      qwz=dp > 1 and z.zero_quantized_weights, qgz=dp > 1 and z.zero_quantized_gradients,
+                      block=own.zeropp_block_size)
