@@ -91,12 +91,15 @@ def model_state_bytes(ctx) -> tuple[dict[str, int], int, int]:
 
 def host_state_bytes(ctx) -> dict[str, int]:
     """This rank's model states in host memory (ZeRO-Offload): offloaded
-    parameter shards and their gradients, and with a host optimizer step its
-    states and the fp32 master copies of the shards that stay on the device."""
+    parameter shards (not those in the NVMe parameter file) and their
+    gradients, and with a host optimizer step its states and the fp32 master
+    copies of the shards that stay on the device."""
     device, host, _, master = _shard_bytes(ctx)
+    store = getattr(ctx, "nvme_params", None)  # offload_param "nvme": these shards are in a file, not in memory
+    in_file = sum(nbytes for _, nbytes in store.layout.values()) if store is not None else 0
     if not _host_step(ctx):
-        return {"params": host, "grads": host, "optimizer_states": 0, "masters": 0}
-    return {"params": host, "grads": host, "optimizer_states": 2 * (device + host),
+        return {"params": host - in_file, "grads": host, "optimizer_states": 0, "masters": 0}
+    return {"params": host - in_file, "grads": host, "optimizer_states": 2 * (device + host),
             "masters": device // master * 4}
 
 
