@@ -277,3 +277,26 @@ def test_max_in_cpu_keeps_the_first_shards_in_memory(tmp_path):
     model = zerograph.shard(_models.make_gpt(), config)
     assert model._zg_runtime.ctx.nvme_params is None and os.listdir(tmp_path) == []
     assert isinstance(_make_opt(model), (HostOptimizer, NvmeOptimizer))
+
+
+def test_explain_shows_disk_and_mapped_bytes(tmp_path):
+    """``zerograph.explain`` (world 2, rank 0, fake group): the parameter
+    file and the optimizer's swap files by the formula, the mapped peak, and
+    nothing of them counted in host memory; its traced copy's files are gone
+    after it returns."""
+    config = _zero(tmp_path, optimizer="nvme", sub_group_size=3000)
+    idx, targets = _models.global_batch(0, _harness.PER_RANK_BATCH)
+    explanation = zerograph.explain(_models.make_gpt(), config, idx, targets, world_size=2)
+    plan = explanation.inspection.nvme
+    numels = _gpt_local_numels(0)
+    assert plan.param_file_bytes == sum(align_up(n * 4) for n in numels)
+    assert plan.optimizer_file_bytes == sum(2 * align_up(n * 4) for n in numels)
+    assert plan.params_in_file == 28 and 0 < plan.peak_mapped_bytes <= plan.param_file_bytes
+    text = str(explanation)
+    assert (f"(parameter file {plan.param_file_bytes:,} bytes, 28 shards; optimizer swap files "
+            f"{plan.optimizer_file_bytes:,} bytes, Adam/AdamW)") in text
+    assert "NVMe mapped peak" in text
+    host = explanation.host_states
+    assert host["params"] == host["optimizer_states"] == host["masters"] == 0 < host["grads"]
+    gc.collect()
+    assert os.listdir(tmp_path) == []
