@@ -4,7 +4,8 @@ offload and no offload: step time, resident memory, bytes on disk and I/O.
     python benchmarks/bench_nvme.py [--steps N] [--warmup K] [--nvme-path DIR] [--systems a,b]
 
 A GPT of ~17M parameters (4 layers, d=512, vocab 8192, seq 128, batch 4 per
-rank), ZeRO stage 3 on 2 gloo ranks, AdamW built by ``zerograph.make_optimizer``.
+rank), ZeRO stage 3 on 2 gloo ranks, ``sub_group_size`` 2M elements, AdamW
+built by ``zerograph.make_optimizer``.
 Each system runs in a launch of its own (fresh processes, so resident
 memory is its own), from the same weights on the same batches:
 
@@ -41,10 +42,14 @@ import torch
 
 SPEC = dict(vocab_size=8192, block_size=128, n_layer=4, n_head=8, n_embd=512, batch=4)
 SYSTEMS = ("none", "cpu", "nvme", "nvme+opt")
+# elements per optimizer sub-group: the NvmeOptimizer's slot holds one (the
+# parameter shards' regions, plus the states with nvme+opt); DeepSpeed's
+# default 1e9 would make the slot as large as everything it swaps
+SUB_GROUP = 2_000_000
 
 
 def _zero(system: str, path: str) -> dict:
-    zero: dict = {"stage": 3}
+    zero: dict = {"stage": 3, "sub_group_size": SUB_GROUP}
     if system == "cpu":
         zero["offload_param"] = {"device": "cpu"}
     elif system.startswith("nvme"):
@@ -127,7 +132,7 @@ def _rank_main(system: str, path: str, steps: int, warmup: int):
     shard_bytes = sum(t.numel() * t.element_size() for t in local.values())
     out = {"system": system, "times": times, "rss_anon": status_trimmed["RssAnon"], "rss_file": status["RssFile"],
            "peak": status["VmHWM"], "shard_bytes": shard_bytes, "numel": sum(p.numel() for p in GPT(cfg).parameters()),
-           "storage_reads": storage_reads}
+           "storage_reads": storage_reads, "slots": getattr(opt, "buffer_bytes", lambda: 0)()}
     if store is not None:
         opt_files = opt.file_bytes()
         out.update(file_size=os.path.getsize(store.path), formula=formula, plan_param=plan.param_file_bytes,
@@ -162,8 +167,8 @@ def main(argv=None) -> int:
           f"{args.warmup}; nvme_path {path}; rank 0's shards {_mib(first['shard_bytes'])} MiB")
     print()
     print("| system | median step ms | vs none | RssAnon MiB (end) | RssFile MiB (end) | VmHWM MiB (timed steps) |"
-          " storage reads MiB/step |")
-    print("|---|---|---|---|---|---|---|")
+          " optimizer slots MiB | storage reads MiB/step |")
+    print("|---|---|---|---|---|---|---|---|")
     anchor = None
     for system, ranks in results.items():
         median = statistics.median(max(r["times"][j] for r in ranks) for j in range(args.steps)) * 1e3
@@ -171,7 +176,7 @@ def main(argv=None) -> int:
         ratio = f"{median / anchor:.2f}" if anchor else "-"
         r0 = ranks[0]
         print(f"| {system} | {median:.0f} | {ratio} | {_mib(r0['rss_anon'])} | {_mib(r0['rss_file'])} | "
-              f"{_mib(r0['peak'])} | {_mib(r0['storage_reads'])} |")
+              f"{_mib(r0['peak'])} | {_mib(r0['slots'])} | {_mib(r0['storage_reads'])} |")
     print()
     print("| system | rank | parameter file bytes | formula | planner | optimizer files (= planner) | mapped peak "
           "(planner) | optimizer I/O per step read / write | predicted | I/O busy / waited ms per step |")
