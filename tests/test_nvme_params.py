@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 import zerograph
 from tests import _harness, _models, _pool
 from tests._harness import TIMEOUT
+from zerograph.planner.nvme import graph_reads
 from zerograph.runtime.aio import NvmeOffloadError, align_up
 from zerograph.runtime.nvme_optimizer import NvmeOptimizer
 from zerograph.runtime.optimizer import HostOptimizer, make_optimizer
@@ -79,14 +80,21 @@ def _report(model, opt):
             on_disk = torch.frombuffer(bytearray(os.pread(f.fileno(), nbytes, offset)), dtype=torch.float32)
             in_file += torch.equal(on_disk, local.reshape(-1).cpu())
     idx, targets = _models.global_batch(0, _harness.PER_RANK_BATCH)
+    counts = [store.reads]  # regions announced ahead (read-ahead) so far
     loss = model(idx, targets).loss
+    counts.append(store.reads)
     mapped = [_mapped_rss(store.path)]
     loss.backward()
+    counts.append(store.reads)
     mapped.append(_mapped_rss(store.path))
+    info = zerograph.inspect(model)
+    # each graph announced the regions of the shards it copies, once each
+    expected = [len([n for n in graph_reads(gm) if store.holds(n)]) for gm in (info.forward[0], info.backward[0])]
+    announced = [counts[1] - counts[0], counts[2] - counts[1]]
     opt.zero_grad()
     swap = [Path(opt.swap_dir)] if isinstance(opt, NvmeOptimizer) and opt.swap_dir else []
     return {"file_size": os.path.getsize(store.path), "plan": plan, "formula": formula, "shards": len(store.layout),
-            "in_file": in_file, "mapped": mapped, "optimizer": type(opt).__name__,
+            "in_file": in_file, "mapped": mapped, "announced": announced, "expected_reads": expected, "optimizer": type(opt).__name__,
             "optimizer_files": sum(p.stat().st_size for d in swap for p in d.iterdir()),
             "peak_by_graph": dict(plan.mapped_by_graph)}
 
@@ -104,6 +112,7 @@ def _check_nvme_result(result, rank, name):
     assert result["optimizer_files"] == plan.optimizer_file_bytes, name
     # each graph's pages are released when it ends (checked after the forward and after the backward)
     assert result["mapped"] == [0, 0], name
+    assert result["announced"] == result["expected_reads"] and result["announced"][0] == 28, name
     assert 0 < plan.peak_mapped_bytes <= plan.param_file_bytes, name
     assert plan.peak_mapped_bytes == max(result["peak_by_graph"].values()), name
     assert result["peak_by_graph"][(0, "backward")] > 0, name  # stage 3 re-gathers in the backward
