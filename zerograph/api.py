@@ -388,6 +388,8 @@ class Inspection:
     # comm_bytes_last_step by scope: "intra_group" (collectives inside a node,
     # ZeRO++'s node groups) and "cross_group" (the rest), then by kind
     comm_bytes_by_scope_last_step: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # NVMe offload: this rank's disk and mapped bytes (zerograph.planner.nvme.NvmePlan; None without it)
+    nvme: Any = None
 
     @property
     def forward(self) -> list[torch.fx.GraphModule]:
@@ -445,6 +447,7 @@ def inspect(model: nn.Module) -> Inspection:
         for stage, ctx in parts for r in ctx.regions
     ]
     records = [rec for _, ctx in parts for r in ctx.regions for recs in r.pass_records.values() for rec in recs]
+    from zerograph.planner.nvme import nvme_plan
     from zerograph.planner.step_plan import plan_model
 
     first = parts[0][1]
@@ -463,7 +466,8 @@ def inspect(model: nn.Module) -> Inspection:
                 by_scope.setdefault(scope, {})[kind] = by_scope.get(scope, {}).get(kind, 0) + nbytes
     steps = [step for region in regions for step in region["steps"]]
     return Inspection(regions=regions, passes=records, comm_bytes_last_step=comm, steps=steps,
-                      memory=memory, memory_measured=first.stats.memory, comm_bytes_by_scope_last_step=by_scope)
+                      memory=memory, memory_measured=first.stats.memory, comm_bytes_by_scope_last_step=by_scope,
+                      nvme=nvme_plan(first))
 
 
 def _stage_contexts(model: nn.Module) -> list[tuple[Optional[int], ModelState]]:

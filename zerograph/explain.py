@@ -145,6 +145,7 @@ class Explanation:
             f"  optimizer states    {_mib(states['optimizer_states'])}   (Adam/AdamW: 2 moments per element)",
             f"  model states        {_mib(total_states)}",
             *_host_lines(self.host_states),
+            *(self.inspection.nvme.lines() if getattr(self.inspection, "nvme", None) is not None else []),
             f"  gathered-param peak {_mib(peak['gathered'])}",
             f"  activation peak     {_mib(peak['activation'])}   (saved for the backward)",
             f"  live in-step peak   {_mib(self.plan.peak_total_bytes)}   (gathered + saved + gradients + temporaries)",

@@ -8,7 +8,10 @@ Each takes a boxed executable (``fn(args)``) and returns one; innermost first:
   composes regions in execution order);
 * ``translate_oom``: a ``torch.OutOfMemoryError`` names the budget to change;
 * the runtime's collective guard: a failed collective names the dead rank;
-* ``count_comm``: adds the graph's static communication bytes to the step's.
+* ``count_comm``: adds the graph's static communication bytes to the step's;
+* ``stream_nvme_params``: ``offload_param.device: "nvme"``: announces the
+  file regions of the shards the graph copies, in its order, before it runs,
+  and releases them after (:mod:`zerograph.runtime.nvme_params`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from zerograph.planner.measured import tracker_of
+from zerograph.planner.nvme import graph_reads
 from zerograph.runtime.memory import out_of_memory
 
 
@@ -65,6 +69,24 @@ def count_comm(executable, stats, static: dict[str, int], by_scope: dict[str, di
     return _boxed(run)
 
 
+def stream_nvme_params(executable, store, gm):
+    """Read ahead the parameter-file regions ``gm`` copies, in its copy
+    order, before it runs; release the whole mapping after (also when it
+    raises: the kernel's fault-around maps neighbours of the pages read)."""
+    names = [n for n in graph_reads(gm) if store.holds(n)]
+    if not names:
+        return executable
+
+    def run(args):
+        store.read_ahead(names)
+        try:
+            return executable(args)
+        finally:
+            store.release()
+
+    return _boxed(run)
+
+
 def wrap(executable, state, config, gm, phase: str, region, memory_plan):
     """All hooks that apply to a model's compiled graph (none without a model state)."""
     if state is None:
@@ -78,4 +100,6 @@ def wrap(executable, state, config, gm, phase: str, region, memory_plan):
     static = region.comm_bytes.get(phase)
     if static:
         executable = count_comm(executable, state.stats, static, region.comm_bytes_by_scope.get(phase))
+    if state.nvme_params is not None:
+        executable = stream_nvme_params(executable, state.nvme_params, gm)
     return executable

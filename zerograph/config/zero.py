@@ -64,12 +64,16 @@ class OffloadParamConfig(OffloadConfig):
     """``zero_optimization.offload_param``: parameter offload (stage 3)."""
 
     buffer_count: _PositiveInt = Field(
-        5, description="Parameter shards read ahead of their use in the compiled schedule, plus the one being "
-        "copied (host buffers of the read-ahead pool)." + _WITH_NVME + " DeepSpeed: same key.",
+        5, description="DeepSpeed: host buffers of the parameter read-ahead pool. Here the read-ahead shards are "
+        "pages of the memory-mapped parameter file (the kernel's page cache is the pool), announced and released "
+        "per compiled graph in its copy order; the count is not used (docs/nvme_offload.md)." + _WITH_NVME,
+        json_schema_extra=meta(no_effect="the page cache holds the read-ahead shards of the mapped parameter file "
+                               "(docs/nvme_offload.md)"),
     )
     buffer_size: _Size = Field(
-        100_000_000, description="Elements per read-ahead buffer; a buffer is sized to the largest shard when that "
-        "is smaller, and a shard larger than buffer_size is an error." + _WITH_NVME + " DeepSpeed: same key.",
+        100_000_000, description="Elements per read-ahead buffer: as in DeepSpeed, a parameter shard in the file "
+        "larger than buffer_size is an error (raised when the model is sharded)." + _WITH_NVME +
+        " DeepSpeed: same key.",
     )
     max_in_cpu: _Size = Field(
         1_000_000_000, description="Parameter elements (per rank, in model order) kept in host memory; the rest "
@@ -466,7 +470,4 @@ class ZeroConfig(Section):
                 f"only stage 3 gathers parameters from shards, so only there can they live {where}; "
                 f'set stage to 3, or use offload_optimizer.device "{device}" (optimizer states {where}) instead'
             )
-        if self.offload_param.device == "nvme":
-            raise _problem('zero_optimization.offload_param.device="nvme": NVMe parameter offload is not supported '
-                           'yet; use "cpu" (host memory), with offload_optimizer.device "nvme" for the states')
         return self

@@ -91,13 +91,29 @@ def model_state_bytes(ctx) -> tuple[dict[str, int], int, int]:
 
 def host_state_bytes(ctx) -> dict[str, int]:
     """This rank's model states in host memory (ZeRO-Offload): offloaded
-    parameter shards and their gradients, and with a host optimizer step its
-    states and the fp32 master copies of the shards that stay on the device."""
+    parameter shards (not those in the NVMe parameter file) and their
+    gradients, and with a host optimizer step its states and the fp32 master
+    copies of the shards that stay on the device. What NVMe offload keeps in
+    files instead is not counted (``zerograph.planner.nvme.NvmePlan``): the
+    shards in the parameter file, and with ``offload_optimizer.device:
+    "nvme"`` the states and masters of the sub-groups swapped to disk."""
     device, host, _, master = _shard_bytes(ctx)
+    store = getattr(ctx, "nvme_params", None)  # offload_param "nvme": these shards are in a file, not in memory
+    in_file = sum(nbytes for _, nbytes in store.layout.values()) if store is not None else 0
     if not _host_step(ctx):
-        return {"params": host, "grads": host, "optimizer_states": 0, "masters": 0}
-    return {"params": host, "grads": host, "optimizer_states": 2 * (device + host),
-            "masters": device // master * 4}
+        return {"params": host - in_file, "grads": host, "optimizer_states": 0, "masters": 0}
+    states, masters = 2 * (device + host), device // master * 4
+    cfg = ctx.config.zero_optimization.offload_optimizer
+    if cfg.device == "nvme":  # the swapped sub-groups' share, by elements (sub-groups in parameter order)
+        from zerograph.runtime.nvme_optimizer import sub_groups, swapped_groups
+
+        numels = [s.numel if s.storage == "replicated" or not s.full_shape else s.local_rows * s.row_numel
+                  for s in ctx.specs.values()]
+        cut = sub_groups(numels, ctx.config.zero_optimization.sub_group_size)
+        swapped = sum(numels[i] for g in cut[:swapped_groups(len(cut), cfg.ratio)] for i in g)
+        kept = 1.0 - swapped / max(1, sum(numels))
+        states, masters = int(states * kept), int(masters * kept)
+    return {"params": host - in_file, "grads": host, "optimizer_states": states, "masters": masters}
 
 
 @dataclasses.dataclass(frozen=True)

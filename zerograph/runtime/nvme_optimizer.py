@@ -163,7 +163,7 @@ class NvmeOptimizer(ShardOptimizer):
         self.pin = pin_host_memory(pin_memory)
         self.pipeline_read, self.pipeline_write = cfg.pipeline_read, cfg.pipeline_write
         self._buffers = cfg.buffer_count
-        param_store = getattr(ctx, "nvme_params", None)
+        param_store = self.param_store = getattr(ctx, "nvme_params", None)
         resident_ids = {id(p) for p in host_resident}
         locals_ = [_local(p.detach()) for p in self.device_params]
         cut = sub_groups([t.numel() for t in locals_], zero.sub_group_size)
@@ -271,6 +271,8 @@ class NvmeOptimizer(ShardOptimizer):
             raise ValueError(f"{type(self).__name__}.step does not take a closure; compute the loss before step()")
         groups = [g for g in self.groups if any(self.device_params[e.index].grad is not None for e in g.entries)]
         self._run(groups, zero_grads=False)
+        if self.param_store is not None:  # the updated shards to disk, out of memory
+            self.param_store.after_step()
 
     def _run(self, groups: list[_SubGroup], *, zero_grads: bool) -> None:
         """Read, step and write ``groups`` through the slots (module docstring)."""

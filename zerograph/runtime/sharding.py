@@ -9,7 +9,9 @@ and ``torch.distributed.checkpoint`` see these. State-dict keys stay the
 original ones. With ``offload_param`` (stage 3) the local shard of every
 parameter that is not persistent is a tensor in host memory
 (:func:`zerograph.runtime.offload.host_shard`); the lowered graphs copy it to
-the compute device before its gather.
+the compute device before its gather; with ``offload_param.device: "nvme"``
+that host tensor is a view of a memory-mapped file
+(:mod:`zerograph.runtime.nvme_params`).
 
 Reading ``module.weight`` returns ``zerograph::unshard(shard, tag, fqn)`` (the
 op is registered by :mod:`zerograph.graph.markers`, which :mod:`zerograph.api` imports):
@@ -30,6 +32,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from zerograph.runtime.state import ModelState, context_of
 from zerograph.runtime.tp_layout import TpLayout
+from zerograph.runtime.nvme_params import create_store
 from zerograph.runtime.offload import host_shard, pin_host_memory
 from zerograph.runtime.specs import ParamSpec
 
@@ -82,6 +85,9 @@ def _stored(param: nn.Parameter, spec: ParamSpec, ctx: ModelState) -> nn.Paramet
     stored = _placed(param, spec, ctx)
     if not spec.offloaded:
         return stored
+    store = ctx.nvme_params
+    if store is not None and store.holds(spec.name):  # offload_param "nvme": a view of its region of the file
+        return nn.Parameter(store.place(spec.name, stored.data), requires_grad=param.requires_grad)
     pin = pin_host_memory(ctx.config.zero_optimization.offload_param.pin_memory)
     return nn.Parameter(host_shard(stored.data, pin=pin), requires_grad=param.requires_grad)
 
@@ -129,6 +135,10 @@ def shard_parameters(model: nn.Module, ctx: ModelState, tp_layouts: dict[str, Tp
     ``unshard`` (``unshard_whole`` for the parameters in ``tp_layouts``, which
     are split over the tensor-parallel ranks as each layout says)."""
     tp_layouts = tp_layouts or {}
+    if ctx.config.zero_optimization.offload_param.device == "nvme" and ctx.nvme_params is None:
+        # the parameter file is laid out, sized and checked before any shard is made
+        specs = [_spec_for(fqn, p, ctx, tp_layouts.get(fqn)) for fqn, p in model.named_parameters()]
+        ctx.nvme_params = create_store(ctx, specs, model)
     new_params: dict[int, tuple[nn.Parameter, str]] = {}
     subclasses: dict[tuple[type, tuple[str, ...]], type] = {}
     for mod_name, module in model.named_modules():

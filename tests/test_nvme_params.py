@@ -1,0 +1,311 @@
+"""NVMe parameter offload (``offload_param.device: "nvme"``, ZeRO-Infinity):
+stage-3 parameter shards in a memory-mapped file per rank, read ahead and
+released per compiled graph, written after the optimizer step.
+
+World 2 (compiled, gloo): training equals CPU parameter offload bit for bit
+and the single-process eager reference at rtol 1e-5 (5 steps), alone and
+with ``offload_optimizer.device: "nvme"``; the file holds the shards (its
+bytes are the parameters'), its size is the planner's (and the formula's),
+no page of it stays mapped between graphs; a checkpoint saved from NVMe
+shards resumes bit for bit after the swap files are gone; the errors before
+training (world 1)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+import zerograph
+from tests import _harness, _models, _pool
+from tests._harness import TIMEOUT
+from zerograph.planner.nvme import graph_reads
+from zerograph.runtime.aio import NvmeOffloadError, align_up
+from zerograph.runtime.nvme_optimizer import NvmeOptimizer
+from zerograph.runtime.optimizer import HostOptimizer, make_optimizer
+
+STEPS = 5
+
+
+def _zero(root, optimizer="none", param="nvme", **extra):
+    param_section = {"device": param}
+    if param == "nvme":
+        param_section.update(nvme_path=str(root), max_in_cpu=0)
+    opt_section = {"device": optimizer}
+    if optimizer == "nvme":
+        opt_section["nvme_path"] = str(root)
+    return {"zero_optimization": {"stage": 3, "offload_param": param_section, "offload_optimizer": opt_section,
+                                  **extra}}
+
+
+def _make_opt(model):
+    return make_optimizer(model, torch.optim.AdamW, lr=_harness.LR, eps=_harness.EPS, foreach=False)
+
+
+def _local(p):
+    return (p.to_local() if isinstance(p, DTensor) else p).detach()
+
+
+def _mapped_rss(path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+def _report(model, opt):
+    """After training: what is on disk, against the planner and the formula;
+    the file's bytes against the parameters; mapped pages around one step."""
+    ctx = model._zg_runtime.ctx
+    store = ctx.nvme_params
+    plan = zerograph.inspect(model).nvme
+    named = dict(model.named_parameters())
+    formula = sum(align_up(_local(p).numel() * 4) for n, p in named.items() if ctx.specs[n].offloaded)
+    in_file = 0
+    with open(store.path, "rb") as f:
+        for name, (offset, nbytes) in store.layout.items():
+            local = _local(named[name])
+            on_disk = torch.frombuffer(bytearray(os.pread(f.fileno(), nbytes, offset)), dtype=torch.float32)
+            in_file += torch.equal(on_disk, local.reshape(-1).cpu())
+    idx, targets = _models.global_batch(0, _harness.PER_RANK_BATCH)
+    counts = [store.reads]  # regions announced ahead (read-ahead) so far
+    loss = model(idx, targets).loss
+    counts.append(store.reads)
+    mapped = [_mapped_rss(store.path)]
+    loss.backward()
+    counts.append(store.reads)
+    mapped.append(_mapped_rss(store.path))
+    info = zerograph.inspect(model)
+    # each graph announced the regions of the shards it copies, once each
+    expected = [len([n for n in graph_reads(gm) if store.holds(n)]) for gm in (info.forward[0], info.backward[0])]
+    announced = [counts[1] - counts[0], counts[2] - counts[1]]
+    opt.zero_grad()
+    swap = [Path(opt.swap_dir)] if isinstance(opt, NvmeOptimizer) and opt.swap_dir else []
+    return {"file_size": os.path.getsize(store.path), "plan": plan, "formula": formula, "shards": len(store.layout),
+            "in_file": in_file, "mapped": mapped, "announced": announced, "expected_reads": expected, "optimizer": type(opt).__name__,
+            "optimizer_files": sum(p.stat().st_size for d in swap for p in d.iterdir()),
+            "peak_by_graph": dict(plan.mapped_by_graph)}
+
+
+def _report_if_nvme(model, opt):
+    return _report(model, opt) if model._zg_runtime.ctx.nvme_params is not None else {}
+
+
+def _check_nvme_result(result, rank, name):
+    plan = result["plan"]
+    # every shard of the 28 is in the file, holding the parameter's bytes
+    assert result["shards"] == result["in_file"] == plan.params_in_file == 28, name
+    assert result["file_size"] == plan.param_file_bytes == result["formula"], name
+    assert result["optimizer"] == "NvmeOptimizer", name
+    assert result["optimizer_files"] == plan.optimizer_file_bytes, name
+    # each graph's pages are released when it ends (checked after the forward and after the backward)
+    assert result["mapped"] == [0, 0], name
+    assert result["announced"] == result["expected_reads"] and result["announced"][0] == 28, name
+    assert 0 < plan.peak_mapped_bytes <= plan.param_file_bytes, name
+    assert plan.peak_mapped_bytes == max(result["peak_by_graph"].values()), name
+    assert result["peak_by_graph"][(0, "backward")] > 0, name  # stage 3 re-gathers in the backward
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_param_and_optimizer_nvme_train_like_eager_world2(tmp_path):
+    """The CI case: parameters and optimizer states on NVMe together, 5 steps."""
+    ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=STEPS)
+    ranks = _harness.train("gpt", _zero(tmp_path, optimizer="nvme", sub_group_size=3000), steps=STEPS,
+                           optimizer=_make_opt, report=_report)
+    assert os.listdir(tmp_path) == []  # every rank's swap directory is removed with its model
+    for rank, result in enumerate(ranks):
+        _harness.assert_same_training(result, ref_losses, ref_params)
+        _check_nvme_result(result, rank, "param + optimizer nvme")
+        # AdamW's two moments of every element, in fp32: the masters are the parameter file's shards
+        assert result["optimizer_files"] == sum(2 * align_up(n * 4) for n in _gpt_local_numels(rank))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_param_nvme_equals_cpu_offload_world2(tmp_path):
+    """Bit for bit the CPU parameter offload's training, with the optimizer's
+    states in memory and on NVMe (nightly: three compiled models)."""
+    configs = [_zero(tmp_path, param="cpu"), _zero(tmp_path), _zero(tmp_path, optimizer="nvme", sub_group_size=3000)]
+    ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=STEPS)
+    ranks = _harness.train("gpt", configs, steps=STEPS, optimizer=_make_opt,
+                           report=_report_if_nvme)
+    assert os.listdir(tmp_path) == []
+    for rank, (cpu, *nvme) in enumerate(ranks):
+        _harness.assert_same_training(cpu, ref_losses, ref_params)
+        for name, result in zip(("param nvme", "param + optimizer nvme"), nvme):
+            assert result["losses"] == cpu["losses"], name  # the same arithmetic on the same values
+            for key, value in cpu["params"].items():
+                assert torch.equal(result["params"][key], value), f"{name}: {key}"
+            _check_nvme_result(result, rank, name)
+        assert nvme[0]["optimizer_files"] == 0
+
+
+def _gpt_local_numels(rank, world=2):
+    """This rank's shard sizes of the test GPT (chunks of dim 0, as DTensor Shard(0))."""
+    out = []
+    for p in _models.make_gpt().parameters():
+        rows = p.shape[0] if p.dim() else 1
+        chunk = -(-rows // world)
+        mine = max(0, min(chunk, rows - rank * chunk))
+        out.append(mine * (p.numel() // rows if rows else 0))
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+SAVE_AT, END = 2, 4
+
+
+def _ckpt_rank(root, entry="shard"):
+    """Train steps 0-1 with parameters (and states) on NVMe, save, train
+    steps 2-3; drop the model (its swap files go); a fresh model loads the
+    checkpoint and trains steps 2-3. Eager ZeRO (``zerograph.shard``) by
+    default: the storage is the compiled models' (the test above), without
+    two compiles."""
+    import torch.distributed as dist
+
+    config = _zero(Path(root) / "nvme", optimizer="nvme")
+    (Path(root) / "nvme").mkdir(exist_ok=True)
+    torch._dynamo.reset()
+    model = getattr(zerograph, entry)(_models.make_gpt(), config)
+    opt = _make_opt(model)
+    first = _harness.train_global_batches(model, opt, range(SAVE_AT))
+    zerograph.save_checkpoint(f"{root}/ckpt", model, opt, step=SAVE_AT)
+    straight = _harness.train_global_batches(model, opt, range(SAVE_AT, END))
+    straight_params = {k: v.clone() for k, v in zerograph.full_state_dict(model).items()}
+    rank_dir = Path(model._zg_runtime.ctx.nvme_params.path).parent.parent
+    del model, opt
+    gc.collect()
+    gone = not rank_dir.exists()
+    dist.barrier()
+    torch._dynamo.reset()
+    model = getattr(zerograph, entry)(_models.make_gpt(), config)
+    opt = _make_opt(model)
+    assert zerograph.load_checkpoint(f"{root}/ckpt", model, opt) == {"step": SAVE_AT}
+    second = _harness.train_global_batches(model, opt, range(SAVE_AT, END))
+    params = {k: v.clone() for k, v in zerograph.full_state_dict(model).items()}
+    del model, opt
+    gc.collect()
+    return {"first": first, "straight": straight, "straight_params": straight_params, "second": second,
+            "params": params, "gone": gone}
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_checkpoint_round_trip_with_nvme_params(tmp_path):
+    ranks = _pool.run(_ckpt_rank, 2, str(tmp_path), timeout=TIMEOUT)
+    ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=END)
+    for r in ranks:
+        assert r["gone"]  # the first model's swap files were removed before the load
+        assert r["second"] == r["straight"]
+        for key, value in r["straight_params"].items():
+            assert torch.equal(r["params"][key], value), key
+        _harness.assert_same_training({"losses": r["first"] + r["second"], "params": r["params"]},
+                                      ref_losses, ref_params)
+    saved = [p.name for p in (tmp_path / "ckpt").rglob("*")]
+    assert saved and not any(name.endswith(".swp") for name in saved)  # the checkpoint is not the swap files
+    assert os.listdir(tmp_path / "nvme") == []
+
+
+# --------------------------------------------------------------------------- errors (world 1)
+
+def _gpt_file_bytes() -> int:
+    return sum(align_up(p.numel() * 4) for p in _models.make_gpt().parameters())
+
+
+def _error(config) -> str:
+    torch._dynamo.reset()
+    with pytest.raises(NvmeOffloadError) as info:
+        zerograph.shard(_models.make_gpt(), config)
+    return str(info.value)
+
+
+def test_errors_name_the_path_and_the_bytes(tmp_path, monkeypatch):
+    needed = _gpt_file_bytes()
+    key = "zero_optimization.offload_param"
+    missing = tmp_path / "nope"
+    assert _error(_zero(missing)) == (
+        f"zerograph: {key}.nvme_path {missing} does not exist; create it (rank 0 needs {needed:,} bytes there) or "
+        f"point {key}.nvme_path at an existing directory")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    root = os.geteuid() == 0
+    subprocess.run(["chattr", "+i", str(locked)], check=True) if root else locked.chmod(0o500)
+    try:
+        message = _error(_zero(locked))
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True) if root else locked.chmod(0o700)
+    assert message.startswith(f"zerograph: {key}.nvme_path {locked} is not writable by this process (")
+    assert f"rank 0 needs to write {needed:,} bytes there" in message
+    # a disk with less free space than the file needs (the free space is what statvfs says: faked here)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=needed - 1))
+    assert _error(_zero(tmp_path)) == (
+        f"zerograph: not enough space in {key}.nvme_path {tmp_path}: rank 0 needs {needed:,} bytes for its params "
+        f"files, {needed - 1:,} are free. Free space there, point {key}.nvme_path at a larger drive, or shard over "
+        "more ranks")
+    monkeypatch.undo()
+    # DeepSpeed's buffer check: a shard larger than buffer_size elements
+    config = _zero(tmp_path)
+    config["zero_optimization"]["offload_param"]["buffer_size"] = 1000
+    message = _error(config)
+    assert message.startswith(f"zerograph: {key}.buffer_size=1,000 elements is smaller than this rank's shard of ")
+    assert "set zero_optimization.offload_param.buffer_size to at least" in message
+    assert os.listdir(tmp_path) == ["locked"]  # nothing left behind
+
+
+def test_max_in_cpu_keeps_the_first_shards_in_memory(tmp_path):
+    """DeepSpeed's ``max_in_cpu``: the first offloaded shards up to that many
+    elements stay in host memory (as with device "cpu"); the default (1e9)
+    keeps a small model entirely there, with no file."""
+    from zerograph.runtime.nvme_params import param_layout
+
+    torch._dynamo.reset()
+    model = zerograph.shard(_models.make_gpt(), _zero(tmp_path))
+    specs = list(model._zg_runtime.ctx.specs.values())
+    numels = [s.numel for s in specs]
+    assert len(param_layout(specs, 0)) == len(specs)
+    cut = numels[0] + numels[1]
+    assert list(param_layout(specs, cut)) == [s.name for s in specs[2:]]
+    assert list(param_layout(specs, cut + 1)) == [s.name for s in specs[2:]]  # whole shards, in order
+    del model
+    gc.collect()
+    config = _zero(tmp_path)
+    del config["zero_optimization"]["offload_param"]["max_in_cpu"]
+    model = zerograph.shard(_models.make_gpt(), config)
+    assert model._zg_runtime.ctx.nvme_params is None and os.listdir(tmp_path) == []
+    assert isinstance(_make_opt(model), (HostOptimizer, NvmeOptimizer))
+
+
+def test_explain_shows_disk_and_mapped_bytes(tmp_path):
+    """``zerograph.explain`` (world 2, rank 0, fake group): the parameter
+    file and the optimizer's swap files by the formula, the mapped peak, and
+    nothing of them counted in host memory; its traced copy's files are gone
+    after it returns."""
+    config = _zero(tmp_path, optimizer="nvme", sub_group_size=3000)
+    idx, targets = _models.global_batch(0, _harness.PER_RANK_BATCH)
+    explanation = zerograph.explain(_models.make_gpt(), config, idx, targets, world_size=2)
+    plan = explanation.inspection.nvme
+    numels = _gpt_local_numels(0)
+    assert plan.param_file_bytes == sum(align_up(n * 4) for n in numels)
+    assert plan.optimizer_file_bytes == sum(2 * align_up(n * 4) for n in numels)
+    assert plan.params_in_file == 28 and 0 < plan.peak_mapped_bytes <= plan.param_file_bytes
+    text = str(explanation)
+    assert (f"(parameter file {plan.param_file_bytes:,} bytes, 28 shards; optimizer swap files "
+            f"{plan.optimizer_file_bytes:,} bytes, Adam/AdamW)") in text
+    assert "NVMe mapped peak" in text
+    host = explanation.host_states
+    assert host["params"] == host["optimizer_states"] == host["masters"] == 0 < host["grads"]
+    gc.collect()
+    assert os.listdir(tmp_path) == []

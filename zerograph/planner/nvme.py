@@ -1,0 +1,101 @@
+"""NVMe offload in the plan: which parameter shards each compiled graph reads
+from the parameter file, in what order, and the disk and host-buffer bytes
+of this rank (``offload_param`` / ``offload_optimizer`` with device
+``"nvme"``; docs/nvme_offload.md).
+
+* :func:`graph_reads`: the parameters whose host shard a lowered graph copies
+  to the compute device (its ``host_copy`` nodes, not the gradient copies
+  tagged ``location="host"``), in node order: the order in which the runtime
+  announces their file regions before the graph runs.
+* :func:`nvme_plan`: :class:`NvmePlan`, this rank's bytes on disk (the
+  parameter file, exact; the optimizer's swap files for Adam/AdamW, as the
+  memory report counts states) and the peak of parameter-file bytes mapped
+  at once (the largest sum over one graph's reads: a graph's regions are
+  released when it ends).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+
+from zerograph.graph.tags import get_tag
+from zerograph.runtime.aio import align_up
+from zerograph.runtime.nvme_optimizer import sub_groups, swapped_groups
+from zerograph.runtime.nvme_params import local_numel
+
+
+def graph_reads(gm) -> list[str]:
+    """Parameters whose host shard ``gm`` copies to the compute device, in node order."""
+    out: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        tag = get_tag(node)
+        if tag is None or tag.role != "host_copy" or tag.location == "host":
+            continue
+        for name in (tag.param, *tag.bucket):
+            if name:
+                out.setdefault(name)
+    return list(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class NvmePlan:
+    """This rank's NVMe offload bytes (module docstring)."""
+
+    param_file_bytes: int  # the parameter file (offload_param "nvme")
+    optimizer_file_bytes: int  # the optimizer's swap files (offload_optimizer "nvme"), for Adam/AdamW
+    params_in_file: int  # shards in the parameter file
+    # most parameter-file bytes one graph maps (its reads, page-rounded); per graph: (region, phase) -> bytes
+    peak_mapped_bytes: int
+    mapped_by_graph: dict[tuple[int, str], int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.param_file_bytes + self.optimizer_file_bytes
+
+    def lines(self) -> list[str]:
+        """The report's lines (``zerograph.explain``)."""
+        mib = 2 ** 20
+        return [f"  on NVMe (disk)      {self.disk_bytes / mib:10.3f} MiB   (parameter file "
+                f"{self.param_file_bytes:,} bytes, {self.params_in_file} shards; optimizer swap files "
+                f"{self.optimizer_file_bytes:,} bytes, Adam/AdamW)",
+                f"  NVMe mapped peak    {self.peak_mapped_bytes / mib:10.3f} MiB   (parameter-file pages one graph "
+                "reads, released when it ends)"]
+
+
+def _optimizer_file_bytes(ctx, store) -> int:
+    """Bytes of the NvmeOptimizer's swap files for Adam/AdamW (two fp32 states
+    per element; an fp32 master per element unless the shard is its own
+    master: in the parameter file, or an fp32 shard in host memory)."""
+    zero = ctx.config.zero_optimization
+    cfg = zero.offload_optimizer
+    if cfg.device != "nvme":
+        return 0
+    specs = list(ctx.specs.values())
+    cut = sub_groups([local_numel(s) for s in specs], zero.sub_group_size)
+    total = 0
+    for group in cut[:swapped_groups(len(cut), cfg.ratio)]:
+        for i in group:
+            spec, numel = specs[i], local_numel(specs[i])
+            own_master = spec.master_dtype.is_floating_point and spec.master_dtype.itemsize == 4 and (
+                (store is not None and store.holds(spec.name)) or spec.offloaded)
+            total += (0 if own_master else align_up(numel * 4)) + 2 * align_up(numel * 4)
+    return total
+
+
+def nvme_plan(ctx) -> NvmePlan | None:
+    """This rank's :class:`NvmePlan` (None without NVMe offload)."""
+    zero = ctx.config.zero_optimization
+    if "nvme" not in (zero.offload_param.device, zero.offload_optimizer.device):
+        return None
+    store = ctx.nvme_params
+    by_graph = {}
+    if store is not None:
+        for region in ctx.regions:
+            for phase, gm in region.graphs.items():
+                by_graph[(region.index, phase)] = sum(
+                    align_up(store.layout[n][1], mmap.PAGESIZE) for n in graph_reads(gm) if store.holds(n))
+    return NvmePlan(param_file_bytes=store.nbytes if store is not None else 0,
+                    optimizer_file_bytes=_optimizer_file_bytes(ctx, store),
+                    params_in_file=len(store.layout) if store is not None else 0,
+                    peak_mapped_bytes=max(by_graph.values(), default=0), mapped_by_graph=by_graph)
