@@ -11,6 +11,7 @@ import torch
 import zerograph
 from tests import _harness, _models, _pool
 from zerograph.checkpoint.tp import whole_boxes
+from zerograph.runtime.launch import spawn
 from zerograph.runtime.tp_layout import TpLayout
 
 SAVE_AT, END = 3, 5
@@ -103,16 +104,18 @@ def test_tp2_dp2_zero3_checkpoint_loads_at_tp2_and_at_tp1(tmp_path):
     """tp=2 x dp=2 (ZeRO-3: the split parameters are DTensor rows of the tp
     slices) saves; tp=2 x dp=1 (ZeRO-1) and one process load it and go on
     like the eager run; and a tp=2 checkpoint loads at tp=2 x dp=2."""
+    # world 4 on fresh processes (spawn): a pool rank that built a (dp=2, tp=2) mesh in an earlier call can
+    # find torch's device-mesh cache pointing at that call's destroyed groups
     ref_losses, ref_params = _harness.reference_run("gpt", 1, steps=END)
     path = str(tmp_path / "tp2dp2")
-    _pool.run(tp_checkpoint_run, 4, "gpt", _config(3, 2), path, "save", timeout=_harness.TIMEOUT)
+    spawn(tp_checkpoint_run, 4, "gpt", _config(3, 2), path, "save", timeout=_harness.TIMEOUT)
     result = _pool.run(tp_checkpoint_run, 2, "gpt", _config(1, 2), path, "resume", timeout=_harness.TIMEOUT)[0]
     _assert_continues(result, ref_losses[SAVE_AT:], ref_params, "tp2 x dp2 -> tp2")
     _assert_continues(tp_checkpoint_run("gpt", _config(0, 1), path, "resume"), ref_losses[SAVE_AT:], ref_params,
                       "tp2 x dp2 -> tp1")
     path = str(tmp_path / "tp2")
     _pool.run(tp_checkpoint_run, 2, "gpt", _config(0, 2), path, "save", timeout=_harness.TIMEOUT)
-    result = _pool.run(tp_checkpoint_run, 4, "gpt", _config(3, 2), path, "resume", timeout=_harness.TIMEOUT)[0]
+    result = spawn(tp_checkpoint_run, 4, "gpt", _config(3, 2), path, "resume", timeout=_harness.TIMEOUT)[0]
     _assert_continues(result, ref_losses[SAVE_AT:], ref_params, "tp2 -> tp2 x dp2")
 
 

@@ -56,6 +56,11 @@ class ZerographOptions(Section):
         "Disable one family with `disabled_passes` (`fuse_attention`, `fuse_norms`, `fuse_mlp_activation`, "
         "`fuse_cross_entropy`); see docs/passes.md.",
     )
+    tp_vocab_parallel: StrictBool = Field(
+        False, description="With tensor_parallel.autotp_size > 1: split the input embedding and the LM head over the "
+        "vocabulary, with a vocab-parallel cross-entropy: where the loss is computed in the graph of the logits, no "
+        "rank holds full-vocabulary logits and the model returns this rank's vocabulary slice "
+        "(docs/tensor_parallel.md).")
     verify_graphs: StrictBool = Field(
         False, description="Run graph verification after every pass (slow; for debugging)."
     )
