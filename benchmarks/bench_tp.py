@@ -18,6 +18,8 @@ their rows), AdamW, fp32:
   attention computes on its ``n_head / tp`` local heads (what torch's TP
   tutorial does to a model's attention); the math is the model's.
 
+Both systems are built first, then trained in turns, step by step (the
+order flips every step), so that a change in the machine's load hits both.
 Reported: median step time (forward, backward, ``opt.step``, ``zero_grad``;
 slowest rank) and the ratio zerograph / torch; model-state bytes per rank
 (parameters + gradients + AdamW states) and their ratio; zerograph's
@@ -96,44 +98,58 @@ def _zerograph(spec: dict, example):
     return zerograph.compile(_model(spec), {"tensor_parallel": {"autotp_size": TP}}, example_batch=example)
 
 
-def _run(name: str, spec: dict, batches, warmup: int) -> dict:
-    import torch.distributed as dist
-    from benchmarks.bench_zero import model_state_bytes
+class _System:
+    """One system's model, optimizer and measurements."""
 
-    t0 = time.perf_counter()
-    model = _zerograph(spec, batches[0]) if name == "zerograph" else _torch_tp(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times, state, loss = [], 0, None
-    for i, (idx, targets) in enumerate(batches):
+    def __init__(self, name: str, spec: dict, example):
+        t0 = time.perf_counter()
+        self.name = name
+        self.model = _zerograph(spec, example) if name == "zerograph" else _torch_tp(spec)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.setup_s = time.perf_counter() - t0
+        self.times, self.state, self.loss, self.warmup_s = [], 0, None, 0.0
+
+    def step(self, i: int, batch, warmup: int) -> None:
+        import torch.distributed as dist
+        from benchmarks.bench_zero import model_state_bytes
+
         dist.barrier()
         start = time.perf_counter()
-        out = model(idx, targets)
+        out = self.model(*batch)
         out.loss.backward()
-        opt.step()
+        self.opt.step()
         if i == 0:
-            state = model_state_bytes(model, opt)
-        opt.zero_grad()
+            self.state = model_state_bytes(self.model, self.opt)
+        self.opt.zero_grad()
         elapsed = torch.tensor(time.perf_counter() - start)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if i == warmup - 1:
-            warm = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(elapsed.item())
-        loss = out.loss.item()
-    result = {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
-              "max_ms": 1000 * max(times), "state_bytes": state, "loss": loss, "warmup_s": warm}
-    if name == "zerograph":
-        import zerograph
+        if i < warmup:
+            self.warmup_s += elapsed.item()
+        else:
+            self.times.append(elapsed.item())
+        self.loss = out.loss.item()
 
-        result["comm"] = dict(zerograph.inspect(model).comm_bytes_last_step)
-    del model, opt
-    return result
+    def result(self) -> dict:
+        out = {"median_ms": 1000 * statistics.median(self.times), "min_ms": 1000 * min(self.times),
+               "max_ms": 1000 * max(self.times), "state_bytes": self.state, "loss": self.loss,
+               "warmup_s": self.setup_s + self.warmup_s}
+        if self.name == "zerograph":
+            import zerograph
+
+            out["comm"] = dict(zerograph.inspect(self.model).comm_bytes_last_step)
+        return out
 
 
 def rank_main(spec: dict, rows: int, steps: int, warmup: int) -> dict:
+    """Both systems built, then trained step by step in turns (the machine's
+    load changes within a launch: alternating exposes both to it alike)."""
     torch.set_num_threads(1)
     batches = _batches(spec, rows, warmup + steps)
-    return {name: _run(name, spec, batches, warmup) for name in ("zerograph", "torch TP")}
+    systems = [_System(name, spec, batches[0]) for name in ("zerograph", "torch TP")]
+    for i, batch in enumerate(batches):
+        for system in (systems if i % 2 == 0 else systems[::-1]):
+            system.step(i, batch, warmup)
+    return {s.name: s.result() for s in systems}
 
 
 def report(res: dict, spec: dict, rows: int, steps: int, warmup: int) -> str:
@@ -149,7 +165,7 @@ def report(res: dict, spec: dict, rows: int, steps: int, warmup: int) -> str:
         f"torch {torch.__version__}, {platform.machine()}, load average {load:.2f} at the end",
         "",
         "| system | median step ms (min–max) | ratio to torch TP | model-state MiB per rank | ratio to torch TP "
-        "| loss after last step | warmup s |",
+        "| loss after last step | setup + warmup s |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in (("zerograph tp=2", zg), ("torch TP (parallelize_module)", tt)):
