@@ -105,3 +105,73 @@ def test_a_vocabulary_tp_does_not_divide_is_a_config_error(fake_world):
         zerograph.compile(_models.make_gpt(), {"tensor_parallel": {"autotp_size": 2},
                                                "zerograph": {"tp_vocab_parallel": True}},
                           example_batch=(idx, targets))
+
+
+class TinyLM(torch.nn.Module):
+    """An embedding tied to its LM head, and the loss: all a vocab-parallel rewrite touches."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(8, 4)
+        self.head = torch.nn.Linear(4, 8, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx, targets):
+        return torch.nn.functional.cross_entropy(self.head(self.emb(idx)), targets)
+
+
+def test_vocab_parallel_pass_golden(fake_world):
+    import zerograph
+    from expecttest import assert_expected_inline
+    from zerograph.graph.format import format_graph
+
+    torch.manual_seed(0)
+    idx, targets = torch.randint(0, 8, (6,)), torch.randint(0, 8, (6,))
+    config = {"tensor_parallel": {"autotp_size": 2},
+              "zerograph": {"verify_graphs": True, "device": "cpu", "tp_vocab_parallel": True}}
+    model = zerograph.compile(TinyLM(), config, example_batch=(idx, targets))
+    model(idx, targets).backward()
+    assert [tuple(p.shape) for p in model.parameters()] == [(4, 4)]  # rows 0-3 or 4-7 of the vocabulary
+    assert_expected_inline(format_graph(zerograph.inspect(model).regions[0]["graphs"]["dynamo"], canonical=True),
+                           """\
+l_call_impl_self_modules_emb_parameters_weight_: f32[4, 4]
+l_args_0_: i64[6]
+l_args_1_: i64[6]
+unshard_whole: f32[4, 4] = unshard(l_call_impl_self_modules_emb_parameters_weight_, 'zg0', 'emb.weight')
+sub: i64[6] = sub(l_args_0_, 0)
+lt: bool[6] = lt(sub, 0)
+ge: bool[6] = ge(sub, 4)
+or_: bool[6] = or_(lt, ge)
+masked_fill: i64[6] = masked_fill(sub, or_, 0)
+embedding: f32[6, 4] = embedding(masked_fill, unshard_whole, None)
+unsqueeze: bool[6, 1] = unsqueeze(or_, -1)
+masked_fill_1: f32[6, 4] = masked_fill(embedding, unsqueeze, 0.0)
+tp_all_reduce_default: f32[6, 4] = zerograph.tp_all_reduce(masked_fill_1, 'zg0')
+tp_copy_default: f32[6, 4] = zerograph.tp_copy(tp_all_reduce_default, 'zg0')
+linear: f32[6, 4] = linear(tp_copy_default, unshard_whole, None)
+detach: f32[6, 4] = detach(linear)
+amax: f32[6, 1] = amax(detach, -1, True)
+tp_all_reduce_max_default: f32[6, 1] = zerograph.tp_all_reduce_max(amax, 'zg0')
+sub_1: f32[6, 4] = sub(linear, tp_all_reduce_max_default)
+exp: f32[6, 4] = exp(sub_1)
+sum: f32[6] = sum(exp, -1)
+tp_all_reduce_default_1: f32[6] = zerograph.tp_all_reduce(sum, 'zg0')
+sub_2: i64[6] = sub(l_args_1_, 0)
+lt_1: bool[6] = lt(sub_2, 0)
+ge_1: bool[6] = ge(sub_2, 4)
+or__1: bool[6] = or_(lt_1, ge_1)
+masked_fill_2: i64[6] = masked_fill(sub_2, or__1, 0)
+unsqueeze_1: i64[6, 1] = unsqueeze(masked_fill_2, 1)
+gather: f32[6, 1] = gather(sub_1, 1, unsqueeze_1)
+squeeze: f32[6] = squeeze(gather, 1)
+masked_fill_3: f32[6] = masked_fill(squeeze, or__1, 0.0)
+tp_all_reduce_default_2: f32[6] = zerograph.tp_all_reduce(masked_fill_3, 'zg0')
+log: f32[6] = log(tp_all_reduce_default_1)
+sub_3: f32[6] = sub(log, tp_all_reduce_default_2)
+eq: bool[6] = eq(l_args_1_, -100)
+masked_fill_4: f32[6] = masked_fill(sub_3, eq, 0.0)
+invert: bool[6] = invert(eq)
+sum_1: i64[] = sum(invert)
+sum_2: f32[] = sum(masked_fill_4)
+div: f32[] = div(sum_2, sum_1)
+return [div]""")

@@ -157,7 +157,7 @@ def decide_splits(model: nn.Module, partition_config: dict | None,
     ``capture()`` returns the model's Dynamo graphs for the graph rule (None:
     no example batch to trace on). ``vocab_parallel``: also the input
     embedding and the LM head, over the vocabulary (:func:`vocab_splits`)."""
-    out = _decide_layer_splits(model, partition_config, capture)
+    out = _decide_layer_splits(model, partition_config, capture, allow_none=vocab_parallel)
     if vocab_parallel:
         out.update(vocab_splits(model, out))
     return out
@@ -205,7 +205,7 @@ def vocab_splits(model: nn.Module, decided: dict[str, LayerSplit]) -> dict[str, 
 
 
 def _decide_layer_splits(model: nn.Module, partition_config: dict | None,
-                         capture: Callable[[], list] | None) -> dict[str, LayerSplit]:
+                         capture: Callable[[], list] | None, allow_none: bool = False) -> dict[str, LayerSplit]:
     modules = splittable_modules(model)
     specs, use_default = parse_partition_config(partition_config)
     out: dict[str, LayerSplit] = {}
@@ -250,7 +250,7 @@ def _decide_layer_splits(model: nn.Module, partition_config: dict | None,
         else:
             log.info("tensor parallelism: no example batch to trace, so only layer_specs split layers of %s",
                      type(model).__name__)
-    if not out:
+    if not out and not allow_none:  # (with vocab_parallel the embedding and head are split anyway)
         raise ConfigError(
             f"tensor parallelism finds no layer of {type(model).__name__} to split (no column/row linear pair); "
             f"list the layers in {_SECTION}.layer_specs")
