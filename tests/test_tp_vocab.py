@@ -66,7 +66,7 @@ def _vocab_config(stage: int) -> dict:
 
 
 @pytest.mark.timeout(_harness.TIMEOUT + 30)
-@pytest.mark.parametrize("model_name", ["gpt_v98", "hf_gpt2_v98"])
+@pytest.mark.parametrize("model_name", ["gpt_v98", pytest.param("hf_gpt2_v98", marks=pytest.mark.slow)])
 def test_vocab_parallel_tp2_matches_eager(model_name):
     results = _pool.run(vocab_run, 2, model_name, [_vocab_config(3)], _harness.STEPS, timeout=_harness.TIMEOUT)
     emb = "wte.weight" if model_name.startswith("gpt") else "transformer.wte.weight"
