@@ -252,7 +252,7 @@ def _tensor_parallel_setup(model, cfg: Config, group, model_device, example_batc
     dp, tp = data_and_tensor_parallel_groups(size, cfg.zerograph.collective_timeout_s, cfg.zerograph.device,
                                              model_device)
     capture = None if example_batch is None else (lambda: capture_graphs(model, example_batch))
-    splits = decide_splits(model, cfg.tensor_parallel.partition_config, capture)
+    splits = decide_splits(model, cfg.tensor_parallel.partition_config, capture, cfg.zerograph.tp_vocab_parallel)
     log.info("zerograph: tensor parallelism over %d ranks splits %d layer(s) of %s:\n%s", size, len(splits),
              type(model).__name__, describe(splits))
     return dp, tp, tp_layouts(model, splits, size, tp.rank)

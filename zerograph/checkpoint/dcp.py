@@ -17,6 +17,7 @@ filesystem that every rank sees.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -46,6 +47,7 @@ from zerograph.checkpoint.integrity import (
 )
 from zerograph.checkpoint.verify import _advice, run_dcp, verified_checkpoint
 from zerograph.checkpoint.names import CheckpointNames
+from zerograph.checkpoint import tp
 from zerograph.runtime.optimizer import ShardOptimizer
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -143,20 +145,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     rank raises :class:`~zerograph.runtime.errors.CheckpointError` on every
     rank, naming the rank, the path and the cause, and leaves the previous
     checkpoint at ``path`` as it was."""
-    _refuse_tensor_parallel(model, "save_checkpoint")
     ctx = context_of(model)
     with naming_failed_ranks(ctx, "zerograph.save_checkpoint"):
         check_position(ctx, "zerograph.save_checkpoint")
         return _save(Path(path), _unwrap(model), optimizer, extra)
-
-
-def _refuse_tensor_parallel(model: nn.Module, what: str) -> None:
-    ctx = context_of(model)
-    if ctx is not None and getattr(ctx, "tp", None) is not None:
-        raise NotImplementedError(
-            f"zerograph.{what}: checkpoints of tensor-parallel models (tensor_parallel.autotp_size="
-            f"{ctx.tp.world_size}) are not supported yet; save zerograph.full_state_dict(model) (collective; write it "
-            "from rank 0) and load it with zerograph.load_full_state_dict(model, state_dict) instead")
 
 
 def _save(path: Path, model: nn.Module, optimizer, extra: dict[str, Any]) -> Path:
@@ -167,13 +159,14 @@ def _save(path: Path, model: nn.Module, optimizer, extra: dict[str, Any]) -> Pat
     fresh = _never_stepped(optimizer)
     if optimizer is not None:
         state["optim"] = names.optimizer_to_save(_optimizer_state(model, optimizer))
+    state = tp.wrap(state, tp.tp_layouts(model))  # split parameters: their boxes of the whole tensors
     state[f"rng/rank{rank}"] = _rng_state()
     try:
         if rank == 0:
             buf = io.BytesIO()  # one opaque value: DCP would flatten a dict into keys
             torch.save({"extra": dict(extra), "zerograph": _runtime_state(model), "optimizer_fresh": fresh}, buf)
             state["zerograph_extra"] = buf.getvalue()
-        run_dcp(dcp.save, state, path=tmp, action="save", target=path)
+        run_dcp(functools.partial(dcp.save, planner=tp.TpSavePlanner()), state, path=tmp, action="save", target=path)
         files = _gather_digests(written_by(rank, tmp), world)
     except BaseException:
         if rank == 0:
@@ -275,7 +268,6 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     the newest complete checkpoint that save left is loaded, with a warning.
     Collective: call on every rank; a rank that dies meanwhile ends the
     others with a RankFailureError naming it."""
-    _refuse_tensor_parallel(model, "load_checkpoint")
     ctx = context_of(model)
     with naming_failed_ranks(ctx, "zerograph.load_checkpoint"):
         check_position(ctx, "zerograph.load_checkpoint")
@@ -317,11 +309,13 @@ def _load(path: Path, model: nn.Module, optimizer, verify: bool) -> dict[str, An
     if optimizer is not None:
         own_optim = _optimizer_state(model, optimizer)
         state["optim"] = names.optimizer_to_load(own_optim)
+    state = tp.wrap(state, tp.tp_layouts(model))  # split parameters: their boxes of the whole tensors
     names.check(path, state, saved)
     rng_key = f"rng/rank{rank}"
     if rng_key in keys:
         state[rng_key] = None
-    run_dcp(dcp.load, state, path=path, action="load")
+    run_dcp(functools.partial(dcp.load, planner=tp.TpLoadPlanner()), state, path=path, action="load")
+    state = tp.unwrap(state)
     set_model_state_dict(model, names.model_loaded(own_model, state["model"]))
     if optimizer is not None:
         _set_optimizer_state(model, optimizer, names.optimizer_loaded(own_optim, state["optim"]))

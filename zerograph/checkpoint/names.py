@@ -215,7 +215,7 @@ class CheckpointNames:
                 wanted.update({f"optim.param_groups.{i}.{k}": group[k] for k in group})
         missing = [k for k in wanted if k not in saved]
         shapes = [f"{k} {tuple(saved[k].size)} in the checkpoint, {tuple(v.shape)} here" for k, v in wanted.items()
-                  if k in saved and isinstance(v, torch.Tensor) and hasattr(saved[k], "size")
+                  if k in saved and hasattr(v, "shape") and hasattr(saved[k], "size")
                   and tuple(saved[k].size) != tuple(v.shape)]
         report = (missing, shapes, sorted(self._covered))
         if _dist()[1] > 1:

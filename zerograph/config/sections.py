@@ -67,6 +67,11 @@ class ZerographOptions(Section):
         256, description="ZeRO++ qwZ/qgZ: elements per int8 quantization block (one fp32 scale each, so the "
         "scales add 4/block bytes per element); smaller blocks bound the error tighter (docs/zeropp.md).",
     )
+    tp_vocab_parallel: StrictBool = Field(
+        False, description="With tensor_parallel.autotp_size > 1: split the input embedding and the LM head over the "
+        "vocabulary, with a vocab-parallel cross-entropy: where the loss is computed in the graph of the logits, no "
+        "rank holds full-vocabulary logits and the model returns this rank's vocabulary slice "
+        "(docs/tensor_parallel.md).")
     verify_graphs: StrictBool = Field(
         False, description="Run graph verification after every pass (slow; for debugging)."
     )

@@ -164,3 +164,24 @@ def _tp_all_gather_backward(ctx, grad):
 
 tp_all_gather.register_autograd(_tp_all_gather_backward, setup_context=_gather_setup)
 TP_ALL_GATHER = torch.ops.zerograph.tp_all_gather.default
+
+
+@torch.library.custom_op("zerograph::tp_all_reduce_max", mutates_args=())
+def tp_all_reduce_max(x: torch.Tensor, tag: str) -> torch.Tensor:
+    """The elementwise maximum of ``x`` over the model's tp ranks (the
+    vocab-parallel cross-entropy's row maxima; not differentiated: its input
+    is detached)."""
+    ctx = registry.lookup(tag)
+    out = x.clone()
+    with naming_failed_ranks(ctx, "forward"):
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=ctx.tp.group)
+    _count(tag, "tp_all_reduce", out)
+    return out
+
+
+@tp_all_reduce_max.register_fake
+def _tp_all_reduce_max_fake(x: torch.Tensor, tag: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+TP_ALL_REDUCE_MAX = torch.ops.zerograph.tp_all_reduce_max.default

@@ -7,7 +7,8 @@ backward of ``tp_copy`` in front of a column-split group) becomes::
     all_reduce = _c10d_functional.all_reduce(x, 'sum', <tp group>)   # all_reduce, mesh_dim "tp"
     wait_tensor = _c10d_functional.wait_tensor(all_reduce)
 
-and ``tp_copy(x)`` (an identity in the forward) becomes ``x``. A
+``tp_all_reduce_max`` (the vocab-parallel cross-entropy's row maxima) the
+same with ``'max'``; and ``tp_copy(x)`` (an identity in the forward) becomes ``x``. A
 ``tp_all_gather`` (a split value a graph returns) becomes an
 ``all_gather_into_tensor`` along dim 0 and, for fused parts, the reordering
 of the gathered blocks. The
@@ -22,7 +23,7 @@ import torch.fx as fx
 
 from zerograph._torch_private import c10d_functional, detect_fake_mode
 from zerograph.graph.tags import NodeTag, get_tag, set_tag
-from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_COPY
+from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_ALL_REDUCE_MAX, TP_COPY
 from zerograph.passes.manager import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -82,7 +83,7 @@ def lower_tp_markers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     group = state.tp.group_name
     counts = {"tp_all_reduce": 0, "tp_copy": 0, "tp_all_gather": 0}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (TP_ALL_REDUCE, TP_COPY, TP_ALL_GATHER):
+        if node.op != "call_function" or node.target not in (TP_ALL_REDUCE, TP_ALL_REDUCE_MAX, TP_COPY, TP_ALL_GATHER):
             continue
         if node.target is TP_ALL_GATHER:
             base = get_tag(node) or NodeTag(phase="backward" if ctx.phase == "backward" else "forward")
@@ -96,7 +97,8 @@ def lower_tp_markers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         base = get_tag(node) or NodeTag(phase="backward" if ctx.phase == "backward" else "forward")
         with gm.graph.inserting_before(node):
-            start = gm.graph.call_function(c10d_functional.all_reduce.default, (node.args[0], "sum", group))
+            start = gm.graph.call_function(c10d_functional.all_reduce.default,
+                                            (node.args[0], "max" if node.target is TP_ALL_REDUCE_MAX else "sum", group))
             wait = gm.graph.call_function(c10d_functional.wait_tensor.default, (start,))
         for new, role in ((start, "all_reduce"), (wait, "wait")):
             if "val" in node.meta:

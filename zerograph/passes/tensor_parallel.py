@@ -45,6 +45,7 @@ from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_COPY, UN
 from zerograph.graph.tp_ops import full_shape, linear_use, module_of
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.passes.tp_propagation import Propagator, Split
+from zerograph.passes.tp_vocab import CROSS_ENTROPY, EMBEDDING, rewrite_cross_entropy, rewrite_embedding
 from zerograph.runtime.tp_layout import TensorParallelError
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class _Rewrite:
         self.copies: dict[fx.Node, fx.Node] = {}
         self.counts = {"column": 0, "row": 0, "tp_copy": 0, "tp_all_reduce": 0}
         self.tag = None
+        self.vocab: dict[fx.Node, object] = {}  # values split over the vocabulary -> the head's layout
 
     def run(self) -> None:
         for node in list(self.graph.nodes):
@@ -84,6 +86,8 @@ class _Rewrite:
                 continue
             if node.op == "output":
                 self._gather_outputs(node)
+                continue
+            if self._vocab_parallel(node):
                 continue
             use = linear_use(node)
             if use is not None and isinstance(self.prop.get(use.weight), _SplitParam):
@@ -100,6 +104,31 @@ class _Rewrite:
                         f"for {layout.module}, other than as a linear layer's weight (graph node {node.name}); keep "
                         f"{layout.module} whole with a layer spec {{\"partition_type\": \"skip\"}}")
             self.prop.visit(node)
+            if isinstance(self.prop.get(node), Split):
+                head = next((self.vocab[a] for a in node.all_input_nodes if a in self.vocab), None)
+                if head is not None:
+                    self.vocab[node] = head
+
+    def _vocab_parallel(self, node: fx.Node) -> bool:
+        """A vocab-parallel embedding or cross-entropy (:mod:`.tp_vocab`), rewritten."""
+        if node.op != "call_function":
+            return False
+        if node.target in EMBEDDING:
+            weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+            if isinstance(self.prop.get(weight), _SplitParam):
+                rewrite_embedding(self.graph, node, self.prop.get(weight).spec.tp, self.tag)
+                self.counts["vocab_embedding"] = self.counts.get("vocab_embedding", 0) + 1
+                return True
+        if node.target in CROSS_ENTROPY:
+            logits = node.kwargs.get("input", node.args[0] if node.args else None)
+            if logits in self.vocab:
+                if self.prop.get(logits) != Split(1, (self.vocab[logits].whole_shape[0],)):
+                    raise TensorParallelError(f"tensor parallelism: {module_of(node)}: cross-entropy of logits split "
+                                              f"over the vocabulary as {self.prop.get(logits)}, not along dim 1")
+                rewrite_cross_entropy(self.graph, node, self.vocab[logits], self.tag)
+                self.counts["vocab_cross_entropy"] = self.counts.get("vocab_cross_entropy", 0) + 1
+                return True
+        return False
 
     def _gather_outputs(self, out: fx.Node) -> None:
         """A split value the graph returns (a Hugging Face KV cache, or a value
@@ -109,6 +138,17 @@ class _Rewrite:
             state = self.prop.get(value)
             if state is None:
                 continue
+            if value in self.vocab and self.counts.get("vocab_cross_entropy"):
+                # logits whose loss this graph computes: returned as this rank's vocabulary slice, never gathered
+                log.info("tensor parallelism: the graph returns this rank's vocabulary slice of the logits (%s)",
+                         module_of(value))
+                self.counts["vocab_slices_returned"] = self.counts.get("vocab_slices_returned", 0) + 1
+                continue
+            if value in self.vocab:
+                log.warning("tensor parallelism: vocab-split logits (%s) leave a compiled graph that has no "
+                            "cross-entropy of them (the loss is computed in another graph, e.g. after a graph break "
+                            "before a Hugging Face loss_function, or there is no loss): they are gathered whole",
+                            module_of(value))
             if not isinstance(state, Split):
                 raise TensorParallelError(f"tensor parallelism: {module_of(value)}: the graph returns a tp-split "
                                           f"value {value.name} it cannot gather")
@@ -128,7 +168,7 @@ class _Rewrite:
         layout = self.prop.get(use.weight).spec.tp
         x_state = self.prop.get(use.x)
         node = use.node
-        if layout.kind == "column":
+        if layout.kind in ("column", "vocab"):
             if x_state is not None:
                 raise TensorParallelError(f"tensor parallelism: {layout.module} is column-split but its input is "
                                           "already split over tp; make it row-split (its input's producer is column-split)")
@@ -143,6 +183,8 @@ class _Rewrite:
             node.replace_input_with(use.x, copy)
             self.prop.states[node] = Split(len(full_shape(node)) - 1, layout.parts)
             self.counts["column"] += 1
+            if layout.kind == "vocab":
+                self.vocab[node] = layout
             return
         features = full_shape(use.x)[-1] if full_shape(use.x) else None
         x = use.x

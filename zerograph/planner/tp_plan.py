@@ -152,10 +152,60 @@ def _hf_kind(plan: dict[str, str], module: str) -> tuple[str, str] | None:
 
 
 def decide_splits(model: nn.Module, partition_config: dict | None,
-                  capture: Callable[[], list] | None) -> dict[str, LayerSplit]:
+                  capture: Callable[[], list] | None, vocab_parallel: bool = False) -> dict[str, LayerSplit]:
     """Module path -> :class:`LayerSplit` for every layer to split.
     ``capture()`` returns the model's Dynamo graphs for the graph rule (None:
-    no example batch to trace on)."""
+    no example batch to trace on). ``vocab_parallel``: also the input
+    embedding and the LM head, over the vocabulary (:func:`vocab_splits`)."""
+    out = _decide_layer_splits(model, partition_config, capture, allow_none=vocab_parallel)
+    if vocab_parallel:
+        out.update(vocab_splits(model, out))
+    return out
+
+
+def _embeddings(model: nn.Module) -> tuple[str, str | None]:
+    """(input embedding module path, LM head module path or None)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    if emb is None:
+        found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        emb = found[0] if found else None
+    if emb is None or id(emb) not in names:
+        raise ConfigError(f"zerograph.tp_vocab_parallel: {type(model).__name__} has no nn.Embedding to split "
+                          "over the vocabulary; set zerograph.tp_vocab_parallel to false")
+    if head is None:  # the Linear whose output features are the vocabulary (last one: the head)
+        vocab = emb.weight.shape[0]
+        found = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == vocab]
+        head = found[-1] if found else None
+    return names[id(emb)], names.get(id(head)) if head is not None else None
+
+
+def vocab_splits(model: nn.Module, decided: dict[str, LayerSplit]) -> dict[str, LayerSplit]:
+    """The input embedding (rows: the vocabulary) and the LM head (a column
+    split: its output features are the vocabulary) as ``"vocab"`` splits. A
+    head tied to the embedding is one parameter split once; a head without
+    bias is required (a vocab-split bias is not done)."""
+    emb, head = _embeddings(model)
+    out = {emb: LayerSplit(emb, "vocab", None, "zerograph.tp_vocab_parallel")}
+    if head is not None:
+        layer = model.get_submodule(head)
+        if head in decided:
+            raise ConfigError(f"zerograph.tp_vocab_parallel: the LM head {head} is already {decided[head].kind}-"
+                              f"split by {decided[head].source}; remove that layer spec")
+        if getattr(layer, "bias", None) is not None:
+            raise ConfigError(f"zerograph.tp_vocab_parallel: the LM head {head} has a bias, which zerograph does not "
+                              "split over the vocabulary yet; set zerograph.tp_vocab_parallel to false")
+        if not isinstance(layer, nn.Linear):
+            raise ConfigError(f"zerograph.tp_vocab_parallel: the LM head {head} is a {type(layer).__name__}, not "
+                              "an nn.Linear; set zerograph.tp_vocab_parallel to false")
+        out[head] = LayerSplit(head, "vocab", None, "zerograph.tp_vocab_parallel")
+    return out
+
+
+def _decide_layer_splits(model: nn.Module, partition_config: dict | None,
+                         capture: Callable[[], list] | None, allow_none: bool = False) -> dict[str, LayerSplit]:
     modules = splittable_modules(model)
     specs, use_default = parse_partition_config(partition_config)
     out: dict[str, LayerSplit] = {}
@@ -200,7 +250,7 @@ def decide_splits(model: nn.Module, partition_config: dict | None,
         else:
             log.info("tensor parallelism: no example batch to trace, so only layer_specs split layers of %s",
                      type(model).__name__)
-    if not out:
+    if not out and not allow_none:  # (with vocab_parallel the embedding and head are split anyway)
         raise ConfigError(
             f"tensor parallelism finds no layer of {type(model).__name__} to split (no column/row linear pair); "
             f"list the layers in {_SECTION}.layer_specs")
@@ -220,6 +270,12 @@ def tp_layouts(model: nn.Module, splits: dict[str, LayerSplit], size: int, index
     for m, split in splits.items():
         layer = model.get_submodule(m)
         shape = tuple(layer.weight.shape)
+        if split.kind == "vocab":  # embedding [V, C] / head Linear [V, C]: rows are the vocabulary
+            try:
+                out[canonical[id(layer.weight)]] = TpLayout("vocab", m, 0, (shape[0],), shape, size, index)
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (zerograph.tp_vocab_parallel splits the vocabulary)") from None
+            continue
         out_dim = 0 if forms[m] == "linear" else 1
         try:
             if split.kind == "column":

@@ -22,7 +22,7 @@ from typing import Literal, Sequence
 
 import torch
 
-SplitKind = Literal["column", "row"]
+SplitKind = Literal["column", "row", "vocab"]
 
 
 class TensorParallelError(ValueError):
@@ -34,7 +34,8 @@ class TensorParallelError(ValueError):
 class TpLayout:
     """This rank's tensor-parallel slice of one parameter."""
 
-    kind: SplitKind  # the layer's split: "column" (output features) or "row" (input features)
+    kind: SplitKind  # the layer's split: "column" (output features), "row" (input features) or "vocab"
+    # (an embedding's or LM head's rows: the vocabulary)
     module: str  # the layer's module path, for messages
     dim: int  # the tensor dimension cut over tp
     parts: tuple[int, ...]  # sizes of the fused parts along ``dim`` (one entry: not fused)
