@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import weakref
 
 import torch
 import torch.fx as fx
@@ -54,6 +55,8 @@ def _graph_passes(job: CompileJob) -> None:
 def _partition(job: CompileJob) -> None:
     job.forward, job.backward = default_partition(job.gm, job.joint_inputs, **job.partition_kwargs)
     drop_trace_meta(job.gm)  # the joint graph is done (forward and backward copied their nodes' meta)
+    if job.backward is not None:
+        job.region.partitioned_backward = weakref.ref(job.backward)
 
 
 def _unwrap_rng(job: CompileJob) -> None:
@@ -90,6 +93,8 @@ def _wrap_executor(job: CompileJob) -> None:
     b = job.backend
     job.executable = executors.wrap(job.executable, b.state, b.config, job.gm, job.phase, job.region, job.memory_plan)
     drop_trace_meta(job.gm)  # the graph is compiled; what inspect and the planner read stays
+    if job.phase == "backward" and job.region.partitioned_backward is not None:
+        drop_trace_meta(job.region.partitioned_backward())  # AOTAutograd's own copy, kept for its lazy compile
 
 
 DYNAMO_STEPS = (CompileStep("dynamo_passes", _graph_passes),)
