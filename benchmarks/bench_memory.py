@@ -23,6 +23,10 @@ garbage collector can reach (by owner: model states, other), to attribute
 what a rank holds beyond the model states. The report prints every number
 as MiB (max over ranks) and zerograph's over FSDP2's.
 
+``--malloc mmap128k`` sets ``MALLOC_MMAP_THRESHOLD_=131072`` in the ranks
+(freed large blocks go back to the OS, so RSS follows live memory rather
+than what glibc keeps for reuse); ``arenas2`` sets ``MALLOC_ARENA_MAX=2``.
+
 ``--model gpt-109m`` (12 layers, d=768, vocab 32000, seq 128, batch 2 per
 rank; 109.7M parameters) is the headline shape; ``gpt-4x256`` runs in a
 minute on a busy 2-core machine.
@@ -57,6 +61,7 @@ MODELS = {
     "gpt-109m": dict(vocab_size=32000, block_size=128, n_layer=12, n_head=12, n_embd=768, batch=2),
 }
 SYSTEMS = ["zerograph stage 3", "FSDP2"]
+MALLOC = {"default": {}, "mmap128k": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "arenas2": {"MALLOC_ARENA_MAX": "2"}}
 
 
 def _trim() -> None:
@@ -148,7 +153,7 @@ def rank_main(name: str, spec: dict, steps: int, census: bool, trace: bool = Fal
     if trace:
         import tracemalloc
 
-        tracemalloc.start(40)
+        tracemalloc.start(12)
     model, opt, n_params, _, _ = _build(name, spec)
     out["n_params"] = n_params
     out["rss_built"] = _rss_bytes()
@@ -256,6 +261,10 @@ def main(argv=None) -> int:
     ap.add_argument("--census", action="store_true", help="count reachable tensor storages after warm-up")
     ap.add_argument("--trace", action="store_true",
                     help="tracemalloc from after the imports to after warm-up (slow): live Python allocations")
+    ap.add_argument("--malloc", choices=sorted(MALLOC), default="default",
+                    help="glibc malloc settings of the ranks: default; mmap128k (MALLOC_MMAP_THRESHOLD_=131072: "
+                         "large blocks go back to the OS when freed, so RSS follows live memory, as bench_zero "
+                         "--large); arenas2 (MALLOC_ARENA_MAX=2)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--timeout", type=float, default=1800.0)
     args = ap.parse_args(argv)
@@ -263,6 +272,7 @@ def main(argv=None) -> int:
     from zerograph.runtime.launch import spawn
 
     spec = MODELS[args.model]
+    os.environ.update(MALLOC[args.malloc])  # the ranks are new processes: glibc reads these at start
     systems = [s.strip() for s in args.systems.split(",")]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -275,7 +285,7 @@ def main(argv=None) -> int:
         "# zerograph resident memory vs FSDP2",
         "",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores; torch {torch.__version__}; "
-        f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')}",
+        f"malloc: {args.malloc} {MALLOC[args.malloc] or ''}",
         f"- command: `python benchmarks/bench_memory.py {shlex.join(sys.argv[1:] if argv is None else argv)}`",
         f"- whole run {wall:.0f} s; load average before {'/'.join(f'{x:.2f}' for x in load_before)}",
         "",
