@@ -214,16 +214,16 @@ def build_report(results: dict[str, list[dict]], spec: dict, world: int, steps: 
         f"seq {spec['block_size']}; Ψ = {psi:,} parameters; batch {spec['batch']} per rank; world {world} (gloo); "
         f"AdamW fp32; 1 warm-up + {steps} steps; 16Ψ/W = {16 * psi / world / MiB:.1f} MiB",
         "",
-        "| RSS per rank (MiB, max over ranks) | " + " | ".join(names) + " | "
-        + " | ".join(f"{n} − {base}" for n in names if n != base)
-        + " | " + " | ".join(f"{n} / {base}" for n in names if n != base) + " |",
+        "| " + " | ".join(["RSS per rank (MiB, max over ranks)", *names,
+                            *(f"{n} − {base}" for n in names if n != base),
+                            *(f"{n} / {base}" for n in names if n != base)]) + " |",
         "|---|" + "---|" * (len(names) + 2 * (len(names) - 1)),
     ]
 
     def val(name, key):
         return max(r[key] for r in results[name])
 
-    for label, key in ROWS + [("model states (bytes)", "state_bytes")]:
+    for label, key in ROWS + [("model states after zero_grad (12Ψ/W)", "state_bytes")]:
         cells = [f"{val(n, key) / MiB:.1f}" for n in names]
         cells += [f"{(val(n, key) - val(base, key)) / MiB:+.1f}" for n in names if n != base]
         cells += [f"{val(n, key) / val(base, key):.3f}" for n in names if n != base]
