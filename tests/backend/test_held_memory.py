@@ -71,3 +71,28 @@ def test_no_full_parameter_outlives_the_step(fake_world):
                 if isinstance(o, torch.Tensor) and not isinstance(o, (DTensor, FakeTensor)) and id(o) not in own
                 and not o.is_meta and tuple(o.shape) in full_shapes]
     assert gathered == []
+
+
+def test_tied_weight_gradient_sum_runs_in_place(fake_world):
+    """The tied embedding's two gradient contributions are summed into the
+    first (``add_``) right before their reduction, not into a third
+    parameter-sized tensor (the 109M GPT's step peak, docs/benchmarks.md);
+    the residual sums of the blocks, which no reduction reads, stay as they are."""
+    from tests._models import SEQ, VOCAB, make_gpt
+    from zerograph.graph.tags import get_tag
+
+    model = zerograph.compile(make_gpt(), {"zero_optimization": {"stage": 3}, "zerograph": {"device": "cpu"}})
+    idx = torch.randint(0, VOCAB, (2, SEQ))
+    model(idx, idx).loss.backward()
+    backward = context_of(model).regions[0].graphs["backward"]
+    aten = torch.ops.aten
+
+    def feeds_reduction(node):
+        return any(get_tag(u) is not None and get_tag(u).role in ("reduce_scatter", "all_reduce", "comm_prep")
+                   for u in node.users)
+
+    sums = [n for n in backward.graph.nodes if n.op == "call_function" and n.target in (aten.add.Tensor, aten.add_.Tensor)]
+    in_place = [n.name for n in sums if n.target is aten.add_.Tensor]
+    assert len(in_place) == 1 and feeds_reduction(next(n for n in sums if n.name == in_place[0]))
+    assert [n.name for n in sums if n.target is aten.add.Tensor and feeds_reduction(n)] == []
+    assert any(n.target is aten.add.Tensor for n in sums)  # residual-stream sums untouched
