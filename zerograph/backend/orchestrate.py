@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import weakref
 
 import torch
 import torch.fx as fx
@@ -22,6 +23,7 @@ from zerograph.backend.lowering import lower
 from zerograph.backend.steps import CompileJob, CompileStep, StepRecord, run_steps
 from zerograph.config import Config
 from zerograph.graph.deterministic_rng import unwrap_deterministic_rng
+from zerograph.graph.trace_meta import drop_trace_meta
 from zerograph.graph.verify import verify_graph
 from zerograph.passes import PassContext, default_passes, run_passes
 from zerograph.passes.comm_analysis import comm_bytes, comm_bytes_by_scope
@@ -52,6 +54,9 @@ def _graph_passes(job: CompileJob) -> None:
 
 def _partition(job: CompileJob) -> None:
     job.forward, job.backward = default_partition(job.gm, job.joint_inputs, **job.partition_kwargs)
+    drop_trace_meta(job.gm)  # the joint graph is done (forward and backward copied their nodes' meta)
+    if job.backward is not None:
+        job.region.partitioned_backward = weakref.ref(job.backward)
 
 
 def _unwrap_rng(job: CompileJob) -> None:
@@ -87,6 +92,9 @@ def _lower(job: CompileJob) -> None:
 def _wrap_executor(job: CompileJob) -> None:
     b = job.backend
     job.executable = executors.wrap(job.executable, b.state, b.config, job.gm, job.phase, job.region, job.memory_plan)
+    drop_trace_meta(job.gm)  # the graph is compiled; what inspect and the planner read stays
+    if job.phase == "backward" and job.region.partitioned_backward is not None:
+        drop_trace_meta(job.region.partitioned_backward())  # AOTAutograd's own copy, kept for its lazy compile
 
 
 DYNAMO_STEPS = (CompileStep("dynamo_passes", _graph_passes),)
@@ -150,6 +158,7 @@ class ZerographBackend:
             # Inductor lowers only decomposed ATen: trace with its table.
             decompositions=inductor_decompositions() if self.config.zerograph.compiler == "inductor" else None,
         )(gm, example_inputs)
+        drop_trace_meta(gm)  # AOTAutograd traced it
         # AOTAutograd's own tracing: its time less the steps it called (partition, forward)
         nested = sum(r.seconds for r in region.step_records[first:])
         region.step_records.insert(first, StepRecord("aot_trace", "joint", time.perf_counter() - start - nested))

@@ -12,6 +12,15 @@ eager executor can run those two ops in place instead::
     w   = wait_tensor(ar)                     w   = wait_tensor(ar)
     avg = aten.mul.Tensor(w, 0.5)             avg = aten.mul_.Tensor(w, 0.5)
 
+A parameter used twice (tied embedding and output weights) gets two
+gradient contributions that the backward sums right before reducing them;
+out of place that is a third parameter-sized tensor next to the two (the
+step's peak on a tied GPT). The sum runs in place into the first::
+
+    before                                    after
+    g   = aten.add.Tensor(t_8, emb_grad)      g   = aten.add_.Tensor(t_8, emb_grad)
+    rs  = reduce_scatter_tensor(g, ...)       rs  = reduce_scatter_tensor(g, ...)
+
 An op is rewritten only when its input's storage was allocated by this graph
 (not an input, saved value or output of it) and every other reader of that
 storage is on the alias chain that leads to the op (views, the collective and
@@ -39,7 +48,9 @@ aten = torch.ops.aten
 _IN_PLACE = {
     c10d_functional.all_reduce.default: (c10d_functional.all_reduce_.default, "all_reduce"),
     aten.mul.Tensor: (aten.mul_.Tensor, "comm_prep"),
+    aten.add.Tensor: (aten.add_.Tensor, "compute"),  # only a gradient sum that feeds a reduction
 }
+_REDUCING = ("reduce_scatter", "all_reduce", "comm_prep")
 
 
 def _roots(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
@@ -87,7 +98,22 @@ def _eligible(node: fx.Node, root: dict[fx.Node, fx.Node]) -> bool:
     if node.target is aten.mul.Tensor:
         if len(node.args) != 2 or not isinstance(node.args[1], numbers.Number) or not _same_layout(node):
             return False
+    if node.target is aten.add.Tensor and not _gradient_sum(node):
+        return False
     return _sole_reader(node, root)
+
+
+def _gradient_sum(node: fx.Node) -> bool:
+    """``add(a, b)`` of two same-layout tensors (no alpha, no broadcast, ``a``
+    laid out as the result) whose result goes straight to a gradient reduction."""
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    out, a, b = node.meta.get("val"), node.args[0].meta.get("val"), node.args[1].meta.get("val")
+    if not all(isinstance(t, torch.Tensor) for t in (out, a, b)):
+        return False
+    if not (a.dtype == b.dtype == out.dtype and a.shape == b.shape == out.shape and a.stride() == out.stride()):
+        return False
+    return any((tag := get_tag(user)) is not None and tag.role in _REDUCING for user in node.users)
 
 
 def reuse_comm_buffers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

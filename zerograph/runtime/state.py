@@ -41,6 +41,10 @@ class CompiledRegion:
     held_bytes: dict[str, int] | None = None
     # the compile steps that ran for this region, in order (zerograph.backend.steps.StepRecord)
     step_records: list = dataclasses.field(default_factory=list)
+    # a weak reference to the backward graph as partitioned: AOTAutograd keeps
+    # it (a deep copy goes to the backward's compile steps); its trace-only
+    # metadata is dropped once the backward is compiled (zerograph.graph.trace_meta)
+    partitioned_backward: Any = None
 
 
 @dataclasses.dataclass(eq=False)

@@ -1,0 +1,98 @@
+"""What a compiled model keeps beyond its states (benchmarks/bench_memory.py,
+docs/benchmarks.md "Resident memory vs FSDP2"): the graphs kept for
+``zerograph.inspect`` and the planner carry no trace-only metadata and no
+real tensors, and no gathered parameter outlives the step."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.distributed.tensor import DTensor
+
+import zerograph
+from tests._models import TinyMLP
+from zerograph.graph.trace_meta import TRACE_ONLY_KEYS
+from zerograph.runtime.state import context_of
+
+
+def _values(obj):
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _values(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _values(o)
+    else:
+        yield obj
+
+
+def test_kept_graphs_hold_no_trace_metadata_and_no_real_tensors(fake_world):
+    torch.manual_seed(0)
+    config = {"zero_optimization": {"stage": 3, "allgather_bucket_size": 0, "reduce_bucket_size": 0},
+              "zerograph": {"device": "cpu"}}
+    model = zerograph.compile(TinyMLP(), config)
+    model(torch.randn(5, 4)).backward()
+    regions = context_of(model).regions
+    phases = {phase for r in regions for phase in r.graphs}
+    assert {"dynamo", "joint", "forward", "backward"} <= phases
+    kept, vals = [], 0
+    graphs = [(phase, gm) for r in regions for phase, gm in r.graphs.items()]
+    # the backward graph as partitioned, which AOTAutograd keeps for its lazy compile
+    aot_backward = [r.partitioned_backward() for r in regions if r.partitioned_backward is not None]
+    assert any(gm is not None for gm in aot_backward)
+    graphs += [("aot backward", gm) for gm in aot_backward if gm is not None]
+    for phase, gm in graphs:
+        for node in gm.graph.nodes:
+            kept += [(phase, node.name, k) for k in TRACE_ONLY_KEYS if k in node.meta]
+            for value in _values(dict(node.meta)):
+                if isinstance(value, torch.Tensor):
+                    vals += 1
+                    value = value._local_tensor if isinstance(value, DTensor) else value
+                    assert isinstance(value, FakeTensor), (phase, node.name, type(value))
+    assert kept == [], kept[:5]
+    assert vals > 0  # the fake values inspect and the planner read are still there
+
+
+def test_no_full_parameter_outlives_the_step(fake_world):
+    """After forward + backward, every tensor the garbage collector reaches
+    whose shape is a parameter's full shape is that parameter's own storage
+    (fake world of 2: the shards are half the rows), not a gathered copy."""
+    torch.manual_seed(0)
+    config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zerograph": {"device": "cpu"}}
+    model = zerograph.compile(TinyMLP(), config)
+    full_shapes = {tuple(p.shape) for p in model.parameters() if isinstance(p, DTensor)}
+    model(torch.randn(5, 4)).backward()
+    gc.collect()
+    own = {id(t) for p in model.parameters() for t in (p, p.grad) if t is not None}
+    gathered = [tuple(o.shape) for o in gc.get_objects()
+                if isinstance(o, torch.Tensor) and not isinstance(o, (DTensor, FakeTensor)) and id(o) not in own
+                and not o.is_meta and tuple(o.shape) in full_shapes]
+    assert gathered == []
+
+
+def test_tied_weight_gradient_sum_runs_in_place(fake_world):
+    """The tied embedding's two gradient contributions are summed into the
+    first (``add_``) right before their reduction, not into a third
+    parameter-sized tensor (the 109M GPT's step peak, docs/benchmarks.md);
+    the residual sums of the blocks, which no reduction reads, stay as they are."""
+    from tests._models import SEQ, VOCAB, make_gpt
+    from zerograph.graph.tags import get_tag
+
+    model = zerograph.compile(make_gpt(), {"zero_optimization": {"stage": 3}, "zerograph": {"device": "cpu"}})
+    idx = torch.randint(0, VOCAB, (2, SEQ))
+    model(idx, idx).loss.backward()
+    backward = context_of(model).regions[0].graphs["backward"]
+    aten = torch.ops.aten
+
+    def feeds_reduction(node):
+        return any(get_tag(u) is not None and get_tag(u).role in ("reduce_scatter", "all_reduce", "comm_prep")
+                   for u in node.users)
+
+    sums = [n for n in backward.graph.nodes if n.op == "call_function" and n.target in (aten.add.Tensor, aten.add_.Tensor)]
+    in_place = [n.name for n in sums if n.target is aten.add_.Tensor]
+    assert len(in_place) == 1 and feeds_reduction(next(n for n in sums if n.name == in_place[0]))
+    assert [n.name for n in sums if n.target is aten.add.Tensor and feeds_reduction(n)] == []
+    assert any(n.target is aten.add.Tensor for n in sums)  # residual-stream sums untouched
