@@ -172,3 +172,10 @@ def fake_mode_of(values) -> object | None:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return next((v.fake_mode for v in values if isinstance(v, FakeTensor)), None)
+
+
+def nn_binding(name: str):
+    """The C++ binding (``torch._C._nn.<name>``) that Dynamo graphs record as
+    a ``call_function`` target for some ``F.<name>`` calls (``linear``,
+    ``gelu``, ``scaled_dot_product_attention``); passes match both."""
+    return getattr(torch._C._nn, name)

@@ -14,11 +14,12 @@ import operator
 import torch
 import torch.fx as fx
 
+from zerograph._torch_private import nn_binding
 from zerograph.graph.markers import UNSHARD
 from zerograph.graph.tags import module_path_from_meta
 from zerograph.graph.tp_markers import UNSHARD_WHOLE
 
-LINEAR_FUNCTIONS = (torch._C._nn.linear, torch.nn.functional.linear)
+LINEAR_FUNCTIONS = (nn_binding("linear"), torch.nn.functional.linear)
 PARAM_READS = (UNSHARD, torch.ops.zerograph.unshard, UNSHARD_WHOLE, torch.ops.zerograph.unshard_whole)
 ADDS = (operator.add, operator.iadd, torch.add)
 

@@ -39,7 +39,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from zerograph._torch_private import fake_mode_of
+from zerograph._torch_private import fake_mode_of, nn_binding
 from zerograph.graph.sp_ops import SP_ALL_REDUCE, SP_HEADS_TO_SEQ, SP_SEQ_TO_HEADS
 from zerograph.graph.tp_ops import full_shape, module_of
 from zerograph.passes.fusion import rewrite_matches
@@ -50,7 +50,7 @@ from zerograph.runtime.sequence import SequenceParallelError
 
 log = logging.getLogger(__name__)
 
-SDPA_FUNCTIONS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
+SDPA_FUNCTIONS = (nn_binding("scaled_dot_product_attention"), F.scaled_dot_product_attention)
 CROSS_ENTROPY = (F.cross_entropy,)
 EMBEDDINGS = (F.embedding,)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from zerograph._torch_private import nn_binding
 from zerograph.graph.tp_ops import full_shape, module_of
 from zerograph.runtime.tp_layout import TensorParallelError
 
@@ -40,7 +41,7 @@ _EW_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.tanh, torch.sigmoid, torch.rsqrt, torch.sqrt,
     torch.exp, torch.pow, torch.relu, torch.where, torch.clone, torch.erf, torch.abs,
-    torch._C._nn.gelu, F.gelu, F.silu, F.relu, F.dropout, F.sigmoid, torch.nn.functional.tanh,
+    nn_binding("gelu"), F.gelu, F.silu, F.relu, F.dropout, F.sigmoid, torch.nn.functional.tanh,
 }
 _EW_METHODS = {"add", "sub", "mul", "div", "neg", "pow", "tanh", "sigmoid", "relu", "exp", "rsqrt", "sqrt", "abs",
                "masked_fill", "clone", "contiguous", "detach", "__add__", "__mul__"}
@@ -108,7 +109,7 @@ class Propagator:
             return self._split(node, "chunk" if name == "chunk" or fn is torch.chunk else "split")
         if fn is torch.cat:
             return self._cat(node)
-        if fn in (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        if fn in (nn_binding("scaled_dot_product_attention"), F.scaled_dot_product_attention):
             return self._attention(node)
         if fn in (operator.matmul, torch.matmul, torch.bmm) or name in ("matmul", "bmm"):
             return self._matmul(node)
