@@ -21,27 +21,21 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from zerograph._torch_private import c10d_functional, detect_fake_mode
+from zerograph._torch_private import c10d_functional
+from zerograph.graph.expand import expand_node
 from zerograph.graph.sp_ops import SP_ALL_REDUCE, SP_HEADS_TO_SEQ, SP_MARKERS, heads_to_seq_ops, seq_to_heads_ops
-from zerograph.graph.tags import NodeTag, get_tag, set_tag
+from zerograph.graph.tags import NodeTag, get_tag
 from zerograph.passes.manager import PassContext, PassResult
 
 
 def _lower(gm: fx.GraphModule, node: fx.Node, sp: int, group: str, base: NodeTag) -> None:
     x = node.args[0]
-    new_nodes: list[fx.Node] = []
 
-    def emit(role, proxy):
-        set_tag(proxy.node, base.replace(role=role, param=None, bucket=(), pass_name="lower_sp_markers",
-                                         mesh_dim="sp"))
-        new_nodes.append(proxy.node)
-        return proxy
-
-    def exchange(buf, emit=emit):
+    def exchange(buf, emit):
         start = emit("all_to_all", c10d_functional.all_to_all_single.default(buf, [1] * sp, [1] * sp, group))
         return emit("wait", c10d_functional.wait_tensor.default(start))
 
-    def reduce(buf, emit=emit):
+    def reduce(buf, emit):
         start = emit("all_reduce", c10d_functional.all_reduce.default(buf, "sum", group))
         return emit("wait", c10d_functional.wait_tensor.default(start))
 
@@ -51,24 +45,8 @@ def _lower(gm: fx.GraphModule, node: fx.Node, sp: int, group: str, base: NodeTag
         ops = heads_to_seq_ops if node.target is SP_HEADS_TO_SEQ else seq_to_heads_ops
         return ops(value, tuple(x.meta["val"].shape), sp, lambda buf: exchange(buf, emit), emit)
 
-    tracer = fx.proxy.GraphAppendingTracer(gm.graph)
-    with gm.graph.inserting_before(node):
-        out = build(fx.Proxy(x, tracer), emit)
-    fake = x.meta.get("val")
-    mode = detect_fake_mode([fake]) if fake is not None else None
-    if mode is not None:
-        vals: list = []
-
-        def record(_role, value):
-            vals.append(value)
-            return value
-
-        with mode:
-            build(fake, record)
-        for new, val in zip(new_nodes, vals):
-            new.meta["val"] = val
-    node.replace_all_uses_with(out.node)
-    gm.graph.erase_node(node)
+    expand_node(gm, node, x, build, lambda role: base.replace(role=role, param=None, bucket=(),
+                                                              pass_name="lower_sp_markers", mesh_dim="sp"))
 
 
 def lower_sp_markers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from zerograph._torch_private import c10d_functional, detect_fake_mode
+from zerograph._torch_private import c10d_functional
+from zerograph.graph.expand import expand_node
 from zerograph.graph.tags import NodeTag, get_tag, set_tag
 from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_ALL_REDUCE_MAX, TP_COPY
 from zerograph.passes.manager import PassContext, PassResult
@@ -53,27 +54,9 @@ def _gather_ops(x, dim: int, parts: list[int], tp: int, group: str, emit):
 
 def _lower_gather(gm: fx.GraphModule, node: fx.Node, tp: int, group: str, base: NodeTag) -> None:
     x, _tag, dim, parts = node.args
-    new_nodes: list[fx.Node] = []
-
-    def emit(role, proxy):
-        set_tag(proxy.node, base.replace(role=role, param=None, bucket=(), pass_name="lower_tp_markers",
-                                         mesh_dim="tp"))
-        new_nodes.append(proxy.node)
-        return proxy
-
-    tracer = fx.proxy.GraphAppendingTracer(gm.graph)
-    with gm.graph.inserting_before(node):
-        out = _gather_ops(fx.Proxy(x, tracer), dim, list(parts), tp, group, emit)
-    fake = x.meta.get("val")
-    mode = detect_fake_mode([fake]) if fake is not None else None
-    if mode is not None:
-        vals = []
-        with mode:
-            _gather_ops(fake, dim, list(parts), tp, group, lambda _role, v: vals.append(v) or v)
-        for new, val in zip(new_nodes, vals):
-            new.meta["val"] = val
-    node.replace_all_uses_with(out.node)
-    gm.graph.erase_node(node)
+    expand_node(gm, node, x, lambda value, emit: _gather_ops(value, dim, list(parts), tp, group, emit),
+                lambda role: base.replace(role=role, param=None, bucket=(), pass_name="lower_tp_markers",
+                                          mesh_dim="tp"))
 
 
 def lower_tp_markers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
