@@ -13,7 +13,8 @@ memory is its own), from the same weights on the same batches:
 * ``cpu``: ``offload_param.device: "cpu"`` (shards in host memory);
 * ``nvme``: ``offload_param.device: "nvme"``, ``max_in_cpu: 0`` (every
   offloaded shard in the parameter file);
-* ``nvme+opt``: the same with ``offload_optimizer.device: "nvme"``.
+* ``nvme+opt``: the same with ``offload_optimizer.device: "nvme"``;
+* ``nvme+opt-pipelined``: and ``pipeline_read``/``pipeline_write`` on.
 
 Per system (the slower rank of each step; memory: rank 0): median step time
 and its ratio to ``none`` (the anchor); resident memory at the end (RssAnon:
@@ -41,7 +42,7 @@ import time
 import torch
 
 SPEC = dict(vocab_size=8192, block_size=128, n_layer=4, n_head=8, n_embd=512, batch=4)
-SYSTEMS = ("none", "cpu", "nvme", "nvme+opt")
+SYSTEMS = ("none", "cpu", "nvme", "nvme+opt", "nvme+opt-pipelined")
 # elements per optimizer sub-group: the NvmeOptimizer's slot holds one (the
 # parameter shards' regions, plus the states with nvme+opt); DeepSpeed's
 # default 1e9 would make the slot as large as everything it swaps
@@ -54,8 +55,10 @@ def _zero(system: str, path: str) -> dict:
         zero["offload_param"] = {"device": "cpu"}
     elif system.startswith("nvme"):
         zero["offload_param"] = {"device": "nvme", "nvme_path": path, "max_in_cpu": 0}
-        if system == "nvme+opt":
+        if system.startswith("nvme+opt"):
             zero["offload_optimizer"] = {"device": "nvme", "nvme_path": path}
+        if system == "nvme+opt-pipelined":  # read the next sub-groups / write the last while one steps
+            zero["offload_optimizer"].update(pipeline_read=True, pipeline_write=True)
     return zero
 
 
