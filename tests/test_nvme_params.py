@@ -309,3 +309,31 @@ def test_explain_shows_disk_and_mapped_bytes(tmp_path):
     assert host["params"] == host["optimizer_states"] == host["masters"] == 0 < host["grads"]
     gc.collect()
     assert os.listdir(tmp_path) == []
+
+
+def test_param_nvme_world1_with_accumulation_and_clipping_equals_cpu_offload(tmp_path):
+    """World 1 (eager ``zerograph.shard``), 2 accumulation micro-batches and
+    clipping: parameters on NVMe, alone and with the optimizer states there
+    too, train bit for bit like CPU parameter offload, which equals the
+    single-process eager reference at fp32 rtol 1e-5."""
+    from tests.test_nvme_offload import ACCUMULATION, CLIP, _assert_same, _build, _config, _params, _states, _train
+    from tests.test_nvme_offload import STEPS as steps  # _train's
+
+    ref_losses, ref_params = _harness.reference_run("gpt", 1, steps=steps, accumulation=ACCUMULATION, clip=CLIP)
+    param_nvme = {"device": "nvme", "nvme_path": str(tmp_path), "max_in_cpu": 0}
+    model, opt = _build(_config({"device": "cpu"}, offload_param={"device": "cpu"}))
+    cpu = (_train(model, opt), _params(model), _states(opt))
+    _harness.assert_same_training({"losses": cpu[0], "params": cpu[1]}, ref_losses, ref_params)
+    del model, opt
+    for name, optimizer in (("params", {"device": "cpu"}),
+                            ("params + optimizer", {"device": "nvme", "nvme_path": str(tmp_path)})):
+        model, opt = _build(_config(optimizer, offload_param=param_nvme))
+        store = model._zg_runtime.ctx.nvme_params
+        assert store is not None and len(store.layout) == len(list(model.parameters())), name
+        losses = _train(model, opt)
+        assert losses == cpu[0], name
+        _assert_same(_params(model), cpu[1], name)
+        _assert_same(_states(opt), cpu[2], name)
+        del model, opt, store
+        gc.collect()
+        assert os.listdir(tmp_path) == [], name  # the swap directories go with the model
