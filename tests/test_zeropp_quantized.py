@@ -412,3 +412,23 @@ def test_buckets_are_quantized_as_one_message(fake_world4):
     assert by_scope["forward"] == {"cross_group": {"all_gather": sum(4 * _packed(m) for m in buckets)}}
     assert by_scope["backward"]["cross_group"] == {"all_to_all": sum(2 * _packed(m) for m in buckets)}
     assert by_scope["backward"]["intra_group"]["all_to_all"] == sum(4 * _packed(m) for m in buckets)
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_qwz_and_qgz_compose_with_recompute_and_parameter_offload():
+    """qwZ + qgZ (world 2, stage 3) with per-layer activation checkpointing,
+    and with offload_param on the host: the same stated bounds as alone
+    (losses within 5e-4 relative over 5 AdamW steps, each parameter within
+    10% of the fp32 run's update), and the forward still sends int8."""
+    world = 2
+    ref_losses, ref_params = _harness.reference_run("gpt_untied", world)
+    quantized = {"zero_quantized_weights": True, "zero_quantized_gradients": True}
+    configs = [dict(_config(quantized), activation_checkpointing={"policy": "per_layer"}),
+               _config({**quantized, "offload_param": {"device": "cpu"}})]
+    results = _harness.train("gpt_untied", configs, STEPS, world)[0]
+    params = dict(_models.make_gpt_untied().named_parameters())
+    packed = sum(world * _packed(_chunk(p, world)) for p in params.values())
+    for name, result in zip(("per_layer recompute", "offload_param"), results):
+        loss_gap, param_gap = _relative_gap(result, ref_losses, ref_params)
+        assert loss_gap < 5e-4 and param_gap < 0.1, (name, loss_gap, param_gap)
+        assert result["comm_by_phase"]["forward"] == {"all_gather": packed}, name
