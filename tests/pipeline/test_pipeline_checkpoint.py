@@ -250,9 +250,15 @@ def test_pipeline_times_data_parallel_zero3_checkpoint_loads_on_two_ranks(tmp_pa
     stage's tensors sharded over its data-parallel pair); loaded into ZeRO-3
     without a pipeline on world 2 and into p=2 on world 2 (nightly: world 4
     on this 2-core machine is slow)."""
+    from zerograph.runtime.launch import spawn
+
     path = str(tmp_path / "ckpt")
     config = {"pipeline": {"stages": 2, "micro_batches": 2}, "zero_optimization": {"stage": 3}}
-    first = _pool.run(_save, 4, config, "make_optimizer", path, timeout=TIMEOUT)
+    # Fresh processes, not the world-4 pool: each stage's step-check group is a local-synchronization
+    # subgroup, whose name torch hashes from its ranks and the number of live groups. In a pool rank
+    # that an earlier pipeline body left (its groups destroyed), the same name comes back and its
+    # rendezvous reads that earlier group's stale store keys (connection refused).
+    first = spawn(_save, 4, config, "make_optimizer", path, timeout=TIMEOUT)
     assert len({tuple(losses) for losses in first}) == 1  # every rank reports the step's mean loss
     _assert_continues(_pool.run(_resume, 2, ZERO3, "plain", path, timeout=TIMEOUT), first[0], reference)
     _assert_continues(_pool.run(_resume, 2, PIPELINE, "make_optimizer", path, timeout=TIMEOUT), first[0], reference)
