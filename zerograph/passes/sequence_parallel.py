@@ -39,7 +39,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from zerograph._torch_private import fake_mode_of, nn_binding
+from zerograph._torch_private import nn_binding
+from zerograph.graph.example_values import refresh_example_values
 from zerograph.graph.sp_ops import SP_ALL_REDUCE, SP_HEADS_TO_SEQ, SP_SEQ_TO_HEADS
 from zerograph.graph.tp_ops import full_shape, module_of
 from zerograph.passes.fusion import rewrite_matches
@@ -173,24 +174,6 @@ def _global_loss(gm: fx.GraphModule, node: fx.Node, tag: str) -> bool:
     return True
 
 
-def _refresh_example_values(gm: fx.GraphModule) -> None:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = [n.meta.get("example_value") for n in placeholders]
-    mode = fake_mode_of(values)
-    if mode is None:
-        return
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            out = super().run_node(node)
-            if node.op != "placeholder":
-                node.meta["example_value"] = out
-            return out
-
-    with mode:
-        Recorder(gm).run(*values)
-
-
 def _attention_functions() -> tuple:
     return (*SDPA_FUNCTIONS, _kernel("attention", "attention"))
 
@@ -230,5 +213,5 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if any(counts.values()):
         gm.graph.lint()
         gm.recompile()
-        _refresh_example_values(gm)
+        refresh_example_values(gm)
     return PassResult(changed=any(counts.values()), details=counts)

@@ -40,7 +40,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from zerograph._torch_private import fake_mode_of
+from zerograph.graph.example_values import refresh_example_values
 from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_COPY, UNSHARD_WHOLE
 from zerograph.graph.tp_ops import full_shape, linear_use, module_of
 from zerograph.passes.manager import PassContext, PassResult
@@ -219,28 +219,9 @@ class _Rewrite:
         self.counts["tp_all_reduce"] += 1
 
 
-def _refresh_example_values(gm: fx.GraphModule) -> None:
-    """Recompute Dynamo's recorded values with per-rank shapes."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = [n.meta.get("example_value") for n in placeholders]
-    mode = fake_mode_of(values)
-    if mode is None:
-        return
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            try:
-                out = super().run_node(node)
-            except Exception as exc:
-                raise TensorParallelError(
-                    f"tensor parallelism: the per-rank graph fails at node {node.name} ({module_of(node)}): {exc}"
-                ) from exc
-            if node.op != "placeholder":
-                node.meta["example_value"] = out
-            return out
-
-    with mode:
-        Recorder(gm).run(*values)
+def _per_rank_graph_error(node: fx.Node, exc: Exception) -> Exception:
+    return TensorParallelError(
+        f"tensor parallelism: the per-rank graph fails at node {node.name} ({module_of(node)}): {exc}")
 
 
 def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -251,6 +232,6 @@ def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     rewrite.run()
     gm.graph.lint()
     gm.recompile()
-    _refresh_example_values(gm)
+    refresh_example_values(gm, _per_rank_graph_error)
     details = dict(rewrite.counts, shape_args=rewrite.prop.rewritten)
     return PassResult(changed=any(details.values()), details=details)
