@@ -341,29 +341,40 @@ class TensorParallelGroup:
         return dist.group.WORLD
 
 
+def dp_by_inner_mesh(dim: str, size: int, key: str, timeout_s: float, dev: torch.device):
+    """A 2-D ``("dp", dim)`` device mesh over every rank, ``dim`` innermost
+    (its ranks adjacent), with ``collective_timeout_s`` on both dimensions'
+    groups and the default group. ``key``: the config key that set ``size``,
+    for the error when ``size`` does not divide the world. Returns the mesh,
+    the data-parallel size and this rank's (dp, ``dim``) indices."""
+    from zerograph.config import ConfigError
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    name = key.rsplit(".", 1)[-1]
+    if world % size:
+        article = "an" if name[0] in "aeiou" else "a"
+        raise ConfigError(
+            f"{key}={size} does not divide the world size {world}: launch a multiple of {size} ranks "
+            f"(world = data-parallel ranks x {name}), or use {article} {name} that divides {world}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp = world // size
+    mesh = init_device_mesh(dev.type, (dp, size), mesh_dim_names=("dp", dim))
+    for sub in ("dp", dim):
+        apply_collective_timeout(mesh[sub].get_group(), timeout_s)
+    apply_collective_timeout(dist.group.WORLD, timeout_s)
+    dp_index, inner_index = divmod(dist.get_rank(), size)
+    return mesh, dp, dp_index, inner_index
+
+
 def data_and_tensor_parallel_groups(
     tp: int, timeout_s: float = 300.0, device: str | None = None, model_device: torch.device | None = None
 ) -> tuple[DataParallelGroup, TensorParallelGroup]:
     """The data-parallel group ZeRO shards over and the tensor-parallel group,
     from a 2-D ``(dp, tp)`` device mesh over every rank (world = dp x tp)."""
-    from zerograph.config import ConfigError
-
     ensure_process_group(timeout_s)
     dev = default_device(device, model_device)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world % tp:
-        raise ConfigError(
-            f"tensor_parallel.autotp_size={tp} does not divide the world size {world}: launch a multiple of {tp} "
-            f"ranks (world = data-parallel ranks x autotp_size), or use an autotp_size that divides {world}"
-        )
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dp = world // tp
-    mesh = init_device_mesh(dev.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    for sub in (mesh["tp"], mesh["dp"]):
-        apply_collective_timeout(sub.get_group(), timeout_s)
-    apply_collective_timeout(dist.group.WORLD, timeout_s)
-    dp_rank, tp_rank = divmod(dist.get_rank(), tp)
+    mesh, dp, dp_rank, tp_rank = dp_by_inner_mesh("tp", tp, "tensor_parallel.autotp_size", timeout_s, dev)
     if dp == 1:
         dp_group = DataParallelGroup(rank=0, world_size=1, device=dev, mesh=None, group_name="")
     else:

@@ -28,13 +28,12 @@ import inspect
 import logging
 
 import torch
-import torch.distributed as dist
 
 from zerograph.runtime.dist import (
     DataParallelGroup,
-    apply_collective_timeout,
     data_parallel_group,
     default_device,
+    dp_by_inner_mesh,
     ensure_process_group,
 )
 
@@ -68,25 +67,10 @@ def data_and_sequence_parallel_groups(
 ) -> tuple[DataParallelGroup, SequenceParallelGroup, int]:
     """ZeRO's group (every rank: dp x sp), the sequence-parallel group, and
     this rank's data-parallel index, from a ``("dp", "sp")`` mesh."""
-    from zerograph.config import ConfigError
-
     ensure_process_group(timeout_s)
     dev = default_device(device, model_device)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world % sp:
-        raise ConfigError(
-            f"sequence_parallel_size={sp} does not divide the world size {world}: launch a multiple of {sp} ranks "
-            f"(world = data-parallel ranks x sequence_parallel_size), or use a sequence_parallel_size that divides "
-            f"{world}")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dp = world // sp
-    mesh = init_device_mesh(dev.type, (dp, sp), mesh_dim_names=("dp", "sp"))
-    for dim in ("dp", "sp"):
-        apply_collective_timeout(mesh[dim].get_group(), timeout_s)
-    apply_collective_timeout(dist.group.WORLD, timeout_s)
+    mesh, dp, dp_index, sp_index = dp_by_inner_mesh("sp", sp, "sequence_parallel_size", timeout_s, dev)
     zero = data_parallel_group(timeout_s, device, model_device)  # every rank, in global rank order
-    dp_index, sp_index = divmod(dist.get_rank(), sp)
     group = SequenceParallelGroup(rank=sp_index, world_size=sp, mesh=mesh,
                                   group_name=mesh["sp"].get_group().group_name)
     log.info("sequence-parallel mesh: %d data-parallel x %d sequence-parallel rank(s); this rank is dp %d, sp %d",
