@@ -12,6 +12,7 @@ calling the launchers directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -49,3 +50,20 @@ def require_triton(*tensors: torch.Tensor) -> None:
             "this Triton launcher needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
             "call the op's public function, which falls back to the pure-torch reference"
         )
+
+
+
+def as_rows(t: torch.Tensor, n_cols: int | None = None) -> torch.Tensor:
+    """``t`` as a 2-D ``(rows, n_cols)`` tensor whose rows are contiguous (a
+    view when possible); ``n_cols`` defaults to the last dimension."""
+    if n_cols is None:
+        n_cols = t.shape[-1] if t.dim() else 1
+    t2 = t.reshape(-1, n_cols)
+    if n_cols > 1 and t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def device_guard(t: torch.Tensor):
+    """Launch Triton kernels on ``t``'s GPU, whatever the current device is (nothing on the CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

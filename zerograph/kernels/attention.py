@@ -55,12 +55,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zerograph.kernels._common import HAS_TRITON, require_triton, tl, triton, use_triton
+from zerograph.kernels._common import HAS_TRITON, device_guard, require_triton, tl, triton, use_triton
 from zerograph.kernels.attention_backward import attention_backward_triton
 from zerograph.kernels.attention_common import (
     _LOG2E,
     _common_args,
-    _device_guard,
     _prec,
     _rng_ints,
     attention_dropout_mask,
@@ -194,7 +193,7 @@ def attention_forward_triton(q, k, v, key_padding_mask, causal: bool, scale: flo
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
     seed, offset = _rng_ints(rng)
-    with _device_guard(q):
+    with device_guard(q):
         _attn_fwd_kernel[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
             q, k, v, out, lse, kpm,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zerograph.kernels._common import HAS_TRITON, interpreting, require_triton, tl, triton, use_triton
+from zerograph.kernels._common import HAS_TRITON, device_guard, interpreting, require_triton, tl, triton, use_triton
 from zerograph.kernels.attention_common import (
     _LOG2E,
     _common_args,
-    _device_guard,
     _last_contig,
     _prec,
     _rng_ints,
@@ -189,7 +188,7 @@ def attention_backward_triton(grad, q, k, v, out, lse, key_padding_mask, causal:
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), grad.stride(0), grad.stride(1), grad.stride(2))
     tail = (scale * _LOG2E, scale, dropout_p, 1.0 / (1.0 - dropout_p), seed, offset)
-    with _device_guard(q):
+    with device_guard(q):
         dm = 16 if interpreting() else 64
         _attn_bwd_delta_kernel[(triton.cdiv(Sq, dm), B * Hq)](
             out, grad, delta, out.stride(0), out.stride(1), out.stride(2), grad.stride(0), grad.stride(1),

@@ -6,12 +6,11 @@ configs and key, the dropout keep-mask and visibility (causal, key padding)
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import Tensor
 
-from zerograph.kernels._common import HAS_TRITON, interpreting, require_triton, tl, triton
+from zerograph.kernels._common import HAS_TRITON, device_guard, interpreting, require_triton, tl, triton
 
 __all__ = ["attention_dropout_mask"]
 
@@ -64,10 +63,6 @@ if HAS_TRITON:
         return ok
 
 
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _last_contig(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -97,7 +92,7 @@ def attention_dropout_mask(seed: int, offset: int, B: int, H: int, Sq: int, Sk: 
     require_triton(out)
     if out.numel():
         bm, bn = (16, 16) if interpreting() else (64, 64)
-        with _device_guard(out):
+        with device_guard(out):
             _dropout_mask_kernel[(triton.cdiv(Sq, bm), triton.cdiv(Sk, bn), B * H)](
                 out, int(seed), int(offset), Sq, Sk, float(p), BLOCK_M=bm, BLOCK_N=bn
             )

@@ -8,12 +8,11 @@ checks, reductions and in-place gradient scaling that
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import Tensor
 
-from zerograph.kernels._common import HAS_TRITON, require_triton, tl, triton, use_triton
+from zerograph.kernels._common import HAS_TRITON, device_guard, require_triton, tl, triton, use_triton
 
 __all__ = ["REDUCTIONS", "cross_entropy_reference", "cross_entropy_rows_reference", "cross_entropy_rows_triton"]
 
@@ -152,10 +151,6 @@ def _launch_settings(n_cols: int, block: int | None) -> tuple[int, int]:
     return block, warps
 
 
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def cross_entropy_rows_triton(
     logits: Tensor, target: Tensor, ignore_index: int, scale: Tensor | None = None,
     with_grad: bool = False, grad_out: Tensor | None = None, block: int | None = None,
@@ -185,7 +180,7 @@ def cross_entropy_rows_triton(
         mode = 1 if scale_arg.dim() == 0 else 2
     if n_rows:
         block, warps = _launch_settings(n_cols, block)
-        with _device_guard(logits):
+        with device_guard(logits):
             _ce_rows_kernel[(n_rows,)](
                 logits, logits.stride(0), target, loss, lse, grad, grad.stride(0) if with_grad else 0,
                 scale_arg, n_cols, ignore_index,

@@ -24,14 +24,13 @@ run Triton kernels; elsewhere the pure-torch references. No double backward.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zerograph.kernels._common import HAS_TRITON, require_triton, tl, triton, use_triton
+from zerograph.kernels._common import HAS_TRITON, as_rows, device_guard, require_triton, tl, triton, use_triton
 
 __all__ = ["gelu", "gelu_reference", "gelu_backward_reference", "gelu_forward_triton", "gelu_backward_triton"]
 
@@ -109,35 +108,22 @@ if HAS_TRITON:
         tl.store(DX + row * n_cols + cols, (dy * d).to(DX.dtype.element_ty), mask=mask)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """``t`` as ``(rows, last_dim)`` with a unit column stride (a view when possible)."""
-    n_cols = t.shape[-1] if t.dim() else 1
-    t2 = t.reshape(-1, n_cols)
-    if t2.stride(-1) != 1 and n_cols > 1:
-        t2 = t2.contiguous()
-    return t2
-
-
 def _launch_settings(n_cols: int) -> tuple[int, int]:
     """``(BLOCK, num_warps)``: at most 8 elements per thread."""
     block = min(2048, triton.next_power_of_2(max(n_cols, 1)))
     return block, max(1, min(8, block // 256))
 
 
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def gelu_forward_triton(x: Tensor, approximate: str = "none") -> Tensor:
     """Launch the forward kernel (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``)."""
     _check_approximate(approximate)
     require_triton(x)
-    x2 = _rows(x)
+    x2 = as_rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if y.numel():
         block, warps = _launch_settings(n_cols)
-        with _device_guard(x):
+        with device_guard(x):
             _gelu_fwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
                 x2, y, x2.stride(0), n_cols, TANH=approximate == "tanh", BLOCK=block, num_warps=warps
             )
@@ -148,12 +134,12 @@ def gelu_backward_triton(grad: Tensor, x: Tensor, approximate: str = "none") -> 
     """Launch the backward kernel; returns ``grad_x`` (contiguous, ``x``'s dtype)."""
     _check_approximate(approximate)
     require_triton(grad, x)
-    dy2, x2 = _rows(grad), _rows(x)
+    dy2, x2 = as_rows(grad), as_rows(x)
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel():
         block, warps = _launch_settings(n_cols)
-        with _device_guard(x):
+        with device_guard(x):
             _gelu_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
                 dy2, x2, dx, dy2.stride(0), x2.stride(0), n_cols,
                 TANH=approximate == "tanh", BLOCK=block, num_warps=warps,

@@ -33,8 +33,8 @@ import logging
 import torch
 from torch import Tensor
 
-from zerograph.kernels._common import HAS_TRITON, require_triton, tl, triton, use_triton
-from zerograph.kernels.rms_norm import MAX_FUSED_SIZE, as_rows, device_guard, reduction_programs, row_block_settings
+from zerograph.kernels._common import HAS_TRITON, as_rows, device_guard, require_triton, tl, triton, use_triton
+from zerograph.kernels.rms_norm import MAX_FUSED_SIZE, reduction_programs, row_block_settings
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,12 @@ references; both compute the same fp32 operations, so they agree exactly.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor
 
-from zerograph.kernels._common import HAS_TRITON, require_triton, tl, triton, use_triton
+from zerograph.kernels._common import HAS_TRITON, as_rows, device_guard, require_triton, tl, triton, use_triton
 
 __all__ = ["quantize_int8", "dequantize_int8", "quantize_int8_reference", "dequantize_int8_reference",
            "quantize_int8_triton", "dequantize_int8_triton", "num_blocks", "packed_bytes", "QMAX"]
@@ -131,18 +130,6 @@ if HAS_TRITON:
         tl.store(Y + row * n_cols + cols, (q * scale).to(Y.dtype.element_ty), mask=mask)
 
 
-def _rows(t: Tensor) -> Tensor:
-    n = t.shape[-1] if t.dim() else 1
-    t2 = t.reshape(-1, n)
-    if t2.stride(-1) != 1 and n > 1:
-        t2 = t2.contiguous()
-    return t2
-
-
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _grid_settings(block: int) -> tuple[int, int]:
     p2 = triton.next_power_of_2(block)
     return p2, max(1, min(8, p2 // 256))
@@ -152,7 +139,7 @@ def quantize_int8_triton(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """Launch the quantize kernel (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``)."""
     _check(x, block)
     require_triton(x)
-    x2 = _rows(x)
+    x2 = as_rows(x)
     n_rows, n = x2.shape
     nb = num_blocks(n, block)
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
@@ -160,7 +147,7 @@ def quantize_int8_triton(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     scales = torch.empty(*lead, nb, dtype=torch.float32, device=x.device)
     if q.numel():
         p2, warps = _grid_settings(block)
-        with _device_guard(x):
+        with device_guard(x):
             _quantize_kernel[(n_rows, nb)](x2, q, scales, x2.stride(0), n, nb, BLOCK=block, BLOCK_P2=p2,
                                            num_warps=warps)
     return q, scales
@@ -169,14 +156,14 @@ def quantize_int8_triton(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
 def dequantize_int8_triton(q: Tensor, scales: Tensor, block: int, dtype: torch.dtype) -> Tensor:
     """Launch the dequantize kernel; returns a contiguous tensor of ``q``'s shape in ``dtype``."""
     require_triton(q, scales)
-    q2 = _rows(q)
+    q2 = as_rows(q)
     n_rows, n = q2.shape
     nb = num_blocks(n, block)
     s2 = scales.reshape(-1, nb).contiguous()
     y = torch.empty(q.shape, dtype=dtype, device=q.device)
     if y.numel():
         p2, warps = _grid_settings(block)
-        with _device_guard(q):
+        with device_guard(q):
             _dequantize_kernel[(n_rows, nb)](q2, s2, y, q2.stride(0), n, nb, BLOCK=block, BLOCK_P2=p2,
                                              num_warps=warps)
     return y

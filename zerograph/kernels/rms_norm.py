@@ -31,14 +31,13 @@ no double backward.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 
 import torch
 from torch import Tensor
 
-from zerograph.kernels._common import HAS_TRITON, require_triton, tl, triton, use_triton
+from zerograph.kernels._common import HAS_TRITON, as_rows, device_guard, require_triton, tl, triton, use_triton
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +117,6 @@ def reduction_programs(rows: int, device: torch.device, num_warps: int) -> int:
     else:
         target = 4
     return max(1, min(rows, target))
-
-
-def device_guard(t: Tensor):
-    """Launch Triton kernels on ``t``'s GPU, whatever the current device is."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def as_rows(t: Tensor, n_cols: int) -> Tensor:
-    """``t`` as a 2-D ``(rows, n_cols)`` tensor whose rows are contiguous."""
-    t2 = t.reshape(-1, n_cols)
-    if n_cols > 1 and t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    return t2
 
 
 # --------------------------------------------------------------------------- Triton kernels

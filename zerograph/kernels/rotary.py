@@ -39,8 +39,7 @@ import logging
 import torch
 from torch import Tensor
 
-from zerograph.kernels._common import HAS_TRITON, require_triton, tl, triton, use_triton
-from zerograph.kernels.rms_norm import device_guard
+from zerograph.kernels._common import HAS_TRITON, device_guard, require_triton, tl, triton, use_triton
 
 log = logging.getLogger(__name__)
 

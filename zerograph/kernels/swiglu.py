@@ -26,13 +26,12 @@ projection): rows are read through their strides. No double backward.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zerograph.kernels._common import HAS_TRITON, require_triton, tl, triton, use_triton
+from zerograph.kernels._common import HAS_TRITON, as_rows, device_guard, require_triton, tl, triton, use_triton
 
 __all__ = ["swiglu", "swiglu_reference", "swiglu_backward_reference", "swiglu_forward_triton", "swiglu_backward_triton"]
 
@@ -83,15 +82,6 @@ if HAS_TRITON:
         tl.store(DU + row * n_cols + cols, du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """``t`` as ``(rows, last_dim)`` with a unit column stride (a view when possible)."""
-    n_cols = t.shape[-1] if t.dim() else 1
-    t2 = t.reshape(-1, n_cols)
-    if t2.stride(-1) != 1 and n_cols > 1:
-        t2 = t2.contiguous()
-    return t2
-
-
 def _launch_settings(n_cols: int) -> tuple[int, int]:
     """``(BLOCK, num_warps)`` for the elementwise kernels: 8 elements per thread
     at most, so each program moves 16-byte vectors and enough bytes in flight."""
@@ -99,19 +89,15 @@ def _launch_settings(n_cols: int) -> tuple[int, int]:
     return block, max(1, min(8, block // 256))
 
 
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def swiglu_forward_triton(gate: Tensor, up: Tensor) -> Tensor:
     """Launch the forward kernel (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``)."""
     require_triton(gate, up)
-    g2, u2 = _rows(gate), _rows(up)
+    g2, u2 = as_rows(gate), as_rows(up)
     n_rows, n_cols = g2.shape
     y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if y.numel():
         block, warps = _launch_settings(n_cols)
-        with _device_guard(gate):
+        with device_guard(gate):
             _swiglu_fwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
                 g2, u2, y, g2.stride(0), u2.stride(0), n_cols, BLOCK=block, num_warps=warps
             )
@@ -121,13 +107,13 @@ def swiglu_forward_triton(gate: Tensor, up: Tensor) -> Tensor:
 def swiglu_backward_triton(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     """Launch the backward kernel; returns ``(grad_gate, grad_up)`` (contiguous)."""
     require_triton(grad, gate, up)
-    dy2, g2, u2 = _rows(grad), _rows(gate), _rows(up)
+    dy2, g2, u2 = as_rows(grad), as_rows(gate), as_rows(up)
     n_rows, n_cols = g2.shape
     dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     if dg.numel():
         block, warps = _launch_settings(n_cols)
-        with _device_guard(gate):
+        with device_guard(gate):
             _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
                 dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), n_cols,
                 BLOCK=block, num_warps=warps,
