@@ -72,6 +72,12 @@ class ZerographOptions(Section):
         "vocabulary, with a vocab-parallel cross-entropy: where the loss is computed in the graph of the logits, no "
         "rank holds full-vocabulary logits and the model returns this rank's vocabulary slice "
         "(docs/tensor_parallel.md).")
+    tp_sequence_parallel: StrictBool = Field(
+        False, description="With tensor_parallel.autotp_size > 1: Megatron sequence parallelism. Activations between "
+        "tensor-parallel layers (residual stream, norms, dropout) are cut along the sequence over the tp ranks; the "
+        "all-reduce after a row-split linear becomes a reduce-scatter and the input of a column-split group an "
+        "all-gather (same bytes on the wire), and norm weights' and row biases' gradients are summed over tp. The "
+        "sequence length must be a multiple of autotp_size (docs/tensor_parallel.md#megatron-sequence-parallelism).")
     verify_graphs: StrictBool = Field(
         False, description="Run graph verification after every pass (slow; for debugging)."
     )

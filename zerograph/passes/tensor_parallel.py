@@ -15,7 +15,11 @@ parameters' specs; this pass is the mechanism:
   input features (``narrow``, no traffic);
 * downstream, every shape argument along a split dimension becomes a
   per-rank size (heads per rank; :mod:`zerograph.passes.tp_propagation`);
-* a split value the graph returns is gathered whole (``tp_all_gather``).
+* a split value the graph returns is gathered whole (``tp_all_gather``);
+* with ``zerograph.tp_sequence_parallel`` (Megatron-SP,
+  :mod:`zerograph.passes.tp_sequence`) the values between tp regions are cut
+  along the sequence: ``tp_copy`` becomes ``tp_seq_gather`` and
+  ``tp_all_reduce`` ``tp_seq_reduce_scatter``.
 
 For nanoGPT's attention at tp=2 (12 heads of 64)::
 
@@ -45,6 +49,7 @@ from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_COPY, UN
 from zerograph.graph.tp_ops import full_shape, linear_use, module_of
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.passes.tp_propagation import Propagator, Split
+from zerograph.passes.tp_sequence import SequenceParallel
 from zerograph.passes.tp_vocab import CROSS_ENTROPY, EMBEDDING, rewrite_cross_entropy, rewrite_embedding
 from zerograph.runtime.tp_layout import TensorParallelError
 
@@ -69,15 +74,19 @@ def _inserted(graph: fx.Graph, like: fx.Node, target, args) -> fx.Node:
 
 
 class _Rewrite:
-    def __init__(self, gm: fx.GraphModule, specs: dict, tp: int):
+    def __init__(self, gm: fx.GraphModule, specs: dict, tp: int, tag: str | None = None,
+                 sequence_parallel: bool = False):
         self.gm, self.graph, self.specs = gm, gm.graph, specs
         self.prop = Propagator(tp)
         self.copies: dict[fx.Node, fx.Node] = {}
         self.counts = {"column": 0, "row": 0, "tp_copy": 0, "tp_all_reduce": 0}
-        self.tag = None
+        self.tag = tag
         self.vocab: dict[fx.Node, object] = {}  # values split over the vocabulary -> the head's layout
+        self.sp = SequenceParallel(self.graph, self.prop, tag, tp, self.counts) if sequence_parallel else None
 
     def run(self) -> None:
+        if self.sp is not None:
+            self.sp.find_entries(self.specs)
         for node in list(self.graph.nodes):
             if node.op == "call_function" and node.target in (UNSHARD_WHOLE, torch.ops.zerograph.unshard_whole):
                 node.target = torch.ops.zerograph.unshard
@@ -103,7 +112,10 @@ class _Rewrite:
                         f"tensor parallelism: {module_of(node)} reads {arg.args[2]}, which is {layout.kind}-split "
                         f"for {layout.module}, other than as a linear layer's weight (graph node {node.name}); keep "
                         f"{layout.module} whole with a layer spec {{\"partition_type\": \"skip\"}}")
-            self.prop.visit(node)
+            if self.sp is None or not self.sp.visit(node):
+                self.prop.visit(node)
+            if self.sp is not None:
+                self.sp.enter(node)
             if isinstance(self.prop.get(node), Split):
                 head = next((self.vocab[a] for a in node.all_input_nodes if a in self.vocab), None)
                 if head is not None:
@@ -169,18 +181,22 @@ class _Rewrite:
         x_state = self.prop.get(use.x)
         node = use.node
         if layout.kind in ("column", "vocab"):
-            if x_state is not None:
+            gathered = self.sp is not None and isinstance(x_state, Split) and x_state.seq
+            if gathered:  # Megatron-SP: all-gather the sequence shards
+                node.replace_input_with(use.x, self.sp.column_input(use.x, node))
+            elif x_state is not None:
                 raise TensorParallelError(f"tensor parallelism: {layout.module} is column-split but its input is "
                                           "already split over tp; make it row-split (its input's producer is column-split)")
             bias = self.prop.get(use.bias)
             if use.bias is not None and not isinstance(bias, _SplitParam):
                 raise TensorParallelError(f"tensor parallelism: {layout.module}: column-split weight, whole bias")
-            copy = self.copies.get(use.x)
-            if copy is None:  # in front of the first column linear reading x; the others come later
-                with self.graph.inserting_before(node):
-                    copy = self.copies[use.x] = _inserted(self.graph, node, TP_COPY, (use.x, self.tag))
-                self.counts["tp_copy"] += 1
-            node.replace_input_with(use.x, copy)
+            if not gathered:
+                copy = self.copies.get(use.x)
+                if copy is None:  # in front of the first column linear reading x; the others come later
+                    with self.graph.inserting_before(node):
+                        copy = self.copies[use.x] = _inserted(self.graph, node, TP_COPY, (use.x, self.tag))
+                    self.counts["tp_copy"] += 1
+                node.replace_input_with(use.x, copy)
             self.prop.states[node] = Split(len(full_shape(node)) - 1, layout.parts)
             self.counts["column"] += 1
             if layout.kind == "vocab":
@@ -208,15 +224,25 @@ class _Rewrite:
             node.kwargs = {}
         else:  # addmm(bias, x, weight) -> mm(x, weight)
             node.target, node.args, node.kwargs = torch.mm, (x, use.weight), {}
-        with self.graph.inserting_after(node):
-            reduced = _inserted(self.graph, node, TP_ALL_REDUCE, (node, self.tag))
-        out = reduced
-        if bias is not None:
-            with self.graph.inserting_after(reduced):
-                out = _inserted(self.graph, node, operator.add, (reduced, bias))
-        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not reduced)
         self.counts["row"] += 1
-        self.counts["tp_all_reduce"] += 1
+        if self.sp is not None:  # Megatron-SP: reduce-scatter along the sequence; the bias on this rank's positions
+            reduced, state = self.sp.row_output(node)
+            out = reduced
+            if bias is not None:
+                with self.graph.inserting_after(reduced):
+                    out = _inserted(self.graph, node, operator.add, (reduced, self.sp.grad_sum(bias, node)))
+                self.prop.states[out] = state
+                if "example_value" in node.meta:
+                    out.meta["example_value"] = node.meta["example_value"]
+        else:
+            with self.graph.inserting_after(node):
+                reduced = _inserted(self.graph, node, TP_ALL_REDUCE, (node, self.tag))
+            out = reduced
+            if bias is not None:
+                with self.graph.inserting_after(reduced):
+                    out = _inserted(self.graph, node, operator.add, (reduced, bias))
+            self.counts["tp_all_reduce"] += 1
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not reduced)
 
 
 def _per_rank_graph_error(node: fx.Node, exc: Exception) -> Exception:
@@ -228,7 +254,8 @@ def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     state = ctx.state
     if state is None or getattr(state, "tp", None) is None:
         return PassResult()
-    rewrite = _Rewrite(gm, state.specs, state.tp.world_size)
+    rewrite = _Rewrite(gm, state.specs, state.tp.world_size, state.tag,
+                       sequence_parallel=bool(ctx.config.zerograph.tp_sequence_parallel))
     rewrite.run()
     gm.graph.lint()
     gm.recompile()

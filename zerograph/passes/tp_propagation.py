@@ -30,6 +30,13 @@ from zerograph.runtime.tp_layout import TensorParallelError
 class Split:
     dim: int
     parts: tuple[int, ...]  # full sizes of the fused parts along ``dim``
+    # a sequence shard (Megatron sequence parallelism, :mod:`zerograph.passes.tp_sequence`):
+    # ``dim`` is the sequence, not the heads or features
+    seq: bool = False
+
+    def at(self, dim: int, parts: tuple[int, ...] | None = None) -> "Split":
+        """The same kind of split along ``dim`` (of ``parts``, default: the same)."""
+        return dataclasses.replace(self, dim=dim, parts=self.parts if parts is None else parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +144,7 @@ class Propagator:
         for t in tensors:
             state = self.get(t)
             if isinstance(state, Split):
-                cand = Split(state.dim + len(out) - len(full_shape(t)), state.parts)
+                cand = state.at(state.dim + len(out) - len(full_shape(t)))
                 if result not in (None, cand):
                     raise _error(node, f"combines tensors split over tp along different dims ({result} and {cand})")
                 result = cand
@@ -173,14 +180,14 @@ class Propagator:
         if len(split.parts) == 1:
             if a % self.tp:
                 raise self._heads(node, a, shape_in, shape_out)
-            return Split(o, (a,))
+            return split.at(o, (a,))
         if a == size * post:
-            return Split(o, tuple(p * post for p in split.parts))
+            return split.at(o, tuple(p * post for p in split.parts))
         if a == len(split.parts) and len(set(split.parts)) == 1 and o + 1 < len(shape_out):
             b = shape_out[o + 1]
             if b % self.tp:
                 raise self._heads(node, b, shape_in, shape_out)
-            return Split(o + 1, (b,))
+            return split.at(o + 1, (b,))
         raise _error(node, f"a reshape {tuple(shape_in)} -> {tuple(shape_out)} cuts across the fused parts "
                      f"{list(split.parts)} of a tp-split dim")
 
@@ -222,25 +229,25 @@ class Propagator:
         dim = split.dim + len(sizes) - len(full_shape(node.args[0]))
         sizes[dim] = self._local(node, sizes[dim], full_shape(node)[dim])
         node.args = (args[0], tuple(sizes)) if packed else (args[0], *sizes)
-        return Split(dim, split.parts)
+        return split.at(dim)
 
     def _transpose(self, node: fx.Node):
         split = self._split_of(node)
         n = len(full_shape(node))
         a, b = (d % n for d in node.args[1:3])
         dim = b if split.dim == a else a if split.dim == b else split.dim
-        return Split(dim, split.parts)
+        return split.at(dim)
 
     def _permute(self, node: fx.Node):
         split = self._split_of(node)
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
         n = len(dims)
-        return Split([d % n for d in dims].index(split.dim), split.parts)
+        return split.at([d % n for d in dims].index(split.dim))
 
     def _unsqueeze(self, node: fx.Node):
         split = self._split_of(node)
         at = node.args[1] % len(full_shape(node))
-        return Split(split.dim + (1 if at <= split.dim else 0), split.parts)
+        return split.at(split.dim + (1 if at <= split.dim else 0))
 
     def _getitem(self, node: fx.Node):
         split = self._split_of(node)
@@ -271,7 +278,7 @@ class Propagator:
                 in_d, out_d = in_d + 1, out_d + 1
         if result is None:
             result = out_d + split.dim - in_d
-        return Split(result, split.parts)
+        return split.at(result)
 
     def _split(self, node: fx.Node, how: str):
         split = self._split_of(node)
@@ -296,7 +303,7 @@ class Propagator:
             new = local if isinstance(arg, (list, tuple)) else local[0]
             node.args = (node.args[0], new, *node.args[2:])
             self.rewritten += 1
-        return SplitTuple(tuple(Split(dim, (s,)) for s in sizes))
+        return SplitTuple(tuple(split.at(dim, (s,)) for s in sizes))
 
     def _cat(self, node: fx.Node):
         tensors = node.args[0]
@@ -324,7 +331,7 @@ class Propagator:
             pos = split.dim - (len(full_shape(q)) - len(shape))
             if 0 <= pos and shape[pos] != 1:
                 raise _error(node, f"an attention mask with {shape[pos]} heads cannot be split over tp yet")
-        return Split(split.dim, (full_shape(node)[split.dim],))
+        return split.at(split.dim, (full_shape(node)[split.dim],))
 
     def _matmul(self, node: fx.Node):
         a, b = node.args[:2]
@@ -333,16 +340,16 @@ class Propagator:
         if (isinstance(sa, Split) and sa.dim == na - 1) or (isinstance(sb, Split) and sb.dim == nb - 2):
             raise _error(node, "a matrix product over the tp-split dim (its result would be a partial sum)")
         if isinstance(sa, Split) and sa.dim == na - 2:
-            return Split(n - 2, sa.parts)
+            return sa.at(n - 2)
         if isinstance(sb, Split) and sb.dim == nb - 1:
-            return Split(n - 1, sb.parts)
+            return sb.at(n - 1)
         return self._elementwise_batch(node, [(a, sa, na), (b, sb, nb)], n)
 
     def _elementwise_batch(self, node, operands, n):
         result = None
         for _, state, nd in operands:
             if isinstance(state, Split):
-                cand = Split(state.dim + n - nd, state.parts)
+                cand = state.at(state.dim + n - nd)
                 if result not in (None, cand):
                     raise _error(node, "a matrix product of tensors split along different batch dims")
                 result = cand
@@ -368,7 +375,7 @@ class Propagator:
         if split.dim in dims:
             raise _error(node, "a reduction over the tp-split dim")
         keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-        return Split(split.dim - (0 if keep else sum(d < split.dim for d in dims)), split.parts)
+        return split.at(split.dim - (0 if keep else sum(d < split.dim for d in dims)))
 
     def _layer_norm(self, node: fx.Node):
         split = self._split_of(node)

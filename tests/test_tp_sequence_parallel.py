@@ -1,0 +1,204 @@
+"""Megatron sequence parallelism (``zerograph.tp_sequence_parallel``): trains
+exactly like single-process eager PyTorch, moves Megatron-SP's bytes, and the
+pass emits the graph documented in docs/tensor_parallel.md.
+
+Equivalence runs use the rank pool (tests/_pool.py) with the tensor-parallel
+tests' rank body (``tp_run``: each tp rank reads its data-parallel index's
+rows); 5 AdamW steps, losses and full parameters against the eager
+reference (fp32, rtol 1e-5, or as close to fp64 as the fp32 reference where
+round-off itself moves that far: tests/test_tensor_parallel.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from expecttest import assert_expected_inline
+from torch import nn
+
+import zerograph
+from tests import _harness, _models, _pool, test_tp_vocab  # noqa: F401  (test_tp_vocab: the "gpt_v98" model)
+from tests.test_tensor_parallel import TP, _check, _config, tp_run
+from zerograph.graph.format import format_graph
+
+TIMEOUT = _harness.TIMEOUT
+SP = {"tp_sequence_parallel": True}
+
+
+def _sp_config(stage: int, **extra) -> dict:
+    config = _config(stage, **extra)
+    config["zerograph"] = {**config["zerograph"], **SP}
+    return config
+
+
+def _norm_grads_summed_off(model_name, configs, steps):
+    """``tp_run`` with the sequence-parallel gradient sum of norm weights and
+    row biases removed (``SequenceParallel.grad_sum`` returns its input): the
+    control that the equivalence test can fail."""
+    from zerograph.passes import tp_sequence
+
+    original = tp_sequence.SequenceParallel.grad_sum
+    tp_sequence.SequenceParallel.grad_sum = lambda self, value, before: value
+    try:
+        return tp_run(model_name, configs, steps)
+    finally:
+        tp_sequence.SequenceParallel.grad_sum = original
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_sp_gpt_matches_eager_at_stages_0_and_3_with_megatron_sp_bytes():
+    """nanoGPT (untied head, whole on every rank) at tp=2, world 2. Per step,
+    per layer: two reduce-scatters (after proj of attention and MLP) and two
+    all-gathers (in front of qkv and fc) of b*s*h in the forward, the same
+    in the backward (the duals): on the wire (ring: an all-reduce moves twice
+    an all-gather), 4 b*s*h per layer and phase, as plain tp's two
+    all-reduces. Besides: the entry scatter's backward all-gather of b*s*h
+    (embeddings' sum), the final gather of b*s*h for the whole LM head, and
+    the backward all-reduces of the gradients of the norm weights/biases and
+    the row biases (6 h per layer, 2 h for ln_f)."""
+    results = _pool.run(tp_run, 2, "gpt_untied", [_sp_config(0), _sp_config(3)], timeout=TIMEOUT)
+    _check(results, "gpt_untied", 2, ["sp stage 0", "sp stage 3"])
+    cfg = _models.make_gpt().config
+    b, s, h, n = _harness.PER_RANK_BATCH, _models.SEQ, cfg.n_embd, cfg.n_layer
+    bsh = b * s * h * 4  # bytes of one [b, s, h] fp32 activation
+    forward = {"tp_reduce_scatter": 2 * n * bsh, "tp_all_gather": 2 * n * bsh + bsh}
+    backward = {"tp_reduce_scatter": 2 * n * bsh, "tp_all_gather": 2 * n * bsh + bsh,
+                "tp_all_reduce": (6 * n + 2) * h * 4}
+    for rank in results:
+        stage0 = rank[0]
+        assert stage0["comm_by_phase"]["forward"] == forward
+        assert stage0["comm_by_phase"]["backward"] == backward
+        assert stage0["planned_comm"] == stage0["comm"]
+        # Megatron-SP's accounting: a reduce-scatter and an all-gather of N move what one all-reduce of N does
+        # (ring: 2N(tp-1)/tp); buffer bytes count an all-reduce once, so the layers' collectives (all but the
+        # entry's and the head's gathers) are twice plain tp's all-reduce bytes (2n b*s*h per phase)
+        layers = stage0["comm"]["tp_reduce_scatter"] + stage0["comm"]["tp_all_gather"] - 2 * bsh
+        assert layers == 2 * (2 * (2 * n * bsh))
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_sp_llama_matches_eager():
+    """Hugging Face Llama (RMSNorm decomposed in the graph, rotary, grouped-
+    query attention; its tp plan) at tp=2 with Megatron-SP, ZeRO-3."""
+    results = _pool.run(tp_run, 2, "llama", [_sp_config(3)], timeout=TIMEOUT)
+    _check(results, "llama", 2, ["sp stage 3"])
+    b, s, h, n = _harness.PER_RANK_BATCH, _models.SEQ, 32, 2
+    bsh = b * s * h * 4
+    kv_cache = 2 * n * b * s * (2 * 8) * 4  # use_cache: each layer's keys and values (2 heads of 8) leave whole
+    # as for nanoGPT (the stream enters at the embedding's output, the LM head reads it gathered); the RMSNorm
+    # weights (2 per layer and the final norm) are summed over tp; no biases
+    assert results[0][0]["comm_by_phase"] == {
+        "forward": {"tp_reduce_scatter": 2 * n * bsh, "tp_all_gather": (2 * n + 1) * bsh + kv_cache},
+        "backward": {"tp_reduce_scatter": 2 * n * bsh, "tp_all_gather": (2 * n + 1) * bsh,
+                     "tp_all_reduce": (2 * n + 1) * h * 4}}
+
+
+def _vocab_run(configs):
+    from tests import test_tp_vocab  # noqa: F401  (registers the vocabulary-98 GPT, "gpt_v98")
+
+    return tp_run("gpt_v98", configs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * TIMEOUT + 30)
+def test_sp_with_vocab_parallel_and_tp2_dp2_matches_eager():
+    """Megatron-SP with the vocab-parallel embedding and loss on the tied
+    nanoGPT (tp=2, world 2, ZeRO-3), and tp=2 x dp=2 (world 4) at ZeRO-1
+    and 3."""
+    vocab = _sp_config(3)
+    vocab["zerograph"]["tp_vocab_parallel"] = True
+    results = _pool.run(_vocab_run, 2, [vocab], timeout=TIMEOUT)
+    _check(results, "gpt_v98", 2, ["sp + vocab parallel, stage 3"])
+    assert results[0][0]["local_shapes"]["wte.weight"] == (49, 30)
+    results = _pool.run(tp_run, 4, "gpt_untied", [_sp_config(1), _sp_config(3)], timeout=2 * TIMEOUT)
+    _check(results, "gpt_untied", 4, ["sp tp=2 x dp=2 stage 1", "sp tp=2 x dp=2 stage 3"])
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_sp_without_summing_norm_grads_over_tp_differs_from_eager():
+    """Each tp rank's LayerNorm weights see only its positions: without the
+    sum over tp their gradients are partial and training departs from eager."""
+    results = _pool.run(_norm_grads_summed_off, 2, "gpt_untied", [_sp_config(0)], 2, timeout=TIMEOUT)
+    ref_losses, ref_params = _harness.reference_run("gpt_untied", 1, steps=2)
+    got = results[0][0]["params"]
+    assert not torch.allclose(got["h.0.ln_1.weight"], ref_params["h.0.ln_1.weight"], rtol=1e-3, atol=1e-5)
+
+
+# -- pass level (fake process group) ------------------------------------------
+
+class NormMLP(nn.Module):
+    """``h = inp(x); (h + fc2(relu(fc1(ln(h))))).sum()``, 4 -> 8 -> 4: a
+    pre-norm block with one column/row pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 4, bias=False)
+        self.ln = nn.LayerNorm(4)
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return (h + self.fc2(torch.relu(self.fc1(self.ln(h))))).sum()
+
+
+def test_sequence_parallel_pass_golden(fake_world):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4)
+    config = {"tensor_parallel": {"autotp_size": 2},
+              "zerograph": {"verify_graphs": True, "device": "cpu", **SP}}
+    model = zerograph.compile(NormMLP(), config, example_batch=x)
+    model(x).backward()
+    info = zerograph.inspect(model)
+    region = info.regions[0]
+    assert_expected_inline(format_graph(region["graphs"]["dynamo"], canonical=True), """\
+l_call_impl_self_modules_inp_parameters_weight_: f32[4, 4]
+l_args_0_: f32[2, 8, 4]
+l_call_impl_self_modules_ln_parameters_weight_: f32[4]
+l_call_impl_self_modules_ln_parameters_bias_: f32[4]
+l_call_impl_self_modules_fc1_parameters_weight_: f32[4, 4]
+l_call_impl_self_modules_fc1_parameters_bias_: f32[4]
+l_call_impl_self_modules_fc2_parameters_weight_: f32[4, 4]
+l_call_impl_self_modules_fc2_parameters_bias_: f32[4]
+unshard: f32[4, 4] = unshard(l_call_impl_self_modules_inp_parameters_weight_, 'zg0', 'inp.weight')
+h: f32[2, 8, 4] = linear(l_args_0_, unshard, None)
+tp_seq_scatter_default: f32[2, 4, 4] = zerograph.tp_seq_scatter(h, 'zg0', 1)
+unshard_1: f32[4] = unshard(l_call_impl_self_modules_ln_parameters_weight_, 'zg0', 'ln.weight')
+unshard_2: f32[4] = unshard(l_call_impl_self_modules_ln_parameters_bias_, 'zg0', 'ln.bias')
+tp_copy_default: f32[4] = zerograph.tp_copy(unshard_1, 'zg0')
+tp_copy_default_1: f32[4] = zerograph.tp_copy(unshard_2, 'zg0')
+layer_norm: f32[2, 4, 4] = layer_norm(tp_seq_scatter_default, [4], tp_copy_default, tp_copy_default_1, 1e-05)
+unshard_whole: f32[4, 4] = unshard(l_call_impl_self_modules_fc1_parameters_weight_, 'zg0', 'fc1.weight')
+unshard_whole_1: f32[4] = unshard(l_call_impl_self_modules_fc1_parameters_bias_, 'zg0', 'fc1.bias')
+tp_seq_gather_default: f32[2, 8, 4] = zerograph.tp_seq_gather(layer_norm, 'zg0', 1)
+linear: f32[2, 8, 4] = linear(tp_seq_gather_default, unshard_whole, unshard_whole_1)
+relu: f32[2, 8, 4] = relu(linear)
+unshard_whole_2: f32[4, 4] = unshard(l_call_impl_self_modules_fc2_parameters_weight_, 'zg0', 'fc2.weight')
+unshard_3: f32[4] = unshard(l_call_impl_self_modules_fc2_parameters_bias_, 'zg0', 'fc2.bias')
+tp_copy_default_2: f32[4] = zerograph.tp_copy(unshard_3, 'zg0')
+linear_1: f32[2, 8, 4] = linear(relu, unshard_whole_2, None)
+tp_seq_reduce_scatter_default: f32[2, 4, 4] = zerograph.tp_seq_reduce_scatter(linear_1, 'zg0', 1)
+add: f32[2, 4, 4] = add(tp_seq_reduce_scatter_default, tp_copy_default_2)
+add_1: f32[2, 4, 4] = add(tp_seq_scatter_default, add)
+tp_all_gather_default: f32[2, 8, 4] = zerograph.tp_all_gather(add_1, 'zg0', 1, [8])
+sum: f32[] = sum(tp_all_gather_default)
+return [sum]""")
+    bsh = 2 * 8 * 4 * 4  # one [b, s, h] fp32 activation
+    assert region["comm_bytes"] == {
+        # fc1's input gathered; fc2's partial sums reduce-scattered; the sum reads every position (gathered)
+        "forward": {"tp_all_gather": 2 * bsh, "tp_reduce_scatter": bsh},
+        # the duals, the gradient of h's cut gathered, and ln.weight, ln.bias, fc2.bias summed over tp
+        "backward": {"tp_reduce_scatter": bsh, "tp_all_gather": 2 * bsh, "tp_all_reduce": 3 * 4 * 4}}
+
+
+def test_sequence_length_tp_does_not_divide_is_an_error(fake_world):
+    from tests.test_tensor_parallel import _gpt
+
+    idx, targets = _models.global_batch(0, 2)
+    idx, targets = idx[:, :15], targets[:, :15]
+    config = {"tensor_parallel": {"autotp_size": 2}, "zerograph": SP}
+    model = zerograph.compile(_gpt(n_head=2), config, example_batch=(idx, targets))
+    with pytest.raises(zerograph.runtime.tp_layout.TensorParallelError,
+                       match=r"tp_sequence_parallel cuts the sequence of 15 positions .*autotp_size=2 blocks, which "
+                             r"does not divide it; use a sequence length that is a multiple of 2"):
+        model(idx, targets)
