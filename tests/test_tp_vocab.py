@@ -30,9 +30,21 @@ def make_hf_gpt2_v98():
     return GPT2LMHeadModel(cfg)
 
 
+def make_llama_v98():
+    """Llama with an untied LM head (and grouped-query attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=_models.SEQ,
+                      use_cache=False)
+    return LlamaForCausalLM(cfg)
+
+
 # the ranks import this module to run vocab_run, and so know these names
 _models.MODELS.setdefault("gpt_v98", make_gpt_v98)
 _models.MODELS.setdefault("hf_gpt2_v98", make_hf_gpt2_v98)
+_models.MODELS.setdefault("llama_v98", make_llama_v98)
 
 
 def vocab_run(model_name, configs, steps):
@@ -65,16 +77,26 @@ def _vocab_config(stage: int) -> dict:
     return config
 
 
+_EMBEDDINGS = {"gpt_v98": ("wte.weight", 30), "hf_gpt2_v98": ("transformer.wte.weight", 32),
+               "llama_v98": ("model.embed_tokens.weight", 32)}
+
+
 @pytest.mark.timeout(_harness.TIMEOUT + 30)
-@pytest.mark.parametrize("model_name", ["gpt_v98", pytest.param("hf_gpt2_v98", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model_name", ["gpt_v98", "hf_gpt2_v98", "llama_v98"])
 def test_vocab_parallel_tp2_matches_eager(model_name):
+    """zerograph's GPT and Hugging Face GPT-2 (heads tied to the embedding),
+    Llama (untied head): the loss (Hugging Face's ForCausalLMLoss: labels
+    shifted, -100 ignored, mean over the rest) is computed vocab-parallel in
+    the graph of the logits, so no rank ever holds a full-vocabulary row:
+    the model returns this rank's slice and nothing is gathered."""
     results = _pool.run(vocab_run, 2, model_name, [_vocab_config(3)], _harness.STEPS, timeout=_harness.TIMEOUT)
-    emb = "wte.weight" if model_name.startswith("gpt") else "transformer.wte.weight"
+    emb, width = _EMBEDDINGS[model_name]
     for rank_results in results:
-        assert rank_results[0]["local_shapes"][emb] == (VOCAB // TP, 30 if model_name.startswith("gpt") else 32)
-        # zerograph's GPT computes its loss in the graph of its logits: no rank holds full-vocabulary logits.
-        # Hugging Face computes it in another graph (its loss_function): the logits are gathered for it.
-        assert rank_results[0]["logits_shape"][-1] == (VOCAB // TP if model_name.startswith("gpt") else VOCAB)
+        assert rank_results[0]["local_shapes"][emb] == (VOCAB // TP, width)
+        assert rank_results[0]["logits_shape"][-1] == VOCAB // TP
+        assert "tp_all_gather" not in rank_results[0]["comm"]
+    if model_name == "llama_v98":  # untied: the head is a parameter of its own, split too
+        assert results[0][0]["local_shapes"]["lm_head.weight"] == (VOCAB // TP, width)
     _check(results, model_name, 2, ["vocab parallel, ZeRO-3"])
 
 

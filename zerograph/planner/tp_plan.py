@@ -157,10 +157,35 @@ def decide_splits(model: nn.Module, partition_config: dict | None,
     ``capture()`` returns the model's Dynamo graphs for the graph rule (None:
     no example batch to trace on). ``vocab_parallel``: also the input
     embedding and the LM head, over the vocabulary (:func:`vocab_splits`)."""
+    if vocab_parallel:
+        hf_loss_in_graph(model)
     out = _decide_layer_splits(model, partition_config, capture, allow_none=vocab_parallel)
     if vocab_parallel:
         out.update(vocab_splits(model, out))
     return out
+
+
+def hf_loss_in_graph(model: nn.Module) -> None:
+    """Let Dynamo trace a Hugging Face model's loss in the graph of its logits.
+
+    A model whose class name names no loss (``GPT2LMHeadModel``: ``loss_type``
+    is None) resolves ``loss_function`` to ``ForCausalLM`` *with a logged
+    warning* on every call, and Dynamo breaks the graph at a logger call: the
+    loss becomes a graph of its own and the vocab-split logits would be
+    gathered whole for it. Setting ``loss_type = "ForCausalLM"``, the loss
+    Hugging Face falls back to, changes no result and keeps the cross-entropy
+    next to the LM head, where the ``tensor_parallel`` pass makes it
+    vocab-parallel."""
+    if getattr(model, "loss_type", "") is not None or not hasattr(type(model), "loss_function"):
+        return
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+    except ImportError:  # pragma: no cover - a transformers without loss mapping
+        return
+    if "ForCausalLM" in LOSS_MAPPING:
+        model.loss_type = "ForCausalLM"
+        log.info("tensor parallelism: %s has no loss_type; set to ForCausalLM (Hugging Face's default) so its loss "
+                 "is traced with its logits and computed vocab-parallel", type(model).__name__)
 
 
 def _embeddings(model: nn.Module) -> tuple[str, str | None]:
