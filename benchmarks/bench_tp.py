@@ -1,7 +1,21 @@
 """zerograph tensor parallelism (tp=2) vs PyTorch's own tensor parallelism
 (``torch.distributed.tensor.parallel.parallelize_module``) on the same model.
 
-    python benchmarks/bench_tp.py [--steps N] [--warmup K] [--layers L] [--embd H] [--rows B] [--seq S] [--out FILE.md]
+    python benchmarks/bench_tp.py [--steps N] [--warmup K] [--layers L] [--embd H] [--rows B] [--seq S]
+                                  [--only tp|tpdp] [--out FILE.md]
+
+Two launches: **tp** (below) and **tpdp**: tp=2 × dp=2 (4 gloo ranks, mesh
+``("dp", "tp")``, tp innermost) with ZeRO-3 over dp, zerograph with and
+without Megatron sequence parallelism (``zerograph.tp_sequence_parallel``)
+against torch's ``parallelize_module`` + FSDP2 ``fully_shard`` on the 2-D
+mesh (each block sharded over ``mesh["dp"]``, its TP layers over
+``mesh["tp"]``). Each data-parallel index reads its own ``--rows`` rows.
+Reported there too: model-state bytes per rank against 16Ψ/(tp·dp) (and the
+exact 16·(split/tp + whole)/dp: embeddings, norms and the LM head are whole
+over tp), the bytes the forward saves for the backward on the first step
+(``torch.autograd.graph.saved_tensors_hooks``, unique storages, every
+system) with and without Megatron-SP, and zerograph's traffic by kind
+against the formulas.
 
 One launch of 2 gloo ranks (tp=2, no data parallelism), the same GPT
 (``zerograph.models``, untied embedding), the same initial weights and token
@@ -101,19 +115,29 @@ def _zerograph(spec: dict, example):
 class _System:
     """One system's model, optimizer and measurements."""
 
-    def __init__(self, name: str, spec: dict, example):
+    def __init__(self, name: str, spec: dict, example, build=None):
         t0 = time.perf_counter()
         self.name = name
-        self.model = _zerograph(spec, example) if name == "zerograph" else _torch_tp(spec)
+        if build is not None:
+            self.model = build()
+        else:
+            self.model = _zerograph(spec, example) if name == "zerograph" else _torch_tp(spec)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.setup_s = time.perf_counter() - t0
-        self.times, self.state, self.loss, self.warmup_s = [], 0, None, 0.0
+        self.times, self.state, self.loss, self.warmup_s, self.saved = [], 0, None, 0.0, 0
 
     def step(self, i: int, batch, warmup: int) -> None:
         import torch.distributed as dist
         from benchmarks.bench_zero import model_state_bytes
 
         dist.barrier()
+        if i == 1:  # the bytes the forward saves for the backward (compiled already; not timed)
+            with _SavedBytes() as saved:
+                out = self.model(*batch)
+            self.saved = saved.total
+            out.loss.backward()
+            self.opt.zero_grad()
+            dist.barrier()
         start = time.perf_counter()
         out = self.model(*batch)
         out.loss.backward()
@@ -132,12 +156,45 @@ class _System:
     def result(self) -> dict:
         out = {"median_ms": 1000 * statistics.median(self.times), "min_ms": 1000 * min(self.times),
                "max_ms": 1000 * max(self.times), "state_bytes": self.state, "loss": self.loss,
-               "warmup_s": self.setup_s + self.warmup_s}
-        if self.name == "zerograph":
+               "warmup_s": self.setup_s + self.warmup_s, "saved_bytes": self.saved}
+        if self.name.startswith("zerograph"):
             import zerograph
 
-            out["comm"] = dict(zerograph.inspect(self.model).comm_bytes_last_step)
+            info = zerograph.inspect(self.model)
+            out["comm"] = dict(info.comm_bytes_last_step)
+            out["planned_activation_bytes"] = info.memory.peak_activation_bytes
         return out
+
+
+class _SavedBytes:
+    """Bytes of the distinct storages autograd saves for the backward while
+    active (DTensors: their local part)."""
+
+    def __init__(self):
+        self.sizes: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        from torch.distributed.tensor import DTensor
+
+        local = t.to_local() if isinstance(t, DTensor) else t
+        try:
+            storage = local.untyped_storage()
+            self.sizes[storage.data_ptr()] = storage.nbytes()
+        except RuntimeError:  # a fake tensor (a compiler tracing): nothing saved for real
+            pass
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
 
 
 def rank_main(spec: dict, rows: int, steps: int, warmup: int) -> dict:
@@ -150,6 +207,115 @@ def rank_main(spec: dict, rows: int, steps: int, warmup: int) -> dict:
         for system in (systems if i % 2 == 0 else systems[::-1]):
             system.step(i, batch, warmup)
     return {s.name: s.result() for s in systems}
+
+
+DP = 2
+
+
+def _torch_tp_fsdp(spec: dict):
+    """torch TP on ``mesh["tp"]`` inside each block, FSDP2 over ``mesh["dp"]``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    model = _model(spec)
+    mesh = init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
+    with torch.no_grad():
+        for block in model.h:
+            qkv = block.attn.qkv
+            for p in (qkv.weight, qkv.bias):
+                parts = [z.chunk(TP, 0) for z in p.chunk(3, 0)]
+                p.copy_(torch.cat([parts[j][r] for r in range(TP) for j in range(3)]))
+            block.attn.forward = types.MethodType(_local_heads_forward, block.attn)
+            parallelize_module(block, mesh["tp"], {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
+                                                   "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()})
+    for block in model.h:
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def _zerograph_tpdp(spec: dict, example, sequence_parallel: bool):
+    import zerograph
+
+    return zerograph.compile(_model(spec), {"tensor_parallel": {"autotp_size": TP}, "zero_optimization": {"stage": 3},
+                                            "zerograph": {"tp_sequence_parallel": sequence_parallel}},
+                             example_batch=example)
+
+
+def rank_main_tpdp(spec: dict, rows: int, steps: int, warmup: int) -> dict:
+    """tp=2 x dp=2: this rank reads its data-parallel index's rows of each global batch."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dp_index = dist.get_rank() // TP
+    batches = [(i[dp_index * rows:(dp_index + 1) * rows], t[dp_index * rows:(dp_index + 1) * rows])
+               for i, t in _batches(spec, rows * DP, warmup + steps)]
+    systems = [
+        _System("zerograph ZeRO-3", spec, None, lambda: _zerograph_tpdp(spec, batches[0], False)),
+        _System("zerograph ZeRO-3 + SP", spec, None, lambda: _zerograph_tpdp(spec, batches[0], True)),
+        _System("torch TP + FSDP2", spec, None, lambda: _torch_tp_fsdp(spec)),
+    ]
+    for i, batch in enumerate(batches):
+        for system in (systems if i % 2 == 0 else systems[::-1]):
+            system.step(i, batch, warmup)
+    return {s.name: s.result() for s in systems}
+
+
+def _split_and_whole(spec: dict) -> tuple[int, int]:
+    """(elements split over tp, elements whole on every tp rank) of the GPT."""
+    split = whole = 0
+    for name, p in _model(spec).named_parameters():
+        if any(k in name for k in ("attn.qkv.", "mlp.fc.", "attn.proj.weight", "mlp.proj.weight")):
+            split += p.numel()
+        else:
+            whole += p.numel()
+    return split, whole
+
+
+def report_tpdp(res: dict, spec: dict, rows: int, steps: int, warmup: int) -> str:
+    zg, sp, tt = res["zerograph ZeRO-3"], res["zerograph ZeRO-3 + SP"], res["torch TP + FSDP2"]
+    b, s, h, layers = rows, spec["block_size"], spec["n_embd"], spec["n_layer"]
+    split, whole = _split_and_whole(spec)
+    psi = split + whole
+    ideal, exact = 16 * psi / (TP * DP), 16 * (split / TP + whole) / DP
+    bsh = b * s * h * 4
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    lines = [
+        f"GPT {layers} layers, d={h}, 4 heads, vocab {spec['vocab_size']}, seq {s}, untied; {b} rows per "
+        f"data-parallel index; tp={TP} x dp={DP} on 4 gloo ranks, ZeRO-3 / FSDP2 over dp; AdamW fp32; {warmup} "
+        f"warmup + {steps} timed steps; torch {torch.__version__}, {platform.machine()}, load average "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at the end",
+        "",
+        "| system | median step ms (min–max) | ratio to torch | model-state MiB per rank | / 16Ψ/(tp·dp) "
+        "| saved for backward MiB (step 2) | loss after last step | setup + warmup s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in (("zerograph tp=2 x dp=2 ZeRO-3", zg), ("zerograph ZeRO-3 + Megatron-SP", sp),
+                    ("torch TP + FSDP2 (2-D mesh)", tt)):
+        lines.append(f"| {name} | {r['median_ms']:.1f} ({r['min_ms']:.1f}–{r['max_ms']:.1f}) | "
+                     f"{r['median_ms'] / tt['median_ms']:.2f} | {r['state_bytes'] / 2**20:.2f} | "
+                     f"{r['state_bytes'] / ideal:.3f} | {r['saved_bytes'] / 2**20:.2f} | {r['loss']:.4f} | "
+                     f"{r['warmup_s']:.1f} |")
+    tp_formula = 2 * 2 * layers * bsh  # all-reduce buffer bytes, forward + backward
+    lines += [
+        "",
+        f"Model states: Ψ = {psi:,} elements ({split:,} split over tp, {whole:,} whole: embeddings, norms, LM head, "
+        f"row biases); 16Ψ/(tp·dp) = {ideal / 2**20:.2f} MiB, exact 16·(split/tp + whole)/dp = "
+        f"{exact / 2**20:.2f} MiB (zerograph / exact: {zg['state_bytes'] / exact:.3f}).",
+        f"Activations saved for the backward: with Megatron-SP {sp['saved_bytes'] / 2**20:.2f} MiB vs "
+        f"{zg['saved_bytes'] / 2**20:.2f} MiB without ({sp['saved_bytes'] / zg['saved_bytes']:.3f}); zerograph's "
+        f"planner predicts {sp['planned_activation_bytes'] / 2**20:.2f} vs "
+        f"{zg['planned_activation_bytes'] / 2**20:.2f} MiB.",
+        f"zerograph traffic per step and rank (`inspect`), without SP: {zg['comm']}; tp_all_reduce / Megatron's "
+        f"4·L·b·s·h·4 B = {zg['comm'].get('tp_all_reduce', 0) / tp_formula:.4f}.",
+        f"With SP: {sp['comm']}; layers' reduce-scatter + all-gather (less the entry's and the LM head's "
+        f"gathers, 2·b·s·h·4 B) / (2 × the all-reduce formula, the same bytes on the wire) = "
+        f"{(sp['comm'].get('tp_reduce_scatter', 0) + sp['comm'].get('tp_all_gather', 0) - 2 * bsh) / (2 * tp_formula):.4f}; "
+        f"the norm weights' and row biases' gradient sums: tp_all_reduce {sp['comm'].get('tp_all_reduce', 0):,} B "
+        f"= (6L + 2)·h·4 = {(6 * layers + 2) * h * 4:,}.",
+    ]
+    return "\n".join(lines)
 
 
 def report(res: dict, spec: dict, rows: int, steps: int, warmup: int) -> str:
@@ -192,14 +358,22 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--only", choices=("tp", "tpdp"), default=None, help="run one of the two launches")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from zerograph.runtime.launch import spawn
 
     spec = _spec(args)
-    res = spawn(rank_main, TP, spec, args.rows, args.steps, args.warmup, timeout=args.timeout)[0]
-    text = report(res, spec, args.rows, args.steps, args.warmup)
-    print(text)
+    texts = []
+    if args.only in (None, "tp"):
+        res = spawn(rank_main, TP, spec, args.rows, args.steps, args.warmup, timeout=args.timeout)[0]
+        texts.append(report(res, spec, args.rows, args.steps, args.warmup))
+        print(texts[-1], flush=True)
+    if args.only in (None, "tpdp"):
+        res = spawn(rank_main_tpdp, TP * DP, spec, args.rows, args.steps, args.warmup, timeout=args.timeout)[0]
+        texts.append(report_tpdp(res, spec, args.rows, args.steps, args.warmup))
+        print(texts[-1], flush=True)
+    text = "\n\n".join(texts)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
