@@ -202,3 +202,64 @@ def test_sequence_length_tp_does_not_divide_is_an_error(fake_world):
                        match=r"tp_sequence_parallel cuts the sequence of 15 positions .*autotp_size=2 blocks, which "
                              r"does not divide it; use a sequence length that is a multiple of 2"):
         model(idx, targets)
+
+
+class NormAttention(nn.Module):
+    """``h = inp(x); (h + proj(attention(qkv(ln(h))))).sum()``: 2 heads of 2,
+    a fused qkv (column, per part) and proj (row)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 4, bias=False)
+        self.ln = nn.LayerNorm(4)
+        self.qkv = nn.Linear(4, 12)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        b, t, c = h.shape
+        q, k, v = self.qkv(self.ln(h)).split(c, dim=2)
+        q, k, v = (z.view(b, t, 2, 2).transpose(1, 2) for z in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return (h + self.proj(y.transpose(1, 2).reshape(b, t, c))).sum()
+
+
+def test_sequence_parallel_pass_golden_attention(fake_world):
+    """Heads and sequence: attention runs on this rank's heads of every
+    position (gathered), the residual on its positions of every feature."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4)
+    config = {"tensor_parallel": {"autotp_size": 2},
+              "zerograph": {"verify_graphs": True, "device": "cpu", **SP}}
+    model = zerograph.compile(NormAttention(), config, example_batch=x)
+    model(x).backward()
+    region = zerograph.inspect(model).regions[0]
+    lines = format_graph(region["graphs"]["dynamo"], canonical=True).splitlines()
+    assert_expected_inline("\n".join(line for line in lines if "=" in line and " = unshard(" not in line), """\
+h: f32[2, 8, 4] = linear(l_args_0_, unshard, None)
+tp_seq_scatter_default: f32[2, 4, 4] = zerograph.tp_seq_scatter(h, 'zg0', 1)
+tp_copy_default: f32[4] = zerograph.tp_copy(unshard_1, 'zg0')
+tp_copy_default_1: f32[4] = zerograph.tp_copy(unshard_2, 'zg0')
+layer_norm: f32[2, 4, 4] = layer_norm(tp_seq_scatter_default, [4], tp_copy_default, tp_copy_default_1, 1e-05)
+tp_seq_gather_default: f32[2, 8, 4] = zerograph.tp_seq_gather(layer_norm, 'zg0', 1)
+linear: f32[2, 8, 6] = linear(tp_seq_gather_default, unshard_whole, unshard_whole_1)
+split:  = split(linear, 2, dim=2)
+q: f32[2, 8, 2] = getitem(split, 0)
+k: f32[2, 8, 2] = getitem(split, 1)
+v: f32[2, 8, 2] = getitem(split, 2)
+view: f32[2, 8, 1, 2] = view(q, 2, 8, 1, 2)
+q_1: f32[2, 1, 8, 2] = transpose(view, 1, 2)
+view_1: f32[2, 8, 1, 2] = view(k, 2, 8, 1, 2)
+k_1: f32[2, 1, 8, 2] = transpose(view_1, 1, 2)
+view_2: f32[2, 8, 1, 2] = view(v, 2, 8, 1, 2)
+v_1: f32[2, 1, 8, 2] = transpose(view_2, 1, 2)
+y: f32[2, 1, 8, 2] = scaled_dot_product_attention(q_1, k_1, v_1, is_causal=True)
+transpose: f32[2, 8, 1, 2] = transpose(y, 1, 2)
+reshape: f32[2, 8, 2] = reshape(transpose, 2, 8, 2)
+tp_copy_default_2: f32[4] = zerograph.tp_copy(unshard_3, 'zg0')
+linear_1: f32[2, 8, 4] = linear(reshape, unshard_whole_2, None)
+tp_seq_reduce_scatter_default: f32[2, 4, 4] = zerograph.tp_seq_reduce_scatter(linear_1, 'zg0', 1)
+add: f32[2, 4, 4] = add(tp_seq_reduce_scatter_default, tp_copy_default_2)
+add_1: f32[2, 4, 4] = add(tp_seq_scatter_default, add)
+tp_all_gather_default: f32[2, 8, 4] = zerograph.tp_all_gather(add_1, 'zg0', 1, [8])
+sum: f32[] = sum(tp_all_gather_default)""")
