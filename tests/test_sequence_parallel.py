@@ -137,6 +137,7 @@ def sp_run(model_name: str, configs: list[dict], masked: bool = False, steps: in
             "comm_by_phase": _harness._comm_by_phase(info),
             "sequence_slice": zerograph.sequence_slice(model, _models.SEQ),
             "planned_comm": dict(info.memory.comm_bytes_per_step),
+            "tiling": [r.details for r in info.passes if r.name == "sequence_tiling"],
         })
         del model, opt
         gc.collect()
@@ -222,6 +223,20 @@ def test_sp2_dp2_matches_eager(model_name):
     reads the rows of its data-parallel index."""
     results = _pool.run(sp_run, 4, model_name, [_config(1), _config(3)], False, timeout=2 * _harness.TIMEOUT)
     _check(results, model_name, 2, False)
+
+
+@pytest.mark.timeout(2 * _harness.TIMEOUT)
+@pytest.mark.parametrize("model_name,stage", [("gpt", 0), ("llama", 3)])
+def test_sp2_with_sequence_tiling_matches_eager(model_name, stage):
+    """sp=2 with ALST's tiled MLP and logits+loss (zerograph.sequence_tiling):
+    each rank's 8 positions in tiles of 3 (3, 3, 2), the loss already the
+    sequence-parallel sum when it is tiled; -100 labels and right padding."""
+    config = _config(stage, zerograph={"verify_graphs": True, "sequence_tiling": 3})
+    results = _pool.run(sp_run, 2, model_name, [config], True, timeout=_harness.TIMEOUT)
+    _check(results, model_name, 1, True)
+    layers = 2
+    assert results[0][0]["tiling"] == [{"mlp": layers, "loss": 1, "mlp_tile_tokens": _harness.PER_RANK_BATCH * 3,
+                                        "loss_tile_tokens": _harness.PER_RANK_BATCH * 3}]
 
 
 # ---- pass level (fake process group) -------------------------------------------------------------------------------

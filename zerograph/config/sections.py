@@ -72,6 +72,12 @@ class ZerographOptions(Section):
         "vocabulary, with a vocab-parallel cross-entropy: where the loss is computed in the graph of the logits, no "
         "rank holds full-vocabulary logits and the model returns this rank's vocabulary slice "
         "(docs/tensor_parallel.md).")
+    sequence_tiling: Optional[Union[Literal["width"], _PositiveInt]] = Field(
+        None, description="Tiled compute along the sequence (ALST): every per-token MLP and the LM head with its "
+        "cross-entropy run in tiles of this many positions of each rank's sequence (\"width\": as many positions as the model is wide, ALST's rule), each "
+        "tile's intermediates recomputed in the backward, so the largest intermediate is one tile's (a tile's MLP "
+        "hidden, a tile's logits). A model that returns its logits next to the loss returns empty logits. null: off "
+        "(docs/long_sequences.md#tiled-compute-alst).")
     verify_graphs: StrictBool = Field(
         False, description="Run graph verification after every pass (slow; for debugging)."
     )
