@@ -170,6 +170,7 @@ def test_the_pass_is_listed_only_when_on():
     assert "sequence_tiling" not in names({})
     assert "sequence_tiling" in names({"zerograph": {"sequence_tiling": "width"}})
     assert "sequence_tiling" in names({"zerograph": {"sequence_tiling": 128}})
-    for bad in (0, -4, "big", 2.5):
-        with pytest.raises(zerograph.ConfigError, match="sequence_tiling"):
+    for bad in (0, -4, "big", 2.5, True):
+        with pytest.raises(zerograph.ConfigError, match=r'zerograph.sequence_tiling: got .*; expected "width", a whole '
+                                                        r'number of positions >= 1, or null \(off\)'):
             zerograph.config.Config.load({"zerograph": {"sequence_tiling": bad}})
