@@ -56,9 +56,9 @@ def _batch(model_name: str, step: int, rows: int, masked: bool):
 
 def _padding(rows: int):
     """Padding of every row but the last: left (3), right across the cut (the
-    last 6), left over all of rank 0's half and one more (9), both sides."""
+    last 6), left over all of rank 0's half and one more (9)."""
     mask = torch.ones(rows, _models.SEQ, dtype=torch.long)
-    for row, (left, right) in zip(range(rows - 1), [(3, 0), (0, 6), (9, 0), (2, 2)] * rows):
+    for row, (left, right) in zip(range(rows - 1), [(3, 0), (0, 6), (9, 0)] * rows):
         mask[row, :left] = 0
         mask[row, _models.SEQ - right:] = 0
     return mask
