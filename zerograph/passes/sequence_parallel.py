@@ -115,6 +115,15 @@ def _wrap_attention(gm: fx.GraphModule, node: fx.Node, tag: str, repeat: int) ->
     node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
 
 
+def _is_padding_input(node: fx.Node, rows: int | None, seq: int) -> bool:
+    """A graph input of shape ``[rows, seq]`` (any rows when None) that is
+    not floating point: a 0/1 or boolean padding mask."""
+    val = node.meta.get("example_value", node.meta.get("val"))
+    if node.op != "placeholder" or not isinstance(val, torch.Tensor) or val.is_floating_point() or val.dim() != 2:
+        return False
+    return val.shape[1] == seq and (rows is None or val.shape[0] == rows)
+
+
 def _key_mask_input(node: fx.Node, sp: int) -> fx.Node | None:
     """The full-length ``[b, s]`` padding mask (a graph input: the runtime
     leaves a padded ``attention_mask`` uncut) that an SDPA's ``attn_mask`` is
@@ -128,7 +137,7 @@ def _key_mask_input(node: fx.Node, sp: int) -> fx.Node | None:
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "placeholder" and full_shape(n) == (q[0], sp * q[2]):
+        if _is_padding_input(n, q[0], sp * q[2]):
             found.append(n)
         stack.extend(n.all_input_nodes)
     return found[0] if len(found) == 1 else None
@@ -249,8 +258,7 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             counts["loss"] += _global_loss(gm, node, tag)
         elif seq_local is not None and _offset_positions(gm, node, seq_local, state.sp.rank * seq_local):
             counts["positions"] += 1
-    padded = [n for n in gm.graph.nodes if n.op == "placeholder" and seq_local is not None
-              and full_shape(n) is not None and len(full_shape(n)) == 2 and full_shape(n)[1] == sp * seq_local]
+    padded = [n for n in gm.graph.nodes if seq_local is not None and _is_padding_input(n, None, sp * seq_local)]
     if padded and counts["padding_masks"] < max(1, counts["attention"]):
         raise SequenceParallelError(
             f"sequence parallelism: an attention_mask with padding reaches {counts['attention']} attention call(s), "
