@@ -16,6 +16,7 @@ from torch import nn
 import zerograph
 from tests import _harness, _models
 from zerograph.graph.format import format_graph
+from zerograph.planner.sequence_tiling import largest_tile_elements, tile_sizes
 
 
 def _config(stage: int, tile, **extra) -> dict:
@@ -94,6 +95,11 @@ def test_largest_intermediate_is_one_tile_and_the_planner_sees_less(fake_world, 
     assert _largest(tiled, tiled_model, hidden) == rows * tile * hidden * 4
     assert _largest(plain, plain_model, vocab) == rows * seq * vocab * 4
     assert _largest(tiled, tiled_model, vocab) == rows * tile * vocab * 4
+    # the policy's own account of it
+    assert largest_tile_elements(rows, seq, tile, 0, hidden) * 4 == rows * tile * hidden * 4
+    assert largest_tile_elements(rows, seq, None, 0, vocab) * 4 == rows * seq * vocab * 4
+    assert tile_sizes(seq, tile, 0) == [4, 4, 4, 4] and tile_sizes(16, 6, 0) == [6, 6, 4]
+    assert tile_sizes(16, "width", 30) is None and tile_sizes(64, "width", 30) == [30, 30, 4]
     for info in (plain, tiled):
         assert info.memory.peak_total_bytes == info.memory_measured.peak_total_bytes
     assert tiled.memory.peak_activation_bytes < plain.memory.peak_activation_bytes

@@ -26,26 +26,31 @@ tile's MLP hidden ``[b, t, 4h]``, a tile's logits ``[b·t, vocab]``.
   replaced by an empty ``[b, s, 0]`` tensor (as Liger's fused loss returns no
   logits): returning them would materialise what the tiling avoids.
 
-On nanoGPT's MLP with tiles of 4 positions over 8 (the golden test)::
+On a pre-norm MLP block and an LM head with a mean loss, 2 rows x 8
+positions, tiles of 4 (the golden test; ``# recompute`` marks the tagged
+nodes)::
 
-    split = split(layer_norm_1, [4, 4], 1)
-    getitem = getitem(split, 0)                                   # f32[2, 4, 16]
-    linear_2 = linear(getitem, unshard_10, unshard_11)            # recompute
-    gelu = gelu(linear_2, approximate='tanh')                     # recompute, f32[2, 4, 64]
-    linear_3 = linear(gelu, unshard_12, unshard_13)               # f32[2, 4, 16]
-    getitem_1 = getitem(split, 1)
-    ...                                                           # tile 1, the same
-    cat = cat([linear_3, linear_5], 1)                            # f32[2, 8, 16]
-
-and its loss (mean, tiles of 4)::
-
-    split_2 = split(layer_norm_4, [4, 4], 1); split_3 = split(l_args_1_, [4, 4], 1)
-    logits = linear(getitem_4, unshard, None)                     # recompute, f32[2, 4, 97]
-    reshape = reshape(logits, [-1, 97])                           # recompute
-    cross_entropy = cross_entropy(reshape, reshape_1, reduction='sum', ...)  # recompute
-    ...
-    add = add(cross_entropy, cross_entropy_1)
-    ne = ne(l_args_1_, -100); sum_1 = sum(ne); truediv = truediv(add, sum_1)
+    split:  = split(layer_norm, [4, 4], 1)
+    getitem: f32[2, 4, 16] = getitem(split, 0)
+    linear: f32[2, 4, 64] = linear(getitem, unshard_2, unshard_3)            # recompute
+    gelu: f32[2, 4, 64] = gelu(linear, approximate='tanh')                   # recompute
+    linear_1: f32[2, 4, 16] = linear(gelu, unshard_4, unshard_5)
+    ...                                                                      # tile 1 the same
+    cat: f32[2, 8, 16] = cat([linear_1, linear_3], 1)
+    x: f32[2, 8, 16] = add(l_args_0_, cat)
+    split_1:  = split(x, [4, 4], 1)
+    split_2:  = split(l_args_1_, [4, 4], 1)
+    getitem_2: f32[2, 4, 16] = getitem(split_1, 0)
+    getitem_3: i64[2, 4] = getitem(split_2, 0)
+    linear_4: f32[2, 4, 11] = linear(getitem_2, unshard_6, None)             # recompute
+    reshape: f32[8, 11] = reshape(linear_4, [-1, 11])                        # recompute
+    reshape_1: i64[8] = reshape(getitem_3, [-1])
+    cross_entropy: f32[] = cross_entropy(reshape, reshape_1, ignore_index=-100, reduction='sum')  # recompute
+    ...                                                                      # tile 1 the same
+    add: f32[] = add(cross_entropy, cross_entropy_1)
+    ne: bool[2, 8] = ne(l_args_1_, -100)
+    sum: i64[] = sum(ne)
+    truediv: f32[] = truediv(add, sum)
 """
 
 from __future__ import annotations
