@@ -41,6 +41,10 @@ def _batch(model_name: str, step: int, rows: int, masked: bool):
     idx, targets = _models.global_batch(step, rows)
     hf = model_name in ("llama", "qwen2", "hf_gpt2_eager")
     labels = idx.clone() if hf else targets
+    if masked == "padded":  # an attention_mask with padding, its positions' labels -100
+        mask = _padding(rows)
+        labels = labels.masked_fill(mask == 0, -100)
+        return (), {"input_ids": idx, "labels": labels, "attention_mask": mask}
     if masked:
         labels = labels.clone()
         labels[:, step % IGNORED::IGNORED] = -100
@@ -48,6 +52,16 @@ def _batch(model_name: str, step: int, rows: int, masked: bool):
     if hf:
         return (), {"input_ids": idx, "labels": labels}
     return (idx, labels), {}
+
+
+def _padding(rows: int):
+    """Padding of every row but the last: left (3), right across the cut (the
+    last 6), left over all of rank 0's half and one more (9)."""
+    mask = torch.ones(rows, _models.SEQ, dtype=torch.long)
+    for row, (left, right) in zip(range(rows - 1), [(3, 0), (0, 6), (9, 0)] * rows):
+        mask[row, :left] = 0
+        mask[row, _models.SEQ - right:] = 0
+    return mask
 
 
 def make_hf_gpt2_eager():
@@ -137,6 +151,8 @@ def sp_run(model_name: str, configs: list[dict], masked: bool = False, steps: in
             "comm_by_phase": _harness._comm_by_phase(info),
             "sequence_slice": zerograph.sequence_slice(model, _models.SEQ),
             "planned_comm": dict(info.memory.comm_bytes_per_step),
+            "tiling": [r.details for r in info.passes if r.name == "sequence_tiling"],
+            "padding_masks": [r.details["padding_masks"] for r in info.passes if r.name == "sequence_parallel"],
         })
         del model, opt
         gc.collect()
@@ -222,6 +238,32 @@ def test_sp2_dp2_matches_eager(model_name):
     reads the rows of its data-parallel index."""
     results = _pool.run(sp_run, 4, model_name, [_config(1), _config(3)], False, timeout=2 * _harness.TIMEOUT)
     _check(results, model_name, 2, False)
+
+
+@pytest.mark.timeout(2 * _harness.TIMEOUT)
+@pytest.mark.parametrize("model_name,stage", [("gpt", 0), ("llama", 3)])
+def test_sp2_with_sequence_tiling_matches_eager(model_name, stage):
+    """sp=2 with ALST's tiled MLP and logits+loss (zerograph.sequence_tiling):
+    each rank's 8 positions in tiles of 3 (3, 3, 2), the loss already the
+    sequence-parallel sum when it is tiled; -100 labels and right padding."""
+    config = _config(stage, zerograph={"verify_graphs": True, "sequence_tiling": 3})
+    results = _pool.run(sp_run, 2, model_name, [config], True, timeout=_harness.TIMEOUT)
+    _check(results, model_name, 1, True)
+    layers = 2
+    assert results[0][0]["tiling"] == [{"mlp": layers, "loss": 1, "mlp_tile_tokens": _harness.PER_RANK_BATCH * 3,
+                                        "loss_tile_tokens": _harness.PER_RANK_BATCH * 3}]
+
+
+@pytest.mark.timeout(2 * _harness.TIMEOUT)
+def test_sp2_llama_with_a_padded_attention_mask_matches_eager():
+    """Hugging Face Llama (SDPA attention) with an attention_mask with left and
+    right padding (one row's first half, rank 0's whole slice, all padding) and
+    -100 labels on the padded positions: the mask stays whole, and each
+    attention gets the causal + padding mask of the whole sequence after the
+    all-to-all, as eager builds it. ZeRO 3."""
+    results = _pool.run(sp_run, 2, "llama", [_config(3)], "padded", timeout=_harness.TIMEOUT)
+    _check(results, "llama", 1, "padded")
+    assert all(r["padding_masks"] == [2] for r in results[0])  # both layers' attention
 
 
 # ---- pass level (fake process group) -------------------------------------------------------------------------------
@@ -419,16 +461,22 @@ class _Masked(_Attention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum()
 
 
-def test_attention_with_a_mask_and_padding_masks_are_rejected(fake_world):
+def test_attention_with_a_mask_and_padding_masks_it_cannot_rebuild_are_rejected(fake_world):
     with pytest.raises(SequenceParallelError, match=r"sequence parallelism: <top level>: attention with an explicit attn_mask "
                                         r"is not supported yet"):
         _errors(_Masked(), torch.randn(2, 8, 16))
-    model = zerograph.compile(_models.make_llama(), {"sequence_parallel_size": SP, "zerograph": {"device": "cpu"}})
+    # a padding mask is rebuilt over the whole sequence for SDPA only: GPT-2's eager attention is refused
+    model = zerograph.compile(make_hf_gpt2_eager(), {"sequence_parallel_size": SP, "zerograph": {"device": "cpu"}})
     ids = torch.randint(0, _models.VOCAB, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, -2:] = 0
-    with pytest.raises(ValueError, match="an attention_mask with padding is not supported yet; pad on the right"):
-        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"an attention_mask with padding needs SDPA attention, where zerograph "
+                                         r"rebuilds the mask over the whole sequence; GPT2LMHeadModel uses "
+                                         r"attn_implementation='eager': load it with attn_implementation=\"sdpa\""):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    with pytest.raises(ValueError, match=r"an attention_mask of shape \(2, 1, 8, 8\); zerograph takes a \[batch, "
+                                         r"seq\] 0/1 padding mask \(\(2, 8\) here\)"):
+        model(input_ids=ids, attention_mask=torch.ones(2, 1, 8, 8), use_cache=False)
 
 
 def sp_checkpoint_run(path: str) -> dict:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional, Union
 
 import annotated_types
 import torch
-from pydantic import Field, StrictBool, StrictStr, field_validator, model_validator
+from pydantic import BeforeValidator, Field, StrictBool, StrictStr, field_validator, model_validator
 
 from zerograph.config.values import (
     Section,
@@ -22,6 +22,15 @@ from zerograph.config.values import (
 )
 
 _OWN = meta(zerograph_only=True)
+
+
+def _tile_setting(value):
+    if value is None or value == "width":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _expected('"width", a whole number of positions >= 1, or null (off)')
+    return value
+
 
 class ZerographOptions(Section):
     """The ``zerograph`` section: options of zerograph itself (not in DeepSpeed)."""
@@ -78,6 +87,12 @@ class ZerographOptions(Section):
         "all-reduce after a row-split linear becomes a reduce-scatter and the input of a column-split group an "
         "all-gather (same bytes on the wire), and norm weights' and row biases' gradients are summed over tp. The "
         "sequence length must be a multiple of autotp_size (docs/tensor_parallel.md#megatron-sequence-parallelism).")
+    sequence_tiling: Annotated[Optional[Union[Literal["width"], _PositiveInt]], BeforeValidator(_tile_setting)] = Field(
+        None, description="Tiled compute along the sequence (ALST): every per-token MLP and the LM head with its "
+        "cross-entropy run in tiles of this many positions of each rank's sequence (\"width\": as many positions as the model is wide, ALST's rule), each "
+        "tile's intermediates recomputed in the backward, so the largest intermediate is one tile's (a tile's MLP "
+        "hidden, a tile's logits). A model that returns its logits next to the loss returns empty logits. null: off "
+        "(docs/long_sequences.md#tiled-compute-alst).")
     verify_graphs: StrictBool = Field(
         False, description="Run graph verification after every pass (slow; for debugging)."
     )

@@ -20,6 +20,7 @@ from zerograph.passes.manager import GraphPass, PassList
 from zerograph.passes.reuse_comm_buffers import reuse_comm_buffers
 from zerograph.passes.schedule_collectives import schedule_collectives
 from zerograph.passes.sequence_parallel import sequence_parallel
+from zerograph.passes.sequence_tiling import sequence_tiling
 from zerograph.passes.tag_nodes import tag_nodes
 from zerograph.passes.tensor_parallel import tensor_parallel
 from zerograph.passes.zero_policy import zero_policy
@@ -36,6 +37,10 @@ def _tensor_parallel(config, plan) -> bool:
 
 def _sequence_parallel(config, plan) -> bool:
     return plan is not None and plan.sp_size > 1
+
+
+def _tiling(config, plan) -> bool:
+    return config.zerograph.sequence_tiling is not None
 
 
 def _fusion(config, plan) -> bool:
@@ -92,6 +97,7 @@ def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
                       ensures=("tensor_parallel",)),
             GraphPass("sequence_parallel", sequence_parallel, phases=("dynamo",), applies=_sequence_parallel,
                       ensures=("sequence_parallel",)),
+            GraphPass("sequence_tiling", sequence_tiling, phases=("dynamo",), applies=_tiling),
             GraphPass("dedupe_markers", dedupe_markers, phases=("dynamo",), applies=_sharded,
                       ensures=("markers_deduplicated",)),
             *(GraphPass(name, fn, phases=("dynamo",), applies=_fusion) for name, fn in FUSION_PASSES),

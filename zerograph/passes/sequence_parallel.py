@@ -34,6 +34,7 @@ On a block ``sdpa(q, k, v, is_causal=True)`` at sp=2 (the golden test)::
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 import torch.fx as fx
@@ -67,7 +68,7 @@ def _valid_sizes(heads: int, kv_heads: int) -> list[int]:
     return [d for d in range(1, heads + 1) if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
 
 
-def _check_heads(node: fx.Node, sp: int) -> int:
+def _check_heads(node: fx.Node, sp: int, has_key_mask: bool = False) -> int:
     """How many times each key/value head is repeated (1: none); raises
     when sp cannot split the heads."""
     q, k = full_shape(_arg(node, 0, "query")), full_shape(_arg(node, 1, "key"))
@@ -77,11 +78,12 @@ def _check_heads(node: fx.Node, sp: int) -> int:
             f"sequence parallelism: {where}: attention inputs of shapes {q} and {k}; the pass splits "
             "[batch, heads, sequence, head_dim] inputs of F.scaled_dot_product_attention only")
     heads, kv_heads = q[1], k[1]
-    if _arg(node, 3, "attn_mask") is not None or node.kwargs.get("key_padding_mask") is not None:
+    if (_arg(node, 3, "attn_mask") is not None and not has_key_mask) or node.kwargs.get("key_padding_mask") is not None:
         raise SequenceParallelError(
-            f"sequence parallelism: {where}: attention with an explicit attn_mask is not supported yet; use "
-            "is_causal=True attention without a mask (Hugging Face: pass no attention_mask, pad on the right "
-            "with labels -100)")
+            f"sequence parallelism: {where}: attention with an explicit attn_mask is not supported yet, except "
+            "Hugging Face's causal + padding mask built from a padded attention_mask; use is_causal=True attention "
+            "without a mask, or pass the padding as attention_mask to a Hugging Face model with "
+            "attn_implementation=\"sdpa\"")
     if heads % sp or not (kv_heads % sp == 0 or sp % kv_heads == 0):
         raise SequenceParallelError(
             f"sequence parallelism: {where}: {heads} query heads and {kv_heads} key/value heads cannot be split "
@@ -111,6 +113,51 @@ def _wrap_attention(gm: fx.GraphModule, node: fx.Node, tag: str, repeat: int) ->
     with graph.inserting_after(node):
         back = graph.call_function(SP_HEADS_TO_SEQ, (node, tag))
     node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+
+
+def _is_padding_input(node: fx.Node, rows: int | None, seq: int) -> bool:
+    """A graph input of shape ``[rows, seq]`` (any rows when None) that is
+    not floating point: a 0/1 or boolean padding mask."""
+    val = node.meta.get("example_value", node.meta.get("val"))
+    if node.op != "placeholder" or not isinstance(val, torch.Tensor) or val.is_floating_point() or val.dim() != 2:
+        return False
+    return val.shape[1] == seq and (rows is None or val.shape[0] == rows)
+
+
+def _key_mask_input(node: fx.Node, sp: int) -> fx.Node | None:
+    """The full-length ``[b, s]`` padding mask (a graph input: the runtime
+    leaves a padded ``attention_mask`` uncut) that an SDPA's ``attn_mask`` is
+    built from, or None."""
+    mask, q = _arg(node, 3, "attn_mask"), full_shape(_arg(node, 0, "query"))
+    if not isinstance(mask, fx.Node) or q is None or len(q) != 4:
+        return None
+    found, seen, stack = [], set(), [mask]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if _is_padding_input(n, q[0], sp * q[2]):
+            found.append(n)
+        stack.extend(n.all_input_nodes)
+    return found[0] if len(found) == 1 else None
+
+
+def _global_mask(gm: fx.GraphModule, node: fx.Node, key: fx.Node) -> None:
+    """``attn_mask`` (Hugging Face's causal + padding mask of the local
+    sequence) -> the same mask over the whole sequence, built from the
+    full-length padding mask ``key``: ``tril(ones(s, s)) & key[:, None, None, :]``."""
+    graph = gm.graph
+    s = full_shape(key)[1]
+    with graph.inserting_before(node):
+        keep = graph.call_method("to", (key,), {"dtype": torch.bool})
+        causal = graph.call_method("tril", (graph.call_method("new_ones", (keep, (s, s))),))
+        keys = graph.call_function(operator.getitem, (keep, (slice(None), None, None, slice(None))))
+        full = graph.call_function(operator.and_, (causal, keys))
+    if len(node.args) > 3:
+        node.args = (*node.args[:3], full, *node.args[4:])
+    else:
+        node.kwargs = {**node.kwargs, "attn_mask": full}
 
 
 def _feeds_embedding(node: fx.Node, depth: int = 5) -> bool:
@@ -193,19 +240,31 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult()
     sp, tag = state.sp.world_size, state.tag
     eager = sum(rewrite_matches(gm, (match_eager_attention,)).values())
-    counts = {"eager_attention": eager, "attention": 0, "positions": 0, "loss": 0}
+    counts = {"eager_attention": eager, "attention": 0, "positions": 0, "loss": 0, "padding_masks": 0}
     seq_local = _local_seq(gm)
     attention = _attention_functions()
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         if node.target in attention:
-            _wrap_attention(gm, node, tag, _check_heads(node, sp))
+            key = _key_mask_input(node, sp) if node.target in SDPA_FUNCTIONS else None
+            repeat = _check_heads(node, sp, key is not None)
+            if key is not None:
+                _global_mask(gm, node, key)
+                counts["padding_masks"] += 1
+            _wrap_attention(gm, node, tag, repeat)
             counts["attention"] += 1
         elif node.target in CROSS_ENTROPY:
             counts["loss"] += _global_loss(gm, node, tag)
         elif seq_local is not None and _offset_positions(gm, node, seq_local, state.sp.rank * seq_local):
             counts["positions"] += 1
+    padded = [n for n in gm.graph.nodes if seq_local is not None and _is_padding_input(n, None, sp * seq_local)]
+    if padded and counts["padding_masks"] < max(1, counts["attention"]):
+        raise SequenceParallelError(
+            f"sequence parallelism: an attention_mask with padding reaches {counts['attention']} attention call(s), "
+            f"{counts['padding_masks']} of them through F.scaled_dot_product_attention's attn_mask; zerograph "
+            "rebuilds the padding mask over the whole sequence there only (Hugging Face: "
+            "attn_implementation=\"sdpa\"); otherwise pad on the right with labels -100 and pass no attention_mask")
     if counts["attention"] and not counts["loss"]:
         log.info("sequence parallelism: %s graph has attention but no F.cross_entropy loss: a loss computed "
                     "outside the model sees only this rank's 1/%d of each sequence (docs/long_sequences.md)",

@@ -41,6 +41,10 @@ class MemoryTracker:
     value decides (``location="host"`` tags: offload copies, and in a
     backward the forward's host outputs it receives).
 
+    ``allocations``/``last_step_allocations``: ``(phase, node name, shape,
+    storage bytes)`` of every storage the graphs made in the running / last
+    step (the largest intermediate of a tiled region, docs/long_sequences.md).
+
     ``current``/``last_step``: samples of the running / last finished step,
     one ``(phase, node name, gathered bytes, total bytes)`` per node, device
     bytes only, each counting only the values of the graph that runs;
@@ -71,6 +75,9 @@ class MemoryTracker:
         self.last_runs: list[GraphRun] = []
         self.comm_current: Counter = Counter()
         self.comm_last_step: dict[str, int] = {}
+        # (phase, node name, shape, storage bytes) of every storage the graphs made
+        self.allocations: list[tuple[str, str, tuple, int]] = []
+        self.last_step_allocations: list[tuple[str, str, tuple, int]] = []
         # data_ptr -> (kind, tensor): forward outputs that the backward may
         # receive, held until the step ends so their addresses stay theirs
         self.held: dict[int, tuple[str, object]] = {}
@@ -131,6 +138,7 @@ class MemoryTracker:
         self.last_step, self.current = self.current, []
         self.last_step_host, self.current_host = self.current_host, []
         self.last_runs, self.runs = self.runs, []
+        self.last_step_allocations, self.allocations = self.allocations, []
         self.comm_last_step = {k: int(self.comm_current.get(k, 0)) for k in KINDS}
         self.comm_current = Counter()
         self.held = {}
@@ -257,6 +265,7 @@ class TrackedGraph:
                     ptr = _key(t)[0]
                     if not refs[ptr]:  # a new storage (the allocator may reuse a freed address)
                         kind_of_ptr[ptr] = self.kinds.get(node.name, "other")
+                        tracker.allocations.append((self.label, node.name, tuple(t.shape), _key(t)[1]))
                         where_of_ptr[ptr] = self._where(t, self.locations.get(node.name, "device"))
                     refs[ptr] += 1
                 role = self.collectives.get(node)

@@ -16,9 +16,11 @@ ids) keeps this rank's positions. Before cutting it
 * turns Hugging Face's ``labels`` into ``shift_labels`` (each position's next
   token, ``-100`` at the end), so the label of a shard's last token, which
   lives on the next rank, is not lost;
-* drops an all-ones ``attention_mask`` (and rejects one with padding: pad on
-  the right with labels ``-100`` instead; causal attention never lets a real
-  token see later padding).
+* drops an all-ones ``attention_mask``, and leaves one with padding uncut
+  (``[b, s]``): after the all-to-all attention sees every key, so the
+  ``sequence_parallel`` pass rebuilds Hugging Face's causal + padding mask
+  over the whole sequence from it. Padded positions need labels ``-100``
+  to stay out of the loss, as without sp.
 """
 
 from __future__ import annotations
@@ -97,13 +99,23 @@ def slice_sequences(module, plan, args: tuple, kwargs: dict) -> tuple[tuple, dic
     kwargs = dict(kwargs)
     forward = getattr(module, "forward", None)
     mask = kwargs.get("attention_mask")
+    whole = None  # a padded attention_mask, passed uncut
     if isinstance(mask, torch.Tensor):
-        if not bool((mask == 1).all()):
+        if mask.dim() != 2 or mask.shape != first.shape[:2]:
             raise ValueError(
-                "sequence_parallel_size > 1: an attention_mask with padding is not supported yet; pad on the right "
-                "with labels -100 and pass no attention_mask (causal attention keeps real tokens from seeing "
-                "later padding), or pack sequences without padding")
-        kwargs["attention_mask"] = None
+                f"sequence_parallel_size > 1: an attention_mask of shape {tuple(mask.shape)}; zerograph takes a "
+                f"[batch, seq] 0/1 padding mask ({tuple(first.shape[:2])} here), as Hugging Face models do")
+        if bool((mask == 1).all()):
+            kwargs["attention_mask"] = None
+        else:
+            implementation = getattr(getattr(module, "config", None), "_attn_implementation", "sdpa")
+            if implementation != "sdpa":
+                raise ValueError(
+                    f"sequence_parallel_size > 1: an attention_mask with padding needs SDPA attention, where "
+                    f"zerograph rebuilds the mask over the whole sequence; {type(module).__name__} uses "
+                    f"attn_implementation={implementation!r}: load it with attn_implementation=\"sdpa\", or pad on "
+                    "the right with labels -100 and pass no attention_mask")
+            whole = mask
     if _takes(forward, "position_ids") and kwargs.get("position_ids") is None:
         kwargs["position_ids"] = torch.arange(seq, device=first.device).unsqueeze(0).expand(first.shape[0], seq)
     labels = kwargs.get("labels")
@@ -114,6 +126,8 @@ def slice_sequences(module, plan, args: tuple, kwargs: dict) -> tuple[tuple, dic
         kwargs["labels"] = shifted
 
     def cut(value):
+        if value is whole:  # attention needs every key's padding: the sp pass rebuilds the mask from it
+            return value
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq:
             return value[:, where].contiguous()
         return value
