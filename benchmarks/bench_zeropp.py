@@ -48,8 +48,13 @@ SYSTEMS = {
                             "gradient_bits": 4},
     "all three int4": {"zero_quantized_weights": True, "hpz": True, "zero_quantized_gradients": True,
                         "weight_bits": 4, "gradient_bits": 4},
+    # qgZ error feedback (zerograph.zeropp_error_feedback)
+    "+qgZ int4 EF": {"zero_quantized_gradients": True, "gradient_bits": 4, "error_feedback": True},
+    "all three int4 EF": {"zero_quantized_weights": True, "hpz": True, "zero_quantized_gradients": True,
+                          "weight_bits": 4, "gradient_bits": 4, "error_feedback": True},
 }
-_OWN = {"weight_bits": "zeropp_weight_bits", "gradient_bits": "zeropp_gradient_bits"}
+_OWN = {"weight_bits": "zeropp_weight_bits", "gradient_bits": "zeropp_gradient_bits",
+        "error_feedback": "zeropp_error_feedback"}
 
 
 def _config(system: dict, node: int) -> dict:

@@ -76,6 +76,12 @@ class ZerographOptions(Section):
         8, description="ZeRO++ qgZ: bits per quantized gradient value in the reduction's all-to-alls: 8 (int8) or "
         "4 (int4, two values per byte, as DeepSpeed sends; docs/zeropp.md).",
     )
+    zeropp_error_feedback: StrictBool = Field(
+        False, description="ZeRO++ qgZ: error feedback. Each rank keeps, per gradient reduction and hop, what "
+        "quantizing its message left out (fp32) and adds it to the next message, so quantization errors do not "
+        "accumulate over steps. Costs one fp32 residual per hop input between steps (the padded gradient, W times "
+        "the gradient shard, for hop 1; zerograph.explain prints it; docs/zeropp.md).",
+    )
     tp_vocab_parallel: StrictBool = Field(
         False, description="With tensor_parallel.autotp_size > 1: split the input embedding and the LM head over the "
         "vocabulary, with a vocab-parallel cross-entropy: where the loss is computed in the graph of the logits, no "

@@ -388,11 +388,14 @@ class ZeroConfig(Section):
         False, description="ZeRO++ qgZ (stages 2-3): gradients are reduce-scattered by int8 (or int4: "
         "zerograph.zeropp_gradient_bits) all-to-alls in two "
         "hops, inside the node and then across nodes (one hop without nodes), dequantized and summed in fp32; "
-        "no error feedback (docs/zeropp.md). DeepSpeed: same key (DeepSpeed sends int4: zeropp_gradient_bits 4).",
+        "error feedback by zerograph.zeropp_error_feedback (docs/zeropp.md). DeepSpeed: same key (DeepSpeed sends int4: "
+        "zeropp_gradient_bits 4).",
     )
     zeropp_loco_param: ForeignSection = Field(
         None, description="ZeRO++ LoCo error feedback for quantized gradients.",
-        json_schema_extra=meta(unsupported="ZeRO++ LoCo error feedback is" + _ZEROPP + "null", allowed=[None]),
+        json_schema_extra=meta(unsupported="ZeRO++ LoCo error feedback is" + _ZEROPP.replace(
+            ";", " (zerograph.zeropp_error_feedback: true gives qgZ plain error feedback);") + "null",
+            allowed=[None]),
     )
     mics_shard_size: _Int = Field(
         -1, description="MiCS: shard over groups of this many ranks; -1: off.",

@@ -61,6 +61,7 @@ import torch
 from zerograph._torch_private import c10d_functional
 from zerograph.graph.collectives import Emit, _noop_emit
 from zerograph.kernels import quantize_int4, quantize_int8
+from zerograph.passes.error_feedback import QUANTIZE_WITH_FEEDBACK
 from zerograph.kernels.quantize_int8 import num_blocks
 
 aten = torch.ops.aten
@@ -74,6 +75,8 @@ class Codec:
 
     bits: int = 8
     block: int = 256
+    # qgZ error feedback: the model's tag (its residuals); None: off
+    feedback: str | None = None
 
     def value_bytes(self, n: int) -> int:
         """Bytes of the coded values of a row of ``n`` elements."""
@@ -83,9 +86,14 @@ class Codec:
         """Bytes of one row of ``n`` elements on the wire: values and scales (``b(n)``)."""
         return self.value_bytes(n) + 4 * num_blocks(n, self.block)
 
-    def quantize(self, x, emit: Emit):
-        op = quantize_int8.QUANTIZE if self.bits == 8 else quantize_int4.QUANTIZE
-        qs = emit("comm_prep", op(x, self.block))
+    def quantize(self, x, emit: Emit, key: str | None = None):
+        """``(q, s)`` of ``x``; with error feedback and a ``key``, of ``x`` plus
+        the residual the last message of ``key`` left (:mod:`zerograph.passes.error_feedback`)."""
+        if self.feedback is not None and key is not None:
+            qs = emit("comm_prep", QUANTIZE_WITH_FEEDBACK(x, self.bits, self.block, self.feedback, key))
+        else:
+            op = quantize_int8.QUANTIZE if self.bits == 8 else quantize_int4.QUANTIZE
+            qs = emit("comm_prep", op(x, self.block))
         return emit("comm_prep", operator.getitem(qs, 0)), emit("comm_prep", operator.getitem(qs, 1))
 
     def dequantize(self, q, s, n: int, dtype: torch.dtype, emit: Emit):
@@ -141,12 +149,12 @@ def quantized_all_gather(x, shape, dtype: torch.dtype, world: int, group_name: s
     return emit("comm_prep", aten.view.default(full, [world * shape[0], *shape[1:]]))
 
 
-def _hop(t, size: int, rows: int, m: int, hop: Hop, codec: Codec, emit: Emit):
+def _hop(t, size: int, rows: int, m: int, hop: Hop, codec: Codec, emit: Emit, key: str | None):
     """One quantized all-to-all: ``t`` ``[size, rows, m]`` fp32 (part ``i`` for
     group rank ``i``) -> ``[rows, m]`` fp32, the sum of what the ranks sent here."""
     nb, mq = num_blocks(m, codec.block), codec.value_bytes(m)
     flat = emit("comm_prep", aten.view.default(t, [size * rows, m]))
-    q, s = codec.quantize(flat, emit)
+    q, s = codec.quantize(flat, emit, None if key is None else f"{key}/{hop.label}")
     buf = _pack(q, s, size, rows * mq, rows * nb, emit)
     part = rows * (mq + 4 * nb)
     x = emit("all_to_all", c10d_functional.all_to_all_single.default(buf, [part] * size, [part] * size,
@@ -160,26 +168,27 @@ def _hop(t, size: int, rows: int, m: int, hop: Hop, codec: Codec, emit: Emit):
 
 
 def quantized_reduce_scatter(x, shape, dtype: torch.dtype, hops: list[Hop], codec: Codec,
-                             emit: Emit = _noop_emit):
+                             emit: Emit = _noop_emit, key: str | None = None):
     """qgZ: this rank's part of the sum over all ranks of ``x`` (``shape``,
     ``dtype``; its ``W`` rows of ``m`` elements are the ranks' parts), by
     int8 all-to-alls over ``hops`` (one over all ranks, or the node then
-    the peers), summed in fp32; ``[shape[0] / W, ...]`` in ``dtype``."""
+    the peers), summed in fp32; ``[shape[0] / W, ...]`` in ``dtype``. ``key``
+    names the reduction's residuals when ``codec`` has error feedback."""
     world = math.prod(h.size for h in hops)
     m = math.prod(shape) // world
     if dtype != torch.float32:
         x = emit("comm_prep", aten._to_copy.default(x, dtype=torch.float32))
     if len(hops) == 1:
         t = emit("comm_prep", aten.view.default(x, [world, 1, m]))
-        out = _hop(t, world, 1, m, hops[0], codec, emit)
+        out = _hop(t, world, 1, m, hops[0], codec, emit, key)
     else:
         node, peer = hops
         t = emit("comm_prep", aten.view.default(x, [peer.size, node.size, m]))
         t = emit("comm_prep", aten.permute.default(t, [1, 0, 2]))
         t = emit("comm_prep", aten.clone.default(t, memory_format=torch.contiguous_format))
-        partial = _hop(t, node.size, peer.size, m, node, codec, emit)
+        partial = _hop(t, node.size, peer.size, m, node, codec, emit, key)
         t = emit("comm_prep", aten.view.default(partial, [peer.size, 1, m]))
-        out = _hop(t, peer.size, 1, m, peer, codec, emit)
+        out = _hop(t, peer.size, 1, m, peer, codec, emit, key)
     if dtype != torch.float32:
         out = emit("comm_prep", aten._to_copy.default(out, dtype=dtype))
     return emit("comm_prep", aten.view.default(out, [shape[0] // world, *shape[1:]]))

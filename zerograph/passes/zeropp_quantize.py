@@ -34,8 +34,10 @@ it reads the secondary shard, cut from the forward's dequantized gather).
 **qgZ** (backward graphs, stages 2-3): every reduce-scatter of gradients
 becomes one int8 all-to-all over the data-parallel ranks, or with nodes
 (``zero_hpz_partition_size`` or ``zerograph.ranks_per_node``) two: inside the
-node, then across nodes; each hop dequantizes and sums in fp32. No error
-feedback. Gradients all-reduced whole (parameters below the persistence
+node, then across nodes; each hop dequantizes and sums in fp32. With
+``zerograph.zeropp_error_feedback`` each hop quantizes with
+``zerograph::quantize_with_feedback(x, bits, block, model_tag, "<params>/<hop>")``
+(:mod:`zerograph.passes.error_feedback`) instead. Gradients all-reduced whole (parameters below the persistence
 threshold) stay full precision.
 
 Details: ``quantized`` (the parameters of the rewritten collectives),
@@ -153,7 +155,8 @@ def _hops(state, world: int, group_name: str) -> list[Hop]:
 def quantize_grad_reduction(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.state is None or not ctx.plan.zero.zeropp.qgz or ctx.phase != "backward":
         return PassResult()
-    codec = Codec(ctx.plan.zero.zeropp.grad_bits, ctx.plan.zero.zeropp.block)
+    zpp = ctx.plan.zero.zeropp
+    codec = Codec(zpp.grad_bits, zpp.block, ctx.state.tag if zpp.error_feedback else None)
     starts = [n for n in gm.graph.nodes
               if (t := get_tag(n)) is not None and t.role == "reduce_scatter" and t.group == "dp"
               and t.mesh_dim == "dp"]
@@ -165,8 +168,11 @@ def quantize_grad_reduction(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if start.args[1] != "sum" or torch.Size(x.shape).numel() % start.args[2]:
             raise RuntimeError(f"quantize_grad_reduction: unexpected reduce-scatter {start.format_node()}")
 
-        def fn(src, emit, shape=tuple(x.shape), dtype=x.dtype, hops=hops):
-            return quantized_reduce_scatter(src, shape, dtype, hops, codec, emit)
+        tag = get_tag(start)
+        key = ",".join(tag.bucket or (tag.param,))
+
+        def fn(src, emit, shape=tuple(x.shape), dtype=x.dtype, hops=hops, key=key):
+            return quantized_reduce_scatter(src, shape, dtype, hops, codec, emit, key)
 
         after += _rewrite(gm, start, fn, "quantize_grad_reduction")
     return _finish(gm, starts, before, after)
