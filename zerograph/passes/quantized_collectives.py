@@ -61,8 +61,8 @@ import torch
 from zerograph._torch_private import c10d_functional
 from zerograph.graph.collectives import Emit, _noop_emit
 from zerograph.kernels import quantize_int4, quantize_int8
-from zerograph.passes.error_feedback import QUANTIZE_WITH_FEEDBACK
 from zerograph.kernels.quantize_int8 import num_blocks
+from zerograph.passes.error_feedback import QUANTIZE_WITH_FEEDBACK
 
 aten = torch.ops.aten
 
@@ -81,10 +81,6 @@ class Codec:
     def value_bytes(self, n: int) -> int:
         """Bytes of the coded values of a row of ``n`` elements."""
         return n if self.bits == 8 else quantize_int4.value_bytes(n)
-
-    def row_bytes(self, n: int) -> int:
-        """Bytes of one row of ``n`` elements on the wire: values and scales (``b(n)``)."""
-        return self.value_bytes(n) + 4 * num_blocks(n, self.block)
 
     def quantize(self, x, emit: Emit, key: str | None = None):
         """``(q, s)`` of ``x``; with error feedback and a ``key``, of ``x`` plus
