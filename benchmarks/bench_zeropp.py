@@ -1,6 +1,6 @@
-"""ZeRO++ on simulated nodes: ZeRO-3 vs +qwZ, +hpZ, +qgZ and all three.
+"""ZeRO++ on simulated nodes: ZeRO-3 vs +qwZ, +hpZ, +qgZ and all three (int8; and with int4).
 
-    python benchmarks/bench_zeropp.py [--world 4] [--node 2] [--steps 200] [--out FILE.md]
+    python benchmarks/bench_zeropp.py [--world 4] [--node 2] [--steps 200] [--systems A,B,...] [--out FILE.md]
 
 One launch of ``--world`` gloo ranks on this machine, nodes of ``--node``
 consecutive ranks (``zero_hpz_partition_size`` for hpZ, else
@@ -41,15 +41,29 @@ SYSTEMS = {
     "+hpZ": {"hpz": True},
     "+qgZ": {"zero_quantized_gradients": True},
     "all three": {"zero_quantized_weights": True, "hpz": True, "zero_quantized_gradients": True},
+    # int4 (zerograph.zeropp_weight_bits / zeropp_gradient_bits): two values per byte
+    "+qwZ int4": {"zero_quantized_weights": True, "weight_bits": 4},
+    "+qgZ int4": {"zero_quantized_gradients": True, "gradient_bits": 4},
+    "all three qgZ-int4": {"zero_quantized_weights": True, "hpz": True, "zero_quantized_gradients": True,
+                            "gradient_bits": 4},
+    "all three int4": {"zero_quantized_weights": True, "hpz": True, "zero_quantized_gradients": True,
+                        "weight_bits": 4, "gradient_bits": 4},
+    # qgZ error feedback (zerograph.zeropp_error_feedback)
+    "+qgZ int4 EF": {"zero_quantized_gradients": True, "gradient_bits": 4, "error_feedback": True},
+    "all three int4 EF": {"zero_quantized_weights": True, "hpz": True, "zero_quantized_gradients": True,
+                          "weight_bits": 4, "gradient_bits": 4, "error_feedback": True},
 }
+_OWN = {"weight_bits": "zeropp_weight_bits", "gradient_bits": "zeropp_gradient_bits",
+        "error_feedback": "zeropp_error_feedback"}
 
 
 def _config(system: dict, node: int) -> dict:
-    zero = {"stage": 3, **{k: v for k, v in system.items() if k != "hpz"}}
+    zero = {"stage": 3, **{k: v for k, v in system.items() if k != "hpz" and k not in _OWN}}
     own = {"ranks_per_node": node}
     if system.get("hpz"):
         zero["zero_hpz_partition_size"] = node
         own = {}
+    own.update({_OWN[k]: v for k, v in system.items() if k in _OWN})
     return {"zero_optimization": zero, "zerograph": own}
 
 
@@ -71,7 +85,8 @@ def rank_main(args: dict) -> list[dict]:
     data = textdata.load_corpus()
     train, val = textdata.split(data)
     out = []
-    for name, system in SYSTEMS.items():
+    for name in args["systems"]:
+        system = SYSTEMS[name]
         torch._dynamo.reset()
         torch.manual_seed(args["seed"])
         model = GPT(GPTConfig(vocab_size=256, block_size=args["block_size"], n_layer=args["n_layer"],
@@ -122,7 +137,7 @@ def build_report(per_rank: list[list[dict]], args: dict) -> str:
     lines = [
         f"ZeRO++ benchmark: world {args['world']}, nodes of {args['node']} (simulated), GPT n_layer={args['n_layer']} "
         f"n_embd={args['n_embd']} block={args['block_size']}, global batch {args['batch']}, {args['steps']} AdamW "
-        f"steps (lr {args['lr']}), int8 blocks of 256; bytes of rank 0 per step; 3Ψ = {three_psi:,} bytes (fp32)",
+        f"steps (lr {args['lr']}), int8 (int4 where named) blocks of 256; bytes of rank 0 per step; 3Ψ = {three_psi:,} bytes (fp32)",
         "",
         "| system | intra-group bytes | cross-group bytes | cross / ZeRO-3 | cross / 3Ψ | hpZ secondary (formula) "
         "| step time (median) | vs ZeRO-3 | final train loss | val loss | val vs ZeRO-3 |",
@@ -155,10 +170,16 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-batches", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help="comma-separated systems to run, the first is the baseline (default: all: " + ", ".join(SYSTEMS) + ")")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
     ap.add_argument("--timeout", type=float, default=3600.0)
     a = ap.parse_args(argv)
     args = {k.replace("-", "_"): v for k, v in vars(a).items()}
+    args["systems"] = [name.strip() for name in a.systems.split(",")]
+    unknown = [name for name in args["systems"] if name not in SYSTEMS]
+    if unknown:
+        ap.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
     from zerograph.runtime.launch import spawn
 
     per_rank = spawn(rank_main, a.world, args, timeout=a.timeout)

@@ -16,6 +16,7 @@ from tests import _harness, _models, _pool
 from tests._models import TinyMLP
 from tests.test_zeropp import _bytes, _regathered
 from zerograph.graph.format import format_graph
+from zerograph.kernels.quantize_int4 import quantize_int4_reference
 from zerograph.kernels.quantize_int8 import dequantize_int8_reference, num_blocks, quantize_int8_reference
 
 TIMEOUT = _harness.TIMEOUT
@@ -199,16 +200,16 @@ def _groups(world: int, node: int):
     return [Hop(mine_node.group_name, node, "node"), Hop(mine_peer.group_name, world // node, "peer")]
 
 
-def _scales(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Each element's block scale (absmax / 127) along the last dimension."""
-    _, s = quantize_int8_reference(x, block)
+def _scales(x: torch.Tensor, block: int, bits: int = 8) -> torch.Tensor:
+    """Each element's block scale (absmax / 127, or absmax / 7 with int4) along the last dimension."""
+    _, s = (quantize_int8_reference if bits == 8 else quantize_int4_reference)(x, block)
     return s.repeat_interleave(block, dim=-1)[..., :x.shape[-1]]
 
 
-def _reduce_scatter_rank(world: int, node: int, shape: tuple, block: int, seed: int):
+def _reduce_scatter_rank(world: int, node: int, shape: tuple, block: int, seed: int, bits: int = 8):
     """On each rank: the quantized reduce-scatter of a random tensor with
     per-row magnitudes from 1e-3 to 1e3, against the exact sum and the bound."""
-    from zerograph.passes.quantized_collectives import quantized_reduce_scatter
+    from zerograph.passes.quantized_collectives import Codec, quantized_reduce_scatter
 
     rank = dist.get_rank()
     xs = []
@@ -216,12 +217,12 @@ def _reduce_scatter_rank(world: int, node: int, shape: tuple, block: int, seed: 
         g = torch.Generator().manual_seed(seed + r)
         x = torch.randn(shape, generator=g)
         xs.append(x * torch.logspace(-3, 3, shape[0]).reshape(-1, *[1] * (len(shape) - 1)))
-    out = quantized_reduce_scatter(xs[rank], shape, torch.float32, _groups(world, node), block)
+    out = quantized_reduce_scatter(xs[rank], shape, torch.float32, _groups(world, node), Codec(bits, block))
     m = math.prod(shape) // world
     rows = [x.reshape(world, m) for x in xs]
     exact = sum(rows)[rank]
     # hop 1: each sender's blocks of the chunk for ``rank``: error <= scale / 2
-    s1 = [_scales(x, block)[rank] for x in rows]
+    s1 = [_scales(x, block, bits)[rank] for x in rows]
     if node in (0, 1):
         bound = sum(s1) / 2
     else:
@@ -230,7 +231,7 @@ def _reduce_scatter_rank(world: int, node: int, shape: tuple, block: int, seed: 
         partial = [sum(rows[r][rank] for r in nodes) for nodes in members]
         # hop 2 requantizes each node's partial sum (off by at most e1): its
         # scale is at most (absmax of the exact partial + e1) / 127
-        s2 = [_scales((p.abs() + e).reshape(1, m), block)[0] for p, e in zip(partial, e1)]
+        s2 = [_scales((p.abs() + e).reshape(1, m), block, bits)[0] for p, e in zip(partial, e1)]
         bound = sum(e1) + sum(s2) / 2
     slack = 1e-5 * sum(r[rank].abs() for r in rows) + 1e-6 * bound  # fp32 sums and products
     err = (out.reshape(m) - exact).abs()
@@ -238,12 +239,15 @@ def _reduce_scatter_rank(world: int, node: int, shape: tuple, block: int, seed: 
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("world,node", [(2, 1), (4, 2)])
-def test_quantized_reduce_scatter_within_the_derived_bound(world, node):
+def test_quantized_reduce_scatter_within_the_derived_bound(world, node, bits):
     """Per element: one hop is within sum over ranks of scale_r / 2; two hops
     add, per node, half the scale of the requantized partial sum (blocks of
-    8 over 21-element chunks: the last block of each chunk is short)."""
-    results = _pool.run(_reduce_scatter_rank, world, world, node, (world * 3, 7), 8, 7, timeout=TIMEOUT)
+    8 over 21-element chunks: the last block of each chunk is short, and with
+    int4 the chunk's last byte holds one value). scale = absmax / 127 (int8)
+    or absmax / 7 (int4)."""
+    results = _pool.run(_reduce_scatter_rank, world, world, node, (world * 3, 7), 8, 7, bits, timeout=TIMEOUT)
     for r in results:
         assert r["over"] <= 0, r
         assert r["tightness"] > 0.1, r  # the bound is not vacuous: errors reach a tenth of it

@@ -32,6 +32,7 @@ from torch import nn
 from zerograph import api
 from zerograph.config import Config
 from zerograph.graph.hpz import secondary_bytes
+from zerograph.passes.error_feedback import residual_bytes
 from zerograph.planner.liveness import KINDS
 from zerograph.planner.step_plan import MemoryPlan
 from zerograph.runtime.memory import host_state_bytes, model_state_bytes
@@ -116,6 +117,12 @@ class Explanation:
         return sum(secondary_bytes(r["graphs"]["forward"]) for r in self.inspection.regions
                    if "forward" in r["graphs"])
 
+    def feedback_bytes(self) -> int:
+        """ZeRO++ qgZ error feedback: bytes of this rank's fp32 residuals, kept
+        between steps (one per quantized hop input of every backward graph)."""
+        return sum(residual_bytes(r["graphs"]["backward"]) for r in self.inspection.regions
+                   if "backward" in r["graphs"])
+
     def volume_elements(self) -> int:
         """Elements per step in the ZeRO paper's unit (an all-reduce counts twice)."""
         e = self.plan.comm_elements_per_step
@@ -151,6 +158,8 @@ class Explanation:
             f"  live in-step peak   {_mib(self.plan.peak_total_bytes)}   (gathered + saved + gradients + temporaries)",
             *_host_step_lines(self.plan),
             *self._secondary_lines(),
+            *([f"  qgZ residuals       {_mib(self.feedback_bytes())}   (error feedback: fp32, one per quantized "
+               "hop input, kept between steps)"] if self.feedback_bytes() else []),
             f"  step timeline       {self.plan.order_note()}",
             f"  DDP model states    {_mib(self.ddp_model_states)}   (= Ψ·(m + m + 2m), m = {self.master_bytes} bytes)",
             f"  FSDP2 model states  {_mib(self.fsdp2_model_states)}   (= Ψ·4m / W)",

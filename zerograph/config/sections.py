@@ -73,8 +73,23 @@ class ZerographOptions(Section):
         "data-parallel world size.",
     )
     zeropp_block_size: Annotated[_Int, _between(1, 2**20, " elements")] = Field(
-        256, description="ZeRO++ qwZ/qgZ: elements per int8 quantization block (one fp32 scale each, so the "
+        256, description="ZeRO++ qwZ/qgZ: elements per quantization block (one fp32 scale each, so the "
         "scales add 4/block bytes per element); smaller blocks bound the error tighter (docs/zeropp.md).",
+    )
+    zeropp_weight_bits: Literal[8, 4] = Field(
+        8, description="ZeRO++ qwZ: bits per quantized weight value in the forward's all-gathers: 8 (int8) or 4 "
+        "(int4, two values per byte: half the bytes, an error bound 127/7 times int8's; docs/zeropp.md says where "
+        "it holds up).",
+    )
+    zeropp_gradient_bits: Literal[8, 4] = Field(
+        8, description="ZeRO++ qgZ: bits per quantized gradient value in the reduction's all-to-alls: 8 (int8) or "
+        "4 (int4, two values per byte, as DeepSpeed sends; docs/zeropp.md).",
+    )
+    zeropp_error_feedback: StrictBool = Field(
+        False, description="ZeRO++ qgZ: error feedback. Each rank keeps, per gradient reduction and hop, what "
+        "quantizing its message left out (fp32) and adds it to the next message, so quantization errors do not "
+        "accumulate over steps. Costs one fp32 residual per hop input between steps (the padded gradient, W times "
+        "the gradient shard, for hop 1; zerograph.explain prints it; docs/zeropp.md).",
     )
     tp_vocab_parallel: StrictBool = Field(
         False, description="With tensor_parallel.autotp_size > 1: split the input embedding and the LM head over the "

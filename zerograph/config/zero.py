@@ -375,7 +375,8 @@ class ZeroConfig(Section):
     )
     zero_quantized_weights: StrictBool = Field(
         False, description="ZeRO++ qwZ (stage 3): the forward's parameter all-gather sends blockwise-symmetric "
-        "int8 values and one fp32 scale per block (zerograph.zeropp_block_size elements), dequantized after the "
+        "int8 (or int4: zerograph.zeropp_weight_bits) values and one fp32 scale per block "
+        "(zerograph.zeropp_block_size elements), dequantized after the "
         "wait; the backward's re-gather stays full precision (or is served by hpZ). Master shards and "
         "checkpoints stay full precision (docs/zeropp.md). DeepSpeed: same key.",
     )
@@ -384,13 +385,17 @@ class ZeroConfig(Section):
         json_schema_extra=meta(unsupported="ZeRO++ quantized frozen weights are" + _ZEROPP + "false", allowed=[False]),
     )
     zero_quantized_gradients: StrictBool = Field(
-        False, description="ZeRO++ qgZ (stages 2-3): gradients are reduce-scattered by int8 all-to-alls in two "
+        False, description="ZeRO++ qgZ (stages 2-3): gradients are reduce-scattered by int8 (or int4: "
+        "zerograph.zeropp_gradient_bits) all-to-alls in two "
         "hops, inside the node and then across nodes (one hop without nodes), dequantized and summed in fp32; "
-        "no error feedback (docs/zeropp.md). DeepSpeed: same key (DeepSpeed sends int4).",
+        "error feedback by zerograph.zeropp_error_feedback (docs/zeropp.md). DeepSpeed: same key (DeepSpeed sends int4: "
+        "zeropp_gradient_bits 4).",
     )
     zeropp_loco_param: ForeignSection = Field(
         None, description="ZeRO++ LoCo error feedback for quantized gradients.",
-        json_schema_extra=meta(unsupported="ZeRO++ LoCo error feedback is" + _ZEROPP + "null", allowed=[None]),
+        json_schema_extra=meta(unsupported="ZeRO++ LoCo error feedback is" + _ZEROPP.replace(
+            ";", " (zerograph.zeropp_error_feedback: true gives qgZ plain error feedback);") + "null",
+            allowed=[None]),
     )
     mics_shard_size: _Int = Field(
         -1, description="MiCS: shard over groups of this many ranks; -1: off.",

@@ -12,6 +12,8 @@ module             public function                               ops
 ``gelu``           ``gelu(x, approximate)``                      ``zerograph::gelu``
 ``cross_entropy``  ``cross_entropy``, ``linear_cross_entropy``   ``zerograph::cross_entropy``
 ``attention``      ``attention(q, k, v, causal=..., ...)``       ``zerograph::attention``
+``quantize_int8``  ``quantize_int8``, ``dequantize_int8``        ``zerograph::quantize_int8``, ``dequantize_int8``
+``quantize_int4``  ``quantize_int4``, ``dequantize_int4``        ``zerograph::quantize_int4``, ``dequantize_int4``
 =================  ============================================  ==========================
 
 Each op runs its Triton kernel on CUDA tensors and its reference elsewhere

@@ -41,7 +41,12 @@ where ``hop(t [size, R, m], group)`` is::
     d    = zerograph.dequantize_int8(view(slice(g, 1, 0, R·m), [size, R, m]), <its scales>, block, f32)
     out  = aten.sum(d, [0])                                       # [R, m] fp32
 
-Bytes (``b = n + 4·nb`` per part): a gather moves ``W·b``; the two hops
+With int4 (:class:`Codec` ``bits=4``: ``zerograph.zeropp_gradient_bits`` /
+``zeropp_weight_bits``) the same sequences call ``zerograph::quantize_int4``
+/ ``dequantize_int4`` (which also takes the row length: two values per byte),
+and each part's values take ``ceil(n / 2)`` bytes instead of ``n``.
+
+Bytes (``b = n + 4·nb`` per part, ``ceil(n/2) + 4·nb`` with int4): a gather moves ``W·b``; the two hops
 ``k·P·(m + 4·nb)`` inside the node and ``P·(m + 4·nb)`` across nodes.
 """
 
@@ -55,9 +60,43 @@ import torch
 
 from zerograph._torch_private import c10d_functional
 from zerograph.graph.collectives import Emit, _noop_emit
-from zerograph.kernels.quantize_int8 import DEQUANTIZE, QUANTIZE, num_blocks
+from zerograph.kernels import quantize_int4, quantize_int8
+from zerograph.kernels.quantize_int8 import num_blocks
+from zerograph.passes.error_feedback import QUANTIZE_WITH_FEEDBACK
 
 aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """How a message's values are coded: ``bits`` 8 (``zerograph::quantize_int8``,
+    one byte per value) or 4 (``zerograph::quantize_int4``, two values per
+    byte), blocks of ``block`` elements with one fp32 scale each."""
+
+    bits: int = 8
+    block: int = 256
+    # qgZ error feedback: the model's tag (its residuals); None: off
+    feedback: str | None = None
+
+    def value_bytes(self, n: int) -> int:
+        """Bytes of the coded values of a row of ``n`` elements."""
+        return n if self.bits == 8 else quantize_int4.value_bytes(n)
+
+    def quantize(self, x, emit: Emit, key: str | None = None):
+        """``(q, s)`` of ``x``; with error feedback and a ``key``, of ``x`` plus
+        the residual the last message of ``key`` left (:mod:`zerograph.passes.error_feedback`)."""
+        if self.feedback is not None and key is not None:
+            qs = emit("comm_prep", QUANTIZE_WITH_FEEDBACK(x, self.bits, self.block, self.feedback, key))
+        else:
+            op = quantize_int8.QUANTIZE if self.bits == 8 else quantize_int4.QUANTIZE
+            qs = emit("comm_prep", op(x, self.block))
+        return emit("comm_prep", operator.getitem(qs, 0)), emit("comm_prep", operator.getitem(qs, 1))
+
+    def dequantize(self, q, s, n: int, dtype: torch.dtype, emit: Emit):
+        """``q`` ``[..., value_bytes(n)]`` and ``s`` ``[..., nb]`` -> ``[..., n]`` in ``dtype``."""
+        if self.bits == 8:
+            return emit("comm_prep", quantize_int8.DEQUANTIZE(q, s, self.block, dtype))
+        return emit("comm_prep", quantize_int4.DEQUANTIZE(q, s, self.block, n, dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,67 +128,63 @@ def _unpack(x, parts: int, q_elems: int, s_elems: int, emit: Emit):
     return q, emit("comm_prep", aten.view.dtype(s, torch.float32))
 
 
-def _quantize(x, block: int, emit: Emit):
-    qs = emit("comm_prep", QUANTIZE(x, block))
-    return emit("comm_prep", operator.getitem(qs, 0)), emit("comm_prep", operator.getitem(qs, 1))
-
-
-def quantized_all_gather(x, shape, dtype: torch.dtype, world: int, group_name: str, block: int,
+def quantized_all_gather(x, shape, dtype: torch.dtype, world: int, group_name: str, codec: Codec,
                          emit: Emit = _noop_emit):
     """qwZ: the all-gather of ``x`` (``shape``, ``dtype``) over ``world`` ranks
-    sent as int8 blocks and fp32 scales; the ``[world·shape[0], ...]`` result
-    in ``dtype``."""
+    sent as int8 (or packed int4) blocks and fp32 scales; the
+    ``[world·shape[0], ...]`` result in ``dtype``."""
     n = math.prod(shape)
-    nb = num_blocks(n, block)
+    nb, nq = num_blocks(n, codec.block), codec.value_bytes(n)
     rows = emit("comm_prep", aten.view.default(x, [1, n]))
-    q, s = _quantize(rows, block, emit)
-    buf = _pack(q, s, 1, n, nb, emit)
+    q, s = codec.quantize(rows, emit)
+    buf = _pack(q, s, 1, nq, nb, emit)
     g = emit("all_gather", c10d_functional.all_gather_into_tensor.default(buf, world, group_name))
     g = emit("wait", c10d_functional.wait_tensor.default(g))
-    q, s = _unpack(g, world, n, nb, emit)
-    full = emit("comm_prep", DEQUANTIZE(q, s, block, dtype))
+    q, s = _unpack(g, world, nq, nb, emit)
+    full = codec.dequantize(q, s, n, dtype, emit)
     return emit("comm_prep", aten.view.default(full, [world * shape[0], *shape[1:]]))
 
 
-def _hop(t, size: int, rows: int, m: int, hop: Hop, block: int, emit: Emit):
+def _hop(t, size: int, rows: int, m: int, hop: Hop, codec: Codec, emit: Emit, key: str | None):
     """One quantized all-to-all: ``t`` ``[size, rows, m]`` fp32 (part ``i`` for
     group rank ``i``) -> ``[rows, m]`` fp32, the sum of what the ranks sent here."""
-    nb = num_blocks(m, block)
+    nb, mq = num_blocks(m, codec.block), codec.value_bytes(m)
     flat = emit("comm_prep", aten.view.default(t, [size * rows, m]))
-    q, s = _quantize(flat, block, emit)
-    buf = _pack(q, s, size, rows * m, rows * nb, emit)
-    part = rows * (m + 4 * nb)
+    q, s = codec.quantize(flat, emit, None if key is None else f"{key}/{hop.label}")
+    buf = _pack(q, s, size, rows * mq, rows * nb, emit)
+    part = rows * (mq + 4 * nb)
     x = emit("all_to_all", c10d_functional.all_to_all_single.default(buf, [part] * size, [part] * size,
                                                                      hop.group_name), group=hop.label)
     x = emit("wait", c10d_functional.wait_tensor.default(x), group=hop.label)
-    q, s = _unpack(x, size, rows * m, rows * nb, emit)
-    q = emit("comm_prep", aten.view.default(q, [size, rows, m]))
+    q, s = _unpack(x, size, rows * mq, rows * nb, emit)
+    q = emit("comm_prep", aten.view.default(q, [size, rows, mq]))
     s = emit("comm_prep", aten.view.default(s, [size, rows, nb]))
-    d = emit("comm_prep", DEQUANTIZE(q, s, block, torch.float32))
+    d = codec.dequantize(q, s, m, torch.float32, emit)
     return emit("comm_prep", aten.sum.dim_IntList(d, [0]))
 
 
-def quantized_reduce_scatter(x, shape, dtype: torch.dtype, hops: list[Hop], block: int,
-                             emit: Emit = _noop_emit):
+def quantized_reduce_scatter(x, shape, dtype: torch.dtype, hops: list[Hop], codec: Codec,
+                             emit: Emit = _noop_emit, key: str | None = None):
     """qgZ: this rank's part of the sum over all ranks of ``x`` (``shape``,
     ``dtype``; its ``W`` rows of ``m`` elements are the ranks' parts), by
     int8 all-to-alls over ``hops`` (one over all ranks, or the node then
-    the peers), summed in fp32; ``[shape[0] / W, ...]`` in ``dtype``."""
+    the peers), summed in fp32; ``[shape[0] / W, ...]`` in ``dtype``. ``key``
+    names the reduction's residuals when ``codec`` has error feedback."""
     world = math.prod(h.size for h in hops)
     m = math.prod(shape) // world
     if dtype != torch.float32:
         x = emit("comm_prep", aten._to_copy.default(x, dtype=torch.float32))
     if len(hops) == 1:
         t = emit("comm_prep", aten.view.default(x, [world, 1, m]))
-        out = _hop(t, world, 1, m, hops[0], block, emit)
+        out = _hop(t, world, 1, m, hops[0], codec, emit, key)
     else:
         node, peer = hops
         t = emit("comm_prep", aten.view.default(x, [peer.size, node.size, m]))
         t = emit("comm_prep", aten.permute.default(t, [1, 0, 2]))
         t = emit("comm_prep", aten.clone.default(t, memory_format=torch.contiguous_format))
-        partial = _hop(t, node.size, peer.size, m, node, block, emit)
+        partial = _hop(t, node.size, peer.size, m, node, codec, emit, key)
         t = emit("comm_prep", aten.view.default(partial, [peer.size, 1, m]))
-        out = _hop(t, peer.size, 1, m, peer, block, emit)
+        out = _hop(t, peer.size, 1, m, peer, codec, emit, key)
     if dtype != torch.float32:
         out = emit("comm_prep", aten._to_copy.default(out, dtype=dtype))
     return emit("comm_prep", aten.view.default(out, [shape[0] // world, *shape[1:]]))

@@ -1,5 +1,6 @@
 """``quantize_weight_gathers`` (qwZ) and ``quantize_grad_reduction`` (qgZ):
-ZeRO++'s int8 collectives, as rewrites of the lowered collectives.
+ZeRO++'s int8 (or int4: ``zerograph.zeropp_weight_bits`` /
+``zeropp_gradient_bits``) collectives, as rewrites of the lowered collectives.
 
 Both run after ``lower_markers`` and before scheduling, read the collective
 nodes' tags (role, group) and replace a collective and its wait with the
@@ -33,8 +34,10 @@ it reads the secondary shard, cut from the forward's dequantized gather).
 **qgZ** (backward graphs, stages 2-3): every reduce-scatter of gradients
 becomes one int8 all-to-all over the data-parallel ranks, or with nodes
 (``zero_hpz_partition_size`` or ``zerograph.ranks_per_node``) two: inside the
-node, then across nodes; each hop dequantizes and sums in fp32. No error
-feedback. Gradients all-reduced whole (parameters below the persistence
+node, then across nodes; each hop dequantizes and sums in fp32. With
+``zerograph.zeropp_error_feedback`` each hop quantizes with
+``zerograph::quantize_with_feedback(x, bits, block, model_tag, "<params>/<hop>")``
+(:mod:`zerograph.passes.error_feedback`) instead. Gradients all-reduced whole (parameters below the persistence
 threshold) stay full precision.
 
 Details: ``quantized`` (the parameters of the rewritten collectives),
@@ -48,7 +51,7 @@ import torch
 import torch.fx as fx
 
 from zerograph._torch_private import c10d_functional, detect_fake_mode
-from zerograph.passes.quantized_collectives import Hop, quantized_all_gather, quantized_reduce_scatter
+from zerograph.passes.quantized_collectives import Codec, Hop, quantized_all_gather, quantized_reduce_scatter
 from zerograph.graph.tags import get_tag, set_tag
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.runtime.stats import collective_buffer_bytes
@@ -124,7 +127,7 @@ def _finish(gm: fx.GraphModule, done: list[fx.Node], before: int, after: int) ->
 def quantize_weight_gathers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.state is None or not ctx.plan.zero.zeropp.qwz or ctx.phase not in ("forward", "inference"):
         return PassResult()
-    block = ctx.plan.zero.zeropp.block
+    codec = Codec(ctx.plan.zero.zeropp.weight_bits, ctx.plan.zero.zeropp.block)
     starts = [n for n in gm.graph.nodes
               if (t := get_tag(n)) is not None and t.role == "all_gather" and t.group == "dp" and t.mesh_dim == "dp"]
     before = after = 0
@@ -134,7 +137,7 @@ def quantize_weight_gathers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         world, group = start.args[1], start.args[2]
 
         def fn(src, emit, shape=tuple(x.shape), dtype=x.dtype, world=world, group=group):
-            return quantized_all_gather(src, shape, dtype, world, group, block, emit)
+            return quantized_all_gather(src, shape, dtype, world, group, codec, emit)
 
         after += _rewrite(gm, start, fn, "quantize_weight_gathers")
     return _finish(gm, starts, before, after)
@@ -152,7 +155,8 @@ def _hops(state, world: int, group_name: str) -> list[Hop]:
 def quantize_grad_reduction(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.state is None or not ctx.plan.zero.zeropp.qgz or ctx.phase != "backward":
         return PassResult()
-    block = ctx.plan.zero.zeropp.block
+    zpp = ctx.plan.zero.zeropp
+    codec = Codec(zpp.grad_bits, zpp.block, ctx.state.tag if zpp.error_feedback else None)
     starts = [n for n in gm.graph.nodes
               if (t := get_tag(n)) is not None and t.role == "reduce_scatter" and t.group == "dp"
               and t.mesh_dim == "dp"]
@@ -164,8 +168,11 @@ def quantize_grad_reduction(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if start.args[1] != "sum" or torch.Size(x.shape).numel() % start.args[2]:
             raise RuntimeError(f"quantize_grad_reduction: unexpected reduce-scatter {start.format_node()}")
 
-        def fn(src, emit, shape=tuple(x.shape), dtype=x.dtype, hops=hops):
-            return quantized_reduce_scatter(src, shape, dtype, hops, block, emit)
+        tag = get_tag(start)
+        key = ",".join(tag.bucket or (tag.param,))
+
+        def fn(src, emit, shape=tuple(x.shape), dtype=x.dtype, hops=hops, key=key):
+            return quantized_reduce_scatter(src, shape, dtype, hops, codec, emit, key)
 
         after += _rewrite(gm, start, fn, "quantize_grad_reduction")
     return _finish(gm, starts, before, after)

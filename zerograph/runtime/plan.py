@@ -81,6 +81,9 @@ class ZeroPPPlan:
     qwz: bool = False  # the forward's parameter all-gathers send int8 blocks + fp32 scales
     qgz: bool = False  # gradients are reduce-scattered by int8 all-to-alls (two hops with nodes)
     block: int = 256  # elements per quantization block (zerograph.zeropp_block_size)
+    weight_bits: int = 8  # qwZ's code: 8 (int8) or 4 (int4, two per byte); zerograph.zeropp_weight_bits
+    grad_bits: int = 8  # qgZ's code (zerograph.zeropp_gradient_bits)
+    error_feedback: bool = False  # qgZ keeps each message's quantization residual (zerograph.zeropp_error_feedback)
 
     def node_of(self, dp_index: int) -> int:
         return dp_index // self.node_size
@@ -243,4 +246,5 @@ def _zeropp_plan(config, dp: int) -> ZeroPPPlan:
         k = 1
     return ZeroPPPlan(node_size=k, hpz=1 < k < dp and z.stage == 3 and hpz_k > 1,
                       qwz=dp > 1 and z.zero_quantized_weights, qgz=dp > 1 and z.zero_quantized_gradients,
-                      block=own.zeropp_block_size)
+                      block=own.zeropp_block_size, weight_bits=own.zeropp_weight_bits,
+                      grad_bits=own.zeropp_gradient_bits, error_feedback=own.zeropp_error_feedback)

@@ -86,6 +86,9 @@ class ModelState:
     # micro-batches before the boundary, so Dynamo compiles one graph variant
     # whose backward stashes local gradients here instead of reducing them.
     grad_stash: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # ZeRO++ qgZ error feedback: per reduction and hop, what quantizing the last
+    # message left out (zerograph.passes.error_feedback)
+    qgz_residuals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     read_state: "ReadState" = dataclasses.field(default=None)
     # Execution order of the compiled regions, for the planner (a model with
     # graph breaks has several): the index of every region whose forward or
