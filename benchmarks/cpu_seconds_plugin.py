@@ -4,7 +4,7 @@ Wall-clock time of a test on a shared, loaded machine says little; the CPU
 seconds spent by the test process and everything it started (rank-pool
 processes, spawned ranks, subprocesses) do not depend on the load. Use::
 
-    python -m pytest -p benchmarks.cpu_seconds_plugin tests/... 
+    python -m pytest -p benchmarks.cpu_seconds_plugin tests/...
 
 It prints one line per test (CPU seconds of the tree, wall seconds) at the
 end, and appends them to ``$CPU_SECONDS_OUT`` when that is set. A test's
