@@ -48,8 +48,9 @@ def _run(script: str, *args: str) -> str:
 @pytest.mark.timeout(TIMEOUT + 30)
 @pytest.mark.parametrize("script,model_class", [
     ("hf_gpt2.py", "GPT2LMHeadModel"),
-    ("hf_llama.py", "LlamaForCausalLM"),
-    ("hf_qwen2.py", "Qwen2ForCausalLM"),
+    # the same training loop (examples/_train.py) with another model class: nightly
+    pytest.param("hf_llama.py", "LlamaForCausalLM", marks=pytest.mark.slow),
+    pytest.param("hf_qwen2.py", "Qwen2ForCausalLM", marks=pytest.mark.slow),
 ])
 def test_example_trains_and_saves_pretrained(tmp_path, script, model_class):
     import transformers

@@ -18,6 +18,7 @@ from benchmarks import gpu_check, gpu_check_parts
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # ~1 min of CPU: nightly runs every part; CI checks the runner (the tests below)
 @pytest.mark.timeout(600)
 def test_dry_run_reports_every_part(tmp_path):
     # about 60 s of CPU time (a minute on a quiet 2-core machine); the timeout is for a loaded one

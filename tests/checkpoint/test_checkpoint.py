@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zerograph
-from tests import _harness, _models
+from tests import _harness, _models, _pool
 from zerograph.runtime.launch import spawn
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,8 +43,9 @@ class _Unpicklable:
 def test_resume_is_exact(tmp_path, stage):
     config = {"train_micro_batch_size_per_gpu": _harness.PER_RANK_BATCH, "zero_optimization": {"stage": stage}}
     path = str(tmp_path / "ckpt")
-    straight = spawn(_run, 2, config, path, "straight", timeout=240)[0]
-    first = spawn(_run, 2, config, path, "first", timeout=240)[0]
+    # the uninterrupted run and the saving run on the rank pool; the resume in new processes
+    straight = _pool.run(_run, 2, config, path, "straight", timeout=240)[0]
+    first = _pool.run(_run, 2, config, path, "first", timeout=240)[0]
     assert os.path.isfile(os.path.join(path, zerograph.checkpoint.COMMIT_MARKER))
     second = spawn(_run, 2, config, path, "second", timeout=240)[0]
     assert first[0] + second[0] == straight[0]  # bit-exact losses
@@ -100,7 +101,7 @@ def zero3_world2_checkpoint(tmp_path_factory):
     and the single-process eager reference of steps 0-7 on the same batches."""
     path = str(tmp_path_factory.mktemp("reshard") / "ckpt")
     config = {"train_micro_batch_size_per_gpu": _harness.PER_RANK_BATCH, "zero_optimization": {"stage": 3}}
-    spawn(_reshard_run, 2, config, path, "save", timeout=240)
+    _pool.run(_reshard_run, 2, config, path, "save", timeout=240)
     ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=RESHARD_END)
     return path, ref_losses[RESHARD_SAVE_AT:], ref_params
 
@@ -118,7 +119,7 @@ def _assert_continues_like_reference(result, ref_losses, ref_params):
 def test_reshard_zero3_world2_to_zero1_world2(zero3_world2_checkpoint):
     path, ref_losses, ref_params = zero3_world2_checkpoint
     config = {"train_micro_batch_size_per_gpu": _harness.PER_RANK_BATCH, "zero_optimization": {"stage": 1}}
-    result = spawn(_reshard_run, 2, config, path, "resume", timeout=240)[0]
+    result = _pool.run(_reshard_run, 2, config, path, "resume", timeout=240)[0]
     _assert_continues_like_reference(result, ref_losses, ref_params)
 
 

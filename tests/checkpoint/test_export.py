@@ -55,7 +55,8 @@ def _train_and_export(name: str, path: str):
     return {"logits": trained, "full": full, "reloaded": reloaded, "reloaded_logits": _logits(fresh)}
 
 
-@pytest.mark.parametrize("name, cls", [("hf_gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM")])
+@pytest.mark.parametrize("name, cls", [("hf_gpt2", "GPT2LMHeadModel"),
+                                       pytest.param("llama", "LlamaForCausalLM", marks=pytest.mark.slow)])
 def test_export_round_trips_through_from_pretrained(tmp_path, name, cls):
     import transformers
 

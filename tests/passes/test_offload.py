@@ -215,7 +215,7 @@ SECTIONS = [{"offload_activations": True}, {"policy": "memory_budget", "memory_b
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])  # CI: stage 3
 def test_offload_matches_eager_world2(stage):
     ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=2)
     configs = [{"zero_optimization": {"stage": stage}, "activation_checkpointing": s} for s in SECTIONS]
@@ -248,7 +248,8 @@ def _states_on_the_host(model, opt):
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
-@pytest.mark.parametrize("stage", [2, 3])
+# CI: stage 2; stage 3's host optimizer also trains (and resumes) in tests/checkpoint/test_offload_checkpoint.py
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_offload_optimizer_matches_eager_world2(stage):
     ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=2)
     config = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu", "pin_memory": True}}}

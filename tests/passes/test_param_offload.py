@@ -398,6 +398,7 @@ def _inductor_offload_rank(steps: int):
     return losses, params, decomposed, host_copies, gathers
 
 
+@pytest.mark.slow  # CI: test_decompose_copies_for_inductor, test_offload.py's Inductor test
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_offload_param_with_inductor_matches_eager_world2(tmp_path):
     """offload_param with ``zerograph.compiler: inductor``: the lowered graphs'

@@ -544,6 +544,7 @@ def test_two_stages_match_eager():
     assert results[0][7]["comm"] == 0 and results[0][5]["comm"] > 0
 
 
+@pytest.mark.slow  # CI: test_two_stages_match_eager, test_training_features' Inductor test
 @pytest.mark.timeout(TIMEOUT + 30)
 def test_two_stages_with_the_inductor_executor_match_eager():
     """The stage graphs compiled by Inductor (the faster executor on CPU, see
