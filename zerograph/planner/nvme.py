@@ -3,10 +3,17 @@ from the parameter file, in what order, and the disk and host-buffer bytes
 of this rank (``offload_param`` / ``offload_optimizer`` with device
 ``"nvme"``; docs/nvme_offload.md).
 
-* :func:`graph_reads`: the parameters whose host shard a lowered graph copies
-  to the compute device (its ``host_copy`` nodes, not the gradient copies
-  tagged ``location="host"``), in node order: the order in which the runtime
-  announces their file regions before the graph runs.
+* :func:`host_copies`: a lowered graph's ``host_copy`` nodes that bring a
+  host shard to the compute device (not the gradient copies tagged
+  ``location="host"``), each with its parameter; :func:`graph_reads`: their
+  parameters in node order.
+* :func:`read_ahead_points`: where the ``nvme_read_ahead`` pass requests each
+  file shard's read: at most ``offload_param.buffer_count`` shards, and
+  ``buffer_count * buffer_size`` elements, requested and not yet copied at
+  any point of the graph (DeepSpeed's pool of ``buffer_count`` read buffers of
+  ``buffer_size`` elements): the first window at the graph's start, then each
+  copy frees its place for the next shard's read right after it.
+  :func:`announced_reads`: the shards a graph's ``read_ahead`` nodes request.
 * :func:`nvme_plan`: :class:`NvmePlan`, this rank's bytes on disk (the
   parameter file, exact; the optimizer's swap files for Adam/AdamW, as the
   memory report counts states) and the peak of parameter-file bytes mapped
@@ -25,17 +32,66 @@ from zerograph.runtime.nvme_optimizer import sub_groups, swapped_groups
 from zerograph.runtime.nvme_params import local_numel
 
 
-def graph_reads(gm) -> list[str]:
-    """Parameters whose host shard ``gm`` copies to the compute device, in node order."""
-    out: dict[str, None] = {}
+def host_copies(gm) -> list[tuple[object, str]]:
+    """``(node, parameter)`` of every ``host_copy`` node of ``gm`` that copies a
+    host shard to the compute device, in node order. A bucket's copies carry
+    the bucket's names, not their own: ``gather_bucket`` emits them in bucket
+    order, and the scheduler moves them in that order, so the k-th copy of a
+    bucket is its k-th member's."""
+    out = []
+    seen: dict[tuple[str, ...], int] = {}
     for node in gm.graph.nodes:
         tag = get_tag(node)
         if tag is None or tag.role != "host_copy" or tag.location == "host":
             continue
-        for name in (tag.param, *tag.bucket):
-            if name:
-                out.setdefault(name)
+        if tag.param:
+            out.append((node, tag.param))
+        elif tag.bucket:
+            k = seen.get(tag.bucket, 0)
+            seen[tag.bucket] = k + 1
+            if k < len(tag.bucket):
+                out.append((node, tag.bucket[k]))
+    return out
+
+
+def graph_reads(gm) -> list[str]:
+    """Parameters whose host shard ``gm`` copies to the compute device, in node order."""
+    return list(dict.fromkeys(name for _, name in host_copies(gm)))
+
+
+def announced_reads(gm) -> list[str]:
+    """The shards ``gm``'s ``read_ahead`` nodes request, in node order."""
+    out: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        tag = get_tag(node)
+        if tag is not None and tag.role == "read_ahead":
+            out.setdefault(node.args[2])
     return list(out)
+
+
+def read_ahead_points(copies: list[tuple[str, int]], buffer_count: int, buffer_size: int) -> list[list[str]]:
+    """Where to request each shard's read (module docstring). ``copies``:
+    ``(parameter, elements)`` of the file shards in the graph's copy order,
+    each once. Returns ``len(copies) + 1`` lists of names: ``[0]`` requested
+    at the graph's start, ``[j + 1]`` right after the ``j``-th copy. At any
+    point at most ``buffer_count`` requested shards are not yet copied, of at
+    most ``buffer_count * buffer_size`` elements (one shard always fits: a
+    shard above ``buffer_size`` is an error when the model is sharded)."""
+    limit = buffer_count * buffer_size
+    points: list[list[str]] = [[] for _ in range(len(copies) + 1)]
+    pending = held = nxt = 0
+
+    def fill(point: list[str]) -> None:
+        nonlocal pending, held, nxt
+        while nxt < len(copies) and pending < buffer_count and (pending == 0 or held + copies[nxt][1] <= limit):
+            point.append(copies[nxt][0])
+            pending, held, nxt = pending + 1, held + copies[nxt][1], nxt + 1
+
+    fill(points[0])
+    for j, (_, numel) in enumerate(copies):
+        pending, held = pending - 1, held - numel
+        fill(points[j + 1])
+    return points
 
 
 @dataclasses.dataclass(frozen=True)
