@@ -7,8 +7,9 @@ and the single-process eager reference at rtol 1e-5 (5 steps), alone and
 with ``offload_optimizer.device: "nvme"``; the file holds the shards (its
 bytes are the parameters'), its size is the planner's (and the formula's),
 no page of it stays mapped between graphs; a checkpoint saved from NVMe
-shards resumes bit for bit after the swap files are gone; the errors before
-training (world 1)."""
+shards resumes bit for bit after the swap files are gone, and resharded at
+world 1 (CPU offload, no offload, NVMe) like the uninterrupted run; the
+errors before training (world 1)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from zerograph.planner.nvme import graph_reads
 from zerograph.runtime.aio import NvmeOffloadError, align_up
 from zerograph.runtime.nvme_optimizer import NvmeOptimizer
 from zerograph.runtime.optimizer import HostOptimizer, make_optimizer
+from zerograph.runtime.shard_optimizer import ShardOptimizer
 
 STEPS = 5
 
@@ -204,7 +206,19 @@ def _ckpt_rank(root, entry="shard"):
 
 @pytest.mark.timeout(TIMEOUT + 60)
 def test_checkpoint_round_trip_with_nvme_params(tmp_path):
-    ranks = _pool.run(_ckpt_rank, 2, str(tmp_path), timeout=TIMEOUT)
+    """Eager ZeRO (CI): world 2 NVMe -> world 2 NVMe bit for bit; resharded to world 1."""
+    _check_round_trip(tmp_path, "shard")
+
+
+@pytest.mark.slow  # four compiles per rank at world 2, three at world 1
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_checkpoint_round_trip_with_nvme_params_compiled(tmp_path):
+    """The same with compiled models (``zerograph.compile``: read-ahead nodes, the graphs' host copies)."""
+    _check_round_trip(tmp_path, "compile")
+
+
+def _check_round_trip(tmp_path, entry):
+    ranks = _pool.run(_ckpt_rank, 2, str(tmp_path), entry, timeout=TIMEOUT)
     ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=END)
     for r in ranks:
         assert r["gone"]  # the first model's swap files were removed before the load
@@ -216,6 +230,45 @@ def test_checkpoint_round_trip_with_nvme_params(tmp_path):
     saved = [p.name for p in (tmp_path / "ckpt").rglob("*")]
     assert saved and not any(name.endswith(".swp") for name in saved)  # the checkpoint is not the swap files
     assert os.listdir(tmp_path / "nvme") == []
+    # resharded: the world-2 checkpoint (parameters and optimizer states saved from NVMe) continues in
+    # this single process, with CPU offload, without offload and with NVMe offload again
+    first, straight = ranks[0]["first"], ranks[0]["straight"]
+    resumed = {name: _resume_world1(tmp_path, name, entry) for name in RESUME_WORLD1}
+    for name, (losses, params) in resumed.items():
+        try:
+            # the world-1 reductions sum in another order than world 2's: fp32 round-off, not bits
+            _harness.assert_same_training({"losses": losses, "params": params},
+                                          straight, ranks[0]["straight_params"])
+            _harness.assert_same_training({"losses": first + losses, "params": params}, ref_losses, ref_params)
+        except AssertionError as err:
+            raise AssertionError(f"resumed at world 1 with {name}: {err}") from err
+    # NVMe at world 1 is the CPU offload's arithmetic on the same values: bit for bit
+    assert resumed["nvme"][0] == resumed["cpu offload"][0]
+    for key, value in resumed["cpu offload"][1].items():
+        assert torch.equal(resumed["nvme"][1][key], value), key
+    gc.collect()
+    assert os.listdir(tmp_path / "nvme") == []
+
+
+RESUME_WORLD1 = ("cpu offload", "no offload", "nvme")
+
+
+def _resume_world1(root, name, entry):
+    """Load ``root/ckpt`` (saved at world 2 by :func:`_ckpt_rank`) into a
+    single-process model (``zerograph.<entry>``, world 1) with ``name``'s
+    offload and train steps SAVE_AT..END; the losses and full parameters."""
+    config = {"cpu offload": _zero(root, optimizer="cpu", param="cpu"),
+              "no offload": {"zero_optimization": {"stage": 3}},
+              "nvme": _zero(Path(root) / "nvme", optimizer="nvme")}[name]
+    torch._dynamo.reset()
+    model = getattr(zerograph, entry)(_models.make_gpt(), config)
+    opt = _make_opt(model)
+    assert type(opt) is {"cpu offload": HostOptimizer, "no offload": ShardOptimizer, "nvme": NvmeOptimizer}[name]
+    assert zerograph.load_checkpoint(f"{root}/ckpt", model, opt) == {"step": SAVE_AT}
+    losses = _harness.train_global_batches(model, opt, range(SAVE_AT, END))
+    params = {k: v.clone() for k, v in zerograph.full_state_dict(model).items()}
+    del model, opt
+    return losses, params
 
 
 # --------------------------------------------------------------------------- errors (world 1)
@@ -337,3 +390,4 @@ def test_param_nvme_world1_with_accumulation_and_clipping_equals_cpu_offload(tmp
         del model, opt, store
         gc.collect()
         assert os.listdir(tmp_path) == [], name  # the swap directories go with the model
+
