@@ -25,7 +25,10 @@ the planner (``zerograph.inspect(model).nvme``); the optimizer's file I/O per
 step (it reads and writes every shard of the parameter file once, plus the
 swapped states) against the prediction; storage reads per step
 (``/proc/self/io`` read_bytes: the graphs' page faults that missed the page
-cache, plus the optimizer's reads).
+cache, plus the optimizer's reads) against the prediction, in bytes: the
+planner's ``param_read_bytes_per_step`` (each parameter-file region the
+step's graphs copy, once) plus the optimizer's swap files (read with
+``O_DIRECT``; the optimizer's reads of the parameter file hit the page cache).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def _rank_main(system: str, path: str, steps: int, warmup: int):
 
     import zerograph
     from zerograph.models import GPT, GPTConfig
-    from zerograph.runtime.aio import align_up
+    from zerograph.runtime.aio import align_up, direct_io_supported
     from zerograph.runtime.optimizer import make_optimizer
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -120,7 +123,11 @@ def _rank_main(system: str, path: str, steps: int, warmup: int):
         f.write("5")  # reset VmHWM: the peak of the timed steps
     io_before = io.stats.snapshot() if io is not None else None
     reads_before = _storage_reads()
-    times = [one_step(warmup + i) for i in range(steps)]
+    times, reads_by_step = [], []
+    for i in range(steps):
+        before = _storage_reads()
+        times.append(one_step(warmup + i))
+        reads_by_step.append(_storage_reads() - before)
     storage_reads = (_storage_reads() - reads_before) / steps
     io_step = io.stats.since(io_before) if io is not None else None
     status = _status()
@@ -136,8 +143,12 @@ def _rank_main(system: str, path: str, steps: int, warmup: int):
     out = {"system": system, "times": times, "rss_anon": status_trimmed["RssAnon"], "rss_file": status["RssFile"],
            "peak": status["VmHWM"], "shard_bytes": shard_bytes, "numel": sum(p.numel() for p in GPT(cfg).parameters()),
            "storage_reads": storage_reads, "slots": getattr(opt, "buffer_bytes", lambda: 0)()}
+    out["storage_reads_bytes"] = reads_by_step
     if store is not None:
         opt_files = opt.file_bytes()
+        # the swap files' reads reach the disk with O_DIRECT (buffered ones may hit the page cache)
+        direct = opt.swap_dir is not None and direct_io_supported(opt.swap_dir)
+        out["storage_predicted"] = plan.param_read_bytes_per_step + (opt_files if direct else 0)
         out.update(file_size=os.path.getsize(store.path), formula=formula, plan_param=plan.param_file_bytes,
                    plan_opt=plan.optimizer_file_bytes, opt_files=opt_files, mapped_peak=plan.peak_mapped_bytes,
                    io_read=io_step.read_bytes / steps, io_write=io_step.write_bytes / steps,
@@ -226,6 +237,17 @@ def main(argv=None) -> int:
                   f"{r['opt_files']:,} ({r['plan_opt']:,}) | {r['mapped_peak']:,} | {r['io_read']:,.0f} / "
                   f"{r['io_write']:,.0f} | {r['io_predicted']:,} | {r['io_busy'] * 1e3:.1f} / "
                   f"{r['io_waited'] * 1e3:.1f} |")
+    print()
+    print("| system | rank | storage reads per timed step (bytes) | predicted | equal |")
+    print("|---|---|---|---|---|")
+    for system, ranks in results.items():
+        for rank, r in enumerate(ranks):
+            if "storage_predicted" not in r:
+                continue
+            measured = sorted(set(int(b) for b in r["storage_reads_bytes"]))
+            equal = measured == [r["storage_predicted"]]
+            print(f"| {system} | {rank} | {', '.join(f'{b:,}' for b in measured)} | {r['storage_predicted']:,} | "
+                  f"{'yes' if equal else 'no'} |")
     print()
     mode = "O_DIRECT" if raw["direct"] else "page cache, fsync + fadvise(DONTNEED)"
     print(f"Raw disk in {path} ({mode}, 256 MiB through FileIO): write {_mib(raw['write'])} MiB/s, "

@@ -358,6 +358,9 @@ def test_explain_shows_disk_and_mapped_bytes(tmp_path):
     assert (f"(parameter file {plan.param_file_bytes:,} bytes, 28 shards; optimizer swap files "
             f"{plan.optimizer_file_bytes:,} bytes, Adam/AdamW)") in text
     assert "NVMe mapped peak" in text
+    # every shard is read by the forward, once per step from storage
+    assert plan.param_read_bytes_per_step == plan.param_file_bytes
+    assert f"(parameter file {plan.param_read_bytes_per_step:,} bytes from storage: each region" in text
     host = explanation.host_states
     assert host["params"] == host["optimizer_states"] == host["masters"] == 0 < host["grads"]
     gc.collect()
@@ -391,3 +394,51 @@ def test_param_nvme_world1_with_accumulation_and_clipping_equals_cpu_offload(tmp
         gc.collect()
         assert os.listdir(tmp_path) == [], name  # the swap directories go with the model
 
+
+# --------------------------------------------------------------------------- reads per step (world 1)
+
+def _storage_reads() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+def _reads_are_accounted(root) -> bool:
+    """Whether reading a file under ``root`` from storage shows in this
+    process's ``read_bytes`` (a block-device filesystem; not tmpfs)."""
+    probe = Path(root) / "probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"\1" * 65536, 0)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        before = _storage_reads()
+        os.pread(fd, 65536, 0)
+        return _storage_reads() - before == 65536
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def test_storage_reads_per_step_equal_the_prediction(tmp_path):
+    """World 1, compiled GPT, parameters on NVMe (the optimizer's states in
+    memory): from the second step on, each step reads exactly the planner's
+    ``param_read_bytes_per_step`` from storage (every shard region once: the
+    forward's read-ahead; the backward's re-gathers and the optimizer's reads
+    hit the page cache until the step drops it). The first step reads at most
+    that (the pages written at sharding are still cached)."""
+    if not _reads_are_accounted(tmp_path):
+        pytest.skip(f"{tmp_path} is not on a block device: storage reads are not counted (tmpfs)")
+    torch._dynamo.reset()
+    model = zerograph.compile(_models.make_gpt(), _zero(tmp_path, optimizer="cpu"))
+    opt = _make_opt(model)
+    reads = []
+    for step in range(4):
+        before = _storage_reads()
+        _harness.train_global_batches(model, opt, [step])
+        reads.append(_storage_reads() - before)
+    plan = zerograph.inspect(model).nvme
+    assert plan.param_read_bytes_per_step == plan.param_file_bytes  # the forward reads every shard
+    assert reads[1:] == [plan.param_read_bytes_per_step] * 3, reads
+    assert reads[0] <= plan.param_read_bytes_per_step
+    del model, opt
+    gc.collect()

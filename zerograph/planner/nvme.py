@@ -16,9 +16,25 @@ of this rank (``offload_param`` / ``offload_optimizer`` with device
   :func:`announced_reads`: the shards a graph's ``read_ahead`` nodes request.
 * :func:`nvme_plan`: :class:`NvmePlan`, this rank's bytes on disk (the
   parameter file, exact; the optimizer's swap files for Adam/AdamW, as the
-  memory report counts states) and the peak of parameter-file bytes mapped
+  memory report counts states), the peak of parameter-file bytes mapped
   at once (the largest sum over one graph's reads: a graph's regions are
-  released when it ends).
+  released when it ends), and the parameter file's bytes read from storage
+  per training step (``param_read_bytes_per_step``, below).
+
+Reads per step. After each optimizer step the runtime drops the parameter
+file from the page cache (``ParamStore.after_step``), and nothing else drops
+it during a step. So a step reads each file region that one of its graphs
+copies (forward and backward graphs of every region; the optimizer's reads
+of the same regions and the backward's re-gathers find the forward's pages
+in the cache) once from storage: the page-rounded sum over the union of the
+training graphs' reads. This is exact, and tested against the process's
+storage reads (``/proc/self/io`` ``read_bytes``), when: the step is not the
+first (the first finds the pages written at sharding still cached); the
+kernel keeps the pages from the forward to the optimizer step (no memory
+pressure); and the filesystem reads through a block device (on tmpfs
+nothing is read). Otherwise it is a bound from above for the first and from
+below under memory pressure; a region no graph reads but the kernel's
+mmap read-around fetches can only add within ``param_file_bytes``.
 """
 
 from __future__ import annotations
@@ -104,6 +120,8 @@ class NvmePlan:
     # most parameter-file bytes one graph maps (its reads, page-rounded); per graph: (region, phase) -> bytes
     peak_mapped_bytes: int
     mapped_by_graph: dict[tuple[int, str], int] = dataclasses.field(default_factory=dict)
+    # parameter-file bytes read from storage per training step (module docstring)
+    param_read_bytes_per_step: int = 0
 
     @property
     def disk_bytes(self) -> int:
@@ -116,7 +134,9 @@ class NvmePlan:
                 f"{self.param_file_bytes:,} bytes, {self.params_in_file} shards; optimizer swap files "
                 f"{self.optimizer_file_bytes:,} bytes, Adam/AdamW)",
                 f"  NVMe mapped peak    {self.peak_mapped_bytes / mib:10.3f} MiB   (parameter-file pages one graph "
-                "reads, released when it ends)"]
+                "reads, released when it ends)",
+                f"  NVMe reads per step {self.param_read_bytes_per_step / mib:10.3f} MiB   (parameter file "
+                f"{self.param_read_bytes_per_step:,} bytes from storage: each region the step's graphs copy, once)"]
 
 
 def _optimizer_file_bytes(ctx, store) -> int:
@@ -146,12 +166,21 @@ def nvme_plan(ctx) -> NvmePlan | None:
         return None
     store = ctx.nvme_params
     by_graph = {}
+    step_reads: set[str] = set()
     if store is not None:
         for region in ctx.regions:
             for phase, gm in region.graphs.items():
-                by_graph[(region.index, phase)] = sum(
-                    align_up(store.layout[n][1], mmap.PAGESIZE) for n in graph_reads(gm) if store.holds(n))
+                names = [n for n in graph_reads(gm) if store.holds(n)]
+                by_graph[(region.index, phase)] = _page_bytes(store, names)
+                if phase in ("forward", "backward"):
+                    step_reads.update(names)
     return NvmePlan(param_file_bytes=store.nbytes if store is not None else 0,
                     optimizer_file_bytes=_optimizer_file_bytes(ctx, store),
                     params_in_file=len(store.layout) if store is not None else 0,
-                    peak_mapped_bytes=max(by_graph.values(), default=0), mapped_by_graph=by_graph)
+                    peak_mapped_bytes=max(by_graph.values(), default=0), mapped_by_graph=by_graph,
+                    param_read_bytes_per_step=_page_bytes(store, step_reads) if store is not None else 0)
+
+
+def _page_bytes(store, names) -> int:
+    """The page-rounded bytes of these shards' file regions."""
+    return sum(align_up(store.layout[n][1], mmap.PAGESIZE) for n in names)
