@@ -28,6 +28,7 @@ from tests import _harness, _models, _pool
 from tests._harness import TIMEOUT
 from zerograph.planner.nvme import graph_reads
 from zerograph.runtime.aio import NvmeOffloadError, align_up
+from zerograph.runtime.launch import spawn
 from zerograph.runtime.nvme_optimizer import NvmeOptimizer
 from zerograph.runtime.optimizer import HostOptimizer, make_optimizer
 from zerograph.runtime.shard_optimizer import ShardOptimizer
@@ -442,3 +443,71 @@ def test_storage_reads_per_step_equal_the_prediction(tmp_path):
     assert reads[0] <= plan.param_read_bytes_per_step
     del model, opt
     gc.collect()
+
+
+# --------------------------------------------------------------------------- resident memory (world 1)
+
+RSS_CASES = {"cpu offload": ("cpu", "cpu"), "param nvme": ("nvme", "cpu"), "param + optimizer nvme": ("nvme", "nvme")}
+
+
+def _rss_rank(param, optimizer, root):
+    """A 4.2M-parameter MLP (4 x Linear(1024, 1024)), world 1, eager ZeRO-3,
+    AdamW by ``make_optimizer`` (sub-groups of one layer): the growth of the
+    resident set from before the model is built to after three steps, its
+    peak during the last two, and the optimizer's host slots."""
+    from tests.test_nvme_offload import _peak_bytes, _reset_peak, _rss_bytes
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 1024)
+    before = _rss_bytes()
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)])
+    config = _zero(Path(root), optimizer=optimizer, param=param, sub_group_size=1_100_000)
+    model = zerograph.shard(model, config)
+    opt = make_optimizer(model, torch.optim.AdamW, lr=1e-3)
+    model(x).square().mean().backward()  # gradients and states exist from the first step on
+    opt.step()
+    peak = 0
+    for _ in range(2):
+        _rss_bytes()  # trimmed: the peak below starts from live memory
+        _reset_peak()
+        model(x).square().mean().backward()
+        opt.step()
+        peak = max(peak, _peak_bytes())
+    now = _rss_bytes()
+    store = model._zg_runtime.ctx.nvme_params
+    out = {"growth": now - before, "peak_growth": peak - before,
+           "slots": opt.buffer_bytes() if isinstance(opt, NvmeOptimizer) else 0,
+           "file": store.nbytes if store is not None else 0, "numel": sum(p.numel() for p in model.parameters())}
+    del model, opt, store
+    gc.collect()
+    return out
+
+
+@pytest.mark.slow  # three fresh processes (about 45 s here); in CI: no file page stays mapped between graphs
+@pytest.mark.timeout(TIMEOUT)
+def test_resident_memory_with_parameters_on_nvme(tmp_path, monkeypatch):
+    """Measured, fresh processes (glibc's mmap threshold fixed so freed
+    tensors leave the resident set): with the parameter shards in the file
+    the resident set between steps holds none of them (the step releases the
+    mapping and drops the file's pages) and one optimizer slot instead; with
+    the optimizer's states there too, none of the moments either. During a
+    step eager ZeRO keeps the file's pages mapped until the optimizer step
+    (they count in the resident set then), so the peak is CPU offload's plus
+    the slot: the shards' bytes move from anonymous memory to file pages."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 << 10))
+    runs = {name: spawn(_rss_rank, 1, param, optimizer, str(tmp_path), timeout=TIMEOUT)[0]
+            for name, (param, optimizer) in RSS_CASES.items()}
+    cpu, param, both = runs.values()
+    shards = 4 * cpu["numel"]  # fp32
+    moments = 8 * cpu["numel"]
+    slack = 4 << 20
+    print("\nresident set growth (MiB), between steps / peak: " + ", ".join(
+        f"{name} {r['growth'] / 2**20:.1f} / {r['peak_growth'] / 2**20:.1f} (slots {r['slots'] / 2**20:.1f})"
+        for name, r in runs.items()))
+    assert param["file"] == both["file"] >= shards
+    assert cpu["growth"] >= shards + moments  # the measurement sees the states where they are
+    assert param["growth"] <= cpu["growth"] - shards + param["slots"] + slack, runs
+    assert both["growth"] <= cpu["growth"] - shards - moments + both["slots"] + slack, runs
+    assert param["peak_growth"] <= cpu["peak_growth"] + param["slots"] + slack, runs
+    assert both["peak_growth"] <= cpu["peak_growth"] - moments + both["slots"] + slack, runs
+    assert os.listdir(tmp_path) == []
