@@ -155,6 +155,27 @@ def test_param_nvme_equals_cpu_offload_world2(tmp_path):
         assert nvme[0]["optimizer_files"] == 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_param_nvme_world2_with_accumulation_and_clipping(tmp_path):
+    """World 2, compiled, 2 accumulation micro-batches and clipping:
+    parameters on NVMe, alone and with the optimizer's states there, train
+    bit for bit like CPU parameter offload, which equals the eager reference
+    (nightly: three compiled models)."""
+    extra = {"gradient_accumulation_steps": 2, "gradient_clipping": 0.5}
+    configs = [{**_zero(tmp_path, param="cpu"), **extra}, {**_zero(tmp_path), **extra},
+               {**_zero(tmp_path, optimizer="nvme", sub_group_size=3000), **extra}]
+    ref_losses, ref_params = _harness.reference_run("gpt", 2, steps=STEPS, accumulation=2, clip=0.5)
+    ranks = _harness.train("gpt", configs, steps=STEPS, optimizer=_make_opt)
+    assert os.listdir(tmp_path) == []
+    for cpu, *nvme in ranks:
+        _harness.assert_same_training(cpu, ref_losses, ref_params)
+        for name, result in zip(("param nvme", "param + optimizer nvme"), nvme):
+            assert result["losses"] == cpu["losses"], name
+            for key, value in cpu["params"].items():
+                assert torch.equal(result["params"][key], value), f"{name}: {key}"
+
+
 def _gpt_local_numels(rank, world=2):
     """This rank's shard sizes of the test GPT (chunks of dim 0, as DTensor Shard(0))."""
     out = []
