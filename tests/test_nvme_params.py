@@ -340,6 +340,44 @@ def test_errors_name_the_path_and_the_bytes(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["locked"]  # nothing left behind
 
 
+def test_param_file_errors_lock_stage_and_not_a_directory(tmp_path):
+    """The parameter side's other errors before training: a directory another
+    live run holds (its lock names the process), ``nvme_path`` naming a file,
+    and device "nvme" below stage 3 (a config error, as in DeepSpeed)."""
+    import socket
+    import sys
+
+    from zerograph.config import Config, ConfigError
+    from zerograph.runtime.nvme_params import ParamStore
+
+    key = "zero_optimization.offload_param"
+    config = Config.load(_zero(tmp_path))
+    rank_dir = tmp_path / "zerograph-zgtest-rank0"
+    rank_dir.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (rank_dir / "LOCK").write_text(f"{child.pid} {socket.gethostname()}")
+        with pytest.raises(NvmeOffloadError) as info:
+            ParamStore(config, {"w": (0, 8192)}, "zgtest")
+        assert str(info.value) == (
+            f"zerograph: {rank_dir} is in use by process {child.pid} on {socket.gethostname()} (lock file "
+            f"{rank_dir / 'LOCK'}); this run needs 8,192 bytes there. Stop that run, or give this one another "
+            f"{key}.nvme_path")
+    finally:
+        child.kill()
+        child.wait()
+    shutil.rmtree(rank_dir)
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    needed = _gpt_file_bytes()
+    assert _error(_zero(a_file)) == (
+        f"zerograph: {key}.nvme_path {a_file} is not a directory; create it (rank 0 needs {needed:,} bytes there) "
+        f"or point {key}.nvme_path at an existing directory")
+    with pytest.raises(ConfigError, match=r'offload_param.device="nvme" needs zero_optimization.stage 3 \(now 2\)'):
+        Config.load({"zero_optimization": {"stage": 2, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}})
+    assert os.listdir(tmp_path) == ["file"]
+
+
 def test_max_in_cpu_keeps_the_first_shards_in_memory(tmp_path):
     """DeepSpeed's ``max_in_cpu``: the first offloaded shards up to that many
     elements stay in host memory (as with device "cpu"); the default (1e9)
