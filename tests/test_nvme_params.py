@@ -421,6 +421,8 @@ def test_explain_shows_disk_and_mapped_bytes(tmp_path):
     # every shard is read by the forward, once per step from storage
     assert plan.param_read_bytes_per_step == plan.param_file_bytes
     assert f"(parameter file {plan.param_read_bytes_per_step:,} bytes from storage: each region" in text
+    assert plan.swap_bytes_per_step == plan.param_file_bytes + plan.optimizer_file_bytes
+    assert f"step ({plan.swap_bytes_per_step:,} bytes: parameter-file regions and swap files, once each)" in text
     host = explanation.host_states
     assert host["params"] == host["optimizer_states"] == host["masters"] == 0 < host["grads"]
     gc.collect()
@@ -491,15 +493,19 @@ def test_storage_reads_per_step_equal_the_prediction(tmp_path):
     torch._dynamo.reset()
     model = zerograph.compile(_models.make_gpt(), _zero(tmp_path, optimizer="cpu"))
     opt = _make_opt(model)
-    reads = []
+    reads, swapped = [], []
     for step in range(4):
-        before = _storage_reads()
+        before, io_before = _storage_reads(), opt.io.stats.snapshot()
         _harness.train_global_batches(model, opt, [step])
         reads.append(_storage_reads() - before)
+        io = opt.io.stats.since(io_before)
+        swapped.append((io.read_bytes, io.write_bytes))
     plan = zerograph.inspect(model).nvme
     assert plan.param_read_bytes_per_step == plan.param_file_bytes  # the forward reads every shard
     assert reads[1:] == [plan.param_read_bytes_per_step] * 3, reads
     assert reads[0] <= plan.param_read_bytes_per_step
+    # the optimizer's own I/O (through the page cache here): every region read and written once a step
+    assert swapped == [(plan.swap_bytes_per_step, plan.swap_bytes_per_step)] * 4 and plan.optimizer_file_bytes == 0
     del model, opt
     gc.collect()
 

@@ -58,9 +58,11 @@ def nvme_read_ahead(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     store = getattr(state, "nvme_params", None)
     if store is None:
         return PassResult()
-    copies: list[tuple[fx.Node, str]] = []
+    copies: list[tuple[fx.Node, str]] = []  # each file shard's first copy, in node order
+    seen: set[str] = set()
     for node, name in host_copies(gm):
-        if store.holds(name) and name not in {n for _, n in copies}:
+        if store.holds(name) and name not in seen:
+            seen.add(name)
             copies.append((node, name))
     if not copies:
         return PassResult()

@@ -127,6 +127,16 @@ class NvmePlan:
     def disk_bytes(self) -> int:
         return self.param_file_bytes + self.optimizer_file_bytes
 
+    @property
+    def swap_bytes_per_step(self) -> int:
+        """Bytes the optimizer step (``zerograph.make_optimizer``'s
+        ``NvmeOptimizer``) reads, and as many it writes, per step when every
+        shard has a gradient: each parameter-file region (the shard is its
+        own master) and each swap file (states, and masters not in the
+        parameter file), once. With ``offload_optimizer.ratio`` < 1 the
+        sub-groups kept in memory read nothing."""
+        return self.param_file_bytes + self.optimizer_file_bytes
+
     def lines(self) -> list[str]:
         """The report's lines (``zerograph.explain``)."""
         mib = 2 ** 20
@@ -136,7 +146,9 @@ class NvmePlan:
                 f"  NVMe mapped peak    {self.peak_mapped_bytes / mib:10.3f} MiB   (parameter-file pages one graph "
                 "reads, released when it ends)",
                 f"  NVMe reads per step {self.param_read_bytes_per_step / mib:10.3f} MiB   (parameter file "
-                f"{self.param_read_bytes_per_step:,} bytes from storage: each region the step's graphs copy, once)"]
+                f"{self.param_read_bytes_per_step:,} bytes from storage: each region the step's graphs copy, once)",
+                f"  NVMe optimizer I/O  {self.swap_bytes_per_step / mib:10.3f} MiB   read and as much written per "
+                f"step ({self.swap_bytes_per_step:,} bytes: parameter-file regions and swap files, once each)"]
 
 
 def _optimizer_file_bytes(ctx, store) -> int:
