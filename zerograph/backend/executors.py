@@ -9,9 +9,10 @@ Each takes a boxed executable (``fn(args)``) and returns one; innermost first:
 * ``translate_oom``: a ``torch.OutOfMemoryError`` names the budget to change;
 * the runtime's collective guard: a failed collective names the dead rank;
 * ``count_comm``: adds the graph's static communication bytes to the step's;
-* ``stream_nvme_params``: ``offload_param.device: "nvme"``: announces the
-  file regions of the shards the graph copies, in its order, before it runs,
-  and releases them after (:mod:`zerograph.runtime.nvme_params`).
+* ``stream_nvme_params``: ``offload_param.device: "nvme"``: releases the
+  parameter file's mapped pages after the graph ran (its ``read_ahead`` nodes
+  requested the reads; without them, the graph's file shards are read ahead
+  before it runs) (:mod:`zerograph.runtime.nvme_params`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from zerograph.planner.measured import tracker_of
-from zerograph.planner.nvme import graph_reads
+from zerograph.planner.nvme import announced_reads, graph_reads
 from zerograph.runtime.memory import out_of_memory
 
 
@@ -70,15 +71,21 @@ def count_comm(executable, stats, static: dict[str, int], by_scope: dict[str, di
 
 
 def stream_nvme_params(executable, store, gm):
-    """Read ahead the parameter-file regions ``gm`` copies, in its copy
-    order, before it runs; release the whole mapping after (also when it
-    raises: the kernel's fault-around maps neighbours of the pages read)."""
+    """Release the whole mapping after ``gm`` ran, if it reads the parameter
+    file (also when it raises: the kernel's fault-around maps neighbours of
+    the pages read). The graph's ``read_ahead`` nodes request its reads (the
+    ``nvme_read_ahead`` pass); the file shards it copies that no such node
+    requests (the pass disabled) are read ahead here, in copy order, before it
+    runs."""
     names = [n for n in graph_reads(gm) if store.holds(n)]
     if not names:
         return executable
+    requested = set(announced_reads(gm))
+    fallback = [n for n in names if n not in requested]
 
     def run(args):
-        store.read_ahead(names)
+        if fallback:
+            store.read_ahead(fallback)
         try:
             return executable(args)
         finally:

@@ -64,11 +64,11 @@ class OffloadParamConfig(OffloadConfig):
     """``zero_optimization.offload_param``: parameter offload (stage 3)."""
 
     buffer_count: _PositiveInt = Field(
-        5, description="DeepSpeed: host buffers of the parameter read-ahead pool. Here the read-ahead shards are "
-        "pages of the memory-mapped parameter file (the kernel's page cache is the pool), announced and released "
-        "per compiled graph in its copy order; the count is not used (docs/nvme_offload.md)." + _WITH_NVME,
-        json_schema_extra=meta(no_effect="the page cache holds the read-ahead shards of the mapped parameter file "
-                               "(docs/nvme_offload.md)"),
+        5, description="Parameter shards read ahead at once: the compiled graphs request each file shard's read "
+        "(read_ahead nodes) so that at most buffer_count shards, of at most buffer_count * buffer_size elements, "
+        "are requested and not yet copied to the compute device; the read-ahead pages are the memory-mapped "
+        "parameter file's, in the page cache (docs/nvme_offload.md)." + _WITH_NVME + " DeepSpeed: same key "
+        "(DeepSpeed's pool of read buffers).",
     )
     buffer_size: _Size = Field(
         100_000_000, description="Elements per read-ahead buffer: as in DeepSpeed, a parameter shard in the file "

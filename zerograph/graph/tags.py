@@ -30,6 +30,7 @@ Role = Literal[
     "all_to_all",  # ZeRO++ qgZ: one hop of the quantized gradient reduction
     "wait",
     "host_copy",  # offload_param: a host shard copied to the compute device, or a gradient shard back
+    "read_ahead",  # offload_param nvme: parameter-file reads requested ahead of their host_copy nodes
     "secondary",  # ZeRO++ hpZ: the secondary shard cut from a gathered parameter (kept for the backward)
 ]
 COLLECTIVE_ROLES = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")

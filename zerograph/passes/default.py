@@ -17,6 +17,7 @@ from zerograph.passes.lower_markers import lower_markers
 from zerograph.passes.lower_sp_markers import lower_sp_markers
 from zerograph.passes.lower_tp_markers import lower_tp_markers
 from zerograph.passes.manager import GraphPass, PassList
+from zerograph.passes.nvme_read_ahead import nvme_read_ahead
 from zerograph.passes.reuse_comm_buffers import reuse_comm_buffers
 from zerograph.passes.schedule_collectives import schedule_collectives
 from zerograph.passes.sequence_parallel import sequence_parallel
@@ -72,6 +73,10 @@ def _defers_grad_sync(config, plan) -> bool:
     return plan is not None and plan.defers_grad_sync
 
 
+def _nvme_params(config, plan) -> bool:
+    return plan is not None and config.zero_optimization.offload_param.device == "nvme"
+
+
 def _overlaps(config, plan) -> bool:
     return plan is not None and bool(config.zero_optimization.overlap_comm)
 
@@ -122,6 +127,7 @@ def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
                       requires=("collectives",)),
             GraphPass("schedule_collectives", schedule_collectives, applies=_overlaps,
                       requires=("collectives",), ensures=("scheduled",)),
+            GraphPass("nvme_read_ahead", nvme_read_ahead, applies=_nvme_params, requires=("collectives",)),
             GraphPass("dce", dce),
             GraphPass("reuse_comm_buffers", reuse_comm_buffers, applies=_eager_buffers, requires=("collectives",)),
             GraphPass("comm_analysis", comm_analysis, analysis=True),

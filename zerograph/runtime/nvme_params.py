@@ -14,9 +14,10 @@ reader of the parameter (the compiled graphs' ``host_copy`` before the
 gather, ``torch.distributed.checkpoint``, the optimizer) reads the file,
 and every in-place write lands in it. The compiled schedule drives the I/O:
 
-* **read ahead**: before a compiled graph runs, its shards' regions are
-  announced to the kernel in the order the graph copies them
-  (``posix_fadvise(WILLNEED)``: asynchronous reads into the page cache),
+* **read ahead**: the compiled graph's ``read_ahead`` nodes (the
+  ``nvme_read_ahead`` pass, :mod:`zerograph.graph.nvme_ops`) announce each
+  shard's region to the kernel a planner-chosen distance ahead of its copy
+  (``posix_fadvise(WILLNEED)``: an asynchronous read into the page cache),
   then the graph's ``host_copy`` nodes (which the scheduler already moves
   ahead with their gather's prefetch) fault the pages in;
 * **release**: after the graph ran, the mapping is unmapped from the
