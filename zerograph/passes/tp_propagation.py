@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zerograph._torch_private import nn_binding
-from zerograph.graph.tp_ops import full_shape, module_of
+from zerograph.graph.tp_ops import full_shape, module_of, torch_level
 from zerograph.runtime.tp_layout import TensorParallelError
 
 
@@ -78,8 +78,7 @@ class Propagator:
 
     # -- dispatch --------------------------------------------------------------
     def _rule(self, node: fx.Node):
-        name = node.target if node.op == "call_method" else None
-        fn = node.target if node.op == "call_function" else None
+        fn, name = torch_level(node)  # an ATen overload (a pipeline stage's graph) as its torch-level op
         x = node.args[0] if node.args else None
         if fn is operator.getitem and isinstance(self.get(x), SplitTuple):
             return self.get(x).items[node.args[1]]
@@ -105,6 +104,8 @@ class Propagator:
             return self._unsqueeze(node)
         if fn is operator.getitem:
             return self._getitem(node)
+        if name in ("slice", "select"):
+            return self._slice(node, name)
         if name in ("split", "chunk") or fn in (torch.split, torch.chunk):
             return self._split(node, "chunk" if name == "chunk" or fn is torch.chunk else "split")
         if fn is torch.cat:
@@ -272,6 +273,21 @@ class Propagator:
         if result is None:
             result = out_d + split.dim - in_d
         return Split(result, split.parts)
+
+    def _slice(self, node: fx.Node, how: str):
+        """ATen's ``slice(x, dim, start, end, step)`` / ``select(x, dim, index)``."""
+        split = self._split_of(node)
+        n = len(full_shape(node.args[0]))
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % n
+        if how == "select":
+            if dim == split.dim:
+                raise _error(node, f"indexing the tp-split dim {split.dim}")
+            return Split(split.dim - (dim < split.dim), split.parts)
+        if dim == split.dim:
+            start, end, step = (list(node.args[2:]) + [None, None, 1])[:3]
+            if start not in (None, 0) or step != 1 or (end is not None and end < full_shape(node.args[0])[dim]):
+                raise _error(node, f"slicing the tp-split dim {split.dim} with [{start}:{end}:{step}]")
+        return split
 
     def _split(self, node: fx.Node, how: str):
         split = self._split_of(node)
