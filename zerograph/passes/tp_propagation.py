@@ -30,6 +30,13 @@ from zerograph.runtime.tp_layout import TensorParallelError
 class Split:
     dim: int
     parts: tuple[int, ...]  # full sizes of the fused parts along ``dim``
+    # tp ranks holding each block (grouped-query key/value heads fewer than tp): a dim of full size n
+    # is n * replicas / tp on each rank
+    replicas: int = 1
+    # replicated key/value heads whose next dim was expanded to this rank's share of the query heads
+    # (Hugging Face's repeat_kv: expand(b, kv, n_rep, s, d) -> n_rep / replicas per rank); the reshape
+    # that merges the two is split over tp like the query heads
+    repeated: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +145,7 @@ class Propagator:
         for t in tensors:
             state = self.get(t)
             if isinstance(state, Split):
-                cand = Split(state.dim + len(out) - len(full_shape(t)), state.parts)
+                cand = dataclasses.replace(state, dim=state.dim + len(out) - len(full_shape(t)))
                 if result not in (None, cand):
                     raise _error(node, f"combines tensors split over tp along different dims ({result} and {cand})")
                 result = cand
@@ -155,8 +162,7 @@ class Propagator:
     def _heads(self, node, size: int, shape_in, shape_out) -> TensorParallelError:
         return _error(node, f"{size} heads (the reshape {tuple(shape_in)} -> {tuple(shape_out)}) cannot be split "
                       f"over tensor_parallel.autotp_size={self.tp}; valid autotp_size values divide {size}: "
-                      f"{_divisors(size)} (key/value heads of grouped-query attention fewer than autotp_size are "
-                      "not replicated yet)")
+                      f"{_divisors(size)}")
 
     def _map_view(self, node, split: Split, shape_in, shape_out) -> Split:
         d = split.dim
@@ -168,30 +174,36 @@ class Propagator:
         if acc != pre:
             raise _error(node, f"a reshape {tuple(shape_in)} -> {tuple(shape_out)} merges the tp-split dim {d} with "
                          "the dims before it")
-        while o < len(shape_out) - 1 and shape_out[o] == 1:
+        while o < len(shape_out) - 1 and shape_out[o] == 1 and split.replicas == 1:
             o += 1
         a = shape_out[o]
-        if len(split.parts) == 1:
-            if a % self.tp:
-                raise self._heads(node, a, shape_in, shape_out)
+        blocks = self.tp // split.replicas
+        if split.repeated:  # repeat_kv's reshape: (b, kv, n_rep, s, d) -> (b, kv * n_rep, s, d)
+            if a != size * shape_in[d + 1]:
+                raise _error(node, f"a reshape {tuple(shape_in)} -> {tuple(shape_out)} of replicated key/value heads "
+                             "that does not merge them with their repeats")
             return Split(o, (a,))
+        if len(split.parts) == 1:
+            if a % blocks:
+                raise self._heads(node, a, shape_in, shape_out)
+            return Split(o, (a,), split.replicas)
         if a == size * post:
             return Split(o, tuple(p * post for p in split.parts))
         if a == len(split.parts) and len(set(split.parts)) == 1 and o + 1 < len(shape_out):
             b = shape_out[o + 1]
-            if b % self.tp:
+            if b % blocks:
                 raise self._heads(node, b, shape_in, shape_out)
-            return Split(o + 1, (b,))
+            return Split(o + 1, (b,), split.replicas)
         raise _error(node, f"a reshape {tuple(shape_in)} -> {tuple(shape_out)} cuts across the fused parts "
                      f"{list(split.parts)} of a tp-split dim")
 
-    def _local(self, node, value, full: int):
+    def _local(self, node, value, split: Split):
         if value == -1:
             return value
         if not isinstance(value, int):
             raise _error(node, f"a symbolic size {value} along the tp-split dim")
         self.rewritten += 1
-        return value // self.tp
+        return value // (self.tp // split.replicas)
 
     def _view(self, node: fx.Node, sizes_at):
         split = self._split_of(node)
@@ -202,7 +214,7 @@ class Propagator:
             key = "shape" if "shape" in node.kwargs else None
             packed = key is not None or (len(args) == 2 and isinstance(args[1], (list, tuple, torch.Size)))
             sizes = list(node.kwargs[key] if key else (args[1] if packed else args[1:]))
-            sizes[out.dim] = self._local(node, sizes[out.dim], shape_out[out.dim])
+            sizes[out.dim] = self._local(node, sizes[out.dim], out)
             if key:
                 node.kwargs = {**node.kwargs, key: tuple(sizes)}
             else:
@@ -211,7 +223,7 @@ class Propagator:
             dim = args[1] % len(shape_in)
             sizes = list(args[2])
             if dim <= out.dim < dim + len(sizes):
-                sizes[out.dim - dim] = self._local(node, sizes[out.dim - dim], shape_out[out.dim])
+                sizes[out.dim - dim] = self._local(node, sizes[out.dim - dim], out)
                 node.args = (args[0], args[1], tuple(sizes), *args[3:])
         return out
 
@@ -221,27 +233,35 @@ class Propagator:
         packed = len(args) == 2 and isinstance(args[1], (list, tuple, torch.Size))
         sizes = list(args[1] if packed else args[1:])
         dim = split.dim + len(sizes) - len(full_shape(node.args[0]))
-        sizes[dim] = self._local(node, sizes[dim], full_shape(node)[dim])
+        sizes[dim] = self._local(node, sizes[dim], split)
+        repeated = False
+        if split.replicas > 1 and dim + 1 < len(sizes) and full_shape(node.args[0])[dim + 1 - len(sizes)] == 1:
+            # repeat_kv of replicated key/value heads: this rank repeats its head for its query heads only
+            if not isinstance(sizes[dim + 1], int) or sizes[dim + 1] % split.replicas:
+                raise _error(node, f"repeats key/value heads {sizes[dim + 1]} times, which the "
+                             f"{split.replicas} tp ranks holding each head cannot share")
+            sizes[dim + 1] //= split.replicas
+            self.rewritten, repeated = self.rewritten + 1, True
         node.args = (args[0], tuple(sizes)) if packed else (args[0], *sizes)
-        return Split(dim, split.parts)
+        return Split(dim, split.parts, split.replicas, repeated)
 
     def _transpose(self, node: fx.Node):
         split = self._split_of(node)
         n = len(full_shape(node))
         a, b = (d % n for d in node.args[1:3])
         dim = b if split.dim == a else a if split.dim == b else split.dim
-        return Split(dim, split.parts)
+        return Split(dim, split.parts, split.replicas)
 
     def _permute(self, node: fx.Node):
         split = self._split_of(node)
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
         n = len(dims)
-        return Split([d % n for d in dims].index(split.dim), split.parts)
+        return Split([d % n for d in dims].index(split.dim), split.parts, split.replicas)
 
     def _unsqueeze(self, node: fx.Node):
         split = self._split_of(node)
         at = node.args[1] % len(full_shape(node))
-        return Split(split.dim + (1 if at <= split.dim else 0), split.parts)
+        return Split(split.dim + (1 if at <= split.dim else 0), split.parts, split.replicas)
 
     def _getitem(self, node: fx.Node):
         split = self._split_of(node)
@@ -272,7 +292,7 @@ class Propagator:
                 in_d, out_d = in_d + 1, out_d + 1
         if result is None:
             result = out_d + split.dim - in_d
-        return Split(result, split.parts)
+        return Split(result, split.parts, split.replicas)
 
     def _slice(self, node: fx.Node, how: str):
         """ATen's ``slice(x, dim, start, end, step)`` / ``select(x, dim, index)``."""
@@ -282,7 +302,7 @@ class Propagator:
         if how == "select":
             if dim == split.dim:
                 raise _error(node, f"indexing the tp-split dim {split.dim}")
-            return Split(split.dim - (dim < split.dim), split.parts)
+            return Split(split.dim - (dim < split.dim), split.parts, split.replicas)
         if dim == split.dim:
             start, end, step = (list(node.args[2:]) + [None, None, 1])[:3]
             if start not in (None, 0) or step != 1 or (end is not None and end < full_shape(node.args[0])[dim]):
@@ -308,11 +328,11 @@ class Propagator:
             raise _error(node, f"splits a tp-split dim of parts {list(split.parts)} into {sizes}; declare the fused "
                          "parts (layer spec \"shape\") so the weight is cut per part")
         if how == "split":
-            local = [s // self.tp for s in sizes]
+            local = [s // (self.tp // split.replicas) for s in sizes]
             new = local if isinstance(arg, (list, tuple)) else local[0]
             node.args = (node.args[0], new, *node.args[2:])
             self.rewritten += 1
-        return SplitTuple(tuple(Split(dim, (s,)) for s in sizes))
+        return SplitTuple(tuple(Split(dim, (s,), split.replicas) for s in sizes))
 
     def _cat(self, node: fx.Node):
         tensors = node.args[0]
@@ -349,16 +369,16 @@ class Propagator:
         if (isinstance(sa, Split) and sa.dim == na - 1) or (isinstance(sb, Split) and sb.dim == nb - 2):
             raise _error(node, "a matrix product over the tp-split dim (its result would be a partial sum)")
         if isinstance(sa, Split) and sa.dim == na - 2:
-            return Split(n - 2, sa.parts)
+            return Split(n - 2, sa.parts, sa.replicas)
         if isinstance(sb, Split) and sb.dim == nb - 1:
-            return Split(n - 1, sb.parts)
+            return Split(n - 1, sb.parts, sb.replicas)
         return self._elementwise_batch(node, [(a, sa, na), (b, sb, nb)], n)
 
     def _elementwise_batch(self, node, operands, n):
         result = None
         for _, state, nd in operands:
             if isinstance(state, Split):
-                cand = Split(state.dim + n - nd, state.parts)
+                cand = Split(state.dim + n - nd, state.parts, state.replicas)
                 if result not in (None, cand):
                     raise _error(node, "a matrix product of tensors split along different batch dims")
                 result = cand
@@ -384,7 +404,7 @@ class Propagator:
         if split.dim in dims:
             raise _error(node, "a reduction over the tp-split dim")
         keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-        return Split(split.dim - (0 if keep else sum(d < split.dim for d in dims)), split.parts)
+        return Split(split.dim - (0 if keep else sum(d < split.dim for d in dims)), split.parts, split.replicas)
 
     def _layer_norm(self, node: fx.Node):
         split = self._split_of(node)

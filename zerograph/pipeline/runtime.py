@@ -5,8 +5,9 @@
 ZeRO-sharded over the rank's data-parallel group), and runs its action list
 of the :class:`~zerograph.pipeline.schedule.Schedule`. Stage ``k`` receives
 from stage ``k - 1`` on rank ``(k - 1) % p`` and sends to stage ``k + 1`` on
-rank ``(k + 1) % p``; buffers and saved activations are keyed by (stage,
-micro-batch):
+rank ``(k + 1) % p`` of its pipeline (the ranks with this rank's dp and tp
+indices, :meth:`PipelineGroups.rank_of`); buffers and saved activations are
+keyed by (stage, micro-batch):
 
 * ``RECV_*`` posts ``irecv`` into buffers of the traced shape and dtype one
   compute action ahead, so receiving the next input overlaps the current
@@ -426,7 +427,7 @@ class PipelineModel(nn.Module):
         parameter counts once), as ``clip_grad_norm_`` on the whole model would."""
         dp, tp = self.groups.dp.world_size, self._tp_size
         skip = {id(p) for name, k, p, _, _ in self._tie_groups if self._split.tied[name][0] != k}
-        split = {i for chunk in self.chunks for i in chunk._zg_runtime._tp_split()}  # tp slices
+        split = {i: r for chunk in self.chunks for i, r in chunk._zg_runtime._tp_split().items()}  # tp slices
         grads = []
         total = torch.zeros((), dtype=torch.float32, device=device)
         for p in dict.fromkeys(self.chunks.parameters()):
@@ -438,7 +439,7 @@ class PipelineModel(nn.Module):
                 continue
             sharded = isinstance(p.grad, DTensor) and p.grad.placements[0].is_shard()
             sq = g.detach().float().pow(2).sum()  # each element counted once over the dp and tp ranks
-            total += (sq if sharded else sq / dp) * (1.0 if id(p) in split else 1.0 / tp)
+            total += (sq if sharded else sq / dp) / split.get(id(p), tp)
         if dist.is_initialized():
             dist.all_reduce(total)
         norm = math.sqrt(float(total))
