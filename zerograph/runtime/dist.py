@@ -366,7 +366,8 @@ class RankMonitor:
 
 @dataclasses.dataclass(frozen=True)
 class TensorParallelGroup:
-    """This rank's tensor-parallel group on the 2-D ``(dp, tp)`` mesh.
+    """This rank's tensor-parallel group on the 2-D ``(dp, tp)`` mesh (with
+    pipeline stages the 3-D ``(pp, dp, tp)`` one, :class:`PipelineGroups`).
 
     Global rank ``r`` is data-parallel index ``r // tp`` and tensor-parallel
     index ``r % tp`` (tp innermost: the ranks of one tp group are adjacent,
