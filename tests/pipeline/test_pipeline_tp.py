@@ -56,9 +56,12 @@ def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
         assert rows == slice(dp_index * per, (dp_index + 1) * per), rows
         opt = _harness._optimizer(model.parameters())
         losses = []
+        state_bytes = 0
         for step in range(steps):
             losses.append(model.train_step(_rows(_batch(name, step, GLOBAL_ROWS), rows)))
             opt.step()
+            if step == 0:
+                state_bytes = _harness.model_state_bytes(model, opt)
             opt.zero_grad()
         plan = model._zg_runtime.ctx.plan
         out.append({
@@ -68,6 +71,8 @@ def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
             "mesh": {d: (plan.mesh.size(d), plan.mesh.index(d)) for d in ("pp", "dp", "tp")},
             "zero": plan.zero.stage,
             "grad_norm": model._zg_runtime.ctx.last_grad_norm,
+            "comm": dict(zerograph.inspect(model).comm_bytes_last_step),
+            "state_bytes": state_bytes,
         })
     return out
 
@@ -101,6 +106,12 @@ def _check(results, runs):
 def _config(stage: int, micro_batches: int = 2, **extra) -> dict:
     return {"pipeline": {"stages": 2, "micro_batches": micro_batches}, "tensor_parallel": {"autotp_size": 2},
             "zero_optimization": {"stage": stage}, **extra}
+
+
+def _split_over_tp(name: str) -> bool:
+    """Whether the test GPT's parameter ``name`` is cut over tp (a row-split layer's bias is whole)."""
+    layer = name.rsplit(".", 1)[0]
+    return layer.endswith(("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")) and not name.endswith("proj.bias")
 
 
 def _assert_split(results, pp: int, dp: int, tp: int, stage_of_block: dict[int, int]):
@@ -146,6 +157,10 @@ def test_pp2_tp2_matches_eager_and_its_checkpoint_loads_without_pipeline_or_tp(t
     results = [trained for trained, _ in out]
     _check(results, runs)
     _assert_split(results, 2, 1, 2, {0: 0, 1: 1})
+    # Megatron's traffic on each stage's one block: per micro-batch (4 rows x 16 tokens x 30 features,
+    # fp32) two all-reduces in the forward and two in the backward; 2 micro-batches
+    for rank_results in results:
+        assert rank_results[0]["comm"]["tp_all_reduce"] == 2 * 4 * (4 * 16 * 30 * 4)
 
     ref_losses, ref_params = _harness.reference_run("gpt", 1, steps=END)
     saved_losses, saved_shapes = out[0][1]
@@ -177,6 +192,15 @@ def test_pp2_dp2_tp2_matches_eager():
     results = spawn(_train, 8, runs, timeout=TIMEOUT)
     _check(results, runs)
     _assert_split(results, 2, 2, 2, {0: 0, 1: 1})
+    # model states per rank at ZeRO-3 = 16 bytes x (split elements / tp + whole elements) / dp of the
+    # rank's stage (the tied embedding is held by both stages); ZeRO's row padding adds a little
+    whole = {k: v.numel() for k, v in _models.make_gpt().state_dict().items()}
+    for rank_results in results:
+        held = [n.split(".model.", 1)[1] for n in rank_results[0]["shapes"]]
+        split = sum(whole[n] for n in held if _split_over_tp(n))
+        expected = 16 * (split / 2 + sum(whole[n] for n in held if not _split_over_tp(n))) / 2
+        assert abs(rank_results[0]["state_bytes"] - expected) / expected < 0.03, (rank_results[0]["state_bytes"],
+                                                                                   expected)
 
 
 def _save_pp_tp(path: str, steps: int, rows: int):
