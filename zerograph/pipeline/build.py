@@ -76,7 +76,7 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
     except ValueError as exc:  # e.g. micro-batches from gradient_accumulation_steps not a multiple of p
         raise ConfigError(str(exc)) from None
     timeline = simulate(schedule)  # raises ScheduleError before anything runs
-    tp = cfg.tensor_parallel.autotp_size
+    tp = max(1, cfg.tensor_parallel.autotp_size)  # 0 (DeepSpeed's default) or 1: no tensor parallelism
     groups = pipeline_groups(p, cfg.zerograph.collective_timeout_s, getattr(cfg.zerograph, "device", None), tp=tp)
     cfg.resolve_batch(groups.dp.world_size)
     log.info("pipeline schedule %s (bubble %.3f):\n%s", schedule.name, timeline.bubble_fraction, format_grid(timeline))
