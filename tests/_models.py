@@ -53,6 +53,20 @@ def make_llama():
     return LlamaForCausalLM(cfg)
 
 
+def make_llama_kv1():
+    """Llama with one key/value head for 4 query heads (grouped-query
+    attention with fewer key/value heads than tp=2), without a KV cache (its
+    attention then repeats the key/value heads: ``repeat_kv``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=SEQ, use_cache=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
 class _EagerLinear(torch.nn.Linear):
     """A layer Dynamo never compiles: its parameters are read by eager code."""
 
@@ -92,7 +106,8 @@ def make_breaky():
     return BreakyNet()
 
 
-MODELS = {"gpt": make_gpt, "gpt_untied": make_gpt_untied, "breaky": make_breaky, "hf_gpt2": make_hf_gpt2, "llama": make_llama}
+MODELS = {"gpt": make_gpt, "gpt_untied": make_gpt_untied, "breaky": make_breaky, "hf_gpt2": make_hf_gpt2, "llama": make_llama,
+          "llama_kv1": make_llama_kv1}
 
 
 def global_batch(step: int, batch: int):

@@ -21,7 +21,7 @@ from zerograph.passes import PassList, PassRecord, default_passes
 from zerograph.runtime.state import ModelState, check_position, context_of
 from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
 from zerograph.runtime.agreement import StepCheck, agree, model_id, setup_fingerprint
-from zerograph.runtime.dist import (DataParallelGroup, RankMonitor, data_and_tensor_parallel_groups,
+from zerograph.runtime.dist import (DataParallelGroup, PipelineGroups, RankMonitor, data_and_tensor_parallel_groups,
                                     data_parallel_group, ensure_process_group)
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.hierarchy import node_groups
@@ -98,14 +98,17 @@ def shard(
     *,
     passes: PassList | None = None,
     loss_fn=None,
-    group: DataParallelGroup | None = None,
+    group: DataParallelGroup | PipelineGroups | None = None,
     example_batch=None,
+    _tp_layouts: dict | None = None,
 ) -> nn.Module:
     """Shard ``model`` for ZeRO without compiling it (collective: call on every rank).
 
     ``loss_fn(outputs, batch)`` is what ``model.train_step(batch)`` minimises
     (default: the output's ``.loss``). ``group``: the data-parallel ranks to
-    shard over (default: every rank; pipeline stages pass their own).
+    shard over (default: every rank; pipeline stages pass their own, with
+    tensor parallelism their place on the mesh and ``_tp_layouts``, the
+    splits decided on the whole model).
     ``example_batch``: with ``tensor_parallel.autotp_size`` > 1 and neither
     layer specs nor a Hugging Face tp plan, the model is traced on it once to
     find the layers to split (docs/tensor_parallel.md).
@@ -161,7 +164,8 @@ def shard(
                 mesh = {"dp": dp.world_size // sp.world_size, "sp": sp.world_size}
                 coords = {"dp": dp_index, "sp": sp.rank}
             elif cfg.tensor_parallel.autotp_size > 1:
-                dp, tp, tp_layouts = _tensor_parallel_setup(model, cfg, group, model_device, example_batch)
+                dp, tp, tp_layouts = _tensor_parallel_setup(model, cfg, group, model_device, example_batch,
+                                                            _tp_layouts)
                 mesh, coords = {"dp": dp.world_size, "tp": tp.world_size}, {"dp": dp.rank, "tp": tp.rank}
             else:
                 dp = group if group is not None else data_parallel_group(timeout_s, cfg.zerograph.device,
@@ -239,23 +243,32 @@ def _enabled_pass_names(pass_list: PassList) -> list[str]:
     return [p.name for p in pass_list if any(p in pass_list.enabled(phase) for phase in p.phases)]
 
 
-def _tensor_parallel_setup(model, cfg: Config, group, model_device, example_batch):
+def _tensor_parallel_setup(model, cfg: Config, group, model_device, example_batch, stage_layouts=None):
     """The (dp, tp) groups and, decided before anything is stored, how each
-    split parameter is cut (docs/tensor_parallel.md)."""
+    split parameter is cut (docs/tensor_parallel.md). ``group``: a pipeline
+    stage's :class:`PipelineGroups` (its splits ``stage_layouts`` were decided
+    on the whole model), or None (every rank)."""
+    size = cfg.tensor_parallel.autotp_size
+    if isinstance(group, PipelineGroups) and group.tp is not None:
+        return group.dp, group.tp, dict(stage_layouts or {})
+    if group is not None:
+        raise ConfigError(f"tensor_parallel.autotp_size={size} with a given data-parallel group is not supported; "
+                          "leave group out (zerograph builds the (dp, tp) mesh), or remove the tensor_parallel section")
+    dp, tp = data_and_tensor_parallel_groups(size, cfg.zerograph.collective_timeout_s, cfg.zerograph.device,
+                                             model_device)
+    return dp, tp, _tp_layouts_of(model, cfg, example_batch, tp)
+
+
+def _tp_layouts_of(model, cfg: Config, example_batch, tp) -> dict:
+    """Parameter FQN -> this tp rank's layout, from the plan's split decision."""
     from zerograph.backend.capture import capture_graphs
     from zerograph.planner.tp_plan import decide_splits, describe, tp_layouts
 
-    size = cfg.tensor_parallel.autotp_size
-    if group is not None:
-        raise ConfigError(f"tensor_parallel.autotp_size={size} with a given data-parallel group (pipeline stages) "
-                          "is not supported yet; remove the tensor_parallel section or the pipeline section")
-    dp, tp = data_and_tensor_parallel_groups(size, cfg.zerograph.collective_timeout_s, cfg.zerograph.device,
-                                             model_device)
     capture = None if example_batch is None else (lambda: capture_graphs(model, example_batch))
     splits = decide_splits(model, cfg.tensor_parallel.partition_config, capture, cfg.zerograph.tp_vocab_parallel)
-    log.info("zerograph: tensor parallelism over %d ranks splits %d layer(s) of %s:\n%s", size, len(splits),
+    log.info("zerograph: tensor parallelism over %d ranks splits %d layer(s) of %s:\n%s", tp.world_size, len(splits),
              type(model).__name__, describe(splits))
-    return dp, tp, tp_layouts(model, splits, size, tp.rank)
+    return tp_layouts(model, splits, tp.world_size, tp.rank)
 
 
 def _sequence_parallel_setup(cfg: Config, group, model_device):
@@ -315,7 +328,8 @@ def compile(
     fullgraph: bool = False,
     loss_fn=None,
     example_batch=None,
-    group: DataParallelGroup | None = None,
+    group: DataParallelGroup | PipelineGroups | None = None,
+    _tp_layouts: dict | None = None,
 ) -> nn.Module:
     """Shard ``model`` for ZeRO and compile it with zerograph's passes.
 
@@ -330,18 +344,28 @@ def compile(
     """
     cfg = Config.load(config)
     if cfg.pipeline.stages > 1:
-        if cfg.tensor_parallel.autotp_size > 1:
+        if cfg.tensor_parallel.autotp_size > 1 and cfg.zerograph.tp_vocab_parallel:
             raise ConfigError(
-                f"pipeline.stages={cfg.pipeline.stages} with tensor_parallel.autotp_size="
-                f"{cfg.tensor_parallel.autotp_size}: pipeline x tensor parallelism is not supported yet; use one of them")
+                f"pipeline.stages={cfg.pipeline.stages} with zerograph.tp_vocab_parallel: the vocab-parallel embedding "
+                "and loss are not supported with pipeline stages yet; set zerograph.tp_vocab_parallel to false")
+        if cfg.tensor_parallel.autotp_size > 1 and cfg.zerograph.tp_sequence_parallel:
+            raise ConfigError(
+                f"pipeline.stages={cfg.pipeline.stages} with zerograph.tp_sequence_parallel: Megatron sequence "
+                "parallelism is not supported with pipeline stages yet; set zerograph.tp_sequence_parallel to false")
         from zerograph.pipeline.build import compile_pipeline
 
-        def compile_stage(stage, stage_cfg, group):
-            return compile(stage, stage_cfg, passes=passes, dynamic=dynamic, fullgraph=fullgraph, group=group)
+        def compile_stage(stage, stage_cfg, group, tp_layouts=None):
+            return compile(stage, stage_cfg, passes=passes, dynamic=dynamic, fullgraph=fullgraph, group=group,
+                           _tp_layouts=tp_layouts)
+
+        def split_tp(whole, micro, tp):  # decided on the whole model, before it is traced and split
+            return _tp_layouts_of(whole, cfg, micro, tp)
 
         return _agreed(model, cfg, passes, lambda: compile_pipeline(
-            model, cfg, example_batch=example_batch, loss_fn=loss_fn, compile_stage=compile_stage))
-    model = shard(model, cfg, passes=passes, loss_fn=loss_fn, group=group, example_batch=example_batch)
+            model, cfg, example_batch=example_batch, loss_fn=loss_fn, compile_stage=compile_stage,
+            split_tp=split_tp))
+    model = shard(model, cfg, passes=passes, loss_fn=loss_fn, group=group, example_batch=example_batch,
+                  _tp_layouts=_tp_layouts)
     runtime = model._zg_runtime
     backend = runtime.ctx.backend
     call_impl = model._call_impl

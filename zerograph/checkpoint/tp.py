@@ -48,7 +48,17 @@ Box = tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]  # (whole offsets, s
 
 def tp_layouts(model: nn.Module) -> dict[str, TpLayout]:
     """Parameter name -> how it is split over the tp ranks (empty without
-    tensor parallelism)."""
+    tensor parallelism). A pipeline model's names are the user's keys of
+    each of this rank's stages' parameters (pipeline x tensor parallelism)."""
+    if hasattr(model, "stage_runtimes") and hasattr(model, "_original_keys"):
+        out = {}
+        for k, runtime in model.stage_runtimes():
+            if getattr(runtime.ctx, "tp", None) is None:
+                continue
+            for key, spec in runtime.ctx.specs.items():
+                for name in model._original_keys[k].get(key, ()) if spec.tp is not None else ():
+                    out[name] = spec.tp
+        return out
     ctx = context_of(model)
     if ctx is None or getattr(ctx, "tp", None) is None:
         return {}
@@ -67,7 +77,7 @@ def whole_boxes(layout: TpLayout, data: torch.Tensor, offsets: tuple[int, ...]) 
         lo, hi = max(offsets[d], local_start), min(offsets[d] + sizes[d], local_start + local)
         if hi > lo and data.numel():
             at = list(offsets)
-            at[d] = whole_start + layout.index * local + (lo - local_start)
+            at[d] = whole_start + layout.block * local + (lo - local_start)
             size = list(sizes)
             size[d] = hi - lo
             boxes.append((tuple(at), tuple(size), data.narrow(d, lo - offsets[d], hi - lo)))

@@ -91,7 +91,9 @@ class _Rewrite:
             if node.op == "call_function" and node.target in (UNSHARD_WHOLE, torch.ops.zerograph.unshard_whole):
                 node.target = torch.ops.zerograph.unshard
                 self.tag = node.args[1]
-                self.prop.states[node] = _SplitParam(self.specs[node.args[2]])
+                spec = self.specs[node.args[2]]
+                read = self._replicated(node, spec.tp) if spec.tp.replicas > 1 else node
+                self.prop.states[read] = _SplitParam(spec)
                 continue
             if node.op == "output":
                 self._gather_outputs(node)
@@ -120,6 +122,32 @@ class _Rewrite:
                 head = next((self.vocab[a] for a in node.all_input_nodes if a in self.vocab), None)
                 if head is not None:
                     self.vocab[node] = head
+
+    def _replicated(self, node: fx.Node, layout) -> fx.Node:
+        """A parameter whose blocks ``layout.replicas`` tp ranks each hold
+        (grouped-query key/value heads fewer than tp): its gradient must be
+        summed over those ranks. The read becomes ``narrow(tp_copy(pad(W)))``:
+        this rank's block zero-padded to every block's place along the split
+        dim, Megatron's *f* (whose backward all-reduces over tp, so each place
+        sums its replicas' gradients), then its own block again. One key/value
+        head (``blocks == 1``): ``tp_copy(W)``."""
+        d, n = layout.dim, len(layout.whole_shape)
+        local = layout.local_shape[d]
+        before, after = layout.block * local, (layout.blocks - 1 - layout.block) * local
+        padded = node
+        if layout.blocks > 1:
+            with self.graph.inserting_after(node):
+                padded = _inserted(self.graph, node, torch.nn.functional.pad,
+                                   (node, [0, 0] * (n - 1 - d) + [before, after]))
+        with self.graph.inserting_after(padded):
+            read = copy = _inserted(self.graph, node, TP_COPY, (padded, self.tag))
+        if layout.blocks > 1:
+            with self.graph.inserting_after(copy):
+                read = _inserted(self.graph, node, torch.narrow, (copy, d, before, local))
+        first = padded if padded is not node else copy
+        node.replace_all_uses_with(read, delete_user_cb=lambda user: user is not first)
+        self.counts["replicated"] = self.counts.get("replicated", 0) + 1
+        return read
 
     def _vocab_parallel(self, node: fx.Node) -> bool:
         """A vocab-parallel embedding or cross-entropy (:mod:`.tp_vocab`), rewritten."""
@@ -165,7 +193,10 @@ class _Rewrite:
                 raise TensorParallelError(f"tensor parallelism: {module_of(value)}: the graph returns a tp-split "
                                           f"value {value.name} it cannot gather")
             with self.graph.inserting_before(out):
-                whole = _inserted(self.graph, value, TP_ALL_GATHER, (value, self.tag, state.dim, list(state.parts)))
+                if state.replicas == 1:
+                    whole = _inserted(self.graph, value, TP_ALL_GATHER, (value, self.tag, state.dim, list(state.parts)))
+                else:
+                    whole = self._gather_replicated(value, state)
             out.replace_input_with(value, whole)
             leaving.append(value)
         if leaving:
@@ -175,6 +206,19 @@ class _Rewrite:
                 "whole every step, e.g. a Hugging Face KV cache (set model.config.use_cache = False for training) "
                 "or a graph break inside a layer", len(leaving),
                 ", ".join(sorted({module_of(v) for v in leaving})))
+
+    def _gather_replicated(self, value: fx.Node, state: Split) -> fx.Node:
+        """A value whose blocks ``state.replicas`` tp ranks hold (replicated
+        key/value heads): gathered from every rank (each block ``replicas``
+        times), then one copy of each block. Its gradient reaches the first
+        replica of each block (the replicas' parts sum to it)."""
+        d, blocks = state.dim, self.prop.tp // state.replicas
+        local = state.parts[0] // blocks
+        parts = [p * state.replicas for p in state.parts]
+        gathered = _inserted(self.graph, value, TP_ALL_GATHER, (value, self.tag, d, parts))
+        grouped = _inserted(self.graph, value, torch.unflatten, (gathered, d, (blocks, state.replicas, local)))
+        first = _inserted(self.graph, value, torch.select, (grouped, d + 1, 0))
+        return _inserted(self.graph, value, torch.flatten, (first, d, d + 1))
 
     def _linear(self, use) -> None:
         layout = self.prop.get(use.weight).spec.tp
@@ -197,7 +241,7 @@ class _Rewrite:
                         copy = self.copies[use.x] = _inserted(self.graph, node, TP_COPY, (use.x, self.tag))
                     self.counts["tp_copy"] += 1
                 node.replace_input_with(use.x, copy)
-            self.prop.states[node] = Split(len(full_shape(node)) - 1, layout.parts)
+            self.prop.states[node] = Split(len(full_shape(node)) - 1, layout.parts, layout.replicas)
             self.counts["column"] += 1
             if layout.kind == "vocab":
                 self.vocab[node] = layout

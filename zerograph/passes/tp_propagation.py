@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zerograph._torch_private import nn_binding
-from zerograph.graph.tp_ops import full_shape, module_of
+from zerograph.graph.tp_ops import full_shape, module_of, torch_level
 from zerograph.runtime.tp_layout import TensorParallelError
 
 
@@ -30,13 +30,21 @@ from zerograph.runtime.tp_layout import TensorParallelError
 class Split:
     dim: int
     parts: tuple[int, ...]  # full sizes of the fused parts along ``dim``
+    # tp ranks holding each block (grouped-query key/value heads fewer than tp): a dim of full size n
+    # is n * replicas / tp on each rank
+    replicas: int = 1
+    # replicated key/value heads whose next dim was expanded to this rank's share of the query heads
+    # (Hugging Face's repeat_kv: expand(b, kv, n_rep, s, d) -> n_rep / replicas per rank); the reshape
+    # that merges the two is split over tp like the query heads
+    repeated: bool = False
     # a sequence shard (Megatron sequence parallelism, :mod:`zerograph.passes.tp_sequence`):
     # ``dim`` is the sequence, not the heads or features
     seq: bool = False
 
     def at(self, dim: int, parts: tuple[int, ...] | None = None) -> "Split":
-        """The same kind of split along ``dim`` (of ``parts``, default: the same)."""
-        return dataclasses.replace(self, dim=dim, parts=self.parts if parts is None else parts)
+        """The same kind of split along ``dim`` (of ``parts``, default: the same); a
+        view of repeated key/value heads is no longer the repeat itself."""
+        return dataclasses.replace(self, dim=dim, parts=self.parts if parts is None else parts, repeated=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +93,7 @@ class Propagator:
 
     # -- dispatch --------------------------------------------------------------
     def _rule(self, node: fx.Node):
-        name = node.target if node.op == "call_method" else None
-        fn = node.target if node.op == "call_function" else None
+        fn, name = torch_level(node)  # an ATen overload (a pipeline stage's graph) as its torch-level op
         x = node.args[0] if node.args else None
         if fn is operator.getitem and isinstance(self.get(x), SplitTuple):
             return self.get(x).items[node.args[1]]
@@ -112,6 +119,8 @@ class Propagator:
             return self._unsqueeze(node)
         if fn is operator.getitem:
             return self._getitem(node)
+        if name in ("slice", "select"):
+            return self._slice(node, name)
         if name in ("split", "chunk") or fn in (torch.split, torch.chunk):
             return self._split(node, "chunk" if name == "chunk" or fn is torch.chunk else "split")
         if fn is torch.cat:
@@ -161,8 +170,7 @@ class Propagator:
     def _heads(self, node, size: int, shape_in, shape_out) -> TensorParallelError:
         return _error(node, f"{size} heads (the reshape {tuple(shape_in)} -> {tuple(shape_out)}) cannot be split "
                       f"over tensor_parallel.autotp_size={self.tp}; valid autotp_size values divide {size}: "
-                      f"{_divisors(size)} (key/value heads of grouped-query attention fewer than autotp_size are "
-                      "not replicated yet)")
+                      f"{_divisors(size)}")
 
     def _map_view(self, node, split: Split, shape_in, shape_out) -> Split:
         d = split.dim
@@ -174,30 +182,36 @@ class Propagator:
         if acc != pre:
             raise _error(node, f"a reshape {tuple(shape_in)} -> {tuple(shape_out)} merges the tp-split dim {d} with "
                          "the dims before it")
-        while o < len(shape_out) - 1 and shape_out[o] == 1:
+        while o < len(shape_out) - 1 and shape_out[o] == 1 and split.replicas == 1:
             o += 1
         a = shape_out[o]
+        blocks = self.tp // split.replicas
+        if split.repeated:  # repeat_kv's reshape: (b, kv, n_rep, s, d) -> (b, kv * n_rep, s, d)
+            if a != size * shape_in[d + 1]:
+                raise _error(node, f"a reshape {tuple(shape_in)} -> {tuple(shape_out)} of replicated key/value heads "
+                             "that does not merge them with their repeats")
+            return Split(o, (a,))
         if len(split.parts) == 1:
-            if a % self.tp:
+            if a % blocks:
                 raise self._heads(node, a, shape_in, shape_out)
             return split.at(o, (a,))
         if a == size * post:
             return split.at(o, tuple(p * post for p in split.parts))
         if a == len(split.parts) and len(set(split.parts)) == 1 and o + 1 < len(shape_out):
             b = shape_out[o + 1]
-            if b % self.tp:
+            if b % blocks:
                 raise self._heads(node, b, shape_in, shape_out)
             return split.at(o + 1, (b,))
         raise _error(node, f"a reshape {tuple(shape_in)} -> {tuple(shape_out)} cuts across the fused parts "
                      f"{list(split.parts)} of a tp-split dim")
 
-    def _local(self, node, value, full: int):
+    def _local(self, node, value, split: Split):
         if value == -1:
             return value
         if not isinstance(value, int):
             raise _error(node, f"a symbolic size {value} along the tp-split dim")
         self.rewritten += 1
-        return value // self.tp
+        return value // (self.tp // split.replicas)
 
     def _view(self, node: fx.Node, sizes_at):
         split = self._split_of(node)
@@ -208,7 +222,7 @@ class Propagator:
             key = "shape" if "shape" in node.kwargs else None
             packed = key is not None or (len(args) == 2 and isinstance(args[1], (list, tuple, torch.Size)))
             sizes = list(node.kwargs[key] if key else (args[1] if packed else args[1:]))
-            sizes[out.dim] = self._local(node, sizes[out.dim], shape_out[out.dim])
+            sizes[out.dim] = self._local(node, sizes[out.dim], out)
             if key:
                 node.kwargs = {**node.kwargs, key: tuple(sizes)}
             else:
@@ -217,7 +231,7 @@ class Propagator:
             dim = args[1] % len(shape_in)
             sizes = list(args[2])
             if dim <= out.dim < dim + len(sizes):
-                sizes[out.dim - dim] = self._local(node, sizes[out.dim - dim], shape_out[out.dim])
+                sizes[out.dim - dim] = self._local(node, sizes[out.dim - dim], out)
                 node.args = (args[0], args[1], tuple(sizes), *args[3:])
         return out
 
@@ -227,9 +241,17 @@ class Propagator:
         packed = len(args) == 2 and isinstance(args[1], (list, tuple, torch.Size))
         sizes = list(args[1] if packed else args[1:])
         dim = split.dim + len(sizes) - len(full_shape(node.args[0]))
-        sizes[dim] = self._local(node, sizes[dim], full_shape(node)[dim])
+        sizes[dim] = self._local(node, sizes[dim], split)
+        repeated = False
+        if split.replicas > 1 and dim + 1 < len(sizes) and full_shape(node.args[0])[dim + 1 - len(sizes)] == 1:
+            # repeat_kv of replicated key/value heads: this rank repeats its head for its query heads only
+            if not isinstance(sizes[dim + 1], int) or sizes[dim + 1] % split.replicas:
+                raise _error(node, f"repeats key/value heads {sizes[dim + 1]} times, which the "
+                             f"{split.replicas} tp ranks holding each head cannot share")
+            sizes[dim + 1] //= split.replicas
+            self.rewritten, repeated = self.rewritten + 1, True
         node.args = (args[0], tuple(sizes)) if packed else (args[0], *sizes)
-        return split.at(dim)
+        return dataclasses.replace(split.at(dim), repeated=repeated)
 
     def _transpose(self, node: fx.Node):
         split = self._split_of(node)
@@ -280,6 +302,21 @@ class Propagator:
             result = out_d + split.dim - in_d
         return split.at(result)
 
+    def _slice(self, node: fx.Node, how: str):
+        """ATen's ``slice(x, dim, start, end, step)`` / ``select(x, dim, index)``."""
+        split = self._split_of(node)
+        n = len(full_shape(node.args[0]))
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % n
+        if how == "select":
+            if dim == split.dim:
+                raise _error(node, f"indexing the tp-split dim {split.dim}")
+            return split.at(split.dim - (dim < split.dim))
+        if dim == split.dim:
+            start, end, step = (list(node.args[2:]) + [None, None, 1])[:3]
+            if start not in (None, 0) or step != 1 or (end is not None and end < full_shape(node.args[0])[dim]):
+                raise _error(node, f"slicing the tp-split dim {split.dim} with [{start}:{end}:{step}]")
+        return split
+
     def _split(self, node: fx.Node, how: str):
         split = self._split_of(node)
         shape = full_shape(node.args[0])
@@ -299,7 +336,7 @@ class Propagator:
             raise _error(node, f"splits a tp-split dim of parts {list(split.parts)} into {sizes}; declare the fused "
                          "parts (layer spec \"shape\") so the weight is cut per part")
         if how == "split":
-            local = [s // self.tp for s in sizes]
+            local = [s // (self.tp // split.replicas) for s in sizes]
             new = local if isinstance(arg, (list, tuple)) else local[0]
             node.args = (node.args[0], new, *node.args[2:])
             self.rewritten += 1

@@ -55,7 +55,12 @@ def trace(model: nn.Module, micro_batch, loss_fn) -> torch.fx.GraphModule:
 
 
 def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
-                     compile_stage: Callable[..., nn.Module]) -> PipelineModel:
+                     compile_stage: Callable[..., nn.Module], split_tp: Callable[..., dict] | None = None) -> PipelineModel:
+    """``compile_stage(module, config, group, tp_layouts)`` compiles one stage;
+    with ``tensor_parallel.autotp_size`` > 1, ``split_tp(model, micro_batch,
+    tp_group)`` decides on the whole model how each parameter is cut (FQN ->
+    layout), and every stage applies that to its own parameters (3D
+    parallelism, docs/tensor_parallel.md)."""
     p = cfg.pipeline.stages
     v = cfg.pipeline.chunks  # model stages per rank (virtual stages)
     if example_batch is None:
@@ -71,7 +76,8 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
     except ValueError as exc:  # e.g. micro-batches from gradient_accumulation_steps not a multiple of p
         raise ConfigError(str(exc)) from None
     timeline = simulate(schedule)  # raises ScheduleError before anything runs
-    groups = pipeline_groups(p, cfg.zerograph.collective_timeout_s, getattr(cfg.zerograph, "device", None))
+    tp = max(1, cfg.tensor_parallel.autotp_size)  # 0 (DeepSpeed's default) or 1: no tensor parallelism
+    groups = pipeline_groups(p, cfg.zerograph.collective_timeout_s, getattr(cfg.zerograph, "device", None), tp=tp)
     cfg.resolve_batch(groups.dp.world_size)
     log.info("pipeline schedule %s (bubble %.3f):\n%s", schedule.name, timeline.bubble_fraction, format_grid(timeline))
     device = groups.dp.device
@@ -79,6 +85,7 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
     model.to(device)
     micro = step_mod.split_batch(example_batch, m)[0]
     micro = step_mod.with_tensors(micro, [t.to(device) for t in step_mod.flat_tensors(micro)])
+    layouts = split_tp(model, micro, groups.tp) if groups.tp is not None else {}
     gm = trace(model, micro, loss_fn)
     split = split_graph(gm, p * v, cfg.pipeline.split_points)
     log.info("pipeline split of %s:\n%s", type(model).__name__, split.describe())
@@ -105,7 +112,11 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
             st.module = None
     for module in modules.values():  # dropout follows stage.training (model.eval() for eval_step)
         follow_training_mode(module)
-    chunks = {k: compile_stage(modules[k], stage_cfg, group=groups.dp) for k in mine}
+    if groups.tp is None:
+        chunks = {k: compile_stage(modules[k], stage_cfg, group=groups.dp) for k in mine}
+    else:  # each stage's parameters cut as the whole model's are (stage key -> the user's keys -> layout)
+        chunks = {k: compile_stage(modules[k], stage_cfg, group=groups,
+                                   tp_layouts=_stage_layouts(layouts, keys[k])) for k in mine}
     for k, chunk in chunks.items():  # the memory limit checks a stage's regions on their own (backend._step_order)
         chunk._zg_runtime.ctx.enter_pipeline(k, p, groups.stage)
     shapes = [tuple(t.shape) for t in step_mod.flat_tensors(micro)]
@@ -131,15 +142,26 @@ def _untie_copies_on_one_rank(split, mine) -> None:
             owner._parameters[leaf] = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
 
 
+def _stage_layouts(layouts: dict, keys: dict[str, list[str]]) -> dict:
+    """Stage parameter FQN -> the tensor-parallel layout of the user's parameter it is."""
+    out = {}
+    for key, names in keys.items():
+        found = [layouts[n] for n in names if n in layouts]
+        if found:
+            out[key] = found[0]
+    return out
+
+
 @torch.no_grad()
 def _seed_from_first_rank(module: nn.Module, groups) -> None:
-    """Every data-parallel rank of a stage starts from its first rank's values."""
-    if groups.dp.world_size == 1:
-        return
-    group = groups.dp.group
-    src = dist.get_global_rank(group, 0)
-    for tensor in module.state_dict(keep_vars=True).values():
-        dist.broadcast(tensor.data, src=src, group=group)
+    """Every rank of a stage (data- and tensor-parallel) starts from its first
+    rank's values: a broadcast over the dp group from dp index 0, then over
+    the tp group from tp index 0."""
+    subgroups = [g.group for g in (groups.dp, groups.tp) if g is not None and g.world_size > 1]
+    for group in subgroups:
+        src = dist.get_global_rank(group, 0)
+        for tensor in module.state_dict(keep_vars=True).values():
+            dist.broadcast(tensor.data, src=src, group=group)
 
 
 def _original_keys(model: nn.Module, stage: nn.Module) -> dict[str, list[str]]:

@@ -5,8 +5,9 @@
 ZeRO-sharded over the rank's data-parallel group), and runs its action list
 of the :class:`~zerograph.pipeline.schedule.Schedule`. Stage ``k`` receives
 from stage ``k - 1`` on rank ``(k - 1) % p`` and sends to stage ``k + 1`` on
-rank ``(k + 1) % p``; buffers and saved activations are keyed by (stage,
-micro-batch):
+rank ``(k + 1) % p`` of its pipeline (the ranks with this rank's dp and tp
+indices, :meth:`PipelineGroups.rank_of`); buffers and saved activations are
+keyed by (stage, micro-batch):
 
 * ``RECV_*`` posts ``irecv`` into buffers of the traced shape and dtype one
   compute action ahead, so receiving the next input overlaps the current
@@ -121,6 +122,10 @@ class PipelineModel(nn.Module):
         """``(model stage, runtime)`` of each stage this rank runs (``zerograph.inspect``)."""
         return [(k, chunk._zg_runtime) for k, chunk in zip(self.stage_ids, self.chunks)]
 
+    @property
+    def _tp_size(self) -> int:
+        return self.groups.tp.world_size if self.groups.tp is not None else 1
+
     def _rank_of_stage(self, k: int) -> int:
         return self.groups.rank_of(k % self.groups.stages)
 
@@ -142,21 +147,24 @@ class PipelineModel(nn.Module):
         ``new_group`` is collective: every rank creates every group, in the
         same order."""
         out = []
-        dp = self.groups.dp.world_size
+        mesh = self.groups.mesh
         if not dist.is_initialized():
             return out
+        mine = (mesh.index("dp"), mesh.index("tp"))
         for name in sorted(self._split.tied):
             stages = self._split.tied[name]
-            for d in range(dp):
-                ranks = list(dict.fromkeys((k % self.groups.stages) * dp + d for k in stages))
-                timeout = datetime.timedelta(seconds=self._timeout_s)
-                group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
-                if d != self.groups.dp.rank:
-                    continue
-                for k in stages:
-                    if k in self._modules_by_stage:
-                        target = self._split.tied_names[name][k]
-                        out.append((name, k, _parameter(self._modules_by_stage[k], target), group, ranks))
+            for d in range(mesh.size("dp")):
+                for t in range(mesh.size("tp")):  # copies pair up by (dp, tp) index, as activations do
+                    ranks = list(dict.fromkeys(self.groups.rank_of(k % self.groups.stages, dp=d, tp=t)
+                                               for k in stages))
+                    timeout = datetime.timedelta(seconds=self._timeout_s)
+                    group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
+                    if (d, t) != mine:
+                        continue
+                    for k in stages:
+                        if k in self._modules_by_stage:
+                            target = self._split.tied_names[name][k]
+                            out.append((name, k, _parameter(self._modules_by_stage[k], target), group, ranks))
         return out
 
     def _copies_by_name(self):
@@ -408,7 +416,8 @@ class PipelineModel(nn.Module):
     def _mean_loss(self, losses, device) -> float:
         total = torch.zeros((), dtype=torch.float32, device=device)
         if losses:
-            total += torch.stack([x.float() for x in losses]).mean() / self.groups.dp.world_size
+            # every rank of the last stage holds its dp index's loss (the tp ranks the same one)
+            total += torch.stack([x.float() for x in losses]).mean() / (self.groups.dp.world_size * self._tp_size)
         if dist.is_initialized():
             dist.all_reduce(total)  # the last stage's ranks hold the loss; every rank gets it
         return float(total)
@@ -416,8 +425,9 @@ class PipelineModel(nn.Module):
     def _clip_grads(self, device) -> None:
         """Clip by the global L2 norm over every stage's gradients (a tied
         parameter counts once), as ``clip_grad_norm_`` on the whole model would."""
-        dp = self.groups.dp.world_size
+        dp, tp = self.groups.dp.world_size, self._tp_size
         skip = {id(p) for name, k, p, _, _ in self._tie_groups if self._split.tied[name][0] != k}
+        split = {i: r for chunk in self.chunks for i, r in chunk._zg_runtime._tp_split().items()}  # tp slices
         grads = []
         total = torch.zeros((), dtype=torch.float32, device=device)
         for p in dict.fromkeys(self.chunks.parameters()):
@@ -428,8 +438,8 @@ class PipelineModel(nn.Module):
             if id(p) in skip:
                 continue
             sharded = isinstance(p.grad, DTensor) and p.grad.placements[0].is_shard()
-            sq = g.detach().float().pow(2).sum()
-            total += sq if sharded else sq / dp
+            sq = g.detach().float().pow(2).sum()  # each element counted once over the dp and tp ranks
+            total += (sq if sharded else sq / dp) / split.get(id(p), tp)
         if dist.is_initialized():
             dist.all_reduce(total)
         norm = math.sqrt(float(total))

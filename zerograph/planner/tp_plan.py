@@ -305,16 +305,41 @@ def tp_layouts(model: nn.Module, splits: dict[str, LayerSplit], size: int, index
         try:
             if split.kind == "column":
                 parts = split.parts or (shape[out_dim],)
-                out[canonical[id(layer.weight)]] = TpLayout("column", m, out_dim, parts, shape, size, index)
+                reps = kv_replicas(model, m, parts, size)
+                out[canonical[id(layer.weight)]] = TpLayout("column", m, out_dim, parts, shape, size, index, reps)
                 if getattr(layer, "bias", None) is not None:
                     out[canonical[id(layer.bias)]] = TpLayout("column", m, 0, parts, tuple(layer.bias.shape),
-                                                              size, index)
+                                                              size, index, reps)
             else:
                 in_dim = 1 - out_dim
                 out[canonical[id(layer.weight)]] = TpLayout("row", m, in_dim, (shape[in_dim],), shape, size, index)
         except ValueError as exc:
             raise ConfigError(f"{exc} (the {split.kind} split comes from {split.source})") from None
     return out
+
+
+def kv_replicas(model: nn.Module, module: str, parts: tuple[int, ...], size: int) -> int:
+    """How many tp ranks hold each key/value head of a column-split key or
+    value projection: ``size / num_key_value_heads`` when the model's Hugging
+    Face config has fewer key/value heads than ``size`` (grouped-query
+    attention; each tp rank holds the key/value head its query heads read),
+    else 1. The projection is recognised by its output features
+    (``num_key_value_heads * head_dim``, one part) under an attention module."""
+    cfg = getattr(model, "config", None)
+    nkv, nq = getattr(cfg, "num_key_value_heads", None), getattr(cfg, "num_attention_heads", None)
+    if not isinstance(nkv, int) or not isinstance(nq, int) or not 0 < nkv < min(size, nq) or len(parts) != 1:
+        return 1
+    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", 0) // nq
+    if parts[0] != nkv * head_dim or not re.search(r"attn|attention", module):
+        return 1
+    if size % nkv or nq % size:
+        valid = [t for t in range(1, nq + 1) if nq % t == 0 and (t % nkv == 0 or nkv % t == 0)]
+        raise ConfigError(
+            f"{module}: {nkv} key/value heads (and {nq} query heads) cannot be split over "
+            f"tensor_parallel.autotp_size={size}: with fewer key/value heads than tp ranks each key/value head is "
+            f"replicated on autotp_size / {nkv} ranks, so autotp_size must be a multiple of {nkv} that divides {nq}; "
+            f"valid autotp_size values: {', '.join(map(str, valid))}")
+    return size // nkv
 
 
 def describe(splits: dict[str, LayerSplit]) -> str:

@@ -100,47 +100,94 @@ def data_parallel_group(
 
 @dataclasses.dataclass(frozen=True)
 class PipelineGroups:
-    """This rank's place on the 2-D (pipeline x data-parallel) mesh.
+    """This rank's place on the (pipeline x data-parallel x tensor-parallel) mesh.
 
-    Global rank ``r`` is stage ``r // dp`` and data-parallel rank ``r % dp``;
-    each stage's ``dp`` ranks form its data-parallel group (ZeRO shards
-    there), and the ranks with the same data-parallel index form one pipeline.
+    Global rank ``r = (stage * dp + dp_index) * tp + tp_index`` (the plan's
+    ``("pp", "dp", "sp", "tp")`` order, :class:`zerograph.runtime.plan.DeviceMeshPlan`,
+    with sp = 1): each stage's ``dp`` ranks of one tp index form its
+    data-parallel group (ZeRO shards there), its ``tp`` ranks of one dp index
+    its tensor-parallel group, and the ranks with the same (dp, tp) indices
+    form one pipeline (stages exchange activations with the same tp index).
     """
 
     stage: int
     stages: int
     dp: DataParallelGroup
+    tp: "TensorParallelGroup | None" = None  # None: no tensor parallelism (tp = 1)
 
-    def rank_of(self, stage: int) -> int:
-        """The global rank of ``stage`` in this rank's pipeline."""
-        return stage * self.dp.world_size + self.dp.rank
+    @property
+    def mesh(self):
+        """The mesh as the plan names it (:class:`zerograph.runtime.plan.DeviceMeshPlan`)."""
+        from zerograph.runtime.plan import MESH_DIMS, DeviceMeshPlan
+
+        tp, tp_index = (self.tp.world_size, self.tp.rank) if self.tp is not None else (1, 0)
+        sizes = {"pp": self.stages, "dp": self.dp.world_size, "tp": tp}
+        coords = {"pp": self.stage, "dp": self.dp.rank, "tp": tp_index}
+        return DeviceMeshPlan(sizes=tuple((d, sizes.get(d, 1)) for d in MESH_DIMS),
+                              coords=tuple((d, coords.get(d, 0)) for d in MESH_DIMS))
+
+    def rank_of(self, stage: int, **coords: int) -> int:
+        """The global rank of ``stage`` in this rank's pipeline (this rank's
+        dp and tp indices unless ``coords`` give others)."""
+        return self.mesh.global_rank(pp=stage, **coords)
+
+    @property
+    def group(self):
+        """Every rank of this rank's stage (dp x tp): the stage model's group."""
+        return self.tp.model_group if self.tp is not None else self.dp.group
 
 
-def pipeline_groups(stages: int, timeout_s: float = 300.0, device: str | None = None) -> PipelineGroups:
+def pipeline_groups(stages: int, timeout_s: float = 300.0, device: str | None = None,
+                    tp: int = 1) -> PipelineGroups:
     ensure_process_group(timeout_s)
     dev = default_device(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if tp > 1 and (world % (stages * tp) or world < stages * tp):
+        from zerograph.config import ConfigError
+
+        raise ConfigError(
+            f"pipeline.stages={stages} x tensor_parallel.autotp_size={tp} needs a world size that is a multiple of "
+            f"{stages * tp}; this run has {world} rank(s): launch stages x data-parallel x tensor-parallel ranks")
     if world % stages or world < stages:
         raise ValueError(
             f"pipeline.stages={stages} needs a world size that is a multiple of it; this run has "
             f"{world} rank(s): launch stages x data-parallel ranks"
         )
-    dp = world // stages
+    dp = world // (stages * tp)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if world > 1:  # stages exchange activations, tied gradients and the loss on the default group
         apply_collective_timeout(dist.group.WORLD, timeout_s)
-    stage, dp_rank = divmod(rank, dp)
-    if dp == 1:
+    stage, rest = divmod(rank, dp * tp)
+    dp_rank, tp_rank = divmod(rest, tp)
+    tp_group = None
+    if dp == 1 and tp == 1:
         group = DataParallelGroup(rank=0, world_size=1, device=dev, mesh=None, group_name="")
     else:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(dev.type, (stages, dp), mesh_dim_names=("pp", "dp"))
-        sub = mesh["dp"]
-        apply_collective_timeout(sub.get_group(), timeout_s)
-        group = DataParallelGroup(rank=dp_rank, world_size=dp, device=dev, mesh=sub, group_name=sub.get_group().group_name)
-    log.info("pipeline mesh: %d stage(s) x %d data-parallel rank(s); this rank is stage %d", stages, dp, stage)
-    return PipelineGroups(stage=stage, stages=stages, dp=group)
+        if tp == 1:
+            mesh = init_device_mesh(dev.type, (stages, dp), mesh_dim_names=("pp", "dp"))
+        else:
+            mesh = init_device_mesh(dev.type, (stages, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+            apply_collective_timeout(mesh["tp"].get_group(), timeout_s)
+            stage_group = None
+            for s in range(stages):  # every rank creates every stage's (dp x tp) group, in order
+                ranks = list(range(s * dp * tp, (s + 1) * dp * tp))
+                made = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+                if s == stage:
+                    stage_group = made
+            tp_group = TensorParallelGroup(rank=tp_rank, world_size=tp, mesh=mesh,
+                                           group_name=mesh["tp"].get_group().group_name, stage_group=stage_group)
+        if dp == 1:
+            group = DataParallelGroup(rank=0, world_size=1, device=dev, mesh=None, group_name="")
+        else:
+            sub = mesh["dp"]
+            apply_collective_timeout(sub.get_group(), timeout_s)
+            group = DataParallelGroup(rank=dp_rank, world_size=dp, device=dev, mesh=sub,
+                                      group_name=sub.get_group().group_name)
+    log.info("pipeline mesh: %d stage(s) x %d data-parallel x %d tensor-parallel rank(s); this rank is stage %d",
+             stages, dp, tp, stage)
+    return PipelineGroups(stage=stage, stages=stages, dp=group, tp=tp_group)
 
 
 def apply_collective_timeout(group, timeout_s: float) -> None:
@@ -319,7 +366,8 @@ class RankMonitor:
 
 @dataclasses.dataclass(frozen=True)
 class TensorParallelGroup:
-    """This rank's tensor-parallel group on the 2-D ``(dp, tp)`` mesh.
+    """This rank's tensor-parallel group on the 2-D ``(dp, tp)`` mesh (with
+    pipeline stages the 3-D ``(pp, dp, tp)`` one, :class:`PipelineGroups`).
 
     Global rank ``r`` is data-parallel index ``r // tp`` and tensor-parallel
     index ``r % tp`` (tp innermost: the ranks of one tp group are adjacent,
@@ -328,8 +376,9 @@ class TensorParallelGroup:
 
     rank: int  # this rank's tp index
     world_size: int  # tp
-    mesh: object  # the 2-D DeviceMesh ("dp", "tp")
+    mesh: object  # the DeviceMesh ("dp", "tp"), or ("pp", "dp", "tp") with pipeline stages
     group_name: str
+    stage_group: object = None  # with pipeline stages: the (dp x tp) ranks of this rank's stage
 
     @property
     def group(self):
@@ -337,8 +386,9 @@ class TensorParallelGroup:
 
     @property
     def model_group(self):
-        """Every rank of the model (dp x tp): the default group."""
-        return dist.group.WORLD
+        """Every rank of the model (dp x tp): the default group, or with
+        pipeline stages the ranks of this rank's stage."""
+        return self.stage_group if self.stage_group is not None else dist.group.WORLD
 
 
 def dp_by_inner_mesh(dim: str, size: int, key: str, timeout_s: float, dev: torch.device):

@@ -255,7 +255,7 @@ class TrainingRuntime:
         share of its squared norm this rank counts, so that the sum over the
         model's ranks counts every element once (1 for a shard; 1/dp for a
         gradient every data-parallel rank holds, and 1/tp more for one every
-        tensor-parallel rank holds)."""
+        tensor-parallel rank holds, 1/replicas for a replicated tp slice)."""
         out = []
         dp = self.ctx.world_size
         tp = self.ctx.tp.world_size if self.ctx.tp is not None else 1
@@ -266,16 +266,18 @@ class TrainingRuntime:
                 continue
             local = g.to_local() if isinstance(g, DTensor) else g
             sharded = isinstance(g, DTensor) and g.placements[0].is_shard()
-            share = (1.0 if sharded else 1.0 / dp) * (1.0 if id(p) in split else 1.0 / tp)
+            share = (1.0 if sharded else 1.0 / dp) / split.get(id(p), tp)
             out.append((local, share))
         return out
 
-    def _tp_split(self) -> set[int]:
-        """ids of the parameters split over the tensor-parallel ranks."""
+    def _tp_split(self) -> dict[int, int]:
+        """id of each parameter split over the tensor-parallel ranks -> how
+        many tp ranks hold its slice (1; more for replicated key/value heads)."""
         if self.ctx.tp is None:
-            return set()
+            return {}
         named = self.named_params or {}
-        return {id(p) for name, p in named.items() if name in self.ctx.specs and self.ctx.specs[name].tp is not None}
+        return {id(p): self.ctx.specs[name].tp.replicas for name, p in named.items()
+                if name in self.ctx.specs and self.ctx.specs[name].tp is not None}
 
     def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         if self.ctx.model_ranks > 1:
