@@ -31,8 +31,11 @@ rounding of the result.
 
 Registered as ``zerograph::quantize_int8`` and ``zerograph::dequantize_int8``
 (no autograd: they move weights and gradients, not differentiable values).
-On CUDA (with Triton) they run the Triton kernels, elsewhere the pure-torch
-references; both compute the same fp32 operations, so they agree exactly.
+On CUDA (with Triton) they run the Triton kernels (one program per block of
+a row; with segments each block's first column comes from a small table of
+:func:`block_starts`), elsewhere the pure-torch references; both compute the
+same fp32 operations with correctly rounded division (``tl.math.div_rn``),
+so they agree exactly.
 """
 
 from __future__ import annotations
