@@ -34,6 +34,13 @@ def _packed(n: int, block: int = BLOCK) -> int:
     return n + 4 * num_blocks(n, block)
 
 
+def _packed_bucket(lengths: list[int], block: int = BLOCK) -> int:
+    """Bytes of one rank's quantized part of a bucket whose parameters have
+    ``lengths`` elements in it: blocks restart at each parameter, so
+    ``sum(n_i) + 4 * sum(ceil(n_i / block))``."""
+    return sum(lengths) + 4 * sum(math.ceil(m / block) for m in lengths)
+
+
 def _chunk(p, ranks: int) -> int:
     """Elements of one rank's padded shard of ``p`` (rows padded to a multiple of ``ranks``)."""
     return -(-p.shape[0] // ranks) * (p.numel() // p.shape[0])
@@ -396,10 +403,11 @@ def test_quantization_config_errors_name_the_fix():
 def test_buckets_are_quantized_as_one_message(fake_world4):
     """With the default bucket sizes each layer's parameters share one gather
     and one gradient reduction (fc1: weight and bias, fc2: weight): qwZ
-    quantizes a packed bucket (M = the sum of its padded shards' elements)
-    as one row of blocks, qgZ its W rows of M; bytes W * b(M) forward, W *
-    b(M) inside and P * b(M) across the nodes in the backward (all three on,
-    nodes of 2)."""
+    quantizes a packed bucket (its parameters' padded shards of n_i
+    elements, M = sum n_i) with blocks that restart at each parameter
+    (segments), qgZ its W rows of M likewise; bytes W * b forward, W * b
+    inside and P * b across the nodes in the backward, b = M + 4 *
+    sum(ceil(n_i / B)) (all three on, nodes of 2)."""
     torch.manual_seed(0)
     config = {"zero_optimization": {"stage": 3, "zero_quantized_weights": True, "zero_quantized_gradients": True,
                                     "zero_hpz_partition_size": 2},
@@ -408,14 +416,16 @@ def test_buckets_are_quantized_as_one_message(fake_world4):
     model(torch.randn(5, 4)).backward()
     info = zerograph.inspect(model)
     p = dict(model.named_parameters())
-    buckets = [_chunk(p["fc1.weight"], 4) + _chunk(p["fc1.bias"], 4), _chunk(p["fc2.weight"], 4)]
+    buckets = [[_chunk(p["fc1.weight"], 4), _chunk(p["fc1.bias"], 4)], [_chunk(p["fc2.weight"], 4)]]
     records = {(r.phase, r.name): r.details for r in info.passes}
     assert records[("forward", "quantize_weight_gathers")]["collectives"] == 2
     assert records[("backward", "quantize_grad_reduction")]["collectives"] == 2
     by_scope = info.regions[0]["comm_bytes_by_scope"]
-    assert by_scope["forward"] == {"cross_group": {"all_gather": sum(4 * _packed(m) for m in buckets)}}
-    assert by_scope["backward"]["cross_group"] == {"all_to_all": sum(2 * _packed(m) for m in buckets)}
-    assert by_scope["backward"]["intra_group"]["all_to_all"] == sum(4 * _packed(m) for m in buckets)
+    assert by_scope["forward"] == {"cross_group": {"all_gather": sum(4 * _packed_bucket(m) for m in buckets)}}
+    assert by_scope["backward"]["cross_group"] == {"all_to_all": sum(2 * _packed_bucket(m) for m in buckets)}
+    assert by_scope["backward"]["intra_group"]["all_to_all"] == sum(4 * _packed_bucket(m) for m in buckets)
+    # one scale per parameter here (each shard is under a block): 3, not 2 as one row of blocks would have
+    assert sum(num_blocks(0, BLOCK, m) for m in buckets) == 3
 
 
 @pytest.mark.timeout(TIMEOUT + 30)

@@ -143,3 +143,37 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.zerograph.quantize_int4, (x, 8))
     q, s = K.quantize_int4(x, 8)
     torch.library.opcheck(torch.ops.zerograph.dequantize_int4, (q, s, 8, 37, torch.bfloat16))
+
+
+# odd segments (a byte whose nibbles lie in two segments), a zero-length
+# segment, a segment shorter than a block, one segment
+SEGMENT_CASES = [(40, 8, [16, 24]), (37, 5, [3, 0, 31, 3]), (131, 64, [1, 130]), (51, 256, [7, 44]),
+                 (1100, 7, [5, 1095])]
+
+
+@pytest.mark.parametrize("n,block,segments", SEGMENT_CASES)
+def test_segments_restart_the_blocks(n, block, segments):
+    """Blocks restart at each segment: the scales equal each segment's own, the
+    codes dequantize to within half of their own block's scale, the byte count
+    is ceil(n / 2) + 4 * sum(ceil(n_i / block)), and Triton agrees exactly."""
+    x = _data((2, n))
+    x[:, :segments[0]] *= 1e-6
+    q, s = K.quantize_int4(x, block, segments)
+    nb = sum(-(-m // block) for m in segments)
+    assert s.shape == (2, nb) and K.packed_bytes(n, block, segments) == (n + 1) // 2 + 4 * nb == q.shape[-1] + 4 * nb
+    parts = [K.quantize_int4_reference(p.contiguous(), block) for p in torch.split(x, segments, -1) if p.shape[-1]]
+    assert torch.equal(s, torch.cat([p[1] for p in parts], -1))
+    deq = K.dequantize_int4(q, s, block, n, torch.float32, segments)
+    per_col = torch.cat([_expanded(p, block, m) for p, m in
+                         zip(torch.split(s, [-(-m // block) for m in segments], -1), segments)], -1)
+    assert bool(((x.double() - deq.double()).abs() <= per_col.double() * SLACK).all())
+    qt, st = _launch(K.quantize_int4_triton, x, block, segments)
+    assert torch.equal(qt, q) and torch.equal(st, s)
+    assert torch.equal(_launch(K.dequantize_int4_triton, q, s, block, n, torch.float32, segments), deq)
+
+
+def test_opcheck_with_segments():
+    x = _data((3, 37))
+    torch.library.opcheck(torch.ops.zerograph.quantize_int4, (x, 8, [5, 32]))
+    q, s = K.quantize_int4(x, 8, [5, 32])
+    torch.library.opcheck(torch.ops.zerograph.dequantize_int4, (q, s, 8, 37, torch.float32, [5, 32]))

@@ -113,3 +113,52 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.zerograph.quantize_int8, (x, 8))
     q, s = K.quantize_int8(x, 8)
     torch.library.opcheck(torch.ops.zerograph.dequantize_int8, (q, s, 8, torch.bfloat16))
+
+
+# (row length, block, segments): segments that a block divides and that it does
+# not, a zero-length segment (a parameter with no elements on this rank), a
+# segment shorter than a block, one segment (the plain layout)
+SEGMENT_CASES = [(40, 8, [16, 24]), (37, 5, [3, 0, 30, 4]), (130, 64, [1, 129]), (50, 256, [7, 43]),
+                 (20, 4, [20])]
+
+
+def _per_segment(x, block, segments, quantize):
+    """Each segment of every row quantized as its own row: what segments mean."""
+    parts = [quantize(p.contiguous(), block) for p in torch.split(x, segments, dim=-1) if p.shape[-1]]
+    return torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
+
+
+@pytest.mark.parametrize("n,block,segments", SEGMENT_CASES)
+def test_segments_restart_the_blocks(n, block, segments):
+    """Blocks restart at each segment: the result equals quantizing each segment
+    on its own, there are sum(ceil(n_i / block)) scales per row, every element
+    is within half of its own block's scale, and Triton agrees exactly."""
+    x = _data((3, n))
+    x[:, :segments[0]] *= 1e-6  # a tiny first segment: its own scale, not its neighbour's
+    q, s = K.quantize_int8(x, block, segments)
+    nb = sum(-(-m // block) for m in segments)
+    assert K.num_blocks(n, block, segments) == nb and s.shape == (3, nb)
+    assert K.packed_bytes(n, block, segments) == n + 4 * nb
+    q_ref, s_ref = _per_segment(x, block, segments, K.quantize_int8_reference)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    deq = K.dequantize_int8(q, s, block, torch.float32, segments)
+    per_col = torch.cat([_expanded(p, block, m) for p, m in
+                         zip(torch.split(s, [-(-m // block) for m in segments], -1), segments)], -1)
+    assert bool(((x.double() - deq.double()).abs() <= per_col.double() * SLACK).all())
+    qt, st = _launch(K.quantize_int8_triton, x, block, segments)
+    assert torch.equal(qt, q) and torch.equal(st, s)
+    assert torch.equal(_launch(K.dequantize_int8_triton, q, s, block, torch.float32, segments), deq)
+
+
+def test_bad_segments_are_named():
+    with pytest.raises(ValueError, match=r"segments \[3, 4\] must be non-negative lengths summing to the row length 8"):
+        K.quantize_int8(torch.randn(2, 8), 4, [3, 4])
+    with pytest.raises(ValueError, match="summing to the row length 8"):
+        K.dequantize_int8(torch.zeros(8, dtype=torch.int8), torch.zeros(2), 4, torch.float32, [9, -1])
+
+
+def test_opcheck_with_segments():
+    x = _data((3, 37))
+    torch.library.opcheck(torch.ops.zerograph.quantize_int8, (x, 8, [5, 32]))
+    q, s = K.quantize_int8(x, 8, [5, 32])
+    torch.library.opcheck(torch.ops.zerograph.dequantize_int8, (q, s, 8, torch.float32, [5, 32]))

@@ -22,7 +22,9 @@ own, as the collectives need.
 
 ``dequantize_int4(packed, scales, block, n, dtype)`` unpacks ``n`` elements
 per row (``n`` is needed: ``2 * ceil(n / 2)`` may be ``n + 1``) and returns
-``q_i * scale`` in ``dtype``.
+``q_i * scale`` in ``dtype``. Both take ``segments`` as the int8 ops do
+(blocks restart at each segment; ``sum(ceil(n_i / block))`` scales per
+row); pairs may straddle two segments as they straddle two blocks.
 
 **Error bound.** In exact arithmetic ``|x_i - q_i * scale| <= scale / 2``
 (``|x_i / scale| <= 7``, so the clamp never binds). In fp32 the division, the
@@ -34,18 +36,24 @@ so the tested bound is ``|x_i - q_i * scale| <= scale * (1/2 + 2^-19)``
 int8 bound.
 
 Registered as ``zerograph::quantize_int4`` and ``zerograph::dequantize_int4``
-(no autograd). On CUDA (with Triton) they run the Triton kernels, elsewhere
-the pure-torch references. Both compute the same fp32 operations with
-correctly rounded division (``tl.math.div_rn``), so they agree exactly.
+(no autograd). On CUDA (with Triton) they run the Triton kernels (the int8
+module's block kernels with 7 levels, writing one code per byte, then a
+kernel that packs or unpacks the nibbles), elsewhere the pure-torch
+references. Both compute the same fp32 operations with correctly rounded
+division (``tl.math.div_rn``), so they agree exactly.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from zerograph.kernels._common import HAS_TRITON, as_rows, device_guard, require_triton, tl, triton, use_triton
-from zerograph.kernels.quantize_int8 import num_blocks
+from zerograph.kernels.quantize_int8 import (check_segments, launch_dequantize, launch_quantize, num_blocks,
+                                             quantize_codes, scale_per_column)
 
 __all__ = ["quantize_int4", "dequantize_int4", "quantize_int4_reference", "dequantize_int4_reference",
            "quantize_int4_triton", "dequantize_int4_triton", "packed_bytes", "value_bytes", "QMAX"]
@@ -58,53 +66,49 @@ def value_bytes(n: int) -> int:
     return (n + 1) // 2
 
 
-def packed_bytes(n: int, block: int) -> int:
+def packed_bytes(n: int, block: int, segments: Sequence[int] | None = None) -> int:
     """Bytes of one quantized row of ``n`` elements: packed int4 values and fp32 scales."""
-    return value_bytes(n) + 4 * num_blocks(n, block)
+    return value_bytes(n) + 4 * num_blocks(n, block, segments)
 
 
-def _check(x: Tensor, block: int) -> None:
+def _check(x: Tensor, block: int, segments: Sequence[int] | None = None) -> None:
     if block < 1:
         raise ValueError(f"quantize_int4: block must be >= 1 element, got {block}")
     if not x.is_floating_point():
         raise TypeError(f"quantize_int4: x must be floating point, got {x.dtype}")
+    check_segments("quantize_int4", x.shape[-1] if x.dim() else 1, segments)
 
 
-def _check_packed(q: Tensor, n: int) -> None:
+def _check_packed(q: Tensor, n: int, segments: Sequence[int] | None = None) -> None:
     if q.dim() == 0 or q.shape[-1] != value_bytes(n):
         raise ValueError(f"dequantize_int4: {n} elements per row are {value_bytes(n)} packed bytes, "
                          f"got a last dimension of {q.shape[-1] if q.dim() else 'none (0-d)'}")
+    check_segments("dequantize_int4", n, segments)
 
 
 # --------------------------------------------------------------------------- references
 
 
-def quantize_int4_reference(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """``(packed, scales)``: int8 ``[..., ceil(n / 2)]`` and fp32 ``[..., ceil(n / block)]``."""
-    _check(x, block)
+def quantize_int4_reference(x: Tensor, block: int, segments: Sequence[int] | None = None
+                            ) -> tuple[Tensor, Tensor]:
+    """``(packed, scales)``: int8 ``[..., ceil(n / 2)]`` and fp32 ``[..., nb]``."""
+    _check(x, block, segments)
     n = x.shape[-1] if x.dim() else 1
-    rows = x.reshape(-1, n).float()
-    nb = num_blocks(n, block)
-    blocks = torch.nn.functional.pad(rows, (0, nb * block - n)).reshape(rows.shape[0], nb, block)
-    scale = blocks.abs().amax(dim=-1, keepdim=True) / QMAX
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.floor(blocks / safe + 0.5).clamp_(-QMAX, QMAX)
-    q = torch.where(scale > 0, q, torch.zeros_like(q))
-    q = q.reshape(rows.shape[0], -1)[:, :n].to(torch.int32)
-    q = torch.nn.functional.pad(q, (0, n % 2)) & 0xF
+    q, scale = quantize_codes(x, block, QMAX, segments)
+    q = torch.nn.functional.pad(q.to(torch.int32), (0, n % 2)) & 0xF
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
     lead = x.shape[:-1] if x.dim() else ()
-    return packed.reshape(*lead, value_bytes(n)), scale.reshape(*lead, nb)
+    return packed.reshape(*lead, value_bytes(n)), scale.reshape(*lead, scale.shape[-1])
 
 
-def dequantize_int4_reference(q: Tensor, scales: Tensor, block: int, n: int, dtype: torch.dtype) -> Tensor:
+def dequantize_int4_reference(q: Tensor, scales: Tensor, block: int, n: int, dtype: torch.dtype,
+                              segments: Sequence[int] | None = None) -> Tensor:
     """``[..., n]`` in ``dtype``: the unpacked values times their block scales (``q`` may be a strided view)."""
-    _check_packed(q, n)
+    _check_packed(q, n, segments)
     b = q.reshape(-1, q.shape[-1]).to(torch.int32) & 0xFF
     nibbles = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(b.shape[0], -1)[:, :n]
     values = torch.where(nibbles >= 8, nibbles - 16, nibbles).float()
-    s = scales.reshape(-1, num_blocks(n, block)).float().repeat_interleave(block, dim=-1)[:, :n]
-    return (values * s).to(dtype).reshape(*q.shape[:-1], n)
+    return (values * scale_per_column(scales, block, n, segments)).to(dtype).reshape(*q.shape[:-1], n)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -112,84 +116,61 @@ def dequantize_int4_reference(q: Tensor, scales: Tensor, block: int, n: int, dty
 if HAS_TRITON:
 
     @triton.jit
-    def _scales_kernel(X, S, stride_x, n_cols, n_blocks, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        b = tl.program_id(1)
-        offs = tl.arange(0, BLOCK_P2)
-        cols = b * BLOCK + offs
-        x = tl.load(X + row * stride_x + cols, mask=(offs < BLOCK) & (cols < n_cols), other=0.0).to(tl.float32)
-        tl.store(S + row * n_blocks + b, tl.math.div_rn(tl.max(tl.abs(x), axis=0), 7.0))
-
-    @triton.jit
-    def _nibble(X, S, row_x, row_s, cols, mask, BLOCK: tl.constexpr):
-        """The 4-bit two's complement codes (int32, 0..15) of elements ``cols``."""
-        x = tl.load(X + row_x + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(S + row_s + cols // BLOCK, mask=mask, other=0.0)
-        safe = tl.where(scale > 0, scale, 1.0)
-        q = tl.floor(tl.math.div_rn(x, safe) + 0.5)
-        q = tl.minimum(tl.maximum(q, -7.0), 7.0)
-        q = tl.where(scale > 0, q, 0.0)
-        return q.to(tl.int32) & 15
-
-    @triton.jit
-    def _pack_kernel(X, S, Q, stride_x, n_cols, n_bytes, n_blocks, BLOCK: tl.constexpr, PAIRS: tl.constexpr):
+    def _pack_kernel(C, Q, n_cols, n_bytes, PAIRS: tl.constexpr):
+        """Bytes of two codes (int8 in [-7, 7], contiguous rows) each."""
         row = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1) * PAIRS + tl.arange(0, PAIRS)
-        lo = _nibble(X, S, row * stride_x, row * n_blocks, 2 * i, 2 * i < n_cols, BLOCK)
-        hi = _nibble(X, S, row * stride_x, row * n_blocks, 2 * i + 1, 2 * i + 1 < n_cols, BLOCK)
+        lo = tl.load(C + row * n_cols + 2 * i, mask=2 * i < n_cols, other=0).to(tl.int32) & 15
+        hi = tl.load(C + row * n_cols + 2 * i + 1, mask=2 * i + 1 < n_cols, other=0).to(tl.int32) & 15
         tl.store(Q + row * n_bytes + i, (lo | (hi << 4)).to(tl.uint8), mask=i < n_bytes)
 
     @triton.jit
-    def _unpack_kernel(Q, S, Y, stride_q, n_cols, n_bytes, n_blocks, BLOCK: tl.constexpr, PAIRS: tl.constexpr):
+    def _unpack_kernel(Q, C, stride_q, n_cols, n_bytes, PAIRS: tl.constexpr):
+        """The codes (int8, contiguous rows) of packed bytes."""
         row = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1) * PAIRS + tl.arange(0, PAIRS)
         b = tl.load(Q + row * stride_q + i, mask=i < n_bytes, other=0).to(tl.int32) & 255
         lo, hi = b & 15, b >> 4
-        lo = tl.where(lo >= 8, lo - 16, lo).to(tl.float32)
-        hi = tl.where(hi >= 8, hi - 16, hi).to(tl.float32)
-        m0, m1 = 2 * i < n_cols, 2 * i + 1 < n_cols
-        s0 = tl.load(S + row * n_blocks + (2 * i) // BLOCK, mask=m0, other=0.0)
-        s1 = tl.load(S + row * n_blocks + (2 * i + 1) // BLOCK, mask=m1, other=0.0)
-        tl.store(Y + row * n_cols + 2 * i, (lo * s0).to(Y.dtype.element_ty), mask=m0)
-        tl.store(Y + row * n_cols + 2 * i + 1, (hi * s1).to(Y.dtype.element_ty), mask=m1)
+        lo = tl.where(lo >= 8, lo - 16, lo)
+        hi = tl.where(hi >= 8, hi - 16, hi)
+        tl.store(C + row * n_cols + 2 * i, lo.to(tl.int8), mask=2 * i < n_cols)
+        tl.store(C + row * n_cols + 2 * i + 1, hi.to(tl.int8), mask=2 * i + 1 < n_cols)
 
 
 _PAIRS = 512  # packed bytes per program
 
 
-def quantize_int4_triton(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """Launch the scale and pack kernels (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``)."""
-    _check(x, block)
+def quantize_int4_triton(x: Tensor, block: int, segments: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Launch the block and pack kernels (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``)."""
+    _check(x, block, segments)
     require_triton(x)
     x2 = as_rows(x)
     n_rows, n = x2.shape
-    nb, nq = num_blocks(n, block), value_bytes(n)
+    nq = value_bytes(n)
     lead = x.shape[:-1] if x.dim() else ()
     q = torch.empty(*lead, nq, dtype=torch.int8, device=x.device)
-    scales = torch.empty(*lead, nb, dtype=torch.float32, device=x.device)
+    scales = torch.empty(*lead, num_blocks(n, block, segments), dtype=torch.float32, device=x.device)
     if x2.numel():
-        p2 = triton.next_power_of_2(block)
+        codes = torch.empty(n_rows, n, dtype=torch.int8, device=x.device)
+        launch_quantize(x2, codes, scales, block, QMAX, segments)
         with device_guard(x):
-            _scales_kernel[(n_rows, nb)](x2, scales, x2.stride(0), n, nb, BLOCK=block, BLOCK_P2=p2,
-                                         num_warps=max(1, min(8, p2 // 256)))
-            _pack_kernel[(n_rows, triton.cdiv(nq, _PAIRS))](x2, scales, q.view(torch.uint8), x2.stride(0), n, nq,
-                                                            nb, BLOCK=block, PAIRS=_PAIRS)
+            _pack_kernel[(n_rows, triton.cdiv(nq, _PAIRS))](codes, q.view(torch.uint8), n, nq, PAIRS=_PAIRS)
     return q, scales
 
 
-def dequantize_int4_triton(q: Tensor, scales: Tensor, block: int, n: int, dtype: torch.dtype) -> Tensor:
-    """Launch the unpack kernel; returns a contiguous ``[..., n]`` tensor in ``dtype``."""
-    _check_packed(q, n)
+def dequantize_int4_triton(q: Tensor, scales: Tensor, block: int, n: int, dtype: torch.dtype,
+                           segments: Sequence[int] | None = None) -> Tensor:
+    """Launch the unpack and block kernels; returns a contiguous ``[..., n]`` tensor in ``dtype``."""
+    _check_packed(q, n, segments)
     require_triton(q, scales)
     q2 = as_rows(q)
     n_rows, nq = q2.shape
-    nb = num_blocks(n, block)
-    s2 = scales.reshape(-1, nb).contiguous()
     y = torch.empty(*q.shape[:-1], n, dtype=dtype, device=q.device)
     if y.numel():
+        codes = torch.empty(n_rows, n, dtype=torch.int8, device=q.device)
         with device_guard(q):
-            _unpack_kernel[(n_rows, triton.cdiv(nq, _PAIRS))](q2, s2, y, q2.stride(0), n, nq, nb, BLOCK=block,
-                                                              PAIRS=_PAIRS)
+            _unpack_kernel[(n_rows, triton.cdiv(nq, _PAIRS))](q2, codes, q2.stride(0), n, nq, PAIRS=_PAIRS)
+        launch_dequantize(codes, scales, y.view(n_rows, n), block, segments)
     return y
 
 
@@ -197,30 +178,32 @@ def dequantize_int4_triton(q: Tensor, scales: Tensor, block: int, n: int, dtype:
 
 
 @torch.library.custom_op("zerograph::quantize_int4", mutates_args=())
-def _quantize_op(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+def _quantize_op(x: Tensor, block: int, segments: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
     if use_triton(x):
-        return quantize_int4_triton(x, block)
-    q, s = quantize_int4_reference(x, block)
+        return quantize_int4_triton(x, block, segments)
+    q, s = quantize_int4_reference(x, block, segments)
     return q.contiguous(), s.contiguous()
 
 
 @_quantize_op.register_fake
-def _(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, block: int, segments: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
     n = x.shape[-1] if x.dim() else 1
     lead = x.shape[:-1] if x.dim() else ()
     return (x.new_empty(*lead, value_bytes(n), dtype=torch.int8),
-            x.new_empty(*lead, num_blocks(n, block), dtype=torch.float32))
+            x.new_empty(*lead, num_blocks(n, block, segments), dtype=torch.float32))
 
 
 @torch.library.custom_op("zerograph::dequantize_int4", mutates_args=())
-def _dequantize_op(q: Tensor, scales: Tensor, block: int, n: int, dtype: torch.dtype) -> Tensor:
+def _dequantize_op(q: Tensor, scales: Tensor, block: int, n: int, dtype: torch.dtype,
+                   segments: Optional[Sequence[int]] = None) -> Tensor:
     if use_triton(q, scales):
-        return dequantize_int4_triton(q, scales, block, n, dtype)
-    return dequantize_int4_reference(q, scales, block, n, dtype).contiguous()
+        return dequantize_int4_triton(q, scales, block, n, dtype, segments)
+    return dequantize_int4_reference(q, scales, block, n, dtype, segments).contiguous()
 
 
 @_dequantize_op.register_fake
-def _(q: Tensor, scales: Tensor, block: int, n: int, dtype: torch.dtype) -> Tensor:
+def _(q: Tensor, scales: Tensor, block: int, n: int, dtype: torch.dtype,
+      segments: Optional[Sequence[int]] = None) -> Tensor:
     return q.new_empty(*q.shape[:-1], n, dtype=dtype)
 
 
@@ -231,16 +214,18 @@ DEQUANTIZE = torch.ops.zerograph.dequantize_int4.default
 # --------------------------------------------------------------------------- public functions
 
 
-def quantize_int4(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """``(packed, scales)`` of ``x`` in blocks of ``block`` elements along its last dimension."""
-    _check(x, block)
-    return torch.ops.zerograph.quantize_int4(x, block)
+def quantize_int4(x: Tensor, block: int, segments: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """``(packed, scales)`` of ``x`` in blocks of ``block`` elements along its
+    last dimension (restarting at each of ``segments``)."""
+    _check(x, block, segments)
+    return torch.ops.zerograph.quantize_int4(x, block, None if segments is None else list(segments))
 
 
-def dequantize_int4(q: Tensor, scales: Tensor, block: int, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize_int4(q: Tensor, scales: Tensor, block: int, n: int, dtype: torch.dtype = torch.float32,
+                    segments: Sequence[int] | None = None) -> Tensor:
     """The ``n`` values per row of ``q`` times their block scales, in ``dtype``."""
     if q.dtype != torch.int8 or scales.dtype != torch.float32:
         raise TypeError(f"dequantize_int4: expected int8 packed values and fp32 scales, got {q.dtype} and "
                         f"{scales.dtype}")
-    _check_packed(q, n)
-    return torch.ops.zerograph.dequantize_int4(q, scales, block, n, dtype)
+    _check_packed(q, n, segments)
+    return torch.ops.zerograph.dequantize_int4(q, scales, block, n, dtype, None if segments is None else list(segments))

@@ -2,8 +2,8 @@
 what the quantization of each message it sent left out, and adds it to the
 next message of the same reduction.
 
-``zerograph::quantize_with_feedback(x, bits, block, tag, key)`` replaces
-``quantize_int8(x, block)`` / ``quantize_int4(x, block)`` in the qgZ hops
+``zerograph::quantize_with_feedback(x, bits, block, tag, key, segments)`` replaces
+``quantize_int8(x, block, segments)`` / ``quantize_int4(x, block, segments)`` in the qgZ hops
 (:mod:`zerograph.passes.quantized_collectives`) and does, on this rank::
 
     c        = x + residual[key]          (x alone the first time)
@@ -35,6 +35,8 @@ code, and it runs once per reduction.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -48,14 +50,17 @@ log = logging.getLogger(__name__)
 
 def _codec_ops(bits: int):
     if bits == 8:
-        return quantize_int8.quantize_int8, lambda q, s, block, n: quantize_int8.dequantize_int8(q, s, block)
+        return (quantize_int8.quantize_int8,
+                lambda q, s, block, n, segments: quantize_int8.dequantize_int8(q, s, block, torch.float32, segments))
     if bits == 4:
-        return quantize_int4.quantize_int4, quantize_int4.dequantize_int4
+        return (quantize_int4.quantize_int4,
+                lambda q, s, block, n, segments: quantize_int4.dequantize_int4(q, s, block, n, torch.float32, segments))
     raise ValueError(f"quantize_with_feedback: bits must be 8 or 4, got {bits}")
 
 
 @torch.library.custom_op("zerograph::quantize_with_feedback", mutates_args=())
-def quantize_with_feedback(x: Tensor, bits: int, block: int, tag: str, key: str) -> tuple[Tensor, Tensor]:
+def quantize_with_feedback(x: Tensor, bits: int, block: int, tag: str, key: str,
+                           segments: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
     """``quantize(x + residual)``, keeping the new residual (module docstring)."""
     quantize, dequantize = _codec_ops(bits)
     store = registry.lookup(tag).qgz_residuals
@@ -66,17 +71,18 @@ def quantize_with_feedback(x: Tensor, bits: int, block: int, tag: str, key: str)
     elif held is not None:
         log.debug("qgZ error feedback: residual %s of shape %s does not match %s; starting from zero",
                   key, tuple(held.shape), tuple(c.shape))
-    q, s = quantize(c, block)
-    store[key] = c - dequantize(q, s, block, c.shape[-1])
+    q, s = quantize(c, block, segments)
+    store[key] = c - dequantize(q, s, block, c.shape[-1], segments)
     return q, s
 
 
 @quantize_with_feedback.register_fake
-def _(x: Tensor, bits: int, block: int, tag: str, key: str) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, bits: int, block: int, tag: str, key: str,
+      segments: Optional[Sequence[int]] = None) -> tuple[Tensor, Tensor]:
     n = x.shape[-1]
     values = n if bits == 8 else quantize_int4.value_bytes(n)
     return (x.new_empty(*x.shape[:-1], values, dtype=torch.int8),
-            x.new_empty(*x.shape[:-1], num_blocks(n, block), dtype=torch.float32))
+            x.new_empty(*x.shape[:-1], num_blocks(n, block, segments), dtype=torch.float32))
 
 
 QUANTIZE_WITH_FEEDBACK = torch.ops.zerograph.quantize_with_feedback.default

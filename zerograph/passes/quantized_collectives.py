@@ -10,6 +10,10 @@ passed in (a proxy has none).
 Every message is one int8 buffer: a rank's (or destination's) ``n`` int8
 values followed by its ``nb = ceil(n / block)`` fp32 scales viewed as ``4·nb``
 bytes, so each hop is a single collective of ``n + 4·nb`` bytes per part.
+A bucket's message (:class:`Codec` ``segments``: its parameters' lengths
+``n_i`` in each part) passes ``segments`` to the ops, so blocks restart at
+each parameter and ``nb = sum(ceil(n_i / block))``: no block mixes two
+parameters' values.
 
 :func:`quantized_all_gather` (qwZ) replaces ``wait(all_gather(x, W, g))`` for
 ``x`` of ``n`` elements::
@@ -77,6 +81,12 @@ class Codec:
     block: int = 256
     # qgZ error feedback: the model's tag (its residuals); None: off
     feedback: str | None = None
+    # a bucket's parameters' lengths in each part: blocks restart at each (None: one)
+    segments: tuple[int, ...] | None = None
+
+    def blocks(self, n: int) -> int:
+        """Scales of a row of ``n`` elements (``sum(ceil(n_i / block))`` over the segments)."""
+        return num_blocks(n, self.block, self.segments)
 
     def value_bytes(self, n: int) -> int:
         """Bytes of the coded values of a row of ``n`` elements."""
@@ -86,17 +96,22 @@ class Codec:
         """``(q, s)`` of ``x``; with error feedback and a ``key``, of ``x`` plus
         the residual the last message of ``key`` left (:mod:`zerograph.passes.error_feedback`)."""
         if self.feedback is not None and key is not None:
-            qs = emit("comm_prep", QUANTIZE_WITH_FEEDBACK(x, self.bits, self.block, self.feedback, key))
+            qs = emit("comm_prep", QUANTIZE_WITH_FEEDBACK(x, self.bits, self.block, self.feedback, key,
+                                                          *self._segments()))
         else:
             op = quantize_int8.QUANTIZE if self.bits == 8 else quantize_int4.QUANTIZE
-            qs = emit("comm_prep", op(x, self.block))
+            qs = emit("comm_prep", op(x, self.block, *self._segments()))
         return emit("comm_prep", operator.getitem(qs, 0)), emit("comm_prep", operator.getitem(qs, 1))
 
     def dequantize(self, q, s, n: int, dtype: torch.dtype, emit: Emit):
         """``q`` ``[..., value_bytes(n)]`` and ``s`` ``[..., nb]`` -> ``[..., n]`` in ``dtype``."""
         if self.bits == 8:
-            return emit("comm_prep", quantize_int8.DEQUANTIZE(q, s, self.block, dtype))
-        return emit("comm_prep", quantize_int4.DEQUANTIZE(q, s, self.block, n, dtype))
+            return emit("comm_prep", quantize_int8.DEQUANTIZE(q, s, self.block, dtype, *self._segments()))
+        return emit("comm_prep", quantize_int4.DEQUANTIZE(q, s, self.block, n, dtype, *self._segments()))
+
+    def _segments(self) -> list[list[int]]:
+        """The ops' trailing ``segments`` argument, left out for one segment."""
+        return [] if self.segments is None else [list(self.segments)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +149,7 @@ def quantized_all_gather(x, shape, dtype: torch.dtype, world: int, group_name: s
     sent as int8 (or packed int4) blocks and fp32 scales; the
     ``[world·shape[0], ...]`` result in ``dtype``."""
     n = math.prod(shape)
-    nb, nq = num_blocks(n, codec.block), codec.value_bytes(n)
+    nb, nq = codec.blocks(n), codec.value_bytes(n)
     rows = emit("comm_prep", aten.view.default(x, [1, n]))
     q, s = codec.quantize(rows, emit)
     buf = _pack(q, s, 1, nq, nb, emit)
@@ -148,7 +163,7 @@ def quantized_all_gather(x, shape, dtype: torch.dtype, world: int, group_name: s
 def _hop(t, size: int, rows: int, m: int, hop: Hop, codec: Codec, emit: Emit, key: str | None):
     """One quantized all-to-all: ``t`` ``[size, rows, m]`` fp32 (part ``i`` for
     group rank ``i``) -> ``[rows, m]`` fp32, the sum of what the ranks sent here."""
-    nb, mq = num_blocks(m, codec.block), codec.value_bytes(m)
+    nb, mq = codec.blocks(m), codec.value_bytes(m)
     flat = emit("comm_prep", aten.view.default(t, [size * rows, m]))
     q, s = codec.quantize(flat, emit, None if key is None else f"{key}/{hop.label}")
     buf = _pack(q, s, size, rows * mq, rows * nb, emit)

@@ -40,12 +40,21 @@ node, then across nodes; each hop dequantizes and sums in fp32. With
 (:mod:`zerograph.passes.error_feedback`) instead. Gradients all-reduced whole (parameters below the persistence
 threshold) stay full precision.
 
+**Buckets.** A collective that carries a bucket (``lower_markers`` with
+``allgather_bucket_size`` / ``reduce_bucket_size``) holds, in each rank's
+part, every parameter's padded shard one after another; the quantize and
+dequantize ops get those lengths as ``segments`` (read from the bucket's
+parameter specs), so blocks restart at each parameter: a small parameter
+next to a large one keeps its own scales and its own error bound.
+
 Details: ``quantized`` (the parameters of the rewritten collectives),
 ``collectives`` (how many), ``bytes_before`` / ``bytes_after`` (their
 buffers, ``comm_analysis``'s unit).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.fx as fx
@@ -115,6 +124,19 @@ def _params(nodes: list[fx.Node]) -> list[str]:
     return out
 
 
+def _segments(state, start: fx.Node, n: int) -> tuple[int, ...] | None:
+    """A bucket's parameters' lengths in each part of ``start``'s message
+    (``n`` elements): blocks restart at each. None for one parameter."""
+    tag = get_tag(start)
+    if not tag.bucket or len(tag.bucket) < 2:
+        return None
+    lengths = tuple(state.specs[p].chunk_rows * state.specs[p].row_numel for p in tag.bucket)
+    if sum(lengths) != n:
+        raise RuntimeError(f"zeropp: bucket {list(tag.bucket)} has parts of {n} elements, but its parameters' "
+                           f"shards sum to {sum(lengths)} ({list(lengths)}); {start.format_node()}")
+    return lengths
+
+
 def _finish(gm: fx.GraphModule, done: list[fx.Node], before: int, after: int) -> PassResult:
     if not done:
         return PassResult()
@@ -135,9 +157,10 @@ def quantize_weight_gathers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         x = start.args[0].meta["val"]
         before += _nbytes(_wait_of(start).meta.get("val"))
         world, group = start.args[1], start.args[2]
+        part = dataclasses.replace(codec, segments=_segments(ctx.state, start, x.numel()))
 
-        def fn(src, emit, shape=tuple(x.shape), dtype=x.dtype, world=world, group=group):
-            return quantized_all_gather(src, shape, dtype, world, group, codec, emit)
+        def fn(src, emit, shape=tuple(x.shape), dtype=x.dtype, world=world, group=group, part=part):
+            return quantized_all_gather(src, shape, dtype, world, group, part, emit)
 
         after += _rewrite(gm, start, fn, "quantize_weight_gathers")
     return _finish(gm, starts, before, after)
@@ -170,9 +193,10 @@ def quantize_grad_reduction(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
         tag = get_tag(start)
         key = ",".join(tag.bucket or (tag.param,))
+        part = dataclasses.replace(codec, segments=_segments(ctx.state, start, x.numel() // start.args[2]))
 
-        def fn(src, emit, shape=tuple(x.shape), dtype=x.dtype, hops=hops, key=key):
-            return quantized_reduce_scatter(src, shape, dtype, hops, codec, emit, key)
+        def fn(src, emit, shape=tuple(x.shape), dtype=x.dtype, hops=hops, key=key, part=part):
+            return quantized_reduce_scatter(src, shape, dtype, hops, part, emit, key)
 
         after += _rewrite(gm, start, fn, "quantize_grad_reduction")
     return _finish(gm, starts, before, after)
