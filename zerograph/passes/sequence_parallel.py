@@ -13,7 +13,9 @@ per-token and needs nothing; this pass rewrites the rest:
   all-to-all each: this rank's ``heads/sp`` heads of the whole sequence) and
   its output goes back through ``sp_heads_to_seq``. Key/value heads fewer
   than sp (grouped-query attention) are first repeated up to sp
-  (``repeat_interleave``), so each rank gets the one its query heads use;
+  (``repeat_interleave``), so each rank gets the one its query heads use.
+  With tensor parallelism ``tensor_parallel`` ran first: the heads here are
+  this tp rank's (sp × tp), and sp splits those;
 * **positions**: an ``arange`` of the local length that indexes an embedding
   (a learned positional embedding) starts at this rank's offset;
 * **loss**: a mean ``F.cross_entropy`` becomes the mean over the global
