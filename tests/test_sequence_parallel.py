@@ -428,7 +428,8 @@ def test_sequence_length_and_world_size_that_sp_does_not_divide_are_rejected(fak
         _errors(_Attention(), torch.randn(2, 7, 16))
     with pytest.raises(zerograph.ConfigError, match=r"sequence_parallel_size=4 does not divide the world size 2"):
         _errors(_Attention(), torch.randn(2, 8, 16), sp=4)
-    with pytest.raises(zerograph.ConfigError, match="sequence x tensor parallelism is not supported yet"):
+    with pytest.raises(zerograph.ConfigError, match=r"sequence_parallel_size=2 x tensor_parallel.autotp_size=2 needs "
+                                                    r"a world size that is a multiple of 4; this run has 2"):
         _errors(_Attention(), torch.randn(2, 8, 16), tensor_parallel={"autotp_size": 2})
 
 

@@ -160,9 +160,12 @@ def shard(
                 agree(setup_group, fingerprint, "zerograph.compile/shard")
             tp, tp_layouts, sp = None, None, None
             if cfg.sequence_parallel_size > 1:
-                dp, sp, dp_index = _sequence_parallel_setup(cfg, group, model_device)
+                dp, sp, tp, dp_index = _sequence_parallel_setup(cfg, group, model_device)
                 mesh = {"dp": dp.world_size // sp.world_size, "sp": sp.world_size}
                 coords = {"dp": dp_index, "sp": sp.rank}
+                if tp is not None:  # the ("dp", "sp", "tp") mesh; ZeRO shards over dp x sp of one tp index
+                    tp_layouts = _tp_layouts_of(model, cfg, example_batch, tp)
+                    mesh["tp"], coords["tp"] = tp.world_size, tp.rank
             elif cfg.tensor_parallel.autotp_size > 1:
                 dp, tp, tp_layouts = _tensor_parallel_setup(model, cfg, group, model_device, example_batch,
                                                             _tp_layouts)
@@ -272,20 +275,16 @@ def _tp_layouts_of(model, cfg: Config, example_batch, tp) -> dict:
 
 
 def _sequence_parallel_setup(cfg: Config, group, model_device):
-    """ZeRO's group (dp x sp ranks), the sequence-parallel group and this
-    rank's data-parallel index (docs/long_sequences.md)."""
-    from zerograph.runtime.sequence import data_and_sequence_parallel_groups
+    """ZeRO's group (dp x sp ranks of one tp index), the sequence-parallel
+    group, the tensor-parallel group (None without tensor parallelism) and
+    this rank's data-parallel index (docs/long_sequences.md)."""
+    from zerograph.runtime.sequence import sequence_parallel_groups
 
     sp = cfg.sequence_parallel_size
     if group is not None:
         raise ConfigError(f"sequence_parallel_size={sp} with a given data-parallel group (pipeline stages) is not "
                           "supported yet; remove sequence_parallel_size or the pipeline section")
-    if cfg.tensor_parallel.autotp_size > 1:
-        raise ConfigError(f"sequence_parallel_size={sp} with tensor_parallel.autotp_size="
-                          f"{cfg.tensor_parallel.autotp_size}: sequence x tensor parallelism is not supported yet; "
-                          "use one of them")
-    return data_and_sequence_parallel_groups(sp, cfg.zerograph.collective_timeout_s, cfg.zerograph.device,
-                                             model_device)
+    return sequence_parallel_groups(cfg, model_device)
 
 
 def batch_rows(model: nn.Module, global_rows: int) -> slice:

@@ -13,7 +13,9 @@ per-token and needs nothing; this pass rewrites the rest:
   all-to-all each: this rank's ``heads/sp`` heads of the whole sequence) and
   its output goes back through ``sp_heads_to_seq``. Key/value heads fewer
   than sp (grouped-query attention) are first repeated up to sp
-  (``repeat_interleave``), so each rank gets the one its query heads use;
+  (``repeat_interleave``), so each rank gets the one its query heads use.
+  With tensor parallelism ``tensor_parallel`` ran first: the heads here are
+  this tp rank's (sp × tp), and sp splits those;
 * **positions**: an ``arange`` of the local length that indexes an embedding
   (a learned positional embedding) starts at this rank's offset;
 * **loss**: a mean ``F.cross_entropy`` becomes the mean over the global
@@ -68,9 +70,11 @@ def _valid_sizes(heads: int, kv_heads: int) -> list[int]:
     return [d for d in range(1, heads + 1) if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
 
 
-def _check_heads(node: fx.Node, sp: int, has_key_mask: bool = False) -> int:
+def _check_heads(node: fx.Node, sp: int, has_key_mask: bool = False, tp: int = 1) -> int:
     """How many times each key/value head is repeated (1: none); raises
-    when sp cannot split the heads."""
+    when sp cannot split the heads. With tensor parallelism (``tp`` > 1) the
+    graph already holds this rank's heads (the ``tensor_parallel`` pass ran
+    first): sp splits those."""
     q, k = full_shape(_arg(node, 0, "query")), full_shape(_arg(node, 1, "key"))
     where = module_of(node)
     if q is None or k is None or len(q) != 4 or len(k) != 4:
@@ -85,8 +89,11 @@ def _check_heads(node: fx.Node, sp: int, has_key_mask: bool = False) -> int:
             "without a mask, or pass the padding as attention_mask to a Hugging Face model with "
             "attn_implementation=\"sdpa\"")
     if heads % sp or not (kv_heads % sp == 0 or sp % kv_heads == 0):
+        per_rank = (f" (per tensor-parallel rank: tensor_parallel.autotp_size={tp} split the model's heads; change "
+                    "autotp_size or sequence_parallel_size so that autotp_size x sequence_parallel_size divides the "
+                    "query heads)") if tp > 1 else ""
         raise SequenceParallelError(
-            f"sequence parallelism: {where}: {heads} query heads and {kv_heads} key/value heads cannot be split "
+            f"sequence parallelism: {where}: {heads} query heads and {kv_heads} key/value heads{per_rank} cannot be split "
             f"over sequence_parallel_size={sp} (sp must divide the query heads, and divide or be a multiple of "
             f"the key/value heads); valid sequence_parallel_size values: "
             f"{', '.join(map(str, _valid_sizes(heads, kv_heads)))}")
@@ -239,6 +246,7 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if state is None or getattr(state, "sp", None) is None:
         return PassResult()
     sp, tag = state.sp.world_size, state.tag
+    tp = state.tp.world_size if getattr(state, "tp", None) is not None else 1
     eager = sum(rewrite_matches(gm, (match_eager_attention,)).values())
     counts = {"eager_attention": eager, "attention": 0, "positions": 0, "loss": 0, "padding_masks": 0}
     seq_local = _local_seq(gm)
@@ -248,7 +256,7 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         if node.target in attention:
             key = _key_mask_input(node, sp) if node.target in SDPA_FUNCTIONS else None
-            repeat = _check_heads(node, sp, key is not None)
+            repeat = _check_heads(node, sp, key is not None, tp)
             if key is not None:
                 _global_mask(gm, node, key)
                 counts["padding_masks"] += 1
