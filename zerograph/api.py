@@ -281,8 +281,8 @@ def _sequence_parallel_setup(cfg: Config, group, model_device):
     if isinstance(group, PipelineGroups) and group.sp is not None:  # a pipeline stage (docs/pipeline.md)
         return group.zero, group.sp, group.dp.rank
     if group is not None:
-        raise ConfigError(f"sequence_parallel_size={sp} with a given data-parallel group (pipeline stages) is not "
-                          "supported yet; remove sequence_parallel_size or the pipeline section")
+        raise ConfigError(f"sequence_parallel_size={sp} with a given data-parallel group is not supported yet; "
+                          "remove sequence_parallel_size or the group (pipeline stages build their own)")
     if cfg.tensor_parallel.autotp_size > 1:
         raise ConfigError(f"sequence_parallel_size={sp} with tensor_parallel.autotp_size="
                           f"{cfg.tensor_parallel.autotp_size}: sequence x tensor parallelism is not supported yet; "

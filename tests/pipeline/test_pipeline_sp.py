@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from expecttest import assert_expected_inline
 
 import zerograph
 from tests import _harness, _models
 from tests._harness import TIMEOUT
 from tests.test_sequence_parallel import _ulysses_bytes
+from zerograph.graph.format import format_graph
+from zerograph.pipeline.build import trace
 from zerograph.runtime.launch import spawn
 
 GLOBAL_ROWS = 8  # rows per step: _harness.reference_run(model, world=2)
@@ -134,3 +137,39 @@ def test_pp_sp_with_tensor_parallelism_is_a_config_error():
     messages = spawn(_compile_pp_sp_tp, 2, timeout=TIMEOUT)
     for message in messages:
         assert message is not None and "sequence_parallel_size=2" in message and "autotp_size=2" in message
+
+
+def test_sequence_parallel_pass_on_an_aten_stage_graph(fake_world):
+    """A pipeline stage's graph is ATen (torch.export): the pass wraps
+    ``aten.scaled_dot_product_attention`` in the all-to-alls, starts the
+    learned positions' ``aten.arange`` at the rank's offset (rank 0: 0) and
+    makes ``aten.cross_entropy_loss`` the global mean (fake process group,
+    the nanoGPT model traced on its 8-token slice as the pipeline traces it)."""
+    gpt = _models.make_gpt()
+    idx, targets = _models.global_batch(0, 2)
+    gm = trace(gpt, (idx[:, :8], targets[:, :8]), None)
+    config = {"sequence_parallel_size": 2, "zerograph": {"verify_graphs": True, "device": "cpu"}}
+    model = zerograph.compile(gm, config)
+    zerograph.feed_sequence_slices(model)  # as pipeline stages do: the inputs are this rank's slices
+    model(idx[:, :8], targets[:, :8])[0].backward()
+    graph = format_graph(zerograph.inspect(model).regions[0]["graphs"]["dynamo"], canonical=True)
+    ops = ("aten.arange", "zerograph.sp_", "aten.cross_entropy", "ne(", "sum(", "div(", "aten.scaled_dot")
+    lines = [line for line in graph.splitlines() if line.split(" = ", 1)[-1].startswith(ops)]
+    assert_expected_inline("\n".join(lines), """\
+arange: i64[8] = aten.arange.start(0, 8, device=device(type='cpu'), pin_memory=False)
+sp_seq_to_heads_default: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose, 'zg0')
+sp_seq_to_heads_default_1: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose_1, 'zg0')
+sp_seq_to_heads_default_2: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose_2, 'zg0')
+scaled_dot_product_attention: f32[2, 1, 16, 15] = aten.scaled_dot_product_attention(sp_seq_to_heads_default, sp_seq_to_heads_default_1, sp_seq_to_heads_default_2, None, 0.0, True)
+sp_heads_to_seq_default: f32[2, 2, 8, 15] = zerograph.sp_heads_to_seq(scaled_dot_product_attention, 'zg0')
+sp_seq_to_heads_default_3: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose_4, 'zg0')
+sp_seq_to_heads_default_4: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose_5, 'zg0')
+sp_seq_to_heads_default_5: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose_6, 'zg0')
+scaled_dot_product_attention_1: f32[2, 1, 16, 15] = aten.scaled_dot_product_attention(sp_seq_to_heads_default_3, sp_seq_to_heads_default_4, sp_seq_to_heads_default_5, None, 0.0, True)
+sp_heads_to_seq_default_1: f32[2, 2, 8, 15] = zerograph.sp_heads_to_seq(scaled_dot_product_attention_1, 'zg0')
+cross_entropy_loss: f32[] = aten.cross_entropy_loss(to, flatten_1, reduction=2)
+sp_all_reduce_default: f32[] = zerograph.sp_all_reduce(cross_entropy_loss, 'zg0')
+ne: bool[16] = ne(flatten_1, -100)
+sum: f32[] = sum(ne, dtype=float32)
+sp_all_reduce_default_1: f32[] = zerograph.sp_all_reduce(sum, 'zg0')
+div: f32[] = div(sp_all_reduce_default, sp_all_reduce_default_1)""")

@@ -29,6 +29,12 @@ On a block ``sdpa(q, k, v, is_causal=True)`` at sp=2 (the golden test)::
     sp_heads_to_seq: f32[2, 4, 4, 4] = zerograph.sp_heads_to_seq(sdpa, 'zg0')
 
 ``lower_sp_markers`` lowers the markers to functional collectives.
+
+A pipeline stage's graph is ATen (``torch.export``): there the pass finds
+``aten.scaled_dot_product_attention`` (wrapped the same way),
+``aten.cross_entropy_loss`` (reduction 1 = mean becomes 2 = sum, then the
+same global mean) and ``aten.arange(n)`` indexing ``aten.embedding``
+(``aten.arange.start(offset, offset + n)``); docs/long_sequences.md.
 """
 
 from __future__ import annotations
