@@ -47,6 +47,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zerograph._torch_private import nn_binding
+from zerograph.graph.causal_mask import drop_constant_causal_mask
 from zerograph.graph.example_values import refresh_example_values
 from zerograph.graph.sp_ops import SP_ALL_REDUCE, SP_HEADS_TO_SEQ, SP_SEQ_TO_HEADS
 from zerograph.graph.tp_ops import full_shape, module_of
@@ -297,13 +298,15 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult()
     sp, tag = state.sp.world_size, state.tag
     eager = sum(rewrite_matches(gm, (match_eager_attention,)).values())
-    counts = {"eager_attention": eager, "attention": 0, "positions": 0, "loss": 0, "padding_masks": 0}
+    counts = {"eager_attention": eager, "attention": 0, "positions": 0, "loss": 0, "padding_masks": 0,
+              "causal_masks": 0}
     seq_local = _local_seq(gm)
     attention = _attention_functions()
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         if node.target in attention:
+            counts["causal_masks"] += drop_constant_causal_mask(gm, node)
             key = _key_mask_input(node, sp) if node.target in SDPA_FUNCTIONS else None
             repeat = _check_heads(node, sp, key is not None)
             if key is not None:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zerograph.config import Config, ConfigError, PipelineConfig
+from zerograph.graph.causal_mask import drop_constant_causal_mask
 from zerograph.pipeline import step as step_mod
 from zerograph.pipeline.modes import follow_training_mode
 from zerograph.pipeline.runtime import PipelineModel
@@ -95,6 +96,10 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
     micro = step_mod.with_tensors(micro, [t.to(device) for t in step_mod.flat_tensors(micro)])
     layouts = split_tp(model, micro, groups.tp) if groups.tp is not None else {}
     gm = trace(model, micro, loss_fn)
+    if sp > 1:  # a traced causal mask would cross stage boundaries as an activation: is_causal before the split
+        dropped = sum(drop_constant_causal_mask(gm, n) for n in list(gm.graph.nodes) if n.op == "call_function")
+        if dropped:
+            gm.recompile()
     split = split_graph(gm, p * v, cfg.pipeline.split_points)
     log.info("pipeline split of %s:\n%s", type(model).__name__, split.describe())
     mine = schedule.stages_of(groups.stage)  # this rank's model stages

@@ -99,6 +99,21 @@ def data_parallel_group(
 
 
 @dataclasses.dataclass(frozen=True)
+class SequenceParallelGroup:
+    """This rank's sequence-parallel group: ``world_size`` ranks that each
+    hold ``1/world_size`` of every sequence."""
+
+    rank: int  # this rank's sp index
+    world_size: int  # sp
+    mesh: object  # the DeviceMesh with an "sp" dimension: ("dp", "sp"), or ("pp", "dp", "sp") with stages
+    group_name: str
+
+    @property
+    def group(self):
+        return self.mesh["sp"].get_group()
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineGroups:
     """This rank's place on the (pipeline x data-parallel x sequence-parallel x
     tensor-parallel) mesh.
@@ -118,7 +133,7 @@ class PipelineGroups:
     stages: int
     dp: DataParallelGroup
     tp: "TensorParallelGroup | None" = None  # None: no tensor parallelism (tp = 1)
-    sp: "object | None" = None  # runtime.sequence.SequenceParallelGroup; None: sp = 1
+    sp: SequenceParallelGroup | None = None  # None: no sequence parallelism (sp = 1)
     zero: DataParallelGroup | None = None  # with sp: the stage's dp x sp ranks, which ZeRO shards over
 
     @property
@@ -204,7 +219,6 @@ def pipeline_groups(stages: int, timeout_s: float = 300.0, device: str | None = 
 def _pipeline_sp_groups(stages: int, sp: int, timeout_s: float, dev: torch.device, world: int) -> PipelineGroups:
     """The (pp, dp, sp) mesh: sp ranks adjacent, ZeRO over each stage's dp x sp ranks."""
     from zerograph.config import ConfigError
-    from zerograph.runtime.sequence import SequenceParallelGroup
 
     if world % (stages * sp):
         raise ConfigError(
