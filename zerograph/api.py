@@ -277,13 +277,17 @@ def _tp_layouts_of(model, cfg: Config, example_batch, tp) -> dict:
 def _sequence_parallel_setup(cfg: Config, group, model_device):
     """ZeRO's group (dp x sp ranks of one tp index), the sequence-parallel
     group, the tensor-parallel group (None without tensor parallelism) and
-    this rank's data-parallel index (docs/long_sequences.md)."""
+    this rank's data-parallel index (docs/long_sequences.md); ``group``: a
+    pipeline stage's :class:`PipelineGroups` with its sp group, or None
+    (every rank)."""
     from zerograph.runtime.sequence import sequence_parallel_groups
 
     sp = cfg.sequence_parallel_size
+    if isinstance(group, PipelineGroups) and group.sp is not None:  # a pipeline stage (docs/pipeline.md)
+        return group.zero, group.sp, None, group.dp.rank  # pp x sp x tp is a ConfigError (pipeline/build.py)
     if group is not None:
-        raise ConfigError(f"sequence_parallel_size={sp} with a given data-parallel group (pipeline stages) is not "
-                          "supported yet; remove sequence_parallel_size or the pipeline section")
+        raise ConfigError(f"sequence_parallel_size={sp} with a given data-parallel group is not supported yet; "
+                          "remove sequence_parallel_size or the group (pipeline stages build their own)")
     return sequence_parallel_groups(cfg, model_device)
 
 

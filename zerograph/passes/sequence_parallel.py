@@ -31,6 +31,12 @@ On a block ``sdpa(q, k, v, is_causal=True)`` at sp=2 (the golden test)::
     sp_heads_to_seq: f32[2, 4, 4, 4] = zerograph.sp_heads_to_seq(sdpa, 'zg0')
 
 ``lower_sp_markers`` lowers the markers to functional collectives.
+
+A pipeline stage's graph is ATen (``torch.export``): there the pass finds
+``aten.scaled_dot_product_attention`` (wrapped the same way),
+``aten.cross_entropy_loss`` (reduction 1 = mean becomes 2 = sum, then the
+same global mean) and ``aten.arange(n)`` indexing ``aten.embedding``
+(``aten.arange.start(offset, offset + n)``); docs/long_sequences.md.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zerograph._torch_private import nn_binding
+from zerograph.graph.causal_mask import drop_constant_causal_mask
 from zerograph.graph.example_values import refresh_example_values
 from zerograph.graph.sp_ops import SP_ALL_REDUCE, SP_HEADS_TO_SEQ, SP_SEQ_TO_HEADS
 from zerograph.graph.tp_ops import full_shape, module_of
@@ -54,9 +61,14 @@ from zerograph.runtime.sequence import SequenceParallelError
 
 log = logging.getLogger(__name__)
 
-SDPA_FUNCTIONS = (nn_binding("scaled_dot_product_attention"), F.scaled_dot_product_attention)
+_aten = torch.ops.aten
+# torch-level (Dynamo graphs of an nn.Module) and ATen (a pipeline stage's torch.export graph)
+SDPA_FUNCTIONS = (nn_binding("scaled_dot_product_attention"), F.scaled_dot_product_attention,
+                  _aten.scaled_dot_product_attention.default)
 CROSS_ENTROPY = (F.cross_entropy,)
+ATEN_CROSS_ENTROPY = (_aten.cross_entropy_loss.default,)
 EMBEDDINGS = (F.embedding,)
+ATEN_EMBEDDINGS = (_aten.embedding.default,)  # (weight, indices): the indices are argument 1
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 # ops a position index passes through on its way to an embedding
 _INDEX_OPS = ("unsqueeze", "view", "expand", "reshape", "to", "long", "int", "contiguous", "flatten")
@@ -171,6 +183,8 @@ def _feeds_embedding(node: fx.Node, depth: int = 5) -> bool:
     for user in node.users:
         if user.op == "call_function" and user.target in EMBEDDINGS and _arg(user, 0, "input") is node:
             return True
+        if user.op == "call_function" and user.target in ATEN_EMBEDDINGS and _arg(user, 1, "indices") is node:
+            return True
         name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
         if depth > 0 and name in _INDEX_OPS and _feeds_embedding(user, depth - 1):
             return True
@@ -178,7 +192,12 @@ def _feeds_embedding(node: fx.Node, depth: int = 5) -> bool:
 
 
 def _offset_positions(gm: fx.GraphModule, node: fx.Node, seq_local: int, offset: int) -> bool:
-    """``arange(seq_local)`` indexing an embedding -> ``arange(offset, offset + seq_local)``."""
+    """``arange(seq_local)`` indexing an embedding -> ``arange(offset, offset + seq_local)``
+    (ATen: ``aten.arange.default(n)`` -> ``aten.arange.start(offset, offset + n)``)."""
+    if node.op == "call_function" and node.target is _aten.arange.default and _feeds_embedding(node) \
+            and len(node.args) == 1 and node.args[0] == seq_local:
+        node.target, node.args = _aten.arange.start, (offset, offset + seq_local)
+        return True
     if node.op != "call_function" or node.target is not torch.arange or not _feeds_embedding(node):
         return False
     args = list(node.args)
@@ -228,6 +247,45 @@ def _global_loss(gm: fx.GraphModule, node: fx.Node, tag: str) -> bool:
     return True
 
 
+_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # ATen's reduction enum
+
+
+def _global_aten_loss(gm: fx.GraphModule, node: fx.Node, tag: str) -> bool:
+    """``aten.cross_entropy_loss(input, target, weight, reduction, ignore_index,
+    label_smoothing)`` (a pipeline stage's graph) as :func:`_global_loss`
+    rewrites ``F.cross_entropy``."""
+    names = ("input", "target", "weight", "reduction", "ignore_index", "label_smoothing")
+    kwargs = {**{names[i]: a for i, a in enumerate(node.args[2:], 2)}, **node.kwargs}
+    graph = gm.graph
+    reduction = _REDUCTIONS[kwargs.get("reduction", 1)]
+    if reduction == "none":
+        log.warning("sequence parallelism: %s: cross_entropy without a mean or sum reduction keeps this rank's "
+                    "part of each sequence; reduce it over the sequence-parallel group yourself", module_of(node))
+        return False
+    if kwargs.get("weight") is not None:
+        raise SequenceParallelError(
+            f"sequence parallelism: {module_of(node)}: cross_entropy with class weights is not supported yet")
+    target, ignore = node.args[1], kwargs.get("ignore_index", -100)
+    node.args = (*node.args[:3], 2, *node.args[4:]) if len(node.args) > 3 else node.args
+    if len(node.args) <= 3:
+        node.kwargs = {**node.kwargs, "reduction": 2}
+    with graph.inserting_after(node):
+        total = graph.call_function(SP_ALL_REDUCE, (node, tag))
+    out = total
+    if reduction == "mean":
+        dtype = getattr(node.meta.get("example_value"), "dtype", torch.float32)
+        with graph.inserting_after(total):
+            kept = graph.call_function(torch.ne, (target, ignore))
+        with graph.inserting_after(kept):
+            count = graph.call_function(torch.sum, (kept,), {"dtype": dtype})
+        with graph.inserting_after(count):
+            count_all = graph.call_function(SP_ALL_REDUCE, (count, tag))
+        with graph.inserting_after(count_all):
+            out = graph.call_function(torch.div, (total, count_all))
+    node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not total)
+    return True
+
+
 def _attention_functions() -> tuple:
     return (*SDPA_FUNCTIONS, _kernel("attention", "attention"))
 
@@ -248,13 +306,15 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     sp, tag = state.sp.world_size, state.tag
     tp = state.tp.world_size if getattr(state, "tp", None) is not None else 1
     eager = sum(rewrite_matches(gm, (match_eager_attention,)).values())
-    counts = {"eager_attention": eager, "attention": 0, "positions": 0, "loss": 0, "padding_masks": 0}
+    counts = {"eager_attention": eager, "attention": 0, "positions": 0, "loss": 0, "padding_masks": 0,
+              "causal_masks": 0}
     seq_local = _local_seq(gm)
     attention = _attention_functions()
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         if node.target in attention:
+            counts["causal_masks"] += drop_constant_causal_mask(gm, node)
             key = _key_mask_input(node, sp) if node.target in SDPA_FUNCTIONS else None
             repeat = _check_heads(node, sp, key is not None, tp)
             if key is not None:
@@ -264,6 +324,8 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             counts["attention"] += 1
         elif node.target in CROSS_ENTROPY:
             counts["loss"] += _global_loss(gm, node, tag)
+        elif node.target in ATEN_CROSS_ENTROPY:
+            counts["loss"] += _global_aten_loss(gm, node, tag)
         elif seq_local is not None and _offset_positions(gm, node, seq_local, state.sp.rank * seq_local):
             counts["positions"] += 1
     padded = [n for n in gm.graph.nodes if seq_local is not None and _is_padding_input(n, None, sp * seq_local)]

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zerograph.config import Config, ConfigError, PipelineConfig
+from zerograph.graph.causal_mask import drop_constant_causal_mask
 from zerograph.pipeline import step as step_mod
 from zerograph.pipeline.modes import follow_training_mode
 from zerograph.pipeline.runtime import PipelineModel
@@ -17,6 +18,7 @@ from zerograph.pipeline.schedule import build
 from zerograph.pipeline.simulate import format_grid, simulate
 from zerograph.pipeline.split import split_graph
 from zerograph.runtime.dist import pipeline_groups
+from zerograph.runtime.sequence import slice_sequences
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +79,27 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
         raise ConfigError(str(exc)) from None
     timeline = simulate(schedule)  # raises ScheduleError before anything runs
     tp = max(1, cfg.tensor_parallel.autotp_size)  # 0 (DeepSpeed's default) or 1: no tensor parallelism
-    groups = pipeline_groups(p, cfg.zerograph.collective_timeout_s, getattr(cfg.zerograph, "device", None), tp=tp)
+    sp = cfg.sequence_parallel_size
+    if sp > 1 and tp > 1:
+        raise ConfigError(
+            f"pipeline.stages={p} with sequence_parallel_size={sp} and tensor_parallel.autotp_size={tp}: "
+            "pipeline x sequence x tensor parallelism is not supported yet; drop one of them")
+    groups = pipeline_groups(p, cfg.zerograph.collective_timeout_s, getattr(cfg.zerograph, "device", None), tp=tp,
+                             sp=sp)
     cfg.resolve_batch(groups.dp.world_size)
     log.info("pipeline schedule %s (bubble %.3f):\n%s", schedule.name, timeline.bubble_fraction, format_grid(timeline))
     device = groups.dp.device
     fallback = {k: v.detach() for k, v in model.state_dict().items()}
     model.to(device)
-    micro = step_mod.split_batch(example_batch, m)[0]
+    cut = sequence_cutter(model, groups) if sp > 1 else None  # each sp rank traces its slice of the sequence
+    micro = step_mod.split_batch(cut(example_batch) if cut else example_batch, m)[0]
     micro = step_mod.with_tensors(micro, [t.to(device) for t in step_mod.flat_tensors(micro)])
     layouts = split_tp(model, micro, groups.tp) if groups.tp is not None else {}
     gm = trace(model, micro, loss_fn)
+    if sp > 1:  # a traced causal mask would cross stage boundaries as an activation: is_causal before the split
+        dropped = sum(drop_constant_causal_mask(gm, n) for n in list(gm.graph.nodes) if n.op == "call_function")
+        if dropped:
+            gm.recompile()
     split = split_graph(gm, p * v, cfg.pipeline.split_points)
     log.info("pipeline split of %s:\n%s", type(model).__name__, split.describe())
     mine = schedule.stages_of(groups.stage)  # this rank's model stages
@@ -112,7 +125,11 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
             st.module = None
     for module in modules.values():  # dropout follows stage.training (model.eval() for eval_step)
         follow_training_mode(module)
-    if groups.tp is None:
+    if groups.sp is not None:  # ZeRO over the stage's dp x sp ranks; the sp pass finds the ATen attention
+        chunks = {k: compile_stage(modules[k], stage_cfg, group=groups) for k in mine}
+        for chunk in chunks.values():  # the pipeline cut the batch (cut above); activations are sequence shards
+            chunk._zg_runtime.ctx.sp_presliced = True
+    elif groups.tp is None:
         chunks = {k: compile_stage(modules[k], stage_cfg, group=groups.dp) for k in mine}
     else:  # each stage's parameters cut as the whole model's are (stage key -> the user's keys -> layout)
         chunks = {k: compile_stage(modules[k], stage_cfg, group=groups,
@@ -120,8 +137,46 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
     for k, chunk in chunks.items():  # the memory limit checks a stage's regions on their own (backend._step_order)
         chunk._zg_runtime.ctx.enter_pipeline(k, p, groups.stage)
     shapes = [tuple(t.shape) for t in step_mod.flat_tensors(micro)]
-    return PipelineModel(chunks, split, schedule, groups, cfg.gradient_clipping, shapes, fallback,
+    pipe = PipelineModel(chunks, split, schedule, groups, cfg.gradient_clipping, shapes, fallback,
                          {k: keys[k] for k in mine})
+    pipe.cut_sequences = cut
+    return pipe
+
+
+class _SequenceSlice:
+    """``sequence_slice`` of this rank's sp index (what ``slice_sequences`` reads of a plan)."""
+
+    def __init__(self, sp: int, index: int):
+        self.sp, self.index = sp, index
+
+    def sequence_slice(self, seq_len: int) -> slice:
+        if seq_len % self.sp:
+            raise ValueError(f"a sequence of {seq_len} tokens does not split over sequence_parallel_size={self.sp} "
+                             f"ranks; pad the sequences to a multiple of {self.sp} (labels -100 on the padding)")
+        per = seq_len // self.sp
+        return slice(self.index * per, (self.index + 1) * per)
+
+
+def sequence_cutter(model: nn.Module, groups) -> Callable:
+    """``batch -> batch`` with every sequence cut to this rank's sp slice, as
+    a non-pipeline sp model cuts its call's arguments (Hugging Face labels
+    shifted first, global ``position_ids`` added): the first stage reads the
+    sliced inputs, the stages using labels or positions their slices."""
+    where = _SequenceSlice(groups.sp.world_size, groups.sp.rank)
+
+    def cut(batch):
+        if isinstance(batch, dict):
+            out = slice_sequences(model, where, (), batch)[1]
+            if isinstance(out.get("attention_mask"), torch.Tensor):  # padding: attention needs every key's
+                raise ValueError(
+                    "sequence_parallel_size > 1 with pipeline stages: an attention_mask with padding is not "
+                    "supported yet; pad on the right with labels -100 and pass no attention_mask")
+            return out
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(slice_sequences(model, where, tuple(batch), {})[0])
+        return slice_sequences(model, where, (batch,), {})[0][0]
+
+    return cut
 
 
 def _untie_copies_on_one_rank(split, mine) -> None:
@@ -157,7 +212,8 @@ def _seed_from_first_rank(module: nn.Module, groups) -> None:
     """Every rank of a stage (data- and tensor-parallel) starts from its first
     rank's values: a broadcast over the dp group from dp index 0, then over
     the tp group from tp index 0."""
-    subgroups = [g.group for g in (groups.dp, groups.tp) if g is not None and g.world_size > 1]
+    inner = (groups.zero,) if groups.zero is not None else (groups.dp, groups.tp)  # zero: the stage's dp x sp
+    subgroups = [g.group for g in inner if g is not None and g.world_size > 1]
     for group in subgroups:
         src = dist.get_global_rank(group, 0)
         for tensor in module.state_dict(keep_vars=True).values():

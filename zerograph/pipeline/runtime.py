@@ -122,9 +122,15 @@ class PipelineModel(nn.Module):
         """``(model stage, runtime)`` of each stage this rank runs (``zerograph.inspect``)."""
         return [(k, chunk._zg_runtime) for k, chunk in zip(self.stage_ids, self.chunks)]
 
+    cut_sequences = None  # with sequence_parallel_size > 1: batch -> this rank's slice of every sequence
+
     @property
     def _tp_size(self) -> int:
         return self.groups.tp.world_size if self.groups.tp is not None else 1
+
+    @property
+    def _sp_size(self) -> int:
+        return self.groups.sp.world_size if self.groups.sp is not None else 1
 
     def _rank_of_stage(self, k: int) -> int:
         return self.groups.rank_of(k % self.groups.stages)
@@ -150,21 +156,22 @@ class PipelineModel(nn.Module):
         mesh = self.groups.mesh
         if not dist.is_initialized():
             return out
-        mine = (mesh.index("dp"), mesh.index("tp"))
+        mine = (mesh.index("dp"), mesh.index("sp"), mesh.index("tp"))
+        inner = [(d, s, t) for d in range(mesh.size("dp")) for s in range(mesh.size("sp"))
+                 for t in range(mesh.size("tp"))]
         for name in sorted(self._split.tied):
             stages = self._split.tied[name]
-            for d in range(mesh.size("dp")):
-                for t in range(mesh.size("tp")):  # copies pair up by (dp, tp) index, as activations do
-                    ranks = list(dict.fromkeys(self.groups.rank_of(k % self.groups.stages, dp=d, tp=t)
-                                               for k in stages))
-                    timeout = datetime.timedelta(seconds=self._timeout_s)
-                    group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
-                    if (d, t) != mine:
-                        continue
-                    for k in stages:
-                        if k in self._modules_by_stage:
-                            target = self._split.tied_names[name][k]
-                            out.append((name, k, _parameter(self._modules_by_stage[k], target), group, ranks))
+            for d, s, t in inner:  # copies pair up by (dp, sp, tp) index, as activations do
+                ranks = list(dict.fromkeys(self.groups.rank_of(k % self.groups.stages, dp=d, sp=s, tp=t)
+                                           for k in stages))
+                timeout = datetime.timedelta(seconds=self._timeout_s)
+                group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
+                if (d, s, t) != mine:
+                    continue
+                for k in stages:
+                    if k in self._modules_by_stage:
+                        target = self._split.tied_names[name][k]
+                        out.append((name, k, _parameter(self._modules_by_stage[k], target), group, ranks))
         return out
 
     def _copies_by_name(self):
@@ -206,6 +213,7 @@ class PipelineModel(nn.Module):
         t0 = time.perf_counter()
         step = self._zg_runtime.ctx.step + 1  # the optimizer step in progress, for error messages
         device = self.groups.dp.device
+        batch = self.cut_sequences(batch) if self.cut_sequences is not None else batch
         inputs = self._micro_inputs(batch, device, "train_step")
         try:
             compute_s, losses = self._run(inputs, device)
@@ -260,6 +268,7 @@ class PipelineModel(nn.Module):
         ``model.train()`` before training again. Collective: call it on every rank."""
         device = self.groups.dp.device
         step = self._zg_runtime.ctx.step + 1
+        batch = self.cut_sequences(batch) if self.cut_sequences is not None else batch
         inputs = self._micro_inputs(batch, device, "eval_step")
         phase = self._phase
         try:
@@ -416,8 +425,9 @@ class PipelineModel(nn.Module):
     def _mean_loss(self, losses, device) -> float:
         total = torch.zeros((), dtype=torch.float32, device=device)
         if losses:
-            # every rank of the last stage holds its dp index's loss (the tp ranks the same one)
-            total += torch.stack([x.float() for x in losses]).mean() / (self.groups.dp.world_size * self._tp_size)
+            # every rank of the last stage holds its dp index's loss (the sp and tp ranks the same one)
+            inner = self._sp_size * self._tp_size
+            total += torch.stack([x.float() for x in losses]).mean() / (self.groups.dp.world_size * inner)
         if dist.is_initialized():
             dist.all_reduce(total)  # the last stage's ranks hold the loss; every rank gets it
         return float(total)
@@ -425,7 +435,7 @@ class PipelineModel(nn.Module):
     def _clip_grads(self, device) -> None:
         """Clip by the global L2 norm over every stage's gradients (a tied
         parameter counts once), as ``clip_grad_norm_`` on the whole model would."""
-        dp, tp = self.groups.dp.world_size, self._tp_size
+        dp, tp = self.groups.dp.world_size * self._sp_size, self._tp_size  # dp: the ranks ZeRO shards over
         skip = {id(p) for name, k, p, _, _ in self._tie_groups if self._split.tied[name][0] != k}
         split = {i: r for chunk in self.chunks for i, r in chunk._zg_runtime._tp_split().items()}  # tp slices
         grads = []

@@ -99,21 +99,42 @@ def data_parallel_group(
 
 
 @dataclasses.dataclass(frozen=True)
-class PipelineGroups:
-    """This rank's place on the (pipeline x data-parallel x tensor-parallel) mesh.
+class SequenceParallelGroup:
+    """This rank's sequence-parallel group: ``world_size`` ranks that each
+    hold ``1/world_size`` of every sequence."""
 
-    Global rank ``r = (stage * dp + dp_index) * tp + tp_index`` (the plan's
-    ``("pp", "dp", "sp", "tp")`` order, :class:`zerograph.runtime.plan.DeviceMeshPlan`,
-    with sp = 1): each stage's ``dp`` ranks of one tp index form its
-    data-parallel group (ZeRO shards there), its ``tp`` ranks of one dp index
-    its tensor-parallel group, and the ranks with the same (dp, tp) indices
-    form one pipeline (stages exchange activations with the same tp index).
+    rank: int  # this rank's sp index
+    world_size: int  # sp
+    mesh: object  # the DeviceMesh with an "sp" dimension: ("dp", "sp"), or ("pp", "dp", "sp") with stages
+    group_name: str
+
+    @property
+    def group(self):
+        return self.mesh["sp"].get_group()
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineGroups:
+    """This rank's place on the (pipeline x data-parallel x sequence-parallel x
+    tensor-parallel) mesh.
+
+    Global rank ``r = ((stage * dp + dp_index) * sp + sp_index) * tp + tp_index``
+    (the plan's ``("pp", "dp", "sp", "tp")`` order,
+    :class:`zerograph.runtime.plan.DeviceMeshPlan`; sp or tp is 1): each
+    stage's ``dp`` ranks of one (sp, tp) index form its data-parallel group,
+    its ``tp`` ranks of one dp index its tensor-parallel group, its ``sp``
+    ranks of one dp index its sequence-parallel group, and the ranks with the
+    same (dp, sp, tp) indices form one pipeline (stages exchange activations,
+    sequence shards with sp, with the same indices). ZeRO shards over the
+    stage's dp ranks, with sp over its dp x sp ranks (``zero``).
     """
 
     stage: int
     stages: int
     dp: DataParallelGroup
     tp: "TensorParallelGroup | None" = None  # None: no tensor parallelism (tp = 1)
+    sp: SequenceParallelGroup | None = None  # None: no sequence parallelism (sp = 1)
+    zero: DataParallelGroup | None = None  # with sp: the stage's dp x sp ranks, which ZeRO shards over
 
     @property
     def mesh(self):
@@ -121,8 +142,9 @@ class PipelineGroups:
         from zerograph.runtime.plan import MESH_DIMS, DeviceMeshPlan
 
         tp, tp_index = (self.tp.world_size, self.tp.rank) if self.tp is not None else (1, 0)
-        sizes = {"pp": self.stages, "dp": self.dp.world_size, "tp": tp}
-        coords = {"pp": self.stage, "dp": self.dp.rank, "tp": tp_index}
+        sp, sp_index = (self.sp.world_size, self.sp.rank) if self.sp is not None else (1, 0)
+        sizes = {"pp": self.stages, "dp": self.dp.world_size, "sp": sp, "tp": tp}
+        coords = {"pp": self.stage, "dp": self.dp.rank, "sp": sp_index, "tp": tp_index}
         return DeviceMeshPlan(sizes=tuple((d, sizes.get(d, 1)) for d in MESH_DIMS),
                               coords=tuple((d, coords.get(d, 0)) for d in MESH_DIMS))
 
@@ -133,15 +155,19 @@ class PipelineGroups:
 
     @property
     def group(self):
-        """Every rank of this rank's stage (dp x tp): the stage model's group."""
+        """Every rank of this rank's stage (dp x sp x tp): the stage model's group."""
+        if self.zero is not None:
+            return self.zero.group
         return self.tp.model_group if self.tp is not None else self.dp.group
 
 
 def pipeline_groups(stages: int, timeout_s: float = 300.0, device: str | None = None,
-                    tp: int = 1) -> PipelineGroups:
+                    tp: int = 1, sp: int = 1) -> PipelineGroups:
     ensure_process_group(timeout_s)
     dev = default_device(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if sp > 1:
+        return _pipeline_sp_groups(stages, sp, timeout_s, dev, world)
     if tp > 1 and (world % (stages * tp) or world < stages * tp):
         from zerograph.config import ConfigError
 
@@ -188,6 +214,35 @@ def pipeline_groups(stages: int, timeout_s: float = 300.0, device: str | None = 
     log.info("pipeline mesh: %d stage(s) x %d data-parallel x %d tensor-parallel rank(s); this rank is stage %d",
              stages, dp, tp, stage)
     return PipelineGroups(stage=stage, stages=stages, dp=group, tp=tp_group)
+
+
+def _pipeline_sp_groups(stages: int, sp: int, timeout_s: float, dev: torch.device, world: int) -> PipelineGroups:
+    """The (pp, dp, sp) mesh: sp ranks adjacent, ZeRO over each stage's dp x sp ranks."""
+    from zerograph.config import ConfigError
+
+    if world % (stages * sp):
+        raise ConfigError(
+            f"pipeline.stages={stages} x sequence_parallel_size={sp} needs a world size that is a multiple of "
+            f"{stages * sp}; this run has {world} rank(s): launch stages x data-parallel x sequence-parallel ranks")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp = world // (stages * sp)
+    rank = dist.get_rank()
+    stage, rest = divmod(rank, dp * sp)
+    dp_rank, sp_rank = divmod(rest, sp)
+    apply_collective_timeout(dist.group.WORLD, timeout_s)
+    mesh = init_device_mesh(dev.type, (stages, dp, sp), mesh_dim_names=("pp", "dp", "sp"))
+    zero_mesh = init_device_mesh(dev.type, (stages, dp * sp), mesh_dim_names=("pp", "dp"))  # a stage's dp x sp
+    for sub in (mesh["dp"], mesh["sp"], zero_mesh["dp"]):
+        apply_collective_timeout(sub.get_group(), timeout_s)
+    group = DataParallelGroup(rank=dp_rank, world_size=dp, device=dev, mesh=mesh["dp"] if dp > 1 else None,
+                              group_name=mesh["dp"].get_group().group_name if dp > 1 else "")
+    zero = DataParallelGroup(rank=rest, world_size=dp * sp, device=dev, mesh=zero_mesh["dp"],
+                             group_name=zero_mesh["dp"].get_group().group_name)
+    seq = SequenceParallelGroup(rank=sp_rank, world_size=sp, mesh=mesh, group_name=mesh["sp"].get_group().group_name)
+    log.info("pipeline mesh: %d stage(s) x %d data-parallel x %d sequence-parallel rank(s); this rank is stage %d",
+             stages, dp, sp, stage)
+    return PipelineGroups(stage=stage, stages=stages, dp=group, sp=seq, zero=zero)
 
 
 def apply_collective_timeout(group, timeout_s: float) -> None:

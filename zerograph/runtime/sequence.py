@@ -29,14 +29,14 @@ ids) keeps this rank's positions. Before cutting it
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 
 import torch
 
-from zerograph.runtime.dist import (
+from zerograph.runtime.dist import (  # noqa: F401  (SequenceParallelGroup: re-exported)
     DataParallelGroup,
+    SequenceParallelGroup,
     data_parallel_group,
     default_device,
     apply_collective_timeout,
@@ -53,21 +53,6 @@ IGNORE_INDEX = -100  # PyTorch's and Hugging Face's ignored label
 class SequenceParallelError(ValueError):
     """A model the sequence-parallel pass cannot split (the message names the
     module, the counts and the fix)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SequenceParallelGroup:
-    """This rank's sequence-parallel group: ``world_size`` ranks that each
-    hold ``1/world_size`` of every sequence."""
-
-    rank: int  # this rank's sp index
-    world_size: int  # sp
-    mesh: object  # the DeviceMesh ("dp", "sp"), or ("dp", "sp", "tp") with tensor parallelism
-    group_name: str
-
-    @property
-    def group(self):
-        return self.mesh["sp"].get_group()
 
 
 def data_and_sequence_parallel_groups(

@@ -1,0 +1,166 @@
+"""Ulysses sequence parallelism x pipeline stages (sp x pp) on one
+(pp, dp, sp) mesh, global rank = (pp_i * dp + dp_i) * sp + sp_i
+(docs/long_sequences.md#sequence-parallelism-with-pipeline-stages).
+
+Real gloo ranks (new processes, as tests/pipeline/test_pipeline_tp.py: each
+stage's step check is a subgroup that can recur in a reused pool rank,
+docs/testing.md) train 5 AdamW steps with ``train_step`` on the same global
+batches as single-process eager PyTorch on the full sequence
+(``tests/_harness.reference_run``); each sp rank gets its data-parallel
+index's full rows and the pipeline cuts the sequences itself. Every step's
+loss and every full parameter afterwards must match (fp32, rtol 1e-5).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from expecttest import assert_expected_inline
+
+import zerograph
+from tests import _harness, _models
+from tests._harness import TIMEOUT
+from tests.test_sequence_parallel import _ulysses_bytes
+from zerograph.graph.format import format_graph
+from zerograph.pipeline.build import trace
+from zerograph.runtime.launch import spawn
+
+GLOBAL_ROWS = 8  # rows per step: _harness.reference_run(model, world=2)
+
+
+def _batch(name: str, step: int, rows: int):
+    idx, targets = _models.global_batch(step, rows)
+    return (idx, targets) if name.startswith("gpt") else {"input_ids": idx, "labels": idx}
+
+
+def _rows(batch, rows: slice):
+    if isinstance(batch, tuple):
+        return tuple(t[rows] for t in batch)
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
+    """On each rank: for each (model, config), train ``steps`` steps on this
+    rank's data-parallel rows (full sequences); losses, full parameters, the
+    plan's mesh and the last step's communication bytes."""
+    import torch.distributed as dist
+
+    out = []
+    for name, config in runs:
+        torch._dynamo.reset()
+        pp, sp = config["pipeline"]["stages"], config["sequence_parallel_size"]
+        dp = dist.get_world_size() // (pp * sp)
+        dp_index = dist.get_rank() // sp % dp
+        per = GLOBAL_ROWS // dp
+        example = _rows(_batch(name, 0, GLOBAL_ROWS), slice(dp_index * per, (dp_index + 1) * per))
+        model = zerograph.compile(_models.MODELS[name](), config, example_batch=example)
+        rows = zerograph.batch_rows(model, GLOBAL_ROWS)
+        assert rows == slice(dp_index * per, (dp_index + 1) * per), rows
+        opt = _harness._optimizer(model.parameters())
+        losses = []
+        for step in range(steps):
+            losses.append(model.train_step(_rows(_batch(name, step, GLOBAL_ROWS), rows)))
+            opt.step()
+            opt.zero_grad()
+        plan = model._zg_runtime.ctx.plan
+        out.append({
+            "losses": losses,
+            "params": {k: v.float().clone() for k, v in zerograph.full_state_dict(model).items()},
+            "mesh": {d: (plan.mesh.size(d), plan.mesh.index(d)) for d in ("pp", "dp", "sp")},
+            "comm": dict(zerograph.inspect(model).comm_bytes_last_step),
+        })
+    return out
+
+
+def _check(results, runs):
+    for i, (name, config) in enumerate(runs):
+        ref_losses, ref_params = _harness.reference_run(name, 2, clip=config.get("gradient_clipping", 0.0))
+        for rank_results in results:
+            _harness.assert_same_training(rank_results[i], ref_losses, ref_params)
+
+
+def _config(stage: int, micro_batches: int = 2, **extra) -> dict:
+    return {"pipeline": {"stages": 2, "micro_batches": micro_batches}, "sequence_parallel_size": 2,
+            "zero_optimization": {"stage": stage}, **extra}
+
+
+def _assert_mesh(results, pp: int, dp: int, sp: int):
+    for rank, rank_results in enumerate(results):
+        stage, rest = divmod(rank, dp * sp)
+        dp_index, sp_index = divmod(rest, sp)
+        for result in rank_results:
+            assert result["mesh"] == {"pp": (pp, stage), "dp": (dp, dp_index), "sp": (sp, sp_index)}
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_pp2_sp2_gpt_matches_eager_and_moves_the_ulysses_bytes():
+    """pp=2 x sp=2 (world 4) on the nanoGPT model at ZeRO 0 with clipping by
+    the global norm: each stage's one block runs attention on half of every
+    sequence; the learned positions start at each sp rank's offset; the last
+    stage's loss is the mean over the whole sequence. Per stage and step: 4
+    all-to-alls forward (q, k, v, output) and 4 backward per micro-batch, each
+    of this rank's (4 rows x 16/2 tokens) x 30 features, fp32."""
+    runs = [("gpt", _config(0, gradient_clipping=0.05))]
+    results = spawn(_train, 4, runs, timeout=TIMEOUT)
+    _check(results, runs)
+    _assert_mesh(results, 2, 1, 2)
+    per_micro = _ulysses_bytes(rows=4, hidden=30, kv_width=30, sp=2)  # one layer's forward
+    for rank_results in results:
+        assert rank_results[0]["comm"]["sp_all_to_all"] == 2 * 2 * per_micro  # fwd + bwd, 2 micro-batches
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_pp2_sp2_zero3_gpt_and_llama_match_eager():
+    """pp=2 x sp=2 (world 4): nanoGPT at ZeRO 3 (ZeRO over each stage's dp x
+    sp ranks), and Hugging Face Llama (grouped-query attention, rotary
+    positions from the pipeline's global position_ids, shifted labels) at ZeRO 0."""
+    llama = {"pipeline": {"stages": 2, "micro_batches": 2, "split_points": ["model.layers.1"]}}
+    runs = [("gpt", _config(3)), ("llama", {**_config(0), **llama})]
+    results = spawn(_train, 4, runs, timeout=TIMEOUT)
+    _check(results, runs)
+    _assert_mesh(results, 2, 1, 2)
+
+
+def test_pp_sp_with_tensor_parallelism_is_a_config_error():
+    """pp x sp x tp is not supported: the error names the keys (raised
+    before any group is made, so one process shows it)."""
+    config = {**_config(0), "tensor_parallel": {"autotp_size": 2}}
+    with pytest.raises(zerograph.ConfigError, match=r"sequence_parallel_size=2 and tensor_parallel.autotp_size=2"):
+        zerograph.compile(_models.make_gpt(), config, example_batch=_batch("gpt", 0, 4))
+
+
+def test_sequence_parallel_pass_on_an_aten_stage_graph(fake_world):
+    """A pipeline stage's graph is ATen (torch.export): the pass wraps
+    ``aten.scaled_dot_product_attention`` in the all-to-alls, starts the
+    learned positions' ``aten.arange`` at the rank's offset (rank 0: 0) and
+    makes ``aten.cross_entropy_loss`` the global mean (fake process group,
+    the nanoGPT model traced on its 8-token slice as the pipeline traces it)."""
+    gpt = _models.make_gpt()
+    idx, targets = _models.global_batch(0, 2)
+    gm = trace(gpt, (idx[:, :8], targets[:, :8]), None)
+    config = {"sequence_parallel_size": 2, "zerograph": {"verify_graphs": True, "device": "cpu"}}
+    model = zerograph.compile(gm, config)
+    zerograph.feed_sequence_slices(model)  # as pipeline stages do: the inputs are this rank's slices
+    model(idx[:, :8], targets[:, :8])[0].backward()
+    graph = format_graph(zerograph.inspect(model).regions[0]["graphs"]["dynamo"], canonical=True)
+    ops = ("aten.arange", "zerograph.sp_", "aten.cross_entropy", "ne(", "sum(", "div(", "aten.scaled_dot")
+    lines = [line for line in graph.splitlines() if line.split(" = ", 1)[-1].startswith(ops)]
+    assert_expected_inline("\n".join(lines), """\
+arange: i64[8] = aten.arange.start(0, 8, device=device(type='cpu'), pin_memory=False)
+sp_seq_to_heads_default: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose, 'zg0')
+sp_seq_to_heads_default_1: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose_1, 'zg0')
+sp_seq_to_heads_default_2: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose_2, 'zg0')
+scaled_dot_product_attention: f32[2, 1, 16, 15] = aten.scaled_dot_product_attention(sp_seq_to_heads_default, sp_seq_to_heads_default_1, sp_seq_to_heads_default_2, None, 0.0, True)
+sp_heads_to_seq_default: f32[2, 2, 8, 15] = zerograph.sp_heads_to_seq(scaled_dot_product_attention, 'zg0')
+sp_seq_to_heads_default_3: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose_4, 'zg0')
+sp_seq_to_heads_default_4: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose_5, 'zg0')
+sp_seq_to_heads_default_5: f32[2, 1, 16, 15] = zerograph.sp_seq_to_heads(transpose_6, 'zg0')
+scaled_dot_product_attention_1: f32[2, 1, 16, 15] = aten.scaled_dot_product_attention(sp_seq_to_heads_default_3, sp_seq_to_heads_default_4, sp_seq_to_heads_default_5, None, 0.0, True)
+sp_heads_to_seq_default_1: f32[2, 2, 8, 15] = zerograph.sp_heads_to_seq(scaled_dot_product_attention_1, 'zg0')
+cross_entropy_loss: f32[] = aten.cross_entropy_loss(to, flatten_1, reduction=2)
+sp_all_reduce_default: f32[] = zerograph.sp_all_reduce(cross_entropy_loss, 'zg0')
+ne: bool[16] = ne(flatten_1, -100)
+sum: f32[] = sum(ne, dtype=float32)
+sp_all_reduce_default_1: f32[] = zerograph.sp_all_reduce(sum, 'zg0')
+div: f32[] = div(sp_all_reduce_default, sp_all_reduce_default_1)""")
