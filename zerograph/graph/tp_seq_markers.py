@@ -79,11 +79,14 @@ def tp_seq_reduce_scatter(x: torch.Tensor, tag: str, dim: int) -> torch.Tensor:
     return out.chunk(tp.world_size, dim)[tp.rank].contiguous()
 
 
-@tp_seq_reduce_scatter.register_fake
-def _tp_seq_reduce_scatter_fake(x: torch.Tensor, tag: str, dim: int) -> torch.Tensor:
+def _sequence_block_fake(x: torch.Tensor, tag: str, dim: int) -> torch.Tensor:
+    """One tp rank's block of ``x`` along ``dim`` (the fake of both cuts)."""
     shape = list(x.shape)
     shape[dim] //= _tp(tag).world_size
     return x.new_empty(shape)
+
+
+tp_seq_reduce_scatter.register_fake(_sequence_block_fake)
 
 
 @torch.library.custom_op("zerograph::tp_seq_scatter", mutates_args=())
@@ -93,11 +96,7 @@ def tp_seq_scatter(x: torch.Tensor, tag: str, dim: int) -> torch.Tensor:
     return x.chunk(tp.world_size, dim)[tp.rank].contiguous()
 
 
-@tp_seq_scatter.register_fake
-def _tp_seq_scatter_fake(x: torch.Tensor, tag: str, dim: int) -> torch.Tensor:
-    shape = list(x.shape)
-    shape[dim] //= _tp(tag).world_size
-    return x.new_empty(shape)
+tp_seq_scatter.register_fake(_sequence_block_fake)
 
 
 def _setup(ctx, inputs, output):

@@ -230,21 +230,7 @@ def _global_loss(gm: fx.GraphModule, node: fx.Node, tag: str) -> bool:
     if reduction == "mean":
         kwargs["reduction"] = "sum"
     node.args, node.kwargs = tuple(node.args[:2]), kwargs
-    with graph.inserting_after(node):
-        total = graph.call_function(SP_ALL_REDUCE, (node, tag))
-    out = total
-    if reduction == "mean":
-        dtype = getattr(node.meta.get("example_value"), "dtype", torch.float32)
-        with graph.inserting_after(total):
-            kept = graph.call_function(torch.ne, (target, ignore))
-        with graph.inserting_after(kept):
-            count = graph.call_function(torch.sum, (kept,), {"dtype": dtype})
-        with graph.inserting_after(count):
-            count_all = graph.call_function(SP_ALL_REDUCE, (count, tag))
-        with graph.inserting_after(count_all):
-            out = graph.call_function(torch.div, (total, count_all))
-    node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not total)
-    return True
+    return _sum_over_sequence(graph, node, target, ignore, tag, reduction)
 
 
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # ATen's reduction enum
@@ -269,6 +255,12 @@ def _global_aten_loss(gm: fx.GraphModule, node: fx.Node, tag: str) -> bool:
     node.args = (*node.args[:3], 2, *node.args[4:]) if len(node.args) > 3 else node.args
     if len(node.args) <= 3:
         node.kwargs = {**node.kwargs, "reduction": 2}
+    return _sum_over_sequence(graph, node, target, ignore, tag, reduction)
+
+
+def _sum_over_sequence(graph: fx.Graph, node: fx.Node, target, ignore, tag: str, reduction: str) -> bool:
+    """After ``node`` (this rank's loss summed over its tokens): the sum over
+    the sp group, divided for a mean by the global count of kept labels."""
     with graph.inserting_after(node):
         total = graph.call_function(SP_ALL_REDUCE, (node, tag))
     out = total
