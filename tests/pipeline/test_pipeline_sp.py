@@ -20,23 +20,11 @@ from expecttest import assert_expected_inline
 import zerograph
 from tests import _harness, _models
 from tests._harness import TIMEOUT
+from tests.pipeline.test_pipeline_tp import GLOBAL_ROWS, _batch, _rows  # the same global batches
 from tests.test_sequence_parallel import _ulysses_bytes
 from zerograph.graph.format import format_graph
 from zerograph.pipeline.build import trace
 from zerograph.runtime.launch import spawn
-
-GLOBAL_ROWS = 8  # rows per step: _harness.reference_run(model, world=2)
-
-
-def _batch(name: str, step: int, rows: int):
-    idx, targets = _models.global_batch(step, rows)
-    return (idx, targets) if name.startswith("gpt") else {"input_ids": idx, "labels": idx}
-
-
-def _rows(batch, rows: slice):
-    if isinstance(batch, tuple):
-        return tuple(t[rows] for t in batch)
-    return {k: v[rows] for k, v in batch.items()}
 
 
 def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):

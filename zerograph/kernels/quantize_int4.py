@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from zerograph.kernels._common import HAS_TRITON, as_rows, device_guard, require_triton, tl, triton, use_triton
-from zerograph.kernels.quantize_int8 import (check_segments, launch_dequantize, launch_quantize, num_blocks,
+from zerograph.kernels.quantize_int8 import (check_input, check_segments, launch_dequantize, launch_quantize, num_blocks,
                                              quantize_codes, scale_per_column)
 
 __all__ = ["quantize_int4", "dequantize_int4", "quantize_int4_reference", "dequantize_int4_reference",
@@ -72,11 +72,7 @@ def packed_bytes(n: int, block: int, segments: Sequence[int] | None = None) -> i
 
 
 def _check(x: Tensor, block: int, segments: Sequence[int] | None = None) -> None:
-    if block < 1:
-        raise ValueError(f"quantize_int4: block must be >= 1 element, got {block}")
-    if not x.is_floating_point():
-        raise TypeError(f"quantize_int4: x must be floating point, got {x.dtype}")
-    check_segments("quantize_int4", x.shape[-1] if x.dim() else 1, segments)
+    check_input("quantize_int4", x, block, segments)
 
 
 def _check_packed(q: Tensor, n: int, segments: Sequence[int] | None = None) -> None:

@@ -85,12 +85,18 @@ def block_starts(n: int, block: int, segments: Sequence[int] | None = None) -> l
     return starts + [n]
 
 
-def _check(x: Tensor, block: int, segments: Sequence[int] | None = None) -> None:
+def check_input(name: str, x: Tensor, block: int, segments: Sequence[int] | None = None) -> None:
+    """What ``name`` (a quantize op) accepts: ``block`` >= 1, floating-point
+    ``x``, ``segments`` summing to its rows' length."""
     if block < 1:
-        raise ValueError(f"quantize_int8: block must be >= 1 element, got {block}")
+        raise ValueError(f"{name}: block must be >= 1 element, got {block}")
     if not x.is_floating_point():
-        raise TypeError(f"quantize_int8: x must be floating point, got {x.dtype}")
-    check_segments("quantize_int8", x.shape[-1] if x.dim() else 1, segments)
+        raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
+    check_segments(name, x.shape[-1] if x.dim() else 1, segments)
+
+
+def _check(x: Tensor, block: int, segments: Sequence[int] | None = None) -> None:
+    check_input("quantize_int8", x, block, segments)
 
 
 def padded_layout(n: int, block: int, segments: Sequence[int] | None, device) -> tuple[Tensor, int]:
