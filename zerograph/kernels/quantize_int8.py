@@ -99,9 +99,12 @@ def _check(x: Tensor, block: int, segments: Sequence[int] | None = None) -> None
     check_input("quantize_int8", x, block, segments)
 
 
-def padded_layout(n: int, block: int, segments: Sequence[int] | None, device) -> tuple[Tensor, int]:
+def padded_layout(n: int, block: int, segments: Sequence[int] | None, device) -> tuple[Tensor | slice, int]:
     """Where a row's ``n`` columns sit when every block is padded to ``block``
-    (``[n]`` indices into ``nb * block``), and ``nb``."""
+    (``[n]`` indices into ``nb * block``; without segments the first ``n``,
+    a slice: no index list for the plain layout), and ``nb``."""
+    if segments is None or len(segments) <= 1:
+        return slice(0, n), num_blocks(n, block)
     starts = block_starts(n, block, segments)
     nb = len(starts) - 1
     lengths = torch.tensor([b - a for a, b in zip(starts[:-1], starts[1:])], dtype=torch.long)
