@@ -207,6 +207,21 @@ def test_sp2_gpt_matches_eager_at_stages_0_and_3_and_moves_the_ulysses_bytes():
         assert result["planned_comm"]["sp_all_reduce"] == 3 * 4
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2 * _harness.TIMEOUT)
+def test_sp2_per_layer_recompute_matches_eager_and_repeats_no_all_to_all():
+    """Per-layer recompute under sp=2 recomputes each layer's compute but not
+    its all-to-alls (planner/recompute_policy.py saves every tp/sp
+    collective): the backward moves the Ulysses bytes once, as without
+    recompute."""
+    results = _pool.run(sp_run, 2, "gpt", [_config(3, activation_checkpointing={"policy": "per_layer"})], True,
+                        timeout=_harness.TIMEOUT)
+    _check(results, "gpt", 1, True)
+    per_layer = _ulysses_bytes(_harness.PER_RANK_BATCH, 30, 30, SP)
+    comm = results[0][0]["comm_by_phase"]
+    assert comm["forward"]["sp_all_to_all"] == comm["backward"]["sp_all_to_all"] == 2 * per_layer, comm
+
+
 @pytest.mark.timeout(2 * _harness.TIMEOUT)
 def test_sp2_bf16_matches_eager_bf16_within_its_rounding():
     """bf16 compute with fp32 master shards under sp=2 (ZeRO-3, -100 labels)

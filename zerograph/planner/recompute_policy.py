@@ -10,6 +10,10 @@ Rules shared by every policy:
 * only ``role == "compute"`` nodes without a parameter are considered, so the
   ZeRO markers and the gathered-parameter chain keep ``zero_policy``'s
   decision (recomputation never adds an all-gather);
+* tensor- and sequence-parallel collectives (the tp/sp markers that move data
+  in the forward) are always ``MUST_SAVE``: recomputing a layer never repeats
+  one (a pass that wants a re-gather tags the node first, and tagged nodes are
+  not candidates);
 * random ops (``nondeterministic_seeded``, e.g. dropout's ``bernoulli``/``rand``,
   and fused attention with ``dropout_p > 0``) are always ``MUST_SAVE``: the backward reuses the forward's random values,
   so gradients equal eager's on every device, without RNG functionalization.
@@ -29,6 +33,9 @@ from torch.utils.checkpoint import CheckpointPolicy
 from zerograph._torch_private import size_hint
 from zerograph.graph.tags import get_tag
 from zerograph.graph.deterministic_rng import dropout_p, unwrap_deterministic_rng
+from zerograph.graph.sp_ops import SP_MARKERS
+from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_ALL_REDUCE_MAX
+from zerograph.graph.tp_seq_markers import TP_SEQ_GATHER, TP_SEQ_REDUCE_SCATTER
 from zerograph.planner.liveness import is_alias
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,20 @@ def is_random(node: fx.Node) -> bool:
     if torch.Tag.nondeterministic_seeded not in tags:
         return False
     return dropout_p(node.target, node.args, node.kwargs) != 0.0
+
+
+# markers whose forward runs a collective over the tp or sp ranks
+_COMMUNICATING = frozenset({TP_ALL_REDUCE, TP_ALL_REDUCE_MAX, TP_ALL_GATHER, TP_SEQ_GATHER, TP_SEQ_REDUCE_SCATTER,
+                            *SP_MARKERS})
+
+
+def communicates(node: fx.Node) -> bool:
+    """A tensor- or sequence-parallel collective: recomputing it would repeat the collective."""
+    return node.target in _COMMUNICATING
+
+
+def _must_save(node: fx.Node, no_regather: frozenset[str]) -> bool:
+    return is_random(node) or communicates(node) or _reads_param(node, no_regather)
 
 
 def is_expensive(node: fx.Node) -> bool:
@@ -125,7 +146,7 @@ def choose(gm: fx.GraphModule, policy: str, *, block_pattern: Optional[str] = No
         return decision
     block = {n: block_of(n, block_pattern) for n in nodes} if policy == "per_layer" else {}
     for node in nodes:
-        if is_random(node) or _reads_param(node, no_regather):
+        if _must_save(node, no_regather):
             decision[node] = CheckpointPolicy.MUST_SAVE
         elif predicate is not None:
             decision[node] = CheckpointPolicy.MUST_SAVE if predicate(node) else CheckpointPolicy.MUST_RECOMPUTE
@@ -316,11 +337,11 @@ def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str]
     fewest expensive nodes allowed to be recomputed; :func:`_spend_slack` then
     takes back the expensive ones the budget can still hold. If none fits, all
     free nodes may be recomputed (the least any choice saves). The cut's nodes
-    are saved, the other allowed nodes recomputed. Random ops and reads of non-regathered
-    parameters are always saved.
+    are saved, the other allowed nodes recomputed. Random ops, tp/sp collectives and reads
+    of non-regathered parameters are always saved.
     """
     nodes = candidates(gm)
-    must_save = {n for n in nodes if is_random(n) or _reads_param(n, no_regather)}
+    must_save = {n for n in nodes if _must_save(n, no_regather)}
     free = [n for n in nodes if n not in must_save]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     free.sort(key=lambda n: (recompute_flops(n) / max(output_bytes(n), 1), order[n]))
