@@ -82,6 +82,7 @@ class _Rewrite:
         self.counts = {"column": 0, "row": 0, "tp_copy": 0, "tp_all_reduce": 0}
         self.tag = tag
         self.vocab: dict[fx.Node, object] = {}  # values split over the vocabulary -> the head's layout
+        self.grad_sums: dict[fx.Node, fx.Node] = {}  # whole value with partial gradients -> its tp_copy
         self.sp = SequenceParallel(self.graph, self.prop, tag, tp, self.counts) if sequence_parallel else None
 
     def run(self) -> None:
@@ -116,12 +117,26 @@ class _Rewrite:
                         f"{layout.module} whole with a layer spec {{\"partition_type\": \"skip\"}}")
             if self.sp is None or not self.sp.visit(node):
                 self.prop.visit(node)
+            while self.prop.partial_grads:
+                op, whole = self.prop.partial_grads.pop()
+                op.replace_input_with(whole, self._grad_sum(whole))
             if self.sp is not None:
                 self.sp.enter(node)
             if isinstance(self.prop.get(node), Split):
                 head = next((self.vocab[a] for a in node.all_input_nodes if a in self.vocab), None)
                 if head is not None:
                     self.vocab[node] = head
+
+    def _grad_sum(self, whole: fx.Node) -> fx.Node:
+        """``whole`` read through ``tp_copy`` (Megatron's *f*: identity forward,
+        all-reduce over tp backward), so the ranks' partial gradients of a whole
+        value broadcast over split ones add up; one per value."""
+        copy = self.grad_sums.get(whole)
+        if copy is None:
+            with self.graph.inserting_after(whole):
+                copy = self.grad_sums[whole] = _inserted(self.graph, whole, TP_COPY, (whole, self.tag))
+            self.counts["grad_sums"] = self.counts.get("grad_sums", 0) + 1
+        return copy
 
     def _replicated(self, node: fx.Node, layout) -> fx.Node:
         """A parameter whose blocks ``layout.replicas`` tp ranks each hold

@@ -79,6 +79,9 @@ class Propagator:
         self.tp = tp
         self.states: dict[fx.Node, object] = {}
         self.rewritten = 0
+        # (op, whole input): a whole value that carries a gradient, broadcast over a tp-split
+        # one (Qwen3's per-head q_norm weight): each rank's gradient of it is partial
+        self.partial_grads: list[tuple[fx.Node, fx.Node]] = []
 
     def get(self, value) -> object:
         return self.states.get(value) if isinstance(value, fx.Node) else None
@@ -125,6 +128,8 @@ class Propagator:
             return self._split(node, "chunk" if name == "chunk" or fn is torch.chunk else "split")
         if fn is torch.cat:
             return self._cat(node)
+        if fn is torch.stack:
+            return self._stack(node)
         if fn in (nn_binding("scaled_dot_product_attention"), F.scaled_dot_product_attention):
             return self._attention(node)
         if fn in (operator.matmul, torch.matmul, torch.bmm) or name in ("matmul", "bmm"):
@@ -165,7 +170,21 @@ class Propagator:
             if self.get(t) is None and 0 <= pos and shape[pos] != 1:
                 raise _error(node, f"combines a tensor split over tp along dim {result.dim} with a whole tensor of "
                              f"shape {shape}")
+        if result is not None:
+            self._note_partial_grads(node, result, tensors)
         return result
+
+    def _note_partial_grads(self, node: fx.Node, result: Split, wholes) -> None:
+        """Whole inputs of ``node`` (whose output is split over tp) that carry a
+        gradient: each rank's backward gives them the part of its own slice,
+        so the caller sums their gradients over tp (``tp_copy``). Sequence
+        shards are Megatron-SP's (its pass sums those)."""
+        if result.seq:
+            return
+        for t in wholes:
+            value = t.meta.get("example_value", t.meta.get("val"))
+            if self.get(t) is None and isinstance(value, torch.Tensor) and value.requires_grad:
+                self.partial_grads.append((node, t))
 
     def _heads(self, node, size: int, shape_in, shape_out) -> TensorParallelError:
         return _error(node, f"{size} heads (the reshape {tuple(shape_in)} -> {tuple(shape_out)}) cannot be split "
@@ -278,7 +297,7 @@ class Propagator:
         consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
         in_d = out_d = 0
         result = None
-        for item in items:
+        for pos, item in enumerate(items):
             if item is Ellipsis:
                 for _ in range(len(shape) - consumed):
                     if in_d == split.dim:
@@ -295,12 +314,32 @@ class Propagator:
                     isinstance(item.stop, int) and item.stop >= shape[in_d]))
                 if in_d == split.dim:
                     if not full:
-                        raise _error(node, f"slicing the tp-split dim {split.dim} with {item!r}")
+                        local, split = self._slice_parts(node, split, item.start, item.stop, item.step)
+                        node.args = (node.args[0], items[:pos] + (local,) + items[pos + 1:]
+                                     if isinstance(node.args[1], tuple) else local, *node.args[2:])
                     result = out_d
                 in_d, out_d = in_d + 1, out_d + 1
         if result is None:
             result = out_d + split.dim - in_d
         return split.at(result)
+
+    def _slice_parts(self, node: fx.Node, split: Split, start, stop, step) -> tuple[slice, Split]:
+        """A slice of the tp-split dim that selects whole fused parts (Phi-3's
+        ``qkv[..., :q]``, ``qkv[..., q:q + kv]``) becomes the slice of this
+        rank's blocks of those parts; the result is split like them."""
+        bounds = [0]
+        for p in split.parts:
+            bounds.append(bounds[-1] + p)
+        start = 0 if start is None else start
+        stop = bounds[-1] if stop is None else min(stop, bounds[-1])
+        if not (isinstance(start, int) and isinstance(stop, int)) or step not in (None, 1) \
+                or start not in bounds or stop not in bounds or start >= stop or split.replicas != 1:
+            raise _error(node, f"slicing the tp-split dim {split.dim} of parts {list(split.parts)} with "
+                         f"[{start}:{stop}:{step}] (only whole fused parts can be sliced)")
+        i, j = bounds.index(start), bounds.index(stop)
+        local = [p // self.tp for p in split.parts]
+        self.rewritten += 1
+        return slice(sum(local[:i]), sum(local[:j])), split.at(split.dim, split.parts[i:j])
 
     def _slice(self, node: fx.Node, how: str):
         """ATen's ``slice(x, dim, start, end, step)`` / ``select(x, dim, index)``."""
@@ -353,6 +392,19 @@ class Propagator:
         if dim % len(full_shape(node)) == split.dim:
             raise _error(node, "concatenates along the tp-split dim")
         return split
+
+    def _stack(self, node: fx.Node):
+        """``torch.stack`` of tensors split alike (GPT-J's rotary
+        ``stack((-x2, x1), dim=-1)``): the new dim moves the split dim up when
+        it is inserted at or before it."""
+        tensors = node.args[0]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        states = {self.get(t) for t in tensors}
+        if len(states) != 1 or not isinstance(next(iter(states)), Split):
+            raise _error(node, "stacks tp-split tensors with whole ones")
+        split = next(iter(states))
+        dim %= len(full_shape(node))
+        return split.at(split.dim + 1) if dim <= split.dim else split
 
     def _attention(self, node: fx.Node):
         q, k, v = node.args[:3]
@@ -419,4 +471,7 @@ class Propagator:
         normalized = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
         if split.dim >= len(full_shape(node)) - len(normalized):
             raise _error(node, "a layer norm over the tp-split dim")
+        affine = [a for a in (*node.args[2:4], node.kwargs.get("weight"), node.kwargs.get("bias"))
+                  if isinstance(a, fx.Node)]
+        self._note_partial_grads(node, split, affine)
         return split

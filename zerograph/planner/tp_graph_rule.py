@@ -20,6 +20,7 @@ pass then checks each decision on the compiled graph (heads, reshapes).
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 import torch.fx as fx
@@ -112,13 +113,38 @@ def _split_sizes(user: fx.Node, size: int) -> list[int] | None:
     return None
 
 
+def _last_dim_slice(user: fx.Node, size: int) -> tuple[int, int] | None:
+    """(start, stop) of ``value[..., start:stop]``: a slice of the last dim (of ``size``)."""
+    if user.op != "call_function" or user.target is not operator.getitem:
+        return None
+    items = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+    shape = full_shape(user.args[0])
+    if not shape or not items or not isinstance(items[-1], slice):
+        return None
+    last_is_dim = items[0] is Ellipsis and len(items) == 2 or len(items) == len(shape) and all(
+        i == slice(None) for i in items[:-1])
+    item = items[-1]
+    start, stop = 0 if item.start is None else item.start, size if item.stop is None else item.stop
+    if not last_is_dim or item.step not in (None, 1) or not (isinstance(start, int) and isinstance(stop, int)):
+        return None
+    return start, min(stop, size)
+
+
 def _fused_parts(out: fx.Node) -> tuple[int, ...] | None:
+    """The sizes of the parts a fused output is cut into: by a ``split``/``chunk``
+    of its last dim, or by slices of it that tile the dim (Phi-3's
+    ``qkv[..., :q]``, ``qkv[..., q:q + kv]``, ``qkv[..., q + kv:]``)."""
     shape = full_shape(out)
     if not shape:
         return None
     frontier = [out]
     while frontier:
         value = frontier.pop()
+        slices = {_last_dim_slice(user, shape[-1]) for user in value.users} - {None}
+        bounds = sorted({b for sl in slices for b in sl})
+        if len(bounds) > 2 and bounds[0] == 0 and bounds[-1] == shape[-1] and all(
+                (a, b) in slices for a, b in zip(bounds, bounds[1:])):
+            return tuple(b - a for a, b in zip(bounds, bounds[1:]))
         for user in value.users:
             sizes = _split_sizes(user, shape[-1])
             if sizes is not None and len(sizes) > 1:

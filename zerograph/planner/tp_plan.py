@@ -139,16 +139,29 @@ def hf_tp_plan(model: nn.Module) -> dict[str, str] | None:
     return dict(plan) if isinstance(plan, dict) and plan else None
 
 
+def _hf_key_matches(key: str, module: str) -> bool:
+    """Whether a Hugging Face tp plan key (``layers.*.mlp.up_proj``) names ``module``."""
+    return re.search(r"(?:^|\.)" + re.escape(key).replace(r"\*", r"[^.]+") + "$", module) is not None
+
+
 def _hf_kind(plan: dict[str, str], module: str) -> tuple[str, str] | None:
     for key, style in plan.items():
-        regex = r"(?:^|\.)" + re.escape(key).replace(r"\*", r"[^.]+") + "$"
-        if re.search(regex, module):
+        if _hf_key_matches(key, module):
             if style not in _HF_KINDS:
                 raise ConfigError(
                     f"{module}: the model's Hugging Face tp plan says {key!r}: {style!r}, which zerograph does not "
                     f"do yet (it does {', '.join(_HF_KINDS)}); give this layer a {_SECTION}.layer_specs entry")
             return _HF_KINDS[style], key
     return None
+
+
+def _unknown_hf_styles(plan: dict[str, str], modules) -> dict[str, str]:
+    """The entries of ``plan`` that match one of ``modules`` with a style zerograph does not do."""
+    out = {}
+    for key, style in plan.items():
+        if style not in _HF_KINDS and any(_hf_key_matches(key, m) for m in modules):
+            out[key] = style
+    return out
 
 
 def decide_splits(model: nn.Module, partition_config: dict | None,
@@ -253,6 +266,12 @@ def _decide_layer_splits(model: nn.Module, partition_config: dict | None,
     rest = {m: form for m, form in modules.items() if m not in decided}
     if use_default and rest:
         plan = hf_tp_plan(model)
+        unknown = _unknown_hf_styles(plan, rest) if plan is not None else {}
+        if unknown and capture is not None:  # e.g. Phi-3's colwise_rep / rowwise_split_input around fused weights
+            log.info("tensor parallelism: %s's Hugging Face tp plan uses styles zerograph does not do (%s); the graph "
+                     "rule decides its splits instead", type(model).__name__,
+                     ", ".join(f"{k!r}: {v!r}" for k, v in sorted(unknown.items())))
+            plan = None
         if plan is not None:
             for m in rest:
                 found = _hf_kind(plan, m)
