@@ -10,6 +10,10 @@ Rules shared by every policy:
 * only ``role == "compute"`` nodes without a parameter are considered, so the
   ZeRO markers and the gathered-parameter chain keep ``zero_policy``'s
   decision (recomputation never adds an all-gather);
+* tensor-parallel collectives (:func:`~zerograph.planner.tp_regather.is_tp_collective`)
+  are always ``MUST_SAVE``: recomputing a block never repeats a tp all-reduce,
+  reduce-scatter or all-gather (Megatron-SP's re-gather of a column group's
+  input is the one exception, tagged before these policies run by ``tp_regather``);
 * random ops (``nondeterministic_seeded``, e.g. dropout's ``bernoulli``/``rand``,
   and fused attention with ``dropout_p > 0``) are always ``MUST_SAVE``: the backward reuses the forward's random values,
   so gradients equal eager's on every device, without RNG functionalization.
@@ -30,6 +34,7 @@ from zerograph._torch_private import size_hint
 from zerograph.graph.tags import get_tag
 from zerograph.graph.deterministic_rng import dropout_p, unwrap_deterministic_rng
 from zerograph.planner.liveness import is_alias
+from zerograph.planner.tp_regather import is_tp_collective
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +130,7 @@ def choose(gm: fx.GraphModule, policy: str, *, block_pattern: Optional[str] = No
         return decision
     block = {n: block_of(n, block_pattern) for n in nodes} if policy == "per_layer" else {}
     for node in nodes:
-        if is_random(node) or _reads_param(node, no_regather):
+        if is_random(node) or is_tp_collective(node) or _reads_param(node, no_regather):
             decision[node] = CheckpointPolicy.MUST_SAVE
         elif predicate is not None:
             decision[node] = CheckpointPolicy.MUST_SAVE if predicate(node) else CheckpointPolicy.MUST_RECOMPUTE
@@ -320,7 +325,7 @@ def choose_for_budget(gm: fx.GraphModule, budget, *, no_regather: frozenset[str]
     parameters are always saved.
     """
     nodes = candidates(gm)
-    must_save = {n for n in nodes if is_random(n) or _reads_param(n, no_regather)}
+    must_save = {n for n in nodes if is_random(n) or is_tp_collective(n) or _reads_param(n, no_regather)}
     free = [n for n in nodes if n not in must_save]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     free.sort(key=lambda n: (recompute_flops(n) / max(output_bytes(n), 1), order[n]))
