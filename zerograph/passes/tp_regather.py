@@ -7,11 +7,16 @@ AOTAutograd's partitioner saves the sequence shard (``[b, s/tp, h]``)
 instead of the gathered input (``[b, s, h]``), and the backward graph gets
 its own gather, which ``lower_tp_markers`` lowers like the forward's. For
 ``fc2(relu(fc1(ln(h))))`` with Megatron-SP at tp=2 (``[2, 8, 4]``; the golden
-test), the backward graph::
+test ``tests/test_tp_sp_regather.py``), the backward graph::
 
-    tp_seq_gather_default: f32[2, 8, 4] = zerograph.tp_seq_gather(getitem, 'zg0', 1)   # re-gathered
-    view_1: f32[16, 4] = aten.view(tp_seq_gather_default, [16, 4])
-    mm_3: f32[4, 4] = aten.mm(permute_3, view_1)                                        # fc1's weight gradient
+    clone_default_2: f32[2, 4, 4] = aten.clone(getitem)                  # the saved shard
+    all_gather_into_tensor_default_1: f32[4, 4, 4] = _c10d_functional.all_gather_into_tensor(clone_default_2, 2, '0')
+    ...
+    mm_2: f32[16, 4] = aten.mm(view_5, t_6)                               # fc1's input gradient meanwhile
+    wait_tensor_default_1: f32[4, 4, 4] = _c10d_functional.wait_tensor(all_gather_into_tensor_default_1)
+    ...                                                                   # the blocks in place: [2, 8, 4]
+    view_6: f32[16, 4] = aten.view(view_default_3, [16, 4])
+    mm_3: f32[4, 4] = aten.mm(t_7, view_6)                                # fc1's weight gradient
 
 where the forward used to return ``view_1`` (``f32[16, 4]``) and now returns
 ``getitem`` (``f32[2, 4, 4]``, layer_norm's output shard).

@@ -25,7 +25,15 @@ bytes on the wire (Korthikanti et al., 2022):
   positions only, and ``tp_copy``'s backward sums them over tp;
 * an op that needs every position (a whole LM head, a loss, attention
   outside a column group, a graph output) reads the shards through
-  ``tp_all_gather`` (backward: this rank's block of the gradient).
+  ``tp_all_gather`` (backward: this rank's block of the gradient);
+* Hugging Face ``Conv1D`` (GPT-2) flattens batch and sequence:
+  ``addmm(b, x.view(-1, h), W).view(b, s, out)``. A column group's
+  flattening view reads the gathered sequence
+  (``view(tp_seq_gather(x), -1, h)``), a row ``Conv1D``'s partial product
+  is reduce-scattered after its view back to ``[b, s, h]``.
+
+The backward's re-gather of each column group's input (instead of saving
+it) is the ``tp_regather`` pass on the joint graph.
 
 On ``h + fc2(relu(fc1(ln(h))))`` at tp=2 (the golden test)::
 
