@@ -57,9 +57,11 @@ def test_sp_gpt_matches_eager_at_stages_0_and_3_with_megatron_sp_bytes():
     backward's re-gathers of the column groups' inputs (2 b*s*h per layer,
     ``tp_sequence_parallel_regather``, the default), and the backward
     all-reduces of the gradients of the norm weights/biases and the row
-    biases (6 h per layer, 2 h for ln_f)."""
-    results = _pool.run(tp_run, 2, "gpt_untied", [_sp_config(0), _sp_config(3)], timeout=TIMEOUT)
-    _check(results, "gpt_untied", 2, ["sp stage 0", "sp stage 3"])
+    biases (6 h per layer, 2 h for ln_f). The same bytes at ZeRO-3 with
+    ``per_layer`` activation checkpointing."""
+    checkpointed = _sp_config(3, activation_checkpointing={"policy": "per_layer"})
+    results = _pool.run(tp_run, 2, "gpt_untied", [_sp_config(0), _sp_config(3), checkpointed], timeout=TIMEOUT)
+    _check(results, "gpt_untied", 2, ["sp stage 0", "sp stage 3", "sp stage 3, per_layer checkpointing"])
     cfg = _models.make_gpt().config
     b, s, h, n = _harness.PER_RANK_BATCH, _models.SEQ, cfg.n_embd, cfg.n_layer
     bsh = b * s * h * 4  # bytes of one [b, s, h] fp32 activation
@@ -78,6 +80,10 @@ def test_sp_gpt_matches_eager_at_stages_0_and_3_with_megatron_sp_bytes():
         # phase)
         layers = stage0["comm"]["tp_reduce_scatter"] + stage0["comm"]["tp_all_gather"] - 2 * bsh - regather
         assert layers == 2 * (2 * (2 * n * bsh))
+        # recomputing each block repeats no tp collective and gathers each column group's input once
+        tp_only = {phase: {k: v for k, v in kinds.items() if k.startswith("tp_")}
+                   for phase, kinds in rank[2]["comm_by_phase"].items()}
+        assert tp_only == {"forward": forward, "backward": backward}
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
