@@ -210,8 +210,11 @@ def test_regather_bytes_with_checkpointing_policies(fake_world, policy):
         torch._dynamo.reset()
         model = _compile(_Blocks(), x, regather, policy)
         model(x).backward()
-        comm = zerograph.inspect(model).regions[0]["comm_bytes"]
+        region = zerograph.inspect(model).regions[0]
+        comm = region["comm_bytes"]
         assert comm["forward"] == forward, (regather, comm)
+        ran = {r.name: r.details for r in region["pass_records"]["joint"]}
+        assert ran.get("tp_regather", {}).get("regathered") == (groups if regather else None)
         gathers = groups * bsh + bsh + (groups * bsh if regather else 0)
         assert comm["backward"] == {"tp_reduce_scatter": groups * bsh, "tp_all_gather": gathers,
                                     "tp_all_reduce": groups * 3 * 4 * 4}, (regather, comm)
