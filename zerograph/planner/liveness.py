@@ -18,7 +18,8 @@ Each storage gets one kind:
 
 ``gathered``
     a gathered (full) parameter: the output of a data-parallel all-gather
-    (the wait aliases it; a tensor-parallel all-gather gathers activations), the per-parameter copy-outs of a bucket (``comm_prep``
+    (the wait aliases it; a tensor-parallel one gathers activations), the
+    per-parameter copy-outs of a bucket (``comm_prep``
     nodes computed only from gathered values), casts of gathered values, and
     in the backward a saved input whose tag names a parameter (a gathered
     parameter kept from forward to backward).

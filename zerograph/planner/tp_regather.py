@@ -12,8 +12,8 @@ the policy here (``zerograph.tp_sequence_parallel_regather``, on by default
 with Megatron-SP):
 
 * :func:`regather_decisions`: each forward ``tp_seq_gather`` whose value the
-  backward reads, and the views of it the backward reads (the flattened
-  ``[b·s, h]`` of the weight-gradient matmul), ``MUST_RECOMPUTE``. The
+  backward reads, and the views and casts of it the backward reads (the
+  flattened ``[b·s, h]`` of the weight-gradient matmul), ``MUST_RECOMPUTE``. The
   partitioner then saves the shard instead, and the backward graph gets its
   own copy of the gather (one more all-gather of ``b·s·h`` per column group
   and step).
@@ -28,6 +28,7 @@ recomputed matmul and the weight gradient read the same copy).
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -36,6 +37,8 @@ from zerograph.graph.tags import get_tag
 from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_ALL_REDUCE_MAX
 from zerograph.graph.tp_seq_markers import TP_SEQ_GATHER, TP_SEQ_REDUCE_SCATTER
 
+# casts between a gather and the matmul (cheap to recompute; saving one would keep a whole [b, s, h])
+_CASTS = (torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default)
 # the tp markers that move bytes in the forward (tp_copy and tp_seq_scatter do not)
 TP_COLLECTIVES = (TP_ALL_REDUCE, TP_ALL_REDUCE_MAX, TP_ALL_GATHER, TP_SEQ_GATHER, TP_SEQ_REDUCE_SCATTER)
 
@@ -56,8 +59,9 @@ def _read_by_backward(node: fx.Node) -> bool:
 
 def regather_decisions(gm: fx.GraphModule) -> dict[fx.Node, CheckpointPolicy]:
     """``MUST_RECOMPUTE`` for each forward ``tp_seq_gather`` of the joint graph
-    ``gm`` that the backward reads (itself or through views), and for the
-    views between it and those backward reads; nothing else."""
+    ``gm`` that the backward reads (itself or through views and casts), and
+    for the views and casts between it and those backward reads; nothing
+    else."""
     decision: dict[fx.Node, CheckpointPolicy] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not TP_SEQ_GATHER or not _forward(node):
@@ -68,8 +72,9 @@ def regather_decisions(gm: fx.GraphModule) -> dict[fx.Node, CheckpointPolicy]:
 
 
 def _views_read_by_backward(gather: fx.Node) -> list[fx.Node]:
-    """The forward views of ``gather`` on a path to a backward read (``[gather]``
-    included first when the backward reads anything of it); ``[]`` if none."""
+    """The forward views and casts of ``gather`` on a path to a backward read
+    (``[gather]`` included first when the backward reads anything of it);
+    ``[]`` if none."""
     keep: dict[fx.Node, bool] = {}
 
     def visit(node: fx.Node) -> bool:
@@ -78,7 +83,8 @@ def _views_read_by_backward(gather: fx.Node) -> list[fx.Node]:
         keep[node] = False
         needed = _read_by_backward(node)
         for user in node.users:
-            if user.op == "call_function" and _forward(user) and is_view_op(user.target) and visit(user):
+            if user.op == "call_function" and _forward(user) and (is_view_op(user.target) or user.target in _CASTS) \
+                    and visit(user):
                 needed = True
         keep[node] = needed
         return needed
