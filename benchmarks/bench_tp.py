@@ -10,7 +10,9 @@ without Megatron sequence parallelism (``zerograph.tp_sequence_parallel``)
 against torch's ``parallelize_module`` + FSDP2 ``fully_shard`` on the 2-D
 mesh (each block sharded over ``mesh["dp"]``, its TP layers over
 ``mesh["tp"]``). Each data-parallel index reads its own ``--rows`` rows.
-Reported there too: model-state bytes per rank against 16Ψ/(tp·dp) (and the
+With Megatron-SP twice: with the backward's re-gather of each column group's
+input (``zerograph.tp_sequence_parallel_regather``, the default) and
+without. Reported there too: model-state bytes per rank against 16Ψ/(tp·dp) (and the
 exact 16·(split/tp + whole)/dp: embeddings, norms and the LM head are whole
 over tp), the bytes the forward saves for the backward on the first step
 (``torch.autograd.graph.saved_tensors_hooks``, unique storages, every
@@ -235,11 +237,12 @@ def _torch_tp_fsdp(spec: dict):
     return model
 
 
-def _zerograph_tpdp(spec: dict, example, sequence_parallel: bool):
+def _zerograph_tpdp(spec: dict, example, sequence_parallel: bool, regather: bool = True):
     import zerograph
 
     return zerograph.compile(_model(spec), {"tensor_parallel": {"autotp_size": TP}, "zero_optimization": {"stage": 3},
-                                            "zerograph": {"tp_sequence_parallel": sequence_parallel}},
+                                            "zerograph": {"tp_sequence_parallel": sequence_parallel,
+                                                          "tp_sequence_parallel_regather": regather}},
                              example_batch=example)
 
 
@@ -254,6 +257,8 @@ def rank_main_tpdp(spec: dict, rows: int, steps: int, warmup: int) -> dict:
     systems = [
         _System("zerograph ZeRO-3", spec, None, lambda: _zerograph_tpdp(spec, batches[0], False)),
         _System("zerograph ZeRO-3 + SP", spec, None, lambda: _zerograph_tpdp(spec, batches[0], True)),
+        _System("zerograph ZeRO-3 + SP, no re-gather", spec, None,
+                lambda: _zerograph_tpdp(spec, batches[0], True, regather=False)),
         _System("torch TP + FSDP2", spec, None, lambda: _torch_tp_fsdp(spec)),
     ]
     for i, batch in enumerate(batches):
@@ -275,6 +280,7 @@ def _split_and_whole(spec: dict) -> tuple[int, int]:
 
 def report_tpdp(res: dict, spec: dict, rows: int, steps: int, warmup: int) -> str:
     zg, sp, tt = res["zerograph ZeRO-3"], res["zerograph ZeRO-3 + SP"], res["torch TP + FSDP2"]
+    keep = res["zerograph ZeRO-3 + SP, no re-gather"]
     b, s, h, layers = rows, spec["block_size"], spec["n_embd"], spec["n_layer"]
     split, whole = _split_and_whole(spec)
     psi = split + whole
@@ -292,7 +298,7 @@ def report_tpdp(res: dict, spec: dict, rows: int, steps: int, warmup: int) -> st
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in (("zerograph tp=2 x dp=2 ZeRO-3", zg), ("zerograph ZeRO-3 + Megatron-SP", sp),
-                    ("torch TP + FSDP2 (2-D mesh)", tt)):
+                    ("zerograph ZeRO-3 + Megatron-SP, no re-gather", keep), ("torch TP + FSDP2 (2-D mesh)", tt)):
         lines.append(f"| {name} | {r['median_ms']:.1f} ({r['min_ms']:.1f}–{r['max_ms']:.1f}) | "
                      f"{r['median_ms'] / tt['median_ms']:.2f} | {r['state_bytes'] / 2**20:.2f} | "
                      f"{r['state_bytes'] / ideal:.3f} | {r['saved_bytes'] / 2**20:.2f} | {r['loss']:.4f} | "
@@ -303,15 +309,21 @@ def report_tpdp(res: dict, spec: dict, rows: int, steps: int, warmup: int) -> st
         f"Model states: Ψ = {psi:,} elements ({split:,} split over tp, {whole:,} whole: embeddings, norms, LM head, "
         f"row biases); 16Ψ/(tp·dp) = {ideal / 2**20:.2f} MiB, exact 16·(split/tp + whole)/dp = "
         f"{exact / 2**20:.2f} MiB (zerograph / exact: {zg['state_bytes'] / exact:.3f}).",
-        f"Activations saved for the backward: with Megatron-SP {sp['saved_bytes'] / 2**20:.2f} MiB vs "
-        f"{zg['saved_bytes'] / 2**20:.2f} MiB without ({sp['saved_bytes'] / zg['saved_bytes']:.3f}); zerograph's "
-        f"planner predicts {sp['planned_activation_bytes'] / 2**20:.2f} vs "
-        f"{zg['planned_activation_bytes'] / 2**20:.2f} MiB.",
+        f"Activations saved for the backward: with Megatron-SP {sp['saved_bytes'] / 2**20:.2f} MiB, without the "
+        f"re-gather {keep['saved_bytes'] / 2**20:.2f} MiB, without SP {zg['saved_bytes'] / 2**20:.2f} MiB "
+        f"(SP / no SP: {sp['saved_bytes'] / zg['saved_bytes']:.3f}); the re-gather saves "
+        f"{(keep['saved_bytes'] - sp['saved_bytes']) / 2**20:.2f} MiB, formula 2L·b·s·h·4·(1 - 1/tp) = "
+        f"{2 * layers * bsh * (1 - 1 / TP) / 2**20:.2f} MiB (the shard kept instead of the gathered input, per "
+        f"column group); zerograph's planner predicts {sp['planned_activation_bytes'] / 2**20:.2f} / "
+        f"{keep['planned_activation_bytes'] / 2**20:.2f} / {zg['planned_activation_bytes'] / 2**20:.2f} MiB.",
         f"zerograph traffic per step and rank (`inspect`), without SP: {zg['comm']}; tp_all_reduce / Megatron's "
         f"4·L·b·s·h·4 B = {zg['comm'].get('tp_all_reduce', 0) / tp_formula:.4f}.",
         f"With SP: {sp['comm']}; layers' reduce-scatter + all-gather (less the entry's and the LM head's "
-        f"gathers, 2·b·s·h·4 B) / (2 × the all-reduce formula, the same bytes on the wire) = "
-        f"{(sp['comm'].get('tp_reduce_scatter', 0) + sp['comm'].get('tp_all_gather', 0) - 2 * bsh) / (2 * tp_formula):.4f}; "
+        f"gathers, 2·b·s·h·4 B, and the backward's re-gathers, 2L·b·s·h·4 B) / (2 × the all-reduce formula, the "
+        f"same bytes on the wire) = {(sp['comm'].get('tp_reduce_scatter', 0) + sp['comm'].get('tp_all_gather', 0) - 2 * bsh - 2 * layers * bsh) / (2 * tp_formula):.4f}; "
+        f"re-gather traffic: SP - SP without re-gather, tp_all_gather = "
+        f"{sp['comm'].get('tp_all_gather', 0) - keep['comm'].get('tp_all_gather', 0):,} B = 2L·b·s·h·4 = "
+        f"{2 * layers * bsh:,}; "
         f"the norm weights' and row biases' gradient sums: tp_all_reduce {sp['comm'].get('tp_all_reduce', 0):,} B "
         f"= (6L + 2)·h·4 = {(6 * layers + 2) * h * 4:,}.",
     ]

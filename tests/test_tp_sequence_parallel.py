@@ -53,16 +53,21 @@ def test_sp_gpt_matches_eager_at_stages_0_and_3_with_megatron_sp_bytes():
     in the backward (the duals): on the wire (ring: an all-reduce moves twice
     an all-gather), 4 b*s*h per layer and phase, as plain tp's two
     all-reduces. Besides: the entry scatter's backward all-gather of b*s*h
-    (embeddings' sum), the final gather of b*s*h for the whole LM head, and
-    the backward all-reduces of the gradients of the norm weights/biases and
-    the row biases (6 h per layer, 2 h for ln_f)."""
-    results = _pool.run(tp_run, 2, "gpt_untied", [_sp_config(0), _sp_config(3)], timeout=TIMEOUT)
-    _check(results, "gpt_untied", 2, ["sp stage 0", "sp stage 3"])
+    (embeddings' sum), the final gather of b*s*h for the whole LM head, the
+    backward's re-gathers of the column groups' inputs (2 b*s*h per layer,
+    ``tp_sequence_parallel_regather``, the default), and the backward
+    all-reduces of the gradients of the norm weights/biases and the row
+    biases (6 h per layer, 2 h for ln_f). The same bytes at ZeRO-3 with
+    ``per_layer`` activation checkpointing."""
+    checkpointed = _sp_config(3, activation_checkpointing={"policy": "per_layer"})
+    results = _pool.run(tp_run, 2, "gpt_untied", [_sp_config(0), _sp_config(3), checkpointed], timeout=TIMEOUT)
+    _check(results, "gpt_untied", 2, ["sp stage 0", "sp stage 3", "sp stage 3, per_layer checkpointing"])
     cfg = _models.make_gpt().config
     b, s, h, n = _harness.PER_RANK_BATCH, _models.SEQ, cfg.n_embd, cfg.n_layer
     bsh = b * s * h * 4  # bytes of one [b, s, h] fp32 activation
     forward = {"tp_reduce_scatter": 2 * n * bsh, "tp_all_gather": 2 * n * bsh + bsh}
-    backward = {"tp_reduce_scatter": 2 * n * bsh, "tp_all_gather": 2 * n * bsh + bsh,
+    regather = 2 * n * bsh  # the column groups' inputs gathered again for the weight gradients
+    backward = {"tp_reduce_scatter": 2 * n * bsh, "tp_all_gather": 2 * n * bsh + bsh + regather,
                 "tp_all_reduce": (6 * n + 2) * h * 4}
     for rank in results:
         stage0 = rank[0]
@@ -71,9 +76,14 @@ def test_sp_gpt_matches_eager_at_stages_0_and_3_with_megatron_sp_bytes():
         assert stage0["planned_comm"] == stage0["comm"]
         # Megatron-SP's accounting: a reduce-scatter and an all-gather of N move what one all-reduce of N does
         # (ring: 2N(tp-1)/tp); buffer bytes count an all-reduce once, so the layers' collectives (all but the
-        # entry's and the head's gathers) are twice plain tp's all-reduce bytes (2n b*s*h per phase)
-        layers = stage0["comm"]["tp_reduce_scatter"] + stage0["comm"]["tp_all_gather"] - 2 * bsh
+        # entry's and the head's gathers, and the re-gathers) are twice plain tp's all-reduce bytes (2n b*s*h per
+        # phase)
+        layers = stage0["comm"]["tp_reduce_scatter"] + stage0["comm"]["tp_all_gather"] - 2 * bsh - regather
         assert layers == 2 * (2 * (2 * n * bsh))
+        # recomputing each block repeats no tp collective and gathers each column group's input once
+        tp_only = {phase: {k: v for k, v in kinds.items() if k.startswith("tp_")}
+                   for phase, kinds in rank[2]["comm_by_phase"].items()}
+        assert tp_only == {"forward": forward, "backward": backward}
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
@@ -85,11 +95,12 @@ def test_sp_llama_matches_eager():
     b, s, h, n = _harness.PER_RANK_BATCH, _models.SEQ, 32, 2
     bsh = b * s * h * 4
     kv_cache = 2 * n * b * s * (2 * 8) * 4  # use_cache: each layer's keys and values (2 heads of 8) leave whole
-    # as for nanoGPT (the stream enters at the embedding's output, the LM head reads it gathered); the RMSNorm
+    # as for nanoGPT (the stream enters at the embedding's output, the LM head reads it gathered, the backward
+    # gathers the 2 column groups' inputs of each layer again); the RMSNorm
     # weights (2 per layer and the final norm) are summed over tp; no biases
     assert results[0][0]["comm_by_phase"] == {
         "forward": {"tp_reduce_scatter": 2 * n * bsh, "tp_all_gather": (2 * n + 1) * bsh + kv_cache},
-        "backward": {"tp_reduce_scatter": 2 * n * bsh, "tp_all_gather": (2 * n + 1) * bsh,
+        "backward": {"tp_reduce_scatter": 2 * n * bsh, "tp_all_gather": (2 * n + 1) * bsh + 2 * n * bsh,
                      "tp_all_reduce": (2 * n + 1) * h * 4}}
 
 
@@ -187,8 +198,9 @@ return [sum]""")
     assert region["comm_bytes"] == {
         # fc1's input gathered; fc2's partial sums reduce-scattered; the sum reads every position (gathered)
         "forward": {"tp_all_gather": 2 * bsh, "tp_reduce_scatter": bsh},
-        # the duals, the gradient of h's cut gathered, and ln.weight, ln.bias, fc2.bias summed over tp
-        "backward": {"tp_reduce_scatter": bsh, "tp_all_gather": 2 * bsh, "tp_all_reduce": 3 * 4 * 4}}
+        # the duals, the gradient of h's cut gathered, fc1's input gathered again (tp_sequence_parallel_regather),
+        # and ln.weight, ln.bias, fc2.bias summed over tp
+        "backward": {"tp_reduce_scatter": bsh, "tp_all_gather": 3 * bsh, "tp_all_reduce": 3 * 4 * 4}}
 
 
 def test_sequence_length_tp_does_not_divide_is_an_error(fake_world):

@@ -102,6 +102,11 @@ class ZerographOptions(Section):
         "all-reduce after a row-split linear becomes a reduce-scatter and the input of a column-split group an "
         "all-gather (same bytes on the wire), and norm weights' and row biases' gradients are summed over tp. The "
         "sequence length must be a multiple of autotp_size (docs/tensor_parallel.md#megatron-sequence-parallelism).")
+    tp_sequence_parallel_regather: StrictBool = Field(
+        True, description="With tp_sequence_parallel: the backward all-gathers each column-split group's input "
+        "again from this rank's sequence shard (as Megatron-LM does), so the forward saves the shard (b*s*h/tp) "
+        "instead of the gathered input (b*s*h) for the weight gradient; costs one more all-gather of b*s*h per "
+        "column group in the backward. false: save the gathered input (docs/tensor_parallel.md#what-is-saved).")
     sequence_tiling: Annotated[Optional[Union[Literal["width"], _PositiveInt]], BeforeValidator(_tile_setting)] = Field(
         None, description="Tiled compute along the sequence (ALST): every per-token MLP and the LM head with its "
         "cross-entropy run in tiles of this many positions of each rank's sequence (\"width\": as many positions as the model is wide, ALST's rule), each "

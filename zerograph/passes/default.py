@@ -24,6 +24,7 @@ from zerograph.passes.sequence_parallel import sequence_parallel
 from zerograph.passes.sequence_tiling import sequence_tiling
 from zerograph.passes.tag_nodes import tag_nodes
 from zerograph.passes.tensor_parallel import tensor_parallel
+from zerograph.passes.tp_regather import tp_regather
 from zerograph.passes.zero_policy import zero_policy
 from zerograph.passes.zeropp_quantize import quantize_grad_reduction, quantize_weight_gathers
 
@@ -34,6 +35,11 @@ def _sharded(config, plan) -> bool:
 
 def _tensor_parallel(config, plan) -> bool:
     return plan is not None and plan.tp_size > 1
+
+
+def _tp_regather(config, plan) -> bool:
+    zg = config.zerograph
+    return _tensor_parallel(config, plan) and zg.tp_sequence_parallel and zg.tp_sequence_parallel_regather
 
 
 def _sequence_parallel(config, plan) -> bool:
@@ -110,6 +116,8 @@ def default_passes(config=None, plan=None, *, sharded: bool = True) -> PassList:
                       ensures=("tagged",)),
             GraphPass("zero_policy", zero_policy, phases=("joint",), applies=_regathers,
                       requires=("tagged",), ensures=("recompute_policy",)),
+            GraphPass("tp_regather", tp_regather, phases=("joint",), applies=_tp_regather, requires=("tagged",),
+                      ensures=("recompute_policy",)),
             GraphPass("activation_checkpointing", activation_checkpointing, phases=("joint",),
                       applies=_checkpointing, requires=("tagged",), ensures=("recompute_policy",)),
             GraphPass("hpz_secondary", hpz_secondary, phases=("joint",), applies=_hpz,

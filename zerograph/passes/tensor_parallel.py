@@ -240,8 +240,9 @@ class _Rewrite:
         x_state = self.prop.get(use.x)
         node = use.node
         if layout.kind in ("column", "vocab"):
-            gathered = self.sp is not None and isinstance(x_state, Split) and x_state.seq
-            if gathered:  # Megatron-SP: all-gather the sequence shards
+            flat = self.sp is not None and use.x in self.sp.flat_gathered  # Conv1D: view of the gathered sequence
+            gathered = flat or (self.sp is not None and isinstance(x_state, Split) and x_state.seq)
+            if gathered and not flat:  # Megatron-SP: all-gather the sequence shards
                 node.replace_input_with(use.x, self.sp.column_input(use.x, node))
             elif x_state is not None:
                 raise TensorParallelError(f"tensor parallelism: {layout.module} is column-split but its input is "
@@ -285,6 +286,7 @@ class _Rewrite:
             node.target, node.args, node.kwargs = torch.mm, (x, use.weight), {}
         self.counts["row"] += 1
         if self.sp is not None:  # Megatron-SP: reduce-scatter along the sequence; the bias on this rank's positions
+            node = self.sp.row_target(node)  # Conv1D: after the view back to [b, s, h]
             reduced, state = self.sp.row_output(node)
             out = reduced
             if bias is not None:

@@ -25,7 +25,15 @@ bytes on the wire (Korthikanti et al., 2022):
   positions only, and ``tp_copy``'s backward sums them over tp;
 * an op that needs every position (a whole LM head, a loss, attention
   outside a column group, a graph output) reads the shards through
-  ``tp_all_gather`` (backward: this rank's block of the gradient).
+  ``tp_all_gather`` (backward: this rank's block of the gradient);
+* Hugging Face ``Conv1D`` (GPT-2) flattens batch and sequence:
+  ``addmm(b, x.view(-1, h), W).view(b, s, out)``. A column group's
+  flattening view reads the gathered sequence
+  (``view(tp_seq_gather(x), -1, h)``), a row ``Conv1D``'s partial product
+  is reduce-scattered after its view back to ``[b, s, h]``.
+
+The backward's re-gather of each column group's input (instead of saving
+it) is the ``tp_regather`` pass on the joint graph.
 
 On ``h + fc2(relu(fc1(ln(h))))`` at tp=2 (the golden test)::
 
@@ -41,6 +49,7 @@ On ``h + fc2(relu(fc1(ln(h))))`` at tp=2 (the golden test)::
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.fx as fx
@@ -97,18 +106,46 @@ def _per_token(node: fx.Node) -> bool:
     return False
 
 
-def _column_inputs(graph: fx.Graph, specs: dict) -> list[fx.Node]:
-    """The inputs of the column-split (and vocab-split head) linears, in graph order."""
+def _column_uses(graph: fx.Graph, specs: dict) -> list:
+    """The column-split (and vocab-split head) linears, in graph order."""
     out = []
     for node in graph.nodes:
         use = linear_use(node)
         if use is None or use.weight.op != "call_function" or use.weight.target not in (
                 UNSHARD_WHOLE, torch.ops.zerograph.unshard_whole):
             continue
-        layout = specs[use.weight.args[2]].tp
-        if layout.kind in ("column", "vocab") and use.x not in out:
-            out.append(use.x)
+        if specs[use.weight.args[2]].tp.kind in ("column", "vocab"):
+            out.append(use)
     return out
+
+
+def _flattens_sequence(node: fx.Node) -> bool:
+    """``x.view(-1, h)`` of ``x`` ``[..., s, h]`` (≥ 3-D): Hugging Face ``Conv1D``'s
+    input, whose batch and sequence become one dim."""
+    if not (node.op == "call_method" and node.target in ("view", "reshape")) and not (
+            node.op == "call_function" and node.target is torch.reshape):
+        return False
+    src = node.args[0] if node.args else None
+    shape_in, shape_out = full_shape(src), full_shape(node)
+    return (shape_in is not None and shape_out is not None and len(shape_in) >= 3 and len(shape_out) == 2
+            and shape_out == (math.prod(shape_in[:-1]), shape_in[-1]))
+
+
+def _unflattens_sequence(node: fx.Node) -> fx.Node | None:
+    """The only user of ``node`` (a ``[b·s, h]`` product: ``Conv1D``) if it is the
+    view back to ``[..., s, h]``, else None."""
+    shape = full_shape(node)
+    users = list(node.users)
+    if shape is None or len(shape) != 2 or len(users) != 1:
+        return None
+    view = users[0]
+    if not (view.op == "call_method" and view.target in ("view", "reshape")) and not (
+            view.op == "call_function" and view.target is torch.reshape):
+        return None
+    out = full_shape(view)
+    if out is None or len(out) < 3 or view.args[0] is not node or (math.prod(out[:-1]), out[-1]) != shape:
+        return None
+    return view
 
 
 class SequenceParallel:
@@ -122,13 +159,20 @@ class SequenceParallel:
         self.wholes: dict[fx.Node, fx.Node] = {}  # shard -> its tp_all_gather (ops needing every position)
         self.scatters: dict[fx.Node, fx.Node] = {}  # whole value -> its tp_seq_scatter
         self.grad_sums: dict[fx.Node, fx.Node] = {}  # whole value broadcast over positions -> its tp_copy
+        self.flat: set[fx.Node] = set()  # Conv1D inputs x.view(-1, h) that only column linears read
+        self.flat_gathered: set[fx.Node] = set()  # those of them now reading the gathered sequence
 
     def _count(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
 
     # -- where the whole stream enters ---------------------------------------
     def find_entries(self, specs: dict) -> None:
-        for x in _column_inputs(self.graph, specs):
+        uses = _column_uses(self.graph, specs)
+        columns = {use.node for use in uses}
+        for x in dict.fromkeys(use.x for use in uses):
+            if _flattens_sequence(x) and all(u in columns and linear_use(u).x is x for u in x.users):
+                self.flat.add(x)  # Conv1D: the stream enters above the flattening view
+                x = x.args[0]
             shape = full_shape(x)
             if shape is not None and len(shape) >= 3:
                 self.entries.add(self._entry(x, shape[-2]))
@@ -189,7 +233,7 @@ class SequenceParallel:
             raise TensorParallelError(
                 f"tensor parallelism: {module_of(like)}: {_KEY} cuts activations [batch, sequence, features] "
                 f"along the sequence, but this layer computes on a {len(shape or ())}-D value of shape {shape} "
-                "(e.g. Hugging Face Conv1D flattens batch and sequence; GPT-2 is not supported yet); set "
+                "(batch and sequence flattened other than by a Hugging Face Conv1D's view/addmm/view); set "
                 f"{_KEY} to false")
         dim = len(shape) - 2
         if shape[dim] % self.tp:
@@ -217,6 +261,12 @@ class SequenceParallel:
                                                                                      self.prop.get(x).dim))
             self._count("tp_seq_gather")
         return whole
+
+    def row_target(self, node: fx.Node) -> fx.Node:
+        """Where a row-split linear's partial product is reduce-scattered:
+        ``node`` itself, or for ``Conv1D`` (a ``[b·s, h]`` product) its view
+        back to ``[b, s, h]``."""
+        return _unflattens_sequence(node) or node
 
     def row_output(self, node: fx.Node) -> tuple[fx.Node, Split]:
         """``node`` (a row-split linear's partial product) reduce-scattered
@@ -248,6 +298,10 @@ class SequenceParallel:
         seq = [a for a in node.all_input_nodes if isinstance(self.prop.get(a), Split) and self.prop.get(a).seq]
         if not seq or node.op == "output":
             return False
+        if node in self.flat and seq == [node.args[0]]:  # Conv1D's x.view(-1, h): flattens the gathered sequence
+            node.replace_input_with(node.args[0], self.column_input(node.args[0], node))
+            self.flat_gathered.add(node)
+            return True
         if _is_elementwise(node):
             self._elementwise_inputs(node, seq[0])
         elif node.op == "call_function" and node.target is F.layer_norm:

@@ -17,8 +17,9 @@ code generation:
 Each storage gets one kind:
 
 ``gathered``
-    a gathered (full) parameter: the output of an all-gather (the wait
-    aliases it), the per-parameter copy-outs of a bucket (``comm_prep``
+    a gathered (full) parameter: the output of a data-parallel all-gather
+    (the wait aliases it; a tensor-parallel one gathers activations), the
+    per-parameter copy-outs of a bucket (``comm_prep``
     nodes computed only from gathered values), casts of gathered values, and
     in the backward a saved input whose tag names a parameter (a gathered
     parameter kept from forward to backward).
@@ -208,7 +209,7 @@ def storages(
         root[node] = node
         tag = get_tag(node)
         role = tag.role if tag is not None else "compute"
-        if role == "all_gather":
+        if role == "all_gather" and tag.mesh_dim != "tp":  # tp all-gathers (Megatron-SP) gather activations
             gathered_roots.add(node)
         elif inputs and all(root[a] in gathered_roots for a in inputs) and (
             role == "comm_prep" or node.target in _CASTS

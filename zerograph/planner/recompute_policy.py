@@ -11,9 +11,11 @@ Rules shared by every policy:
   ZeRO markers and the gathered-parameter chain keep ``zero_policy``'s
   decision (recomputation never adds an all-gather);
 * tensor- and sequence-parallel collectives (the tp/sp markers that move data
-  in the forward) are always ``MUST_SAVE``: recomputing a layer never repeats
-  one (a pass that wants a re-gather tags the node first, and tagged nodes are
-  not candidates);
+  in the forward: :func:`communicates`) are always ``MUST_SAVE``: recomputing
+  a block never repeats a tp all-reduce, reduce-scatter or all-gather or an
+  sp all-to-all (Megatron-SP's re-gather of a column group's input is the one
+  exception, tagged before these policies run by ``tp_regather``; tagged
+  nodes are not candidates);
 * random ops (``nondeterministic_seeded``, e.g. dropout's ``bernoulli``/``rand``,
   and fused attention with ``dropout_p > 0``) are always ``MUST_SAVE``: the backward reuses the forward's random values,
   so gradients equal eager's on every device, without RNG functionalization.
@@ -34,9 +36,8 @@ from zerograph._torch_private import size_hint
 from zerograph.graph.tags import get_tag
 from zerograph.graph.deterministic_rng import dropout_p, unwrap_deterministic_rng
 from zerograph.graph.sp_ops import SP_MARKERS
-from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_ALL_REDUCE_MAX
-from zerograph.graph.tp_seq_markers import TP_SEQ_GATHER, TP_SEQ_REDUCE_SCATTER
 from zerograph.planner.liveness import is_alias
+from zerograph.planner.tp_regather import is_tp_collective
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,9 @@ def is_random(node: fx.Node) -> bool:
     return dropout_p(node.target, node.args, node.kwargs) != 0.0
 
 
-# markers whose forward runs a collective over the tp or sp ranks
-_COMMUNICATING = frozenset({TP_ALL_REDUCE, TP_ALL_REDUCE_MAX, TP_ALL_GATHER, TP_SEQ_GATHER, TP_SEQ_REDUCE_SCATTER,
-                            *SP_MARKERS})
-
-
 def communicates(node: fx.Node) -> bool:
     """A tensor- or sequence-parallel collective: recomputing it would repeat the collective."""
-    return node.target in _COMMUNICATING
+    return is_tp_collective(node) or (node.op == "call_function" and node.target in SP_MARKERS)
 
 
 def _must_save(node: fx.Node, no_regather: frozenset[str]) -> bool:
