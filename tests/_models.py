@@ -101,13 +101,48 @@ class BreakyNet(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def make_qwen3():
+    """Qwen3: RMSNorms on each head's queries and keys (``q_norm``/``k_norm``,
+    whole weights read by every tp rank's heads)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(1234)
+    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=SEQ)
+    return Qwen3ForCausalLM(cfg)
+
+
+def make_phi3():
+    """Phi-3: fused ``qkv_proj`` cut by slices, fused ``gate_up_proj`` cut by
+    ``chunk``; its Hugging Face tp plan uses styles zerograph does not do."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(1234)
+    cfg = Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2)
+    return Phi3ForCausalLM(cfg)
+
+
+def make_gptj():
+    """GPT-J: rotary embedding on interleaved pairs (``torch.stack`` of each
+    rank's heads), attention and MLP in parallel off one LayerNorm."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(1234)
+    cfg = GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=SEQ,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPTJForCausalLM(cfg)
+
+
 def make_breaky():
     torch.manual_seed(1234)
     return BreakyNet()
 
 
 MODELS = {"gpt": make_gpt, "gpt_untied": make_gpt_untied, "breaky": make_breaky, "hf_gpt2": make_hf_gpt2, "llama": make_llama,
-          "llama_kv1": make_llama_kv1}
+          "llama_kv1": make_llama_kv1, "qwen3": make_qwen3, "phi3": make_phi3,
+          "hf_gptj": make_gptj}
 
 
 def global_batch(step: int, batch: int):

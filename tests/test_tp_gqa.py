@@ -6,7 +6,7 @@ and their gradients are summed over those ranks
 
 Equivalence: 5 AdamW steps on real gloo ranks against single-process eager
 PyTorch, losses and every full parameter: fp32 rtol 1e-5, with atol
-``ADAM_ATOL`` (below) for the parameters.
+``ADAM_ATOL`` (tests/test_tensor_parallel.py) for the parameters.
 """
 
 from __future__ import annotations
@@ -17,28 +17,8 @@ import torch
 import zerograph
 from tests import _harness, _models, _pool
 from tests._harness import TIMEOUT
-from tests.test_tensor_parallel import _config, fake_world4, tp_run  # noqa: F401  (fixture)
+from tests.test_tensor_parallel import _check_adam_atol, _config, fake_world4, tp_run  # noqa: F401  (fixture)
 from zerograph.runtime.tp_layout import TpLayout
-
-
-# Tensor parallelism sums the row-split products and the input gradients (Megatron's f) in another order
-# than one process, so gradients differ by fp32 round-off: about 1e-8 absolute for these O(1e-3) gradients.
-# AdamW (eps 1e-4) turns a gradient difference d of a near-zero gradient (embedding rows of rare tokens)
-# into an update difference of up to lr * d / eps per step, so after 5 steps parameters may differ by
-# 5 * 1e-2 * 1e-8 / 1e-4 = 5e-6. (Measured: 2.2e-6 on one embedding element, all else <= 4e-7; a wrong
-# gradient sum of the replicated k/v weights moves them by ~lr = 1e-2.)
-ADAM_ATOL = _harness.STEPS * _harness.LR * 1e-8 / _harness.EPS
-
-
-def _check(results, model_name: str, dp: int, tp: int):
-    ref_losses, ref_params = _harness.reference_run(model_name, dp)
-    for rank, rank_results in enumerate(results):
-        for result in rank_results:
-            torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
-            assert result["params"].keys() == ref_params.keys()
-            for key, ref in ref_params.items():
-                torch.testing.assert_close(result["params"][key], ref, rtol=1e-5, atol=ADAM_ATOL,
-                                           msg=lambda m: f"rank {rank}, {key}: {m}")
 
 
 def test_replicated_layout_cuts_blocks_and_reassembles():
@@ -60,7 +40,7 @@ def test_one_kv_head_replicated_over_tp2_matches_eager():
     2) at ZeRO 0 and 3: each rank holds 2 query heads and the whole k and v
     projections ([8, 32]), whose gradients are all-reduced over tp."""
     results = _pool.run(tp_run, 2, "llama_kv1", [_config(0), _config(3)], timeout=TIMEOUT)
-    _check(results, "llama_kv1", 1, 2)
+    _check_adam_atol(results, "llama_kv1", 1)
     for rank_results in results:
         shapes = rank_results[0]["local_shapes"]
         assert shapes["model.layers.0.self_attn.q_proj.weight"] == (16, 32)
@@ -76,7 +56,7 @@ def test_two_kv_heads_replicated_over_tp4_matches_eager():
     and 1 hold key/value head 0, ranks 2 and 3 head 1 (each 4 rows of [16,
     32]); the gradient sum runs over pairs of ranks (zero-padded all-reduce)."""
     results = _pool.run(tp_run, 4, "llama", [_config(0, tp=4)], timeout=TIMEOUT)
-    _check(results, "llama", 1, 4)
+    _check_adam_atol(results, "llama", 1)
     assert results[3][0]["local_shapes"]["model.layers.0.self_attn.k_proj.weight"] == (8, 32)
 
 
