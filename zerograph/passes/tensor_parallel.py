@@ -50,7 +50,8 @@ from zerograph.graph.tp_ops import full_shape, linear_use, module_of
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.passes.tp_propagation import Propagator, Split
 from zerograph.passes.tp_sequence import SequenceParallel
-from zerograph.passes.tp_vocab import CROSS_ENTROPY, EMBEDDING, rewrite_cross_entropy, rewrite_embedding
+from zerograph.passes.tp_vocab import (CROSS_ENTROPY, EMBEDDING, as_torch_level, rewrite_cross_entropy,
+                                       rewrite_embedding, vocab_operand)
 from zerograph.runtime.tp_layout import TensorParallelError
 
 log = logging.getLogger(__name__)
@@ -154,17 +155,19 @@ class _Rewrite:
         if node.op != "call_function":
             return False
         if node.target in EMBEDDING:
-            weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+            weight = vocab_operand(node)
             if isinstance(self.prop.get(weight), _SplitParam):
+                as_torch_level(node)
                 rewrite_embedding(self.graph, node, self.prop.get(weight).spec.tp, self.tag)
                 self.counts["vocab_embedding"] = self.counts.get("vocab_embedding", 0) + 1
                 return True
         if node.target in CROSS_ENTROPY:
-            logits = node.kwargs.get("input", node.args[0] if node.args else None)
+            logits = vocab_operand(node)
             if logits in self.vocab:
                 if self.prop.get(logits) != Split(1, (self.vocab[logits].whole_shape[0],)):
                     raise TensorParallelError(f"tensor parallelism: {module_of(node)}: cross-entropy of logits split "
                                               f"over the vocabulary as {self.prop.get(logits)}, not along dim 1")
+                as_torch_level(node)
                 rewrite_cross_entropy(self.graph, node, self.vocab[logits], self.tag)
                 self.counts["vocab_cross_entropy"] = self.counts.get("vocab_cross_entropy", 0) + 1
                 return True
