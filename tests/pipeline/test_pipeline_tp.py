@@ -73,6 +73,7 @@ def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
             "grad_norm": model._zg_runtime.ctx.last_grad_norm,
             "comm": dict(zerograph.inspect(model).comm_bytes_last_step),
             "state_bytes": state_bytes,
+            "p2p": model.last_stats["p2p_sent_bytes"],  # the last step's sends to other stages
         })
     return out
 

@@ -46,4 +46,20 @@ def test_pp2_tp2_vocab_parallel_tied_and_untied_match_eager():
     stages' ranks of one tp index) and untied."""
     runs = [("gpt_v98", _config(0, **VOCAB)), ("gpt_untied_v98", _config(0, **VOCAB))]
     results = spawn(_run, 4, runs, timeout=TIMEOUT)
+    for rank, rank_results in enumerate(results):
+        for r in rank_results:
+            print(rank, r["shapes"], r["comm"])
+    _check(results, runs)
+
+
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_pp2_tp2_megatron_sp_matches_eager():
+    """Megatron-SP in both stages: the residual stream crosses the stage
+    boundary as each tp rank's sequence shard."""
+    runs = [("gpt", _config(0, **SP)), ("gpt_v98", _config(0, zerograph={"tp_sequence_parallel": True,
+                                                                         "tp_vocab_parallel": True}))]
+    results = spawn(_run, 4, runs, timeout=TIMEOUT)
+    for rank, rank_results in enumerate(results):
+        for r in rank_results:
+            print(rank, r["comm"], r["p2p"])
     _check(results, runs)

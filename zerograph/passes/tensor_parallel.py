@@ -47,6 +47,8 @@ import torch.fx as fx
 from zerograph.graph.example_values import refresh_example_values
 from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_COPY, UNSHARD_WHOLE
 from zerograph.graph.tp_ops import full_shape, linear_use, module_of
+from zerograph.graph.tp_seq_boundary import TP_SEQ_ENTER, TP_SEQ_LEAVE
+from zerograph.graph.tp_seq_markers import TP_SEQ_SCATTER
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.passes.tp_propagation import Propagator, Split
 from zerograph.passes.tp_sequence import SequenceParallel
@@ -99,6 +101,9 @@ class _Rewrite:
             if node.op == "output":
                 self._gather_outputs(node)
                 continue
+            if node.op == "call_function" and node.target in (TP_SEQ_ENTER, TP_SEQ_LEAVE):
+                self._stage_boundary(node)
+                continue
             if self._vocab_parallel(node):
                 continue
             use = linear_use(node)
@@ -123,6 +128,27 @@ class _Rewrite:
                 head = next((self.vocab[a] for a in node.all_input_nodes if a in self.vocab), None)
                 if head is not None:
                     self.vocab[node] = head
+
+    def _stage_boundary(self, node: fx.Node) -> None:
+        """A pipeline stage boundary under Megatron-SP (:mod:`zerograph.graph.tp_seq_boundary`):
+        a received shard enters cut along the sequence; a value sent on
+        leaves as this rank's shard (its block, when it is whole here)."""
+        x, dim, _ = node.args
+        if self.sp is None:
+            raise TensorParallelError(f"tensor parallelism: {node.name} marks a stage boundary of "
+                                      "zerograph.tp_sequence_parallel, which this stage was compiled without")
+        state = self.prop.get(x)
+        if node.target == TP_SEQ_ENTER:
+            node.target, node.args = torch.ops.aten.alias.default, (x,)
+            self.prop.states[node] = Split(dim, (full_shape(node)[dim],), seq=True)
+        elif state is None:
+            node.target, node.args = TP_SEQ_SCATTER, (x, self.tag, dim)
+        elif isinstance(state, Split) and state.seq and state.dim == dim:
+            node.target, node.args = torch.ops.aten.alias.default, (x,)
+        else:
+            raise TensorParallelError(f"tensor parallelism: {module_of(x)}: {x.name} crosses a pipeline stage "
+                                      f"boundary split over tp as {state}, not along the sequence (dim {dim})")
+        self.counts["stage_boundary"] = self.counts.get("stage_boundary", 0) + 1
 
     def _replicated(self, node: fx.Node, layout) -> fx.Node:
         """A parameter whose blocks ``layout.replicas`` tp ranks each hold
