@@ -63,3 +63,20 @@ def test_pp2_tp2_megatron_sp_matches_eager():
         for r in rank_results:
             print(rank, r["comm"], r["p2p"])
     _check(results, runs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_pp2_tp2_llama_vocab_parallel_and_megatron_sp_match_eager():
+    """Hugging Face Llama (untied head, grouped-query attention, its
+    base_model_tp_plan) with the vocab-parallel embedding and loss and
+    Megatron-SP: the hidden states cross the boundary as sequence shards,
+    the rotary cos/sin (computed from the positions alone) whole."""
+    llama = {"pipeline": {"stages": 2, "micro_batches": 2, "split_points": ["model.layers.1"]},
+             "zerograph": {"tp_sequence_parallel": True, "tp_vocab_parallel": True}}
+    runs = [("llama_v98", {**_config(0), **llama})]
+    results = spawn(_run, 4, runs, timeout=TIMEOUT)
+    for rank, rank_results in enumerate(results):
+        for r in rank_results:
+            print(rank, r["comm"], r["p2p"], r["shapes"])
+    _check(results, runs)

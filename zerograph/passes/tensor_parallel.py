@@ -184,7 +184,9 @@ class _Rewrite:
             weight = vocab_operand(node)
             if isinstance(self.prop.get(weight), _SplitParam):
                 as_torch_level(node)
-                rewrite_embedding(self.graph, node, self.prop.get(weight).spec.tp, self.tag)
+                whole = rewrite_embedding(self.graph, node, self.prop.get(weight).spec.tp, self.tag)
+                if self.sp is not None and node in self.sp.entries:  # the stream enters right here
+                    self.sp.embedding_entry(node, whole)
                 self.counts["vocab_embedding"] = self.counts.get("vocab_embedding", 0) + 1
                 return True
         if node.target in CROSS_ENTROPY:

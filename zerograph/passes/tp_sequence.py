@@ -184,6 +184,19 @@ class SequenceParallel:
         for user in users:
             user.replace_input_with(node, cut)
 
+    def embedding_entry(self, embedding: fx.Node, whole: fx.Node) -> None:
+        """A vocab-parallel embedding where the stream enters (Llama's first
+        norm reads it): its sum over tp (``whole``, a ``tp_all_reduce``)
+        becomes a reduce-scatter along the sequence, Megatron-SP's embedding."""
+        dim = self._dim(embedding, embedding)
+        with self.graph.inserting_before(whole):
+            cut = _emit(self.graph, embedding, TP_SEQ_REDUCE_SCATTER, (whole.args[0], self.tag, dim))
+        cut.meta["example_value"] = embedding.meta.get("example_value", embedding.meta.get("val"))
+        whole.replace_all_uses_with(cut)
+        self.graph.erase_node(whole)
+        self.prop.states[cut] = Split(dim, (full_shape(embedding)[dim],), seq=True)
+        self._count("tp_seq_reduce_scatter")
+
     # -- collectives in place of Megatron's f and g ---------------------------
     def _dim(self, node: fx.Node, like: fx.Node) -> int:
         shape = full_shape(node)
