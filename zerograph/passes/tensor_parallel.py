@@ -19,7 +19,10 @@ parameters' specs; this pass is the mechanism:
 * with ``zerograph.tp_sequence_parallel`` (Megatron-SP,
   :mod:`zerograph.passes.tp_sequence`) the values between tp regions are cut
   along the sequence: ``tp_copy`` becomes ``tp_seq_gather`` and
-  ``tp_all_reduce`` ``tp_seq_reduce_scatter``.
+  ``tp_all_reduce`` ``tp_seq_reduce_scatter``; at a pipeline stage boundary
+  (:mod:`zerograph.graph.tp_seq_boundary`) a received shard becomes
+  ``alias(x)`` cut along the sequence, and a value sent on ``alias`` of its
+  shard (``tp_seq_scatter`` when it is whole here).
 
 For nanoGPT's attention at tp=2 (12 heads of 64)::
 
