@@ -228,3 +228,53 @@ tp_all_reduce_max_default: f32[8, 1] = zerograph.tp_all_reduce_max(amax, 'zg0')
 tp_all_reduce_default: f32[8] = zerograph.tp_all_reduce(sum, 'zg0')
 tp_all_reduce_default_1: f32[8] = zerograph.tp_all_reduce(masked_fill_1, 'zg0')
 return [reshape_1]""")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT + 30)
+def test_pp2_dp2_tp2_vocab_parallel_and_megatron_sp_zero3_match_eager():
+    """pp=2 x dp=2 x tp=2 (world 8, new processes) at ZeRO 3 with both
+    keys: each dp index's rows, the boundary shards paired by (dp, tp)
+    index, the tied embedding's gradient summed between the ranks of equal
+    (dp, tp) indices; p2p per rank: its 2 rows of each micro-batch, 1/tp."""
+    runs = [("gpt_v98", _config(3, **BOTH))]
+    results = spawn(_run, 8, runs, timeout=TIMEOUT)
+    _check(results, runs)
+    for rank_results in results:
+        assert rank_results[0]["p2p"] == M * (U // 2) // 2  # half the rows (dp=2), half the positions (tp=2)
+
+
+def test_aten_embedding_and_cross_entropy_in_torch_level_form_compute_the_same():
+    """``as_torch_level`` maps ATen's argument order and enums (embedding:
+    weight first, padding_idx -1 = none; cross-entropy: reduction 0/1/2)
+    to ``F.embedding`` / ``F.cross_entropy``: each graph computes what it
+    did before, values and gradients."""
+    import torch.fx as fx
+
+    from zerograph.passes.tp_vocab import as_torch_level, vocab_operand
+
+    aten = torch.ops.aten
+    cases = [(aten.embedding.default, (-1,)), (aten.embedding.default, (3,)),
+             (aten.cross_entropy_loss.default, (None, 0, -100, 0.0)),
+             (aten.cross_entropy_loss.default, (None, 2, 5, 0.0)),
+             (aten.cross_entropy_loss.default, (None, 1, -1, 0.0))]
+    for target, extra in cases:
+        graph = fx.Graph()
+        a, b = graph.placeholder("a"), graph.placeholder("b")
+        node = graph.call_function(target, (a, b, *extra))
+        graph.output(node)
+        gm = fx.GraphModule(torch.nn.Module(), graph)
+        torch.manual_seed(0)
+        if target is aten.embedding.default:
+            inputs = [torch.randn(8, 4, requires_grad=True), torch.tensor([[1, 3, 7], [3, 0, 2]])]
+        else:
+            inputs = [torch.randn(6, 8, requires_grad=True), torch.tensor([1, 5, 7, 5, 0, 2])]
+        expected = gm(*inputs)
+        (grad,) = torch.autograd.grad(expected.sum(), inputs[0])
+        assert vocab_operand(node) is a  # the weight (ATen embedding) or the logits
+        as_torch_level(node)
+        assert node.target in (torch.nn.functional.embedding, torch.nn.functional.cross_entropy)
+        gm.recompile()
+        got = gm(*inputs)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), inputs[0])[0], grad, rtol=0, atol=0)
