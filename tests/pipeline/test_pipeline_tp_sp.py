@@ -122,7 +122,8 @@ def test_pp2_tp2_llama_vocab_parallel_and_megatron_sp_match_eager():
     _check(results, runs)
     u, vec = B * S * 32 * F32, 32 * F32  # hidden size 32; RMSNorm has no bias, the layers none either
     stages = [{"tp_all_gather": M * 5 * u, "tp_reduce_scatter": M * 5 * u, "tp_all_reduce": M * 2 * vec},
-              {"tp_all_gather": M * 5 * u, "tp_reduce_scatter": M * 5 * u, "tp_all_reduce": M * (3 * vec + 3 * N * F32)}]
+              {"tp_all_gather": M * 5 * u, "tp_reduce_scatter": M * 5 * u,
+               "tp_all_reduce": M * (3 * vec + 3 * N * F32)}]
     mask, rotary = B * S * S, S * 8 * F32  # bool [b, 1, s, s]; cos, sin [1, s, head_dim 8]
     for rank, rank_results in enumerate(results):
         got = {k: v for k, v in rank_results[0]["comm"].items() if k.startswith("tp_") and v}
