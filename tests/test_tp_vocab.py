@@ -197,3 +197,24 @@ sum_1: i64[] = sum(invert)
 sum_2: f32[] = sum(masked_fill_4)
 div: f32[] = div(sum_2, sum_1)
 return [div]""")
+
+
+@pytest.mark.timeout(_harness.TIMEOUT + 30)
+def test_vocab_parallel_llama_with_megatron_sp_reduce_scatters_the_embedding():
+    """Llama with the vocab-parallel embedding and loss and Megatron-SP at
+    tp=2 (world 2, ZeRO 0): its embedding feeds the first norm directly, so
+    the embedding's sum over tp is a reduce-scatter along the sequence
+    (Megatron-SP's embedding; backward: all-gather), not an all-reduce and a
+    cut. Training equals eager; the step's tp bytes equal the formula."""
+    config = _vocab_config(0)
+    config["zerograph"]["tp_sequence_parallel"] = True
+    results = _pool.run(vocab_run, 2, "llama_v98", [config], _harness.STEPS, timeout=_harness.TIMEOUT)
+    _check(results, "llama_v98", 2, ["vocab parallel + Megatron-SP, ZeRO-0"])
+    rows, width = _harness.PER_RANK_BATCH * _models.SEQ, 32
+    u, vec = rows * width * 4, width * 4  # one [b, s, h] fp32 activation; one RMSNorm weight
+    for rank_results in results:
+        comm = {k: v for k, v in rank_results[0]["comm"].items() if k.startswith("tp_") and v}
+        # 2 blocks x 4 of each; the embedding's reduce-scatter (backward: all-gather); the vocab-split head's
+        # gather of the stream (backward: reduce-scatter); 5 RMSNorm weights' gradient sums; the loss's 3
+        assert comm == {"tp_reduce_scatter": 10 * u, "tp_all_gather": 10 * u,
+                        "tp_all_reduce": 5 * vec + 3 * rows * 4}, comm

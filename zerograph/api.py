@@ -347,14 +347,6 @@ def compile(
     """
     cfg = Config.load(config)
     if cfg.pipeline.stages > 1:
-        if cfg.tensor_parallel.autotp_size > 1 and cfg.zerograph.tp_vocab_parallel:
-            raise ConfigError(
-                f"pipeline.stages={cfg.pipeline.stages} with zerograph.tp_vocab_parallel: the vocab-parallel embedding "
-                "and loss are not supported with pipeline stages yet; set zerograph.tp_vocab_parallel to false")
-        if cfg.tensor_parallel.autotp_size > 1 and cfg.zerograph.tp_sequence_parallel:
-            raise ConfigError(
-                f"pipeline.stages={cfg.pipeline.stages} with zerograph.tp_sequence_parallel: Megatron sequence "
-                "parallelism is not supported with pipeline stages yet; set zerograph.tp_sequence_parallel to false")
         from zerograph.pipeline.build import compile_pipeline
 
         def compile_stage(stage, stage_cfg, group, tp_layouts=None):

@@ -73,6 +73,7 @@ def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
             "grad_norm": model._zg_runtime.ctx.last_grad_norm,
             "comm": dict(zerograph.inspect(model).comm_bytes_last_step),
             "state_bytes": state_bytes,
+            "p2p": model.last_stats["p2p_sent_bytes"],  # the last step's sends to other stages
         })
     return out
 
@@ -161,6 +162,9 @@ def test_pp2_tp2_matches_eager_and_its_checkpoint_loads_without_pipeline_or_tp(t
     # fp32) two all-reduces in the forward and two in the backward; 2 micro-batches
     for rank_results in results:
         assert rank_results[0]["comm"]["tp_all_reduce"] == 2 * 4 * (4 * 16 * 30 * 4)
+        # p2p: stage 0 sends each micro-batch's [4, 16, 30] activation, stage 1 its gradient (with
+        # Megatron-SP 1/tp of it: test_pipeline_tp_sp.py)
+        assert rank_results[0]["p2p"] == 2 * (4 * 16 * 30 * 4)
 
     ref_losses, ref_params = _harness.reference_run("gpt", 1, steps=END)
     saved_losses, saved_shapes = out[0][1]
@@ -262,18 +266,10 @@ add_1: f32[2, 4, 8] = add(tp_all_reduce_default, model_h_0_attn_proj_bias)""")
 
 
 def test_3d_config_errors(fake_world):
-    """A world size that stages x tp does not divide, and the vocab-parallel
-    embedding with pipeline stages (not done yet), are ConfigErrors naming
-    the keys."""
+    """A world size that stages x tp does not divide is a ConfigError naming
+    the keys (the vocab-parallel loss and Megatron-SP with pipeline stages:
+    tests/pipeline/test_pipeline_tp_sp.py)."""
     example = _batch("gpt", 0, 4)
     with pytest.raises(zerograph.ConfigError, match=r"pipeline.stages=2 x tensor_parallel.autotp_size=2 needs a world "
                                                     r"size that is a multiple of 4; this run has 2 rank\(s\)"):
         zerograph.compile(_models.make_gpt(), _config(0), example_batch=example)
-    with pytest.raises(zerograph.ConfigError, match=r"pipeline.stages=2 with zerograph.tp_vocab_parallel: .* set "
-                                                    r"zerograph.tp_vocab_parallel to false"):
-        zerograph.compile(_models.make_gpt(), {**_config(0), "zerograph": {"tp_vocab_parallel": True}},
-                          example_batch=example)
-    with pytest.raises(zerograph.ConfigError, match=r"pipeline.stages=2 with zerograph.tp_sequence_parallel: .* set "
-                                                    r"zerograph.tp_sequence_parallel to false"):
-        zerograph.compile(_models.make_gpt(), {**_config(0), "zerograph": {"tp_sequence_parallel": True}},
-                          example_batch=example)

@@ -110,7 +110,7 @@ def _aten_table() -> dict:
         "bmm.default": torch.bmm, "softmax.int": torch.softmax, "_softmax.default": torch.softmax,
         "mean.dim": torch.mean, "sum.dim_IntList": torch.sum, "amax.default": "amax",
         "layer_norm.default": F.layer_norm, "_to_copy.default": "to", "to.dtype": "to", "to.dtype_layout": "to",
-        "type_as.default": "type_as",
+        "type_as.default": "type_as", "flatten.using_ints": "flatten",
     }
     out = {}
     for name, op in {**elementwise, **shaped}.items():

@@ -19,7 +19,10 @@ parameters' specs; this pass is the mechanism:
 * with ``zerograph.tp_sequence_parallel`` (Megatron-SP,
   :mod:`zerograph.passes.tp_sequence`) the values between tp regions are cut
   along the sequence: ``tp_copy`` becomes ``tp_seq_gather`` and
-  ``tp_all_reduce`` ``tp_seq_reduce_scatter``.
+  ``tp_all_reduce`` ``tp_seq_reduce_scatter``; at a pipeline stage boundary
+  (:mod:`zerograph.graph.tp_seq_boundary`) a received shard becomes
+  ``alias(x)`` cut along the sequence, and a value sent on ``alias`` of its
+  shard (``tp_seq_scatter`` when it is whole here).
 
 For nanoGPT's attention at tp=2 (12 heads of 64)::
 
@@ -47,10 +50,13 @@ import torch.fx as fx
 from zerograph.graph.example_values import refresh_example_values
 from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_ALL_REDUCE, TP_COPY, UNSHARD_WHOLE
 from zerograph.graph.tp_ops import full_shape, linear_use, module_of
+from zerograph.graph.tp_seq_boundary import TP_SEQ_ENTER, TP_SEQ_LEAVE
+from zerograph.graph.tp_seq_markers import TP_SEQ_SCATTER
 from zerograph.passes.manager import PassContext, PassResult
 from zerograph.passes.tp_propagation import Propagator, Split
 from zerograph.passes.tp_sequence import SequenceParallel
-from zerograph.passes.tp_vocab import CROSS_ENTROPY, EMBEDDING, rewrite_cross_entropy, rewrite_embedding
+from zerograph.passes.tp_vocab import (CROSS_ENTROPY, EMBEDDING, as_torch_level, rewrite_cross_entropy,
+                                       rewrite_embedding, vocab_operand)
 from zerograph.runtime.tp_layout import TensorParallelError
 
 log = logging.getLogger(__name__)
@@ -99,6 +105,9 @@ class _Rewrite:
             if node.op == "output":
                 self._gather_outputs(node)
                 continue
+            if node.op == "call_function" and node.target in (TP_SEQ_ENTER, TP_SEQ_LEAVE):
+                self._stage_boundary(node)
+                continue
             if self._vocab_parallel(node):
                 continue
             use = linear_use(node)
@@ -138,6 +147,27 @@ class _Rewrite:
             self.counts["grad_sums"] = self.counts.get("grad_sums", 0) + 1
         return copy
 
+    def _stage_boundary(self, node: fx.Node) -> None:
+        """A pipeline stage boundary under Megatron-SP (:mod:`zerograph.graph.tp_seq_boundary`):
+        a received shard enters cut along the sequence; a value sent on
+        leaves as this rank's shard (its block, when it is whole here)."""
+        x, dim, _ = node.args
+        if self.sp is None:
+            raise TensorParallelError(f"tensor parallelism: {node.name} marks a stage boundary of "
+                                      "zerograph.tp_sequence_parallel, which this stage was compiled without")
+        state = self.prop.get(x)
+        if node.target == TP_SEQ_ENTER:
+            node.target, node.args = torch.ops.aten.alias.default, (x,)
+            self.prop.states[node] = Split(dim, (full_shape(node)[dim],), seq=True)
+        elif state is None:
+            node.target, node.args = TP_SEQ_SCATTER, (x, self.tag, dim)
+        elif isinstance(state, Split) and state.seq and state.dim == dim:
+            node.target, node.args = torch.ops.aten.alias.default, (x,)
+        else:
+            raise TensorParallelError(f"tensor parallelism: {module_of(x)}: {x.name} crosses a pipeline stage "
+                                      f"boundary split over tp as {state}, not along the sequence (dim {dim})")
+        self.counts["stage_boundary"] = self.counts.get("stage_boundary", 0) + 1
+
     def _replicated(self, node: fx.Node, layout) -> fx.Node:
         """A parameter whose blocks ``layout.replicas`` tp ranks each hold
         (grouped-query key/value heads fewer than tp): its gradient must be
@@ -169,17 +199,21 @@ class _Rewrite:
         if node.op != "call_function":
             return False
         if node.target in EMBEDDING:
-            weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+            weight = vocab_operand(node)
             if isinstance(self.prop.get(weight), _SplitParam):
-                rewrite_embedding(self.graph, node, self.prop.get(weight).spec.tp, self.tag)
+                as_torch_level(node)
+                whole = rewrite_embedding(self.graph, node, self.prop.get(weight).spec.tp, self.tag)
+                if self.sp is not None and node in self.sp.entries:  # the stream enters right here
+                    self.sp.embedding_entry(node, whole)
                 self.counts["vocab_embedding"] = self.counts.get("vocab_embedding", 0) + 1
                 return True
         if node.target in CROSS_ENTROPY:
-            logits = node.kwargs.get("input", node.args[0] if node.args else None)
+            logits = vocab_operand(node)
             if logits in self.vocab:
                 if self.prop.get(logits) != Split(1, (self.vocab[logits].whole_shape[0],)):
                     raise TensorParallelError(f"tensor parallelism: {module_of(node)}: cross-entropy of logits split "
                                               f"over the vocabulary as {self.prop.get(logits)}, not along dim 1")
+                as_torch_level(node)
                 rewrite_cross_entropy(self.graph, node, self.vocab[logits], self.tag)
                 self.counts["vocab_cross_entropy"] = self.counts.get("vocab_cross_entropy", 0) + 1
                 return True

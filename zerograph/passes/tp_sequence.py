@@ -56,7 +56,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_COPY, UNSHARD_WHOLE
-from zerograph.graph.tp_ops import PARAM_READS, full_shape, linear_use, module_of
+from zerograph.graph.tp_ops import PARAM_READS, full_shape, linear_use, module_of, torch_level
 from zerograph.graph.tp_seq_markers import TP_SEQ_GATHER, TP_SEQ_REDUCE_SCATTER, TP_SEQ_SCATTER
 from zerograph.passes.tp_propagation import _CAST_METHODS, _EW_FUNCTIONS, _EW_METHODS, Split
 from zerograph.runtime.tp_layout import TensorParallelError
@@ -86,19 +86,21 @@ def _requires_grad(node) -> bool:
 
 
 def _is_elementwise(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _EW_FUNCTIONS
-    return node.op == "call_method" and node.target in _EW_METHODS
+    fn, name = torch_level(node)  # an ATen overload (a pipeline stage's graph) as its torch-level op
+    return fn in _EW_FUNCTIONS or name in _EW_METHODS
+
+
+def _is_layer_norm(node: fx.Node) -> bool:
+    return torch_level(node)[0] is F.layer_norm
 
 
 def _per_token(node: fx.Node) -> bool:
     """Whether ``node`` computes each position from that position alone (an
     element-wise op, a cast, a norm or a reduction over the last dim)."""
-    if _is_elementwise(node) or (node.op == "call_method" and node.target in _CAST_METHODS):
+    fn, name = torch_level(node)
+    if _is_elementwise(node) or name in _CAST_METHODS or _is_layer_norm(node):
         return True
-    if node.op == "call_function" and node.target is F.layer_norm:
-        return True
-    if node.op == "call_method" and node.target in _REDUCE_METHODS:
+    if name in _REDUCE_METHODS or fn in (torch.mean, torch.sum):
         dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         n = len(full_shape(node.args[0]) or ())
         dims = dims if isinstance(dims, (list, tuple)) else [dims]
@@ -226,6 +228,19 @@ class SequenceParallel:
         for user in users:
             user.replace_input_with(node, cut)
 
+    def embedding_entry(self, embedding: fx.Node, whole: fx.Node) -> None:
+        """A vocab-parallel embedding where the stream enters (Llama's first
+        norm reads it): its sum over tp (``whole``, a ``tp_all_reduce``)
+        becomes a reduce-scatter along the sequence, Megatron-SP's embedding."""
+        dim = self._dim(embedding, embedding)
+        with self.graph.inserting_before(whole):
+            cut = _emit(self.graph, embedding, TP_SEQ_REDUCE_SCATTER, (whole.args[0], self.tag, dim))
+        cut.meta["example_value"] = embedding.meta.get("example_value", embedding.meta.get("val"))
+        whole.replace_all_uses_with(cut)
+        self.graph.erase_node(whole)
+        self.prop.states[cut] = Split(dim, (full_shape(embedding)[dim],), seq=True)
+        self._count("tp_seq_reduce_scatter")
+
     # -- collectives in place of Megatron's f and g ---------------------------
     def _dim(self, node: fx.Node, like: fx.Node) -> int:
         shape = full_shape(node)
@@ -304,7 +319,7 @@ class SequenceParallel:
             return True
         if _is_elementwise(node):
             self._elementwise_inputs(node, seq[0])
-        elif node.op == "call_function" and node.target is F.layer_norm:
+        elif _is_layer_norm(node):
             for i, arg in enumerate(node.args[2:4], start=2):
                 if isinstance(arg, fx.Node):
                     node.update_arg(i, self.grad_sum(arg, node))

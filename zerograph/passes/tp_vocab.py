@@ -24,6 +24,11 @@ one parameter split once), Megatron's rewrites:
 
   ``tp_all_reduce``'s backward is the identity, so each rank's logits get
   ``softmax - onehot`` of their own slice (no backward communication).
+
+A pipeline stage's graph is torch.export's ATen IR: ``aten.embedding(W,
+ids, padding_idx)`` and ``aten.cross_entropy_loss(logits, t, weight,
+reduction, ignore_index, label_smoothing)`` are first put in their
+torch-level form (:func:`as_torch_level`), then rewritten as above.
 """
 
 from __future__ import annotations
@@ -39,10 +44,43 @@ from zerograph.graph.tp_markers import TP_ALL_REDUCE, TP_ALL_REDUCE_MAX
 from zerograph.graph.tp_ops import full_shape, module_of
 from zerograph.runtime.tp_layout import TensorParallelError, TpLayout
 
-EMBEDDING = (F.embedding,)
-CROSS_ENTROPY = (F.cross_entropy,)
+_aten = torch.ops.aten
+EMBEDDING = (F.embedding, _aten.embedding.default)
+CROSS_ENTROPY = (F.cross_entropy, _aten.cross_entropy_loss.default)
+_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # ATen's reduction enum
 _CE_SIGNATURE = inspect.signature(F.cross_entropy)
 _EMB_SIGNATURE = inspect.signature(F.embedding)
+
+
+def vocab_operand(node: fx.Node):
+    """The weight an embedding reads, or the logits a cross-entropy reads (either form)."""
+    if node.target is _aten.embedding.default:
+        return node.kwargs.get("weight", node.args[0] if node.args else None)
+    if node.target in EMBEDDING:
+        return node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+    return node.kwargs.get("input", node.kwargs.get("self", node.args[0] if node.args else None))
+
+
+def as_torch_level(node: fx.Node) -> None:
+    """An ATen embedding or cross-entropy (a pipeline stage's graph) becomes
+    the ``F.embedding`` / ``F.cross_entropy`` call it stands for, in place."""
+    if node.op != "call_function":
+        return
+    if node.target is _aten.embedding.default:
+        args = dict(zip(("weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse"), node.args),
+                    **node.kwargs)
+        padding = args.get("padding_idx", -1)
+        node.target, node.args = F.embedding, (args["indices"], args["weight"])
+        node.kwargs = {"padding_idx": None if padding == -1 else padding,
+                       "scale_grad_by_freq": args.get("scale_grad_by_freq", False),
+                       "sparse": args.get("sparse", False)}
+    elif node.target is _aten.cross_entropy_loss.default:
+        names = ("input", "target", "weight", "reduction", "ignore_index", "label_smoothing")
+        args = dict(zip(names, node.args), **node.kwargs)
+        node.target, node.args = F.cross_entropy, (args["input"], args["target"])
+        node.kwargs = {"weight": args.get("weight"), "reduction": _REDUCTIONS[args.get("reduction", 1)],
+                       "ignore_index": args.get("ignore_index", -100),
+                       "label_smoothing": args.get("label_smoothing", 0.0)}
 
 
 def _emit(graph: fx.Graph, like: fx.Node, target, *args, **kwargs) -> fx.Node:

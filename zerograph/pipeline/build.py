@@ -17,6 +17,7 @@ from zerograph.pipeline.runtime import PipelineModel
 from zerograph.pipeline.schedule import build
 from zerograph.pipeline.simulate import format_grid, simulate
 from zerograph.pipeline.split import split_graph
+from zerograph.pipeline.tp_boundary import sequence_sharded, shard_boundaries
 from zerograph.runtime.dist import pipeline_groups
 from zerograph.runtime.sequence import slice_sequences
 
@@ -101,6 +102,8 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
         if dropped:
             gm.recompile()
     split = split_graph(gm, p * v, cfg.pipeline.split_points)
+    if groups.tp is not None and cfg.zerograph.tp_sequence_parallel:  # Megatron-SP: the stream crosses as shards
+        shard_boundaries(split, sequence_sharded(gm, split, step_mod.flat_tensors(micro), tp), tp)
     log.info("pipeline split of %s:\n%s", type(model).__name__, split.describe())
     mine = schedule.stages_of(groups.stage)  # this rank's model stages
     zg = cfg.zerograph

@@ -227,7 +227,7 @@ class PipelineModel(nn.Module):
             raise
         wall = time.perf_counter() - t0
         self.last_stats = {"wall_s": wall, "compute_s": compute_s, "bubble": 1.0 - compute_s / wall if wall else 0.0,
-                           "peak_in_flight": self._peak}
+                           "peak_in_flight": self._peak, "p2p_sent_bytes": self._p2p_sent}
         return loss
 
     def _micro_inputs(self, batch, device, caller: str) -> list[dict[int, torch.Tensor]]:
@@ -341,6 +341,7 @@ class PipelineModel(nn.Module):
         sends: list = []
         losses: list[torch.Tensor] = []
         compute_s, in_flight, self._peak = 0.0, 0, 0
+        self._p2p_sent = 0  # bytes this rank sends to other stages (activations and their gradients)
         acts = self._actions
         compute_at = [j for j, a in enumerate(acts) if a.kind in ("F", "B")]
 
@@ -413,10 +414,12 @@ class PipelineModel(nn.Module):
                     dst = self._rank_of_stage(kb + 1)
                     for t in out:
                         sends.append(dist.isend(t.detach().contiguous(), dst))
+                        self._p2p_sent += t.numel() * t.element_size()
                 elif b.kind == "SEND_GRAD":
                     dst = self._rank_of_stage(kb - 1)
                     for t in grads_out.pop((kb, b.micro)):
                         sends.append(dist.isend(t.contiguous(), dst))
+                        self._p2p_sent += t.numel() * t.element_size()
                 i += 1
         for w in sends:
             w.wait(timeout)
