@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -42,6 +43,14 @@ def _fresh_dynamo():
     compiled never serves (or counts against the recompile limit of) this one."""
     torch._dynamo.reset()
     yield
+
+
+def pytest_collection_finish(session):
+    """Everything alive after collection (torch, transformers, the test modules)
+    stays for the session: freeze it out of the garbage collector's walks, as
+    each pool rank does (tests/_pool.py), so collections cost what the tests allocate."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session", autouse=True)
