@@ -13,7 +13,8 @@ cache, so the tests need nothing else from each other, except:
   the session's workers (every test holds it shared; an ``alone`` test
   exclusively, and once it waits, no new test starts beside it). Every
   nightly (``slow``) test is ``alone`` too: world 8 and large models, two at a
-  time, would not fit the memory of a CI machine.
+  time, would not fit the memory of a CI machine; ``-m slow`` runs in one
+  process (``-n auto`` gives no workers for it).
 - ``@pytest.mark.xdist_group(name)`` (``--dist loadgroup``): the tests of a
   module whose module-scoped fixture trains or saves once for several tests run
   in one worker, so that fixture runs once.
@@ -37,7 +38,12 @@ _MAX_WORKERS = 4
 
 @pytest.hookimpl(optionalhook=True)
 def auto_num_workers(config) -> int:
-    """``-n auto``: one worker per core, at most 4, and at most one per 8 GiB of memory."""
+    """``-n auto``: one worker per core, at most 4, and at most one per 8 GiB
+    of memory; none (one process, as before) for the nightly set
+    (``-m slow``), whose tests run one at a time anyway (``alone``)."""
+    expr = config.option.markexpr or ""
+    if "slow" in expr and "not slow" not in expr:
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
