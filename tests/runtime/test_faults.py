@@ -64,9 +64,10 @@ def _crash_run(victim: int, phase: str, workdir: str, save_at: int | None, timeo
 
 
 def _die(workdir: str, freeze_s: float = 0.0) -> None:
-    """Record the time, stay hung up to ``freeze_s`` (only until the survivors
-    have reported: what they see does not change after that, and waiting out
-    the rest would only make the test longer), then exit."""
+    """Record the time, stay hung up to ``freeze_s`` (only until a survivor
+    has reported, ``_reported``: what it saw does not change after that, and
+    waiting out the rest would only make the test longer; every hung-rank
+    test here has one survivor), then exit."""
     with open(os.path.join(workdir, "died_at"), "w") as f:
         json.dump(time.time(), f)
     until = time.monotonic() + freeze_s
