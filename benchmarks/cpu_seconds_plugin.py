@@ -7,7 +7,8 @@ processes, spawned ranks, subprocesses) do not depend on the load. Use::
     python -m pytest -p benchmarks.cpu_seconds_plugin tests/...
 
 It prints one line per test (CPU seconds of the tree, wall seconds) at the
-end, and appends them to ``$CPU_SECONDS_OUT`` when that is set. A test's
+end, and appends each to ``$CPU_SECONDS_OUT`` (when that is set) as soon as
+the test ends, so a long run that is cut short still leaves its numbers. A test's
 seconds include what its pools' ranks spent while it ran, and starting a pool
 when it is the first to need one.
 """
@@ -41,7 +42,12 @@ def _tree_cpu_seconds() -> float:
 def pytest_runtest_protocol(item, nextitem):
     cpu0, wall0 = _tree_cpu_seconds(), time.monotonic()
     yield
-    _results.append((item.nodeid, _tree_cpu_seconds() - cpu0, time.monotonic() - wall0))
+    result = (item.nodeid, _tree_cpu_seconds() - cpu0, time.monotonic() - wall0)
+    _results.append(result)
+    out = os.environ.get("CPU_SECONDS_OUT")
+    if out:
+        with open(out, "a") as f:
+            f.write(f"{result[1]:.1f}\t{result[2]:.1f}\t{result[0]}\n")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -52,8 +58,3 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{cpu:9.1f} cpu {wall:9.1f} wall  {nodeid}")
     total = sum(r[1] for r in _results)
     terminalreporter.write_line(f"{total:9.1f} cpu total ({len(_results)} tests)")
-    out = os.environ.get("CPU_SECONDS_OUT")
-    if out:
-        with open(out, "a") as f:
-            for nodeid, cpu, wall in _results:
-                f.write(f"{cpu:.1f}\t{wall:.1f}\t{nodeid}\n")

@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -16,6 +17,25 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from tests import _xdist  # noqa: E402
+
+pytest_xdist_auto_num_workers = _xdist.auto_num_workers
+pytest_collection_modifyitems = _xdist.collection_modifyitems
+pytest_sessionfinish = _xdist.sessionfinish
+pytest_testnodedown = _xdist.testnodedown
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of several test processes on this machine: a fair share of its cores
+    torch.set_num_threads(_xdist.threads_per_worker())
+
+
+@pytest.fixture(autouse=True)
+def _alone_under_xdist(request, tmp_path_factory):
+    """Under pytest-xdist: a test marked ``alone`` runs while no other worker
+    runs a test (its assertions bound wall-clock time); see tests/_xdist.py."""
+    with _xdist.turn(request.node, tmp_path_factory):
+        yield
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
@@ -23,6 +43,14 @@ def _fresh_dynamo():
     compiled never serves (or counts against the recompile limit of) this one."""
     torch._dynamo.reset()
     yield
+
+
+def pytest_collection_finish(session):
+    """Everything alive after collection (torch, transformers, the test modules)
+    stays for the session: freeze it out of the garbage collector's walks, as
+    each pool rank does (tests/_pool.py), so collections cost what the tests allocate."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,10 +63,13 @@ def _rank_pools():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """How the rank pools went: calls, starts, and why ranks were killed early."""
+    """How the rank pools went: calls, starts, and why ranks were killed early
+    (per xdist worker when the tests ran in several)."""
     pool = sys.modules.get("tests._pool")
     if pool is not None and pool.summary():
         terminalreporter.write_line(pool.summary())
+    for line in _xdist.worker_pool_summaries(terminalreporter.config):
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture

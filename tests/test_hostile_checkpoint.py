@@ -25,6 +25,8 @@ from tests import _harness, _models
 from zerograph.runtime.errors import CheckpointError, RankFailureError
 from zerograph.runtime.launch import RankFailed, spawn
 
+# one xdist worker runs this module: its module-scoped fixture saves and breaks checkpoints once (tests/_xdist.py)
+pytestmark = pytest.mark.xdist_group("hostile_checkpoint")
 TIMEOUT_S = 5.0
 CONFIG = {"train_micro_batch_size_per_gpu": _harness.PER_RANK_BATCH, "zero_optimization": {"stage": 3},
           "zerograph": {"collective_timeout_s": TIMEOUT_S}}

@@ -12,7 +12,8 @@ import zerograph
 from tests import _harness, _models, _pool
 from zerograph.runtime.launch import spawn
 
-pytestmark = pytest.mark.timeout(300)
+# one xdist worker runs this module: its module-scoped fixture trains and saves once (tests/_xdist.py)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("checkpoint")]
 
 
 def _run(config, path, phase):

@@ -16,6 +16,8 @@ from zerograph.models import GPT, GPTConfig
 from zerograph.models import data as textdata
 
 STEPS = 12
+# one xdist worker runs this module: its module-scoped fixture trains once (tests/_xdist.py)
+pytestmark = pytest.mark.xdist_group("demo")
 TINY = [
     "--world-size", "2", "--stage", "3",
     "--steps", str(STEPS), "--n-layer", "1", "--n-embd", "32", "--n-head", "2",

@@ -18,6 +18,8 @@ from zerograph.planner.recompute_policy import predict_saved_bytes
 from zerograph.passes.activation_checkpointing import activation_checkpointing, predict_saved
 from zerograph.passes.manager import PassResult
 
+# one xdist worker runs this module: the compiled step of each policy is computed once (tests/_xdist.py)
+pytestmark = pytest.mark.xdist_group("activation_checkpointing")
 POLICIES = ["none", "per_layer", "selective"]
 
 

@@ -16,7 +16,8 @@ from tests import _harness, _models, _pool
 from tests._harness import TIMEOUT
 from zerograph.config import Config
 
-pytestmark = pytest.mark.timeout(TIMEOUT + 30)
+# one xdist worker runs this module: its module-scoped fixtures train and save once (tests/_xdist.py)
+pytestmark = [pytest.mark.timeout(TIMEOUT + 30), pytest.mark.xdist_group("pipeline_checkpoint")]
 
 SAVE_AT, END = 3, 5
 GLOBAL_ROWS = 2 * _harness.PER_RANK_BATCH  # rows per step, as _harness.reference_run(model, world=2) uses

@@ -58,16 +58,28 @@ def _crash_run(victim: int, phase: str, workdir: str, save_at: int | None, timeo
             opt.step()
             opt.zero_grad()
     except RankFailureError as exc:
-        return {"ranks": exc.ranks, "step": exc.step, "phase": exc.phase, "message": str(exc),
-                "at": time.time(), "saved": saved}
+        return _reported(workdir, {"ranks": exc.ranks, "step": exc.step, "phase": exc.phase, "message": str(exc),
+                                   "at": time.time(), "saved": saved})
     return {"finished": True}
 
 
 def _die(workdir: str, freeze_s: float = 0.0) -> None:
+    """Record the time, stay hung up to ``freeze_s`` (only until a survivor
+    has reported, ``_reported``: what it saw does not change after that, and
+    waiting out the rest would only make the test longer; every hung-rank
+    test here has one survivor), then exit."""
     with open(os.path.join(workdir, "died_at"), "w") as f:
         json.dump(time.time(), f)
-    time.sleep(freeze_s)
+    until = time.monotonic() + freeze_s
+    while time.monotonic() < until and not os.path.exists(os.path.join(workdir, "reported")):
+        time.sleep(0.05)
     os._exit(7)  # no cleanup, no exception: like a SIGKILL or an OOM kill
+
+
+def _reported(workdir: str, result: dict) -> dict:
+    """A survivor's result; the hung rank may exit now (see ``_die``)."""
+    open(os.path.join(workdir, "reported"), "a").close()
+    return result
 
 
 def _check_survivors(results, victim: int, phase: str, workdir: str, world: int):
@@ -115,6 +127,7 @@ def test_dead_rank_at_world_size_4_is_named_by_every_survivor(tmp_path):
     _check_survivors(results, 2, "backward", str(tmp_path), 4)
 
 
+@pytest.mark.alone  # bounds the time to the error on both sides: no other test beside it under xdist
 @pytest.mark.timeout(60)
 def test_hung_rank_times_out_at_the_configured_timeout(tmp_path):
     """Rank 1 stops (sleeps) in step 3 without dying: rank 0's collective
@@ -166,8 +179,8 @@ def _outside_graph_run(where: str, workdir: str, timeout_s: float = TIMEOUT_S, f
         else:
             zerograph.save_checkpoint(os.path.join(workdir, "ckpt"), model, opt)
     except RankFailureError as exc:
-        return {"ranks": exc.ranks, "step": exc.step, "phase": exc.phase, "message": str(exc),
-                "at": time.time(), "cause": type(exc.__cause__).__name__}
+        return _reported(workdir, {"ranks": exc.ranks, "step": exc.step, "phase": exc.phase, "message": str(exc),
+                                   "at": time.time(), "cause": type(exc.__cause__).__name__})
     return {"finished": True}
 
 
@@ -193,6 +206,7 @@ def test_dead_rank_outside_compiled_graphs_is_named(tmp_path, where, phase):
     assert res["at"] - died_at < TIMEOUT_S, res["at"] - died_at  # within the configured timeout, never a hang
 
 
+@pytest.mark.alone  # bounds the time to the error on both sides: no other test beside it under xdist
 @pytest.mark.timeout(60)
 def test_hung_rank_in_save_checkpoint_times_out_at_the_configured_timeout(tmp_path):
     """Rank 1 freezes instead of saving: rank 0's checkpoint collectives
@@ -282,14 +296,19 @@ def _pipeline_crash_run(workdir: str, timeout_s: float, freeze_s: float):
             opt.step()
             opt.zero_grad()
     except RankFailureError as exc:
-        return {"ranks": exc.ranks, "step": exc.step, "phase": exc.phase, "message": str(exc), "at": time.time()}
+        return _reported(workdir, {"ranks": exc.ranks, "step": exc.step, "phase": exc.phase, "message": str(exc),
+                                   "at": time.time()})
     except Exception as exc:  # noqa: BLE001 -- reported to the test
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return _reported(workdir, {"error": f"{type(exc).__name__}: {exc}"})
     return {"finished": True}
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("freeze_s", [0.0, 30.0], ids=["dead", "hung"])
+@pytest.mark.parametrize("freeze_s", [
+    pytest.param(0.0, id="dead"),
+    # bounds the time to the error on both sides: no other test beside it under xdist
+    pytest.param(30.0, id="hung", marks=pytest.mark.alone),
+])
 def test_dead_or_hung_pipeline_stage_is_named_within_the_timeout(tmp_path, freeze_s):
     """A stage's receive from a dead rank raises RankFailureError naming it;
     from a hung one, it fails after zerograph.collective_timeout_s (gloo's
