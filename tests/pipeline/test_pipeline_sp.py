@@ -120,11 +120,19 @@ def test_pp2_sp2_tp2_gpt_matches_eager():
     with 4 heads at ZeRO 3: each stage's block keeps 2 of the 4 heads (tp)
     and runs attention on half of every sequence with 1 head of the whole
     sequence (sp); ZeRO shards over the stage's dp x sp = 2 ranks of each tp
-    index. Every rank reads the whole global batch (dp = 1)."""
+    index. Every rank reads the whole global batch (dp = 1). Per rank, micro-batch
+    (4 rows x 16/2 tokens) and phase (forward, backward), its stage's one
+    block moves Ulysses' 4 all-to-alls of 32/tp = 16 features and Megatron's
+    2 all-reduces of 32 features, fp32."""
     runs = [("gpt_h4", {**_config(3), "tensor_parallel": {"autotp_size": 2}})]
     results = spawn(_train, 8, runs, timeout=2 * TIMEOUT)
     _check(results, runs)
     _assert_mesh(results, 2, 1, 2, 2)
+    tokens = 4 * 16 // 2
+    for rank_results in results:
+        comm = rank_results[0]["comm"]
+        assert comm["sp_all_to_all"] == 2 * 2 * _ulysses_bytes(rows=4, hidden=16, kv_width=16, sp=2), comm
+        assert comm["tp_all_reduce"] == 2 * 2 * 2 * tokens * 32 * 4, comm
 
 
 def test_sequence_parallel_pass_on_an_aten_stage_graph(fake_world):
