@@ -17,6 +17,12 @@ def make_gpt(dropout: float = 0.0):
     return GPT(GPTConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=30, dropout=dropout))
 
 
+def make_gpt_h4():
+    """nanoGPT with 4 heads (2 per rank at tp=2, 1 per rank at sp=2 x tp=2)."""
+    torch.manual_seed(1234)
+    return GPT(GPTConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=4, n_embd=32))
+
+
 def make_gpt_untied():
     torch.manual_seed(1234)
     return GPT(GPTConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=30, tie_weights=False))
@@ -140,9 +146,9 @@ def make_breaky():
     return BreakyNet()
 
 
-MODELS = {"gpt": make_gpt, "gpt_untied": make_gpt_untied, "breaky": make_breaky, "hf_gpt2": make_hf_gpt2, "llama": make_llama,
-          "llama_kv1": make_llama_kv1, "qwen3": make_qwen3, "phi3": make_phi3,
-          "hf_gptj": make_gptj}
+MODELS = {"gpt": make_gpt, "gpt_h4": make_gpt_h4, "gpt_untied": make_gpt_untied, "breaky": make_breaky,
+          "hf_gpt2": make_hf_gpt2, "llama": make_llama, "llama_kv1": make_llama_kv1, "qwen3": make_qwen3,
+          "phi3": make_phi3, "hf_gptj": make_gptj}
 
 
 def global_batch(step: int, batch: int):

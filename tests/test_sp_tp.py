@@ -22,6 +22,7 @@ from tests import _harness, _models, _pool
 from tests.test_sequence_parallel import _batch, _ulysses_bytes
 from zerograph.config import ConfigError
 from zerograph.models import GPT, GPTConfig
+from zerograph.runtime.launch import spawn
 from zerograph.runtime.sequence import SequenceParallelError
 
 SP, TP, WORLD = 2, 2, 4
@@ -80,19 +81,19 @@ def sp_tp_run(model_name: str, configs: list[dict], masked: bool):
     return results
 
 
-def _reference(model_name: str, masked: bool):
+def _reference(model_name: str, masked: bool, dp: int = 1):
     model = _build(model_name)
     opt = _harness._optimizer(model.parameters())
     losses = []
     for step in range(_harness.STEPS):
-        args, kwargs = _batch(model_name, step, _harness.PER_RANK_BATCH, masked)
+        args, kwargs = _batch(model_name, step, _harness.PER_RANK_BATCH * dp, masked)
         loss = model(*args, **kwargs).loss
         losses.append(_harness.step_mean_loss(loss, opt))
     return losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
 
-def _check(results, model_name: str, masked: bool):
-    ref_losses, ref_params = _reference(model_name, masked)
+def _check(results, model_name: str, masked: bool, dp: int = 1):
+    ref_losses, ref_params = _reference(model_name, masked, dp)
     for result in results[0]:
         _harness.assert_same_training(result, ref_losses, ref_params)
     for other in results[1:]:  # every rank ends with the same full parameters
@@ -145,6 +146,21 @@ def test_sp2_tp2_llama_gqa_matches_eager_at_stages_0_and_3():
     for result in results[0]:  # per rank: 2 query heads' width for q/out, k/v repeated up to 2 heads
         assert result["comm_by_phase"]["forward"]["sp_all_to_all"] == 2 * _ulysses_bytes(b, 2 * head_dim,
                                                                                           2 * head_dim, SP)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * _harness.TIMEOUT)
+def test_dp2_sp2_tp2_gpt_matches_eager():
+    """World 8 on the one mesh (dp 2, sp 2, tp 2), no pipeline: ranks 0-3
+    read the first 4 rows of each global batch of 8, ranks 4-7 the last 4;
+    ZeRO 3 shards over the dp x sp = 4 ranks of each tp index. Every step's
+    mean loss and every full parameter equal single-process eager on the
+    whole batch (no -100 labels: each data-parallel index's mean then
+    averages to the global mean)."""
+    results = spawn(sp_tp_run, 8, "gpt4", [_config(3)], False, timeout=3 * _harness.TIMEOUT)  # no 8-rank pool
+    _check(results, "gpt4", False, dp=2)
+    slices = [r[0]["sequence_slice"] for r in results]
+    assert slices == [slice(0, 8), slice(0, 8), slice(8, 16), slice(8, 16)] * 2  # rank = (dp_i*sp + sp_i)*tp + tp_i
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ from zerograph.passes import PassList, PassRecord, default_passes
 from zerograph.runtime.state import ModelState, check_position, context_of
 from zerograph.pipeline.step import eager_eval_step, eager_train_step, evaluating
 from zerograph.runtime.agreement import StepCheck, agree, model_id, setup_fingerprint
-from zerograph.runtime.dist import (DataParallelGroup, PipelineGroups, RankMonitor, data_and_tensor_parallel_groups,
-                                    data_parallel_group, ensure_process_group)
+from zerograph.runtime.dist import DataParallelGroup, PipelineGroups, RankMonitor, ensure_process_group
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.hierarchy import node_groups
+from zerograph.runtime.mesh import mesh_of_config
 from zerograph.runtime.offload import watch_plain_optimizer
 from zerograph.runtime.plan import ParallelPlan
 from zerograph.runtime.sequence import slice_sequences
@@ -158,22 +158,11 @@ def shard(
                 # reach compile at different times (loading data, weights): this first meeting waits as
                 # long as the process group's own timeout; collective_timeout_s applies from the next one
                 agree(setup_group, fingerprint, "zerograph.compile/shard")
-            tp, tp_layouts, sp = None, None, None
-            if cfg.sequence_parallel_size > 1:
-                dp, sp, tp, dp_index = _sequence_parallel_setup(cfg, group, model_device)
-                mesh = {"dp": dp.world_size // sp.world_size, "sp": sp.world_size}
-                coords = {"dp": dp_index, "sp": sp.rank}
-                if tp is not None:  # the ("dp", "sp", "tp") mesh; ZeRO shards over dp x sp of one tp index
-                    tp_layouts = _tp_layouts_of(model, cfg, example_batch, tp)
-                    mesh["tp"], coords["tp"] = tp.world_size, tp.rank
-            elif cfg.tensor_parallel.autotp_size > 1:
-                dp, tp, tp_layouts = _tensor_parallel_setup(model, cfg, group, model_device, example_batch,
-                                                            _tp_layouts)
-                mesh, coords = {"dp": dp.world_size, "tp": tp.world_size}, {"dp": dp.rank, "tp": tp.rank}
-            else:
-                dp = group if group is not None else data_parallel_group(timeout_s, cfg.zerograph.device,
-                                                                         model_device)
-                mesh, coords = {"dp": dp.world_size}, {"dp": dp.rank}
+            dp, sp, tp, mesh, coords = _mesh_setup(cfg, group, model_device)
+            tp_layouts = None
+            if tp is not None:  # a pipeline stage's splits were decided on the whole model
+                tp_layouts = (dict(_tp_layouts or {}) if isinstance(group, PipelineGroups)
+                              else _tp_layouts_of(model, cfg, example_batch, tp))
             cfg = cfg.with_resolved_batch(mesh["dp"])  # derived accumulation steps take effect
             plan = ParallelPlan.build(cfg, mesh, coords)
             ctx = ModelState(cfg, dp, plan, loss_fn=loss_fn)
@@ -246,20 +235,32 @@ def _enabled_pass_names(pass_list: PassList) -> list[str]:
     return [p.name for p in pass_list if any(p in pass_list.enabled(phase) for phase in p.phases)]
 
 
-def _tensor_parallel_setup(model, cfg: Config, group, model_device, example_batch, stage_layouts=None):
-    """The (dp, tp) groups and, decided before anything is stored, how each
-    split parameter is cut (docs/tensor_parallel.md). ``group``: a pipeline
-    stage's :class:`PipelineGroups` (its splits ``stage_layouts`` were decided
-    on the whole model), or None (every rank)."""
-    size = cfg.tensor_parallel.autotp_size
-    if isinstance(group, PipelineGroups) and group.tp is not None:
-        return group.dp, group.tp, dict(stage_layouts or {})
-    if group is not None:
-        raise ConfigError(f"tensor_parallel.autotp_size={size} with a given data-parallel group is not supported; "
-                          "leave group out (zerograph builds the (dp, tp) mesh), or remove the tensor_parallel section")
-    dp, tp = data_and_tensor_parallel_groups(size, cfg.zerograph.collective_timeout_s, cfg.zerograph.device,
-                                             model_device)
-    return dp, tp, _tp_layouts_of(model, cfg, example_batch, tp)
+def _mesh_setup(cfg: Config, group, model_device):
+    """ZeRO's group (dp x sp ranks of one tp index), the sequence- and
+    tensor-parallel groups (None when their size is 1), and the plan's mesh
+    sizes and this rank's indices (without "pp": a stage adds it,
+    ``ModelState.enter_pipeline``). ``group``: a pipeline stage's
+    :class:`PipelineGroups`, a data-parallel group, or None (the one mesh
+    over every rank, :func:`zerograph.runtime.mesh.build_mesh`)."""
+    sp, tp = cfg.sequence_parallel_size, max(1, cfg.tensor_parallel.autotp_size)
+    if isinstance(group, PipelineGroups):  # a pipeline stage (docs/pipeline.md)
+        zero = group.zero if group.zero is not None else group.dp
+    elif group is not None:
+        if sp > 1:
+            raise ConfigError(f"sequence_parallel_size={sp} with a given data-parallel group is not supported yet; "
+                              "remove sequence_parallel_size or the group (pipeline stages build their own)")
+        if tp > 1:
+            raise ConfigError(f"tensor_parallel.autotp_size={tp} with a given data-parallel group is not supported; "
+                              "leave group out (zerograph builds the (dp, tp) mesh), or remove the tensor_parallel "
+                              "section")
+        return group, None, None, {"dp": group.world_size}, {"dp": group.rank}
+    else:
+        group = mesh_of_config(cfg, model_device)
+        zero = group.zero
+    mesh = {"dp": zero.world_size // sp, "sp": sp, "tp": tp}
+    coords = {"dp": zero.rank // sp, "sp": group.sp.rank if group.sp is not None else 0,
+              "tp": group.tp.rank if group.tp is not None else 0}
+    return zero, group.sp, group.tp, mesh, coords
 
 
 def _tp_layouts_of(model, cfg: Config, example_batch, tp) -> dict:
@@ -272,23 +273,6 @@ def _tp_layouts_of(model, cfg: Config, example_batch, tp) -> dict:
     log.info("zerograph: tensor parallelism over %d ranks splits %d layer(s) of %s:\n%s", tp.world_size, len(splits),
              type(model).__name__, describe(splits))
     return tp_layouts(model, splits, tp.world_size, tp.rank)
-
-
-def _sequence_parallel_setup(cfg: Config, group, model_device):
-    """ZeRO's group (dp x sp ranks of one tp index), the sequence-parallel
-    group, the tensor-parallel group (None without tensor parallelism) and
-    this rank's data-parallel index (docs/long_sequences.md); ``group``: a
-    pipeline stage's :class:`PipelineGroups` with its sp group, or None
-    (every rank)."""
-    from zerograph.runtime.sequence import sequence_parallel_groups
-
-    sp = cfg.sequence_parallel_size
-    if isinstance(group, PipelineGroups) and group.sp is not None:  # a pipeline stage (docs/pipeline.md)
-        return group.zero, group.sp, None, group.dp.rank  # pp x sp x tp is a ConfigError (pipeline/build.py)
-    if group is not None:
-        raise ConfigError(f"sequence_parallel_size={sp} with a given data-parallel group is not supported yet; "
-                          "remove sequence_parallel_size or the group (pipeline stages build their own)")
-    return sequence_parallel_groups(cfg, model_device)
 
 
 def batch_rows(model: nn.Module, global_rows: int) -> slice:

@@ -37,8 +37,9 @@ def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
     for name, config in runs:
         torch._dynamo.reset()
         pp, sp = config["pipeline"]["stages"], config["sequence_parallel_size"]
-        dp = dist.get_world_size() // (pp * sp)
-        dp_index = dist.get_rank() // sp % dp
+        tp = config.get("tensor_parallel", {}).get("autotp_size", 1)
+        dp = dist.get_world_size() // (pp * sp * tp)
+        dp_index = dist.get_rank() // (sp * tp) % dp
         per = GLOBAL_ROWS // dp
         example = _rows(_batch(name, 0, GLOBAL_ROWS), slice(dp_index * per, (dp_index + 1) * per))
         model = zerograph.compile(_models.MODELS[name](), config, example_batch=example)
@@ -54,7 +55,7 @@ def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
         out.append({
             "losses": losses,
             "params": {k: v.float().clone() for k, v in zerograph.full_state_dict(model).items()},
-            "mesh": {d: (plan.mesh.size(d), plan.mesh.index(d)) for d in ("pp", "dp", "sp")},
+            "mesh": {d: (plan.mesh.size(d), plan.mesh.index(d)) for d in ("pp", "dp", "sp", "tp")},
             "comm": dict(zerograph.inspect(model).comm_bytes_last_step),
         })
     return out
@@ -72,12 +73,14 @@ def _config(stage: int, micro_batches: int = 2, **extra) -> dict:
             "zero_optimization": {"stage": stage}, **extra}
 
 
-def _assert_mesh(results, pp: int, dp: int, sp: int):
+def _assert_mesh(results, pp: int, dp: int, sp: int, tp: int = 1):
     for rank, rank_results in enumerate(results):
-        stage, rest = divmod(rank, dp * sp)
-        dp_index, sp_index = divmod(rest, sp)
+        stage, rest = divmod(rank, dp * sp * tp)
+        dp_index, rest = divmod(rest, sp * tp)
+        sp_index, tp_index = divmod(rest, tp)
         for result in rank_results:
-            assert result["mesh"] == {"pp": (pp, stage), "dp": (dp, dp_index), "sp": (sp, sp_index)}
+            assert result["mesh"] == {"pp": (pp, stage), "dp": (dp, dp_index), "sp": (sp, sp_index),
+                                      "tp": (tp, tp_index)}
 
 
 @pytest.mark.timeout(TIMEOUT + 30)
@@ -110,12 +113,26 @@ def test_pp2_sp2_zero3_gpt_and_llama_match_eager():
     _assert_mesh(results, 2, 1, 2)
 
 
-def test_pp_sp_with_tensor_parallelism_is_a_config_error():
-    """pp x sp x tp is not supported: the error names the keys (raised
-    before any group is made, so one process shows it)."""
-    config = {**_config(0), "tensor_parallel": {"autotp_size": 2}}
-    with pytest.raises(zerograph.ConfigError, match=r"sequence_parallel_size=2 and tensor_parallel.autotp_size=2"):
-        zerograph.compile(_models.make_gpt(), config, example_batch=_batch("gpt", 0, 4))
+@pytest.mark.slow
+@pytest.mark.timeout(2 * TIMEOUT)
+def test_pp2_sp2_tp2_gpt_matches_eager():
+    """pp=2 x sp=2 x tp=2 (world 8) on one (pp, dp, sp, tp) mesh, nanoGPT
+    with 4 heads at ZeRO 3: each stage's block keeps 2 of the 4 heads (tp)
+    and runs attention on half of every sequence with 1 head of the whole
+    sequence (sp); ZeRO shards over the stage's dp x sp = 2 ranks of each tp
+    index. Every rank reads the whole global batch (dp = 1). Per rank, micro-batch
+    (4 rows x 16/2 tokens) and phase (forward, backward), its stage's one
+    block moves Ulysses' 4 all-to-alls of 32/tp = 16 features and Megatron's
+    2 all-reduces of 32 features, fp32."""
+    runs = [("gpt_h4", {**_config(3), "tensor_parallel": {"autotp_size": 2}})]
+    results = spawn(_train, 8, runs, timeout=2 * TIMEOUT)
+    _check(results, runs)
+    _assert_mesh(results, 2, 1, 2, 2)
+    tokens = 4 * 16 // 2
+    for rank_results in results:
+        comm = rank_results[0]["comm"]
+        assert comm["sp_all_to_all"] == 2 * 2 * _ulysses_bytes(rows=4, hidden=16, kv_width=16, sp=2), comm
+        assert comm["tp_all_reduce"] == 2 * 2 * 2 * tokens * 32 * 4, comm
 
 
 def test_sequence_parallel_pass_on_an_aten_stage_graph(fake_world):

@@ -18,7 +18,7 @@ from zerograph.pipeline.schedule import build
 from zerograph.pipeline.simulate import format_grid, simulate
 from zerograph.pipeline.split import split_graph
 from zerograph.pipeline.tp_boundary import sequence_sharded, shard_boundaries
-from zerograph.runtime.dist import pipeline_groups
+from zerograph.runtime.mesh import mesh_of_config
 from zerograph.runtime.sequence import slice_sequences
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,8 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
     except ValueError as exc:  # e.g. micro-batches from gradient_accumulation_steps not a multiple of p
         raise ConfigError(str(exc)) from None
     timeline = simulate(schedule)  # raises ScheduleError before anything runs
-    tp = max(1, cfg.tensor_parallel.autotp_size)  # 0 (DeepSpeed's default) or 1: no tensor parallelism
     sp = cfg.sequence_parallel_size
-    if sp > 1 and tp > 1:
-        raise ConfigError(
-            f"pipeline.stages={p} with sequence_parallel_size={sp} and tensor_parallel.autotp_size={tp}: "
-            "pipeline x sequence x tensor parallelism is not supported yet; drop one of them")
-    groups = pipeline_groups(p, cfg.zerograph.collective_timeout_s, getattr(cfg.zerograph, "device", None), tp=tp,
-                             sp=sp)
+    groups = mesh_of_config(cfg).pipeline()  # the one ("pp", "dp", "sp", "tp") mesh (zerograph.runtime.mesh)
     cfg.resolve_batch(groups.dp.world_size)
     log.info("pipeline schedule %s (bubble %.3f):\n%s", schedule.name, timeline.bubble_fraction, format_grid(timeline))
     device = groups.dp.device
@@ -128,15 +122,15 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
             st.module = None
     for module in modules.values():  # dropout follows stage.training (model.eval() for eval_step)
         follow_training_mode(module)
-    if groups.sp is not None:  # ZeRO over the stage's dp x sp ranks; the sp pass finds the ATen attention
-        chunks = {k: compile_stage(modules[k], stage_cfg, group=groups) for k in mine}
-        for chunk in chunks.values():  # the pipeline cut the batch (cut above); activations are sequence shards
+    # each stage's parameters cut as the whole model's are (stage key -> the user's keys -> layout); with sp
+    # ZeRO shards over the stage's dp x sp ranks and the sp pass finds the ATen attention
+    staged = groups if groups.tp is not None or groups.sp is not None else groups.dp
+    chunks = {k: compile_stage(modules[k], stage_cfg, group=staged,
+                               tp_layouts=_stage_layouts(layouts, keys[k]) if groups.tp is not None else None)
+              for k in mine}
+    if groups.sp is not None:  # the pipeline cut the batch (cut above); activations are sequence shards
+        for chunk in chunks.values():
             chunk._zg_runtime.ctx.sp_presliced = True
-    elif groups.tp is None:
-        chunks = {k: compile_stage(modules[k], stage_cfg, group=groups.dp) for k in mine}
-    else:  # each stage's parameters cut as the whole model's are (stage key -> the user's keys -> layout)
-        chunks = {k: compile_stage(modules[k], stage_cfg, group=groups,
-                                   tp_layouts=_stage_layouts(layouts, keys[k])) for k in mine}
     for k, chunk in chunks.items():  # the memory limit checks a stage's regions on their own (backend._step_order)
         chunk._zg_runtime.ctx.enter_pipeline(k, p, groups.stage)
     shapes = [tuple(t.shape) for t in step_mod.flat_tensors(micro)]
@@ -212,10 +206,10 @@ def _stage_layouts(layouts: dict, keys: dict[str, list[str]]) -> dict:
 
 @torch.no_grad()
 def _seed_from_first_rank(module: nn.Module, groups) -> None:
-    """Every rank of a stage (data- and tensor-parallel) starts from its first
-    rank's values: a broadcast over the dp group from dp index 0, then over
-    the tp group from tp index 0."""
-    inner = (groups.zero,) if groups.zero is not None else (groups.dp, groups.tp)  # zero: the stage's dp x sp
+    """Every rank of a stage (data-, sequence- and tensor-parallel) starts
+    from its first rank's values: a broadcast over ZeRO's group (dp, with sp
+    dp x sp) from its index 0, then over the tp group from tp index 0."""
+    inner = (groups.zero if groups.zero is not None else groups.dp, groups.tp)
     subgroups = [g.group for g in inner if g is not None and g.world_size > 1]
     for group in subgroups:
         src = dist.get_global_rank(group, 0)

@@ -77,27 +77,6 @@ def ensure_process_group(timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def data_parallel_group(
-    timeout_s: float = 300.0, device: str | None = None, model_device: torch.device | None = None
-) -> DataParallelGroup:
-    ensure_process_group(timeout_s)
-    device = default_device(device, model_device)
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return DataParallelGroup(rank=0, world_size=1, device=device, mesh=None, group_name="")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    world = dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
-    apply_collective_timeout(mesh.get_group(), timeout_s)
-    return DataParallelGroup(
-        rank=dist.get_rank(),
-        world_size=world,
-        device=device,
-        mesh=mesh,
-        group_name=mesh.get_group().group_name,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class SequenceParallelGroup:
     """This rank's sequence-parallel group: ``world_size`` ranks that each
@@ -116,17 +95,18 @@ class SequenceParallelGroup:
 @dataclasses.dataclass(frozen=True)
 class PipelineGroups:
     """This rank's place on the (pipeline x data-parallel x sequence-parallel x
-    tensor-parallel) mesh.
+    tensor-parallel) mesh, as pipeline stages read it
+    (:func:`zerograph.runtime.mesh.build_mesh` makes it).
 
     Global rank ``r = ((stage * dp + dp_index) * sp + sp_index) * tp + tp_index``
     (the plan's ``("pp", "dp", "sp", "tp")`` order,
-    :class:`zerograph.runtime.plan.DeviceMeshPlan`; sp or tp is 1): each
-    stage's ``dp`` ranks of one (sp, tp) index form its data-parallel group,
-    its ``tp`` ranks of one dp index its tensor-parallel group, its ``sp``
-    ranks of one dp index its sequence-parallel group, and the ranks with the
+    :class:`zerograph.runtime.plan.DeviceMeshPlan`): each stage's ``dp``
+    ranks of one (sp, tp) index form its data-parallel group, its ``tp``
+    ranks of one (dp, sp) index its tensor-parallel group, its ``sp`` ranks of
+    one (dp, tp) index its sequence-parallel group, and the ranks with the
     same (dp, sp, tp) indices form one pipeline (stages exchange activations,
     sequence shards with sp, with the same indices). ZeRO shards over the
-    stage's dp ranks, with sp over its dp x sp ranks (``zero``).
+    stage's dp ranks of one tp index, with sp over its dp x sp ranks (``zero``).
     """
 
     stage: int
@@ -134,7 +114,7 @@ class PipelineGroups:
     dp: DataParallelGroup
     tp: "TensorParallelGroup | None" = None  # None: no tensor parallelism (tp = 1)
     sp: SequenceParallelGroup | None = None  # None: no sequence parallelism (sp = 1)
-    zero: DataParallelGroup | None = None  # with sp: the stage's dp x sp ranks, which ZeRO shards over
+    zero: DataParallelGroup | None = None  # with sp: the stage's dp x sp ranks of one tp index, which ZeRO shards over
 
     @property
     def mesh(self):
@@ -150,99 +130,15 @@ class PipelineGroups:
 
     def rank_of(self, stage: int, **coords: int) -> int:
         """The global rank of ``stage`` in this rank's pipeline (this rank's
-        dp and tp indices unless ``coords`` give others)."""
+        dp, sp and tp indices unless ``coords`` give others)."""
         return self.mesh.global_rank(pp=stage, **coords)
 
     @property
     def group(self):
         """Every rank of this rank's stage (dp x sp x tp): the stage model's group."""
-        if self.zero is not None:
-            return self.zero.group
-        return self.tp.model_group if self.tp is not None else self.dp.group
-
-
-def pipeline_groups(stages: int, timeout_s: float = 300.0, device: str | None = None,
-                    tp: int = 1, sp: int = 1) -> PipelineGroups:
-    ensure_process_group(timeout_s)
-    dev = default_device(device)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if sp > 1:
-        return _pipeline_sp_groups(stages, sp, timeout_s, dev, world)
-    if tp > 1 and (world % (stages * tp) or world < stages * tp):
-        from zerograph.config import ConfigError
-
-        raise ConfigError(
-            f"pipeline.stages={stages} x tensor_parallel.autotp_size={tp} needs a world size that is a multiple of "
-            f"{stages * tp}; this run has {world} rank(s): launch stages x data-parallel x tensor-parallel ranks")
-    if world % stages or world < stages:
-        raise ValueError(
-            f"pipeline.stages={stages} needs a world size that is a multiple of it; this run has "
-            f"{world} rank(s): launch stages x data-parallel ranks"
-        )
-    dp = world // (stages * tp)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if world > 1:  # stages exchange activations, tied gradients and the loss on the default group
-        apply_collective_timeout(dist.group.WORLD, timeout_s)
-    stage, rest = divmod(rank, dp * tp)
-    dp_rank, tp_rank = divmod(rest, tp)
-    tp_group = None
-    if dp == 1 and tp == 1:
-        group = DataParallelGroup(rank=0, world_size=1, device=dev, mesh=None, group_name="")
-    else:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        if tp == 1:
-            mesh = init_device_mesh(dev.type, (stages, dp), mesh_dim_names=("pp", "dp"))
-        else:
-            mesh = init_device_mesh(dev.type, (stages, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
-            apply_collective_timeout(mesh["tp"].get_group(), timeout_s)
-            stage_group = None
-            for s in range(stages):  # every rank creates every stage's (dp x tp) group, in order
-                ranks = list(range(s * dp * tp, (s + 1) * dp * tp))
-                made = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
-                if s == stage:
-                    stage_group = made
-            tp_group = TensorParallelGroup(rank=tp_rank, world_size=tp, mesh=mesh,
-                                           group_name=mesh["tp"].get_group().group_name, stage_group=stage_group)
-        if dp == 1:
-            group = DataParallelGroup(rank=0, world_size=1, device=dev, mesh=None, group_name="")
-        else:
-            sub = mesh["dp"]
-            apply_collective_timeout(sub.get_group(), timeout_s)
-            group = DataParallelGroup(rank=dp_rank, world_size=dp, device=dev, mesh=sub,
-                                      group_name=sub.get_group().group_name)
-    log.info("pipeline mesh: %d stage(s) x %d data-parallel x %d tensor-parallel rank(s); this rank is stage %d",
-             stages, dp, tp, stage)
-    return PipelineGroups(stage=stage, stages=stages, dp=group, tp=tp_group)
-
-
-def _pipeline_sp_groups(stages: int, sp: int, timeout_s: float, dev: torch.device, world: int) -> PipelineGroups:
-    """The (pp, dp, sp) mesh: sp ranks adjacent, ZeRO over each stage's dp x sp ranks."""
-    from zerograph.config import ConfigError
-
-    if world % (stages * sp):
-        raise ConfigError(
-            f"pipeline.stages={stages} x sequence_parallel_size={sp} needs a world size that is a multiple of "
-            f"{stages * sp}; this run has {world} rank(s): launch stages x data-parallel x sequence-parallel ranks")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dp = world // (stages * sp)
-    rank = dist.get_rank()
-    stage, rest = divmod(rank, dp * sp)
-    dp_rank, sp_rank = divmod(rest, sp)
-    apply_collective_timeout(dist.group.WORLD, timeout_s)
-    mesh = init_device_mesh(dev.type, (stages, dp, sp), mesh_dim_names=("pp", "dp", "sp"))
-    zero_mesh = init_device_mesh(dev.type, (stages, dp * sp), mesh_dim_names=("pp", "dp"))  # a stage's dp x sp
-    for sub in (mesh["dp"], mesh["sp"], zero_mesh["dp"]):
-        apply_collective_timeout(sub.get_group(), timeout_s)
-    group = DataParallelGroup(rank=dp_rank, world_size=dp, device=dev, mesh=mesh["dp"] if dp > 1 else None,
-                              group_name=mesh["dp"].get_group().group_name if dp > 1 else "")
-    zero = DataParallelGroup(rank=rest, world_size=dp * sp, device=dev, mesh=zero_mesh["dp"],
-                             group_name=zero_mesh["dp"].get_group().group_name)
-    seq = SequenceParallelGroup(rank=sp_rank, world_size=sp, mesh=mesh, group_name=mesh["sp"].get_group().group_name)
-    log.info("pipeline mesh: %d stage(s) x %d data-parallel x %d sequence-parallel rank(s); this rank is stage %d",
-             stages, dp, sp, stage)
-    return PipelineGroups(stage=stage, stages=stages, dp=group, sp=seq, zero=zero)
+        if self.tp is not None:
+            return self.tp.model_group
+        return self.zero.group if self.zero is not None else self.dp.group
 
 
 def apply_collective_timeout(group, timeout_s: float) -> None:
@@ -417,77 +313,36 @@ class RankMonitor:
         return gone
 
 
-# -- tensor parallelism: the 2-D (dp, tp) mesh ---------------------------------
+# -- tensor parallelism ----------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class TensorParallelGroup:
-    """This rank's tensor-parallel group on the 2-D ``(dp, tp)`` mesh (with
-    pipeline stages the 3-D ``(pp, dp, tp)`` one, :class:`PipelineGroups`).
+    """This rank's tensor-parallel group (:func:`zerograph.runtime.mesh.build_mesh`).
 
-    Global rank ``r`` is data-parallel index ``r // tp`` and tensor-parallel
-    index ``r % tp`` (tp innermost: the ranks of one tp group are adjacent,
-    so they share a node's fast links). The ranks of one tp group read the
-    same batch rows; ZeRO shards over the ranks with the same tp index."""
+    tp is the mesh's innermost dimension: the ranks of one tp group are
+    adjacent, so they share a node's fast links. They read the same batch
+    rows; ZeRO shards over the ranks with the same tp index."""
 
     rank: int  # this rank's tp index
     world_size: int  # tp
-    mesh: object  # the DeviceMesh ("dp", "tp"), or ("pp", "dp", "tp") with pipeline stages
+    # the DeviceMesh ("dp", "tp"), ("pp", "dp", "tp") with pipeline stages, its "dp" being
+    # the ranks ZeRO shards over (with sequence parallelism: dp x sp)
+    mesh: object
     group_name: str
-    stage_group: object = None  # with pipeline stages: the (dp x tp) ranks of this rank's stage
+    stage_group: object = None  # with pipeline stages: the (dp x sp x tp) ranks of this rank's stage
 
     @property
     def group(self):
         return self.mesh["tp"].get_group()
 
     @property
+    def dp_tp_mesh(self):
+        """The 2-D ``("dp", "tp")`` DeviceMesh of this rank's stage: "dp" is
+        ZeRO's ranks of each tp index, "tp" this group."""
+        return self.mesh["dp", "tp"]
+
+    @property
     def model_group(self):
-        """Every rank of the model (dp x tp): the default group, or with
+        """Every rank of the model (dp x sp x tp): the default group, or with
         pipeline stages the ranks of this rank's stage."""
         return self.stage_group if self.stage_group is not None else dist.group.WORLD
-
-
-def dp_by_inner_mesh(dim: str, size: int, key: str, timeout_s: float, dev: torch.device):
-    """A 2-D ``("dp", dim)`` device mesh over every rank, ``dim`` innermost
-    (its ranks adjacent), with ``collective_timeout_s`` on both dimensions'
-    groups and the default group. ``key``: the config key that set ``size``,
-    for the error when ``size`` does not divide the world. Returns the mesh,
-    the data-parallel size and this rank's (dp, ``dim``) indices."""
-    from zerograph.config import ConfigError
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    name = key.rsplit(".", 1)[-1]
-    if world % size:
-        article = "an" if name[0] in "aeiou" else "a"
-        raise ConfigError(
-            f"{key}={size} does not divide the world size {world}: launch a multiple of {size} ranks "
-            f"(world = data-parallel ranks x {name}), or use {article} {name} that divides {world}")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dp = world // size
-    mesh = init_device_mesh(dev.type, (dp, size), mesh_dim_names=("dp", dim))
-    for sub in ("dp", dim):
-        apply_collective_timeout(mesh[sub].get_group(), timeout_s)
-    apply_collective_timeout(dist.group.WORLD, timeout_s)
-    dp_index, inner_index = divmod(dist.get_rank(), size)
-    return mesh, dp, dp_index, inner_index
-
-
-def data_and_tensor_parallel_groups(
-    tp: int, timeout_s: float = 300.0, device: str | None = None, model_device: torch.device | None = None
-) -> tuple[DataParallelGroup, TensorParallelGroup]:
-    """The data-parallel group ZeRO shards over and the tensor-parallel group,
-    from a 2-D ``(dp, tp)`` device mesh over every rank (world = dp x tp)."""
-    ensure_process_group(timeout_s)
-    dev = default_device(device, model_device)
-    mesh, dp, dp_rank, tp_rank = dp_by_inner_mesh("tp", tp, "tensor_parallel.autotp_size", timeout_s, dev)
-    if dp == 1:
-        dp_group = DataParallelGroup(rank=0, world_size=1, device=dev, mesh=None, group_name="")
-    else:
-        sub = mesh["dp"]
-        dp_group = DataParallelGroup(rank=dp_rank, world_size=dp, device=dev, mesh=sub,
-                                     group_name=sub.get_group().group_name)
-    tp_group = TensorParallelGroup(rank=tp_rank, world_size=tp, mesh=mesh,
-                                   group_name=mesh["tp"].get_group().group_name)
-    log.info("tensor-parallel mesh: %d data-parallel x %d tensor-parallel rank(s); this rank is dp %d, tp %d",
-             dp, tp, dp_rank, tp_rank)
-    return dp_group, tp_group

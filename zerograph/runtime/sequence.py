@@ -1,15 +1,13 @@
 """Sequence parallelism (Ulysses): the sequence-parallel group and the
 slicing of a batch's sequences (docs/long_sequences.md).
 
-The ranks form the mesh ``("dp", "sp")``, sp innermost: global rank ``r`` is
-data-parallel index ``r // sp`` and sequence-parallel index ``r % sp``. ZeRO
-shards over all of them (dp x sp, as DeepSpeed does); the ranks of one sp
-group read the same batch rows, and each computes one contiguous
-``1/sp`` of every sequence. With tensor parallelism the mesh is
-``("dp", "sp", "tp")``, tp innermost: ``r = (dp_i * sp + sp_i) * tp + tp_i``;
-ZeRO shards over the dp x sp ranks of one tp index, the sp group is the sp
-ranks of one (dp, tp) index and the tp group the tp ranks of one (dp, sp)
-index (:func:`data_sequence_and_tensor_parallel_groups`).
+The ranks form the mesh ``("pp", "dp", "sp", "tp")``
+(:func:`zerograph.runtime.mesh.build_mesh`, one builder for every kind of
+parallelism): ``r = ((pp_i * dp + dp_i) * sp + sp_i) * tp + tp_i``. ZeRO
+shards over the dp x sp ranks of one (pp, tp) index (as DeepSpeed does); the
+sp group is the sp ranks of one (pp, dp, tp) index. The ranks of one sp group
+read the same batch rows, and each computes one contiguous ``1/sp`` of every
+sequence.
 
 :func:`slice_sequences` cuts a model call's arguments: every tensor whose
 second dimension is the sequence length (input ids, labels, targets, position
@@ -34,16 +32,7 @@ import logging
 
 import torch
 
-from zerograph.runtime.dist import (  # noqa: F401  (SequenceParallelGroup: re-exported)
-    DataParallelGroup,
-    SequenceParallelGroup,
-    data_parallel_group,
-    default_device,
-    apply_collective_timeout,
-    data_and_tensor_parallel_groups,
-    dp_by_inner_mesh,
-    ensure_process_group,
-)
+from zerograph.runtime.dist import SequenceParallelGroup  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -55,67 +44,12 @@ class SequenceParallelError(ValueError):
     module, the counts and the fix)."""
 
 
-def data_and_sequence_parallel_groups(
-    sp: int, timeout_s: float = 300.0, device: str | None = None, model_device: torch.device | None = None
-) -> tuple[DataParallelGroup, SequenceParallelGroup, int]:
-    """ZeRO's group (every rank: dp x sp), the sequence-parallel group, and
-    this rank's data-parallel index, from a ``("dp", "sp")`` mesh."""
-    ensure_process_group(timeout_s)
-    dev = default_device(device, model_device)
-    mesh, dp, dp_index, sp_index = dp_by_inner_mesh("sp", sp, "sequence_parallel_size", timeout_s, dev)
-    zero = data_parallel_group(timeout_s, device, model_device)  # every rank, in global rank order
-    group = SequenceParallelGroup(rank=sp_index, world_size=sp, mesh=mesh,
-                                  group_name=mesh["sp"].get_group().group_name)
-    log.info("sequence-parallel mesh: %d data-parallel x %d sequence-parallel rank(s); this rank is dp %d, sp %d",
-             dp, sp, dp_index, sp_index)
-    return zero, group, dp_index
-
-
-def data_sequence_and_tensor_parallel_groups(
-    sp: int, tp: int, timeout_s: float = 300.0, device: str | None = None, model_device: torch.device | None = None
-):
-    """sp x tp on the ``("dp", "sp", "tp")`` mesh: ZeRO's group (the dp x sp
-    ranks of this rank's tp index), the sequence-parallel group (the sp ranks
-    of this rank's (dp, tp) index), the tensor-parallel group (the tp ranks
-    of its (dp, sp) index) and this rank's data-parallel index."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from zerograph.config import ConfigError
-
-    ensure_process_group(timeout_s)
-    dev = default_device(device, model_device)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if world % (sp * tp):
-        raise ConfigError(
-            f"sequence_parallel_size={sp} x tensor_parallel.autotp_size={tp} needs a world size that is a multiple "
-            f"of {sp * tp}; this run has {world} rank(s): launch data-parallel x {sp} x {tp} ranks, or change "
-            "sequence_parallel_size or tensor_parallel.autotp_size")
-    # the (dp*sp, tp) mesh: ZeRO's group (same tp index, global rank order) and the tp group
-    zero, tp_group = data_and_tensor_parallel_groups(tp, timeout_s, device, model_device)
-    dp = world // (sp * tp)
-    mesh = init_device_mesh(dev.type, (dp, sp, tp), mesh_dim_names=("dp", "sp", "tp"))
-    apply_collective_timeout(mesh["sp"].get_group(), timeout_s)
-    dp_index, rest = divmod(torch.distributed.get_rank(), sp * tp)
-    sp_index = rest // tp
-    group = SequenceParallelGroup(rank=sp_index, world_size=sp, mesh=mesh,
-                                  group_name=mesh["sp"].get_group().group_name)
-    log.info("sequence x tensor-parallel mesh: %d data-parallel x %d sequence-parallel x %d tensor-parallel "
-             "rank(s); this rank is dp %d, sp %d, tp %d", dp, sp, tp, dp_index, sp_index, tp_group.rank)
-    return zero, group, tp_group, dp_index
-
-
-def sequence_parallel_groups(cfg, model_device: torch.device | None = None):
-    """For ``cfg`` (a :class:`zerograph.config.Config` with
-    ``sequence_parallel_size`` > 1): ZeRO's group, the sequence-parallel
-    group, the tensor-parallel group (None without ``tensor_parallel``) and
-    this rank's data-parallel index. Raises ConfigError for the settings
-    that do not compose with Ulysses."""
+def refuse_with_tensor_parallelism(cfg) -> None:
+    """Raise ConfigError for the settings of ``cfg`` that do not compose
+    Ulysses (``sequence_parallel_size`` > 1) with tensor parallelism."""
     from zerograph.config import ConfigError
 
     sp, tp, zg = cfg.sequence_parallel_size, cfg.tensor_parallel.autotp_size, cfg.zerograph
-    if tp <= 1:
-        zero, group, dp_index = data_and_sequence_parallel_groups(sp, zg.collective_timeout_s, zg.device, model_device)
-        return zero, group, None, dp_index
     if zg.tp_sequence_parallel:
         raise ConfigError(
             f"sequence_parallel_size={sp} with tensor_parallel.autotp_size={tp} and zerograph.tp_sequence_parallel: "
@@ -127,7 +61,6 @@ def sequence_parallel_groups(cfg, model_device: torch.device | None = None):
             f"sequence_parallel_size={sp} with tensor_parallel.autotp_size={tp} and zerograph.tp_vocab_parallel: "
             "the vocab-parallel cross-entropy is not summed over the sequence-parallel ranks yet; set "
             "zerograph.tp_vocab_parallel to false")
-    return data_sequence_and_tensor_parallel_groups(sp, tp, zg.collective_timeout_s, zg.device, model_device)
 
 
 def _takes(forward, name: str) -> bool:
