@@ -178,6 +178,12 @@ def shard_parameters(model: nn.Module, ctx: ModelState, tp_layouts: dict[str, Tp
             attrs.update(__module__=base.__module__, __qualname__=base.__qualname__, _zg_base_class=base)
             subclasses[key] = type(base.__name__, (base,), attrs)
         module.__class__ = subclasses[key]
+    if ctx.tp is not None:
+        local = [n for n, s in ctx.specs.items() if s.tp is not None and placement_for(s.tp, s.storage == "sharded") is None]
+        if local:
+            log.info("zerograph: %d parameter(s) stay tp-local, not (dp, tp) DTensors: their key/value heads sit on "
+                     "some but not all tp ranks (docs/tensor_parallel.md, \"What each rank holds\"); use "
+                     "gradient_clipping rather than torch's clip_grad_norm_: %s", len(local), ", ".join(local[:4]))
     log.info(
         "zerograph: %d parameters (%d sharded) on %d rank(s)",
         len(ctx.specs),
