@@ -11,6 +11,7 @@ eager (fp32: rtol 1e-5)."""
 from __future__ import annotations
 
 import gc
+import math
 import re
 
 import pytest
@@ -163,3 +164,73 @@ def test_tp2_zero0_parameters_are_2d_dtensors():
     (the CI case; world 4 runs nightly)."""
     results = _pool.run(dtensor_run, 2, 0, timeout=_harness.TIMEOUT)
     _check(results, 2, 0)
+
+
+# (name, whole shape, split dim, fused parts (None: not split), replicas)
+CASES = [
+    ("unsplit", (5, 3), None, None, 1),
+    ("column, uneven ZeRO rows", (10, 3), 0, (10,), 1),
+    ("row", (6, 4), 1, (4,), 1),
+    ("fused rows", (12, 3), 0, (4, 4, 4), 1),
+    ("fused columns (Conv1D c_attn)", (5, 12), 1, (4, 4, 4), 1),
+    ("fused, unequal parts", (16, 3), 0, (8, 4, 4), 1),
+    ("kv heads on every tp rank", (4, 3), 0, (4,), TP),
+]
+
+
+def placements_run():
+    """On each of 4 ranks ((dp, tp) = (2, 2)): every row of the placements
+    table, for ZeRO storing shards and storing whole, built from this
+    rank's data as the runtime builds it. Returns, per case, whether the
+    whole tensor, ``full_tensor()``, the norm and the DCP offsets are right."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from zerograph.runtime.specs import ParamSpec
+    from zerograph.runtime.tp_layout import TpLayout
+    from zerograph.runtime.tp_params import (as_dtensor, local_of_whole, placement_for, tp_slice_offsets,
+                                             whole_tensor)
+
+    rank = dist.get_rank()
+    dp_rank, tp_rank = divmod(rank, TP)
+    mesh = DeviceMesh("cpu", torch.arange(4).view(2, TP), mesh_dim_names=("dp", "tp"))
+    out = {}
+    for name, shape, dim, parts, replicas in CASES:
+        whole = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+        layout = None if dim is None else TpLayout("column", name, dim, parts, shape, TP, tp_rank, replicas)
+        for storage in ("sharded", "replicated"):
+            spec = ParamSpec(name=name, full_shape=layout.local_shape if layout else shape, storage=storage,
+                             grad_reduce="reduce_scatter", rank=dp_rank, world_size=2, group_name="",
+                             master_dtype=torch.float32, compute_dtype=torch.float32, grad_scale=1.0, tp=layout)
+            placement = placement_for(layout, storage == "sharded")
+            value = as_dtensor(local_of_whole(whole, spec).clone(), mesh, placement, shape)
+            full = value.full_tensor()
+            if placement.exact:
+                full_ok = torch.equal(full, whole)
+            else:  # the tp slices stacked in tp-rank order
+                full_ok = torch.equal(full, torch.cat([layout.local_part(whole, i) for i in range(TP)], dim))
+            norm = torch.linalg.vector_norm(value).full_tensor()
+            tp_slice = layout.local_part(whole) if layout else whole
+            at = tp_slice_offsets(value, tuple(tp_slice.shape))[0]
+            out[(name, storage)] = {
+                "exact": placement.exact,
+                "whole": torch.equal(whole_tensor(value, layout, placement), whole),
+                "full_tensor": full_ok,
+                "norm": torch.allclose(norm, torch.linalg.vector_norm(whole)),
+                "offsets": torch.equal(value.to_local(), tp_slice.narrow(0, at, value.to_local().shape[0])),
+            }
+    return out
+
+
+@pytest.mark.timeout(_harness.TIMEOUT)
+def test_every_row_of_the_placements_table_reassembles_the_whole_tensor():
+    """world 4, no model: for each layout and ZeRO storage, the DTensor built
+    from a rank's data has the whole tensor, the whole norm and the DCP
+    offsets right; ``full_tensor()`` is exact except for the documented
+    stacked fused weights."""
+    results = _pool.run(placements_run, 4, timeout=_harness.TIMEOUT)
+    stacked = {("fused rows", "sharded"), ("fused, unequal parts", "sharded"), ("fused, unequal parts", "replicated")}
+    for result in results:
+        for key, checks in result.items():
+            assert checks["exact"] == (key not in stacked), key
+            assert all(v for k, v in checks.items() if k != "exact"), (key, checks)
