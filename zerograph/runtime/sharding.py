@@ -1,14 +1,15 @@
 """Parameter storage: shards as DTensors, reads through the ``unshard`` marker.
 
 After :func:`shard_parameters`, each parameter of the model is stored as a
-DTensor ``Shard(0)`` on the data-parallel mesh (with tensor parallelism a
-DTensor on the ``("dp", "tp")`` mesh, :mod:`zerograph.runtime.tp_params`) (ZeRO stages 1-3) or kept
+DTensor ``Shard(0)`` on the data-parallel mesh (ZeRO stages 1-3) or kept
 replicated (stage 0, a 0-dim parameter, or at stage 3 a parameter of at most
 ``stage3_param_persistence_threshold`` elements: it is never gathered, and
 its gradient is all-reduced). The optimizer, ``clip_grad_norm_``
 and ``torch.distributed.checkpoint`` see these. State-dict keys stay the
-original ones. With ``offload_param`` (stage 3) the local shard of every
-parameter that is not persistent is a tensor in host memory
+original ones. With tensor parallelism every parameter is instead a DTensor
+on the ``("dp", "tp")`` mesh (:mod:`zerograph.runtime.tp_params`). With
+``offload_param`` (stage 3) the local shard of every parameter that is not
+persistent is a tensor in host memory
 (:func:`zerograph.runtime.offload.host_shard`); the lowered graphs copy it to
 the compute device before its gather; with ``offload_param.device: "nvme"``
 that host tensor is a view of a memory-mapped file
