@@ -87,6 +87,23 @@ class _Cast:
         return torch.func.functional_call(self.model, self.params, args, kwargs, tie_weights=True)
 
 
+def tp_local_shape(p) -> tuple[int, ...]:
+    """The shape of this rank's tensor-parallel slice of parameter ``p``: a
+    DTensor on the ``("dp", "tp")`` mesh has the whole shape, cut here along
+    the dim its ``"tp"`` placement shards; any other tensor's own shape."""
+    from torch.distributed.tensor import DTensor
+
+    names = p.device_mesh.mesh_dim_names or () if isinstance(p, DTensor) else ()
+    if "tp" not in names:
+        return tuple(p.shape)
+    shape = list(p.shape)
+    at = names.index("tp")
+    placement = p.placements[at]
+    if hasattr(placement, "dim"):  # Shard or _StridedShard
+        shape[placement.dim] //= p.device_mesh.size(at)
+    return tuple(shape)
+
+
 def model_state_bytes(model, opt) -> int:
     """This rank's bytes of parameter shards, gradient shards and optimizer states."""
     from torch.distributed.tensor import DTensor

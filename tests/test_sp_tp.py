@@ -71,7 +71,7 @@ def sp_tp_run(model_name: str, configs: list[dict], masked: bool):
         results.append({
             "losses": losses,
             "params": {k: v.detach().float().clone() for k, v in zerograph.full_state_dict(model).items()},
-            "local_shapes": {n: tuple(p.shape) for n, p in model.named_parameters()},
+            "local_shapes": {n: _harness.tp_local_shape(p) for n, p in model.named_parameters()},
             "comm_by_phase": _harness._comm_by_phase(info),
             "planned_comm": dict(info.memory.comm_bytes_per_step),
             "sequence_slice": zerograph.sequence_slice(model, _models.SEQ),

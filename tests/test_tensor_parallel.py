@@ -69,7 +69,7 @@ def tp_run(model_name: str, configs: list[dict], steps: int = _harness.STEPS):
         results.append({
             "losses": losses,
             "params": {k: v.detach().float().clone() for k, v in zerograph.full_state_dict(model).items()},
-            "local_shapes": {n: tuple(p.shape) for n, p in model.named_parameters()},
+            "local_shapes": {n: _harness.tp_local_shape(p) for n, p in model.named_parameters()},
             "state_bytes": state_bytes,
             "comm": dict(info.comm_bytes_last_step),
             "comm_by_phase": _harness._comm_by_phase(info),
@@ -290,7 +290,7 @@ def tp_eager_run(model_name: str, config: dict, steps: int):
     zerograph.load_full_state_dict(fresh, full)
     again = zerograph.full_state_dict(fresh)
     same = all(torch.equal(again[k], full[k]) for k in full)
-    shapes = {n: tuple(p.shape) for n, p in fresh.named_parameters()}
+    shapes = {n: _harness.tp_local_shape(p) for n, p in fresh.named_parameters()}
     return {"losses": losses, "params": full, "round_trip": same, "shapes": shapes, "rank": rank, "world": world}
 
 
@@ -335,23 +335,28 @@ def test_tensor_parallel_pass_golden_mlp(fake_world):
     model(x).backward()
     info = zerograph.inspect(model)
     region = info.regions[0]
-    assert [tuple(p.shape) for p in model.parameters()] == [(4, 4), (4, 4), (4,), (4, 4), (4,)]
+    assert [_harness.tp_local_shape(p) for p in model.parameters()] == [(4, 4), (4, 4), (4,), (4, 4), (4,)]
     assert_expected_inline(format_graph(region["graphs"]["dynamo"], canonical=True), """\
 l_call_impl_self_modules_inp_parameters_weight_: f32[4, 4]
 l_args_0_: f32[5, 4]
-l_call_impl_self_modules_fc1_parameters_weight_: f32[4, 4]
-l_call_impl_self_modules_fc1_parameters_bias_: f32[4]
-l_call_impl_self_modules_fc2_parameters_weight_: f32[4, 4]
+l_call_impl_self_modules_fc1_parameters_weight_: f32[8, 4]
+l_call_impl_self_modules_fc1_parameters_bias_: f32[8]
+l_call_impl_self_modules_fc2_parameters_weight_: f32[4, 8]
 l_call_impl_self_modules_fc2_parameters_bias_: f32[4]
-unshard: f32[4, 4] = unshard(l_call_impl_self_modules_inp_parameters_weight_, 'zg0', 'inp.weight')
+local: f32[4, 4] = to_local(l_call_impl_self_modules_inp_parameters_weight_)
+unshard: f32[4, 4] = unshard(local, 'zg0', 'inp.weight')
 h: f32[5, 4] = linear(l_args_0_, unshard, None)
-unshard_whole: f32[4, 4] = unshard(l_call_impl_self_modules_fc1_parameters_weight_, 'zg0', 'fc1.weight')
-unshard_whole_1: f32[4] = unshard(l_call_impl_self_modules_fc1_parameters_bias_, 'zg0', 'fc1.bias')
+local_1: f32[4, 4] = to_local(l_call_impl_self_modules_fc1_parameters_weight_)
+unshard_whole: f32[4, 4] = unshard(local_1, 'zg0', 'fc1.weight')
+local_2: f32[4] = to_local(l_call_impl_self_modules_fc1_parameters_bias_)
+unshard_whole_1: f32[4] = unshard(local_2, 'zg0', 'fc1.bias')
 tp_copy_default: f32[5, 4] = zerograph.tp_copy(h, 'zg0')
 linear: f32[5, 4] = linear(tp_copy_default, unshard_whole, unshard_whole_1)
 relu: f32[5, 4] = relu(linear)
-unshard_whole_2: f32[4, 4] = unshard(l_call_impl_self_modules_fc2_parameters_weight_, 'zg0', 'fc2.weight')
-unshard_1: f32[4] = unshard(l_call_impl_self_modules_fc2_parameters_bias_, 'zg0', 'fc2.bias')
+local_3: f32[4, 4] = to_local(l_call_impl_self_modules_fc2_parameters_weight_)
+unshard_whole_2: f32[4, 4] = unshard(local_3, 'zg0', 'fc2.weight')
+local_4: f32[4] = to_local(l_call_impl_self_modules_fc2_parameters_bias_)
+unshard_1: f32[4] = unshard(local_4, 'zg0', 'fc2.bias')
 linear_1: f32[5, 4] = linear(relu, unshard_whole_2, None)
 tp_all_reduce_default: f32[5, 4] = zerograph.tp_all_reduce(linear_1, 'zg0')
 add: f32[5, 4] = add(tp_all_reduce_default, unshard_1)

@@ -167,25 +167,32 @@ l_call_impl_self_modules_inp_parameters_weight_: f32[4, 4]
 l_args_0_: f32[2, 8, 4]
 l_call_impl_self_modules_ln_parameters_weight_: f32[4]
 l_call_impl_self_modules_ln_parameters_bias_: f32[4]
-l_call_impl_self_modules_fc1_parameters_weight_: f32[4, 4]
-l_call_impl_self_modules_fc1_parameters_bias_: f32[4]
-l_call_impl_self_modules_fc2_parameters_weight_: f32[4, 4]
+l_call_impl_self_modules_fc1_parameters_weight_: f32[8, 4]
+l_call_impl_self_modules_fc1_parameters_bias_: f32[8]
+l_call_impl_self_modules_fc2_parameters_weight_: f32[4, 8]
 l_call_impl_self_modules_fc2_parameters_bias_: f32[4]
-unshard: f32[4, 4] = unshard(l_call_impl_self_modules_inp_parameters_weight_, 'zg0', 'inp.weight')
+local: f32[4, 4] = to_local(l_call_impl_self_modules_inp_parameters_weight_)
+unshard: f32[4, 4] = unshard(local, 'zg0', 'inp.weight')
 h: f32[2, 8, 4] = linear(l_args_0_, unshard, None)
 tp_seq_scatter_default: f32[2, 4, 4] = zerograph.tp_seq_scatter(h, 'zg0', 1)
-unshard_1: f32[4] = unshard(l_call_impl_self_modules_ln_parameters_weight_, 'zg0', 'ln.weight')
-unshard_2: f32[4] = unshard(l_call_impl_self_modules_ln_parameters_bias_, 'zg0', 'ln.bias')
+local_1: f32[4] = to_local(l_call_impl_self_modules_ln_parameters_weight_)
+unshard_1: f32[4] = unshard(local_1, 'zg0', 'ln.weight')
+local_2: f32[4] = to_local(l_call_impl_self_modules_ln_parameters_bias_)
+unshard_2: f32[4] = unshard(local_2, 'zg0', 'ln.bias')
 tp_copy_default: f32[4] = zerograph.tp_copy(unshard_1, 'zg0')
 tp_copy_default_1: f32[4] = zerograph.tp_copy(unshard_2, 'zg0')
 layer_norm: f32[2, 4, 4] = layer_norm(tp_seq_scatter_default, [4], tp_copy_default, tp_copy_default_1, 1e-05)
-unshard_whole: f32[4, 4] = unshard(l_call_impl_self_modules_fc1_parameters_weight_, 'zg0', 'fc1.weight')
-unshard_whole_1: f32[4] = unshard(l_call_impl_self_modules_fc1_parameters_bias_, 'zg0', 'fc1.bias')
+local_3: f32[4, 4] = to_local(l_call_impl_self_modules_fc1_parameters_weight_)
+unshard_whole: f32[4, 4] = unshard(local_3, 'zg0', 'fc1.weight')
+local_4: f32[4] = to_local(l_call_impl_self_modules_fc1_parameters_bias_)
+unshard_whole_1: f32[4] = unshard(local_4, 'zg0', 'fc1.bias')
 tp_seq_gather_default: f32[2, 8, 4] = zerograph.tp_seq_gather(layer_norm, 'zg0', 1)
 linear: f32[2, 8, 4] = linear(tp_seq_gather_default, unshard_whole, unshard_whole_1)
 relu: f32[2, 8, 4] = relu(linear)
-unshard_whole_2: f32[4, 4] = unshard(l_call_impl_self_modules_fc2_parameters_weight_, 'zg0', 'fc2.weight')
-unshard_3: f32[4] = unshard(l_call_impl_self_modules_fc2_parameters_bias_, 'zg0', 'fc2.bias')
+local_5: f32[4, 4] = to_local(l_call_impl_self_modules_fc2_parameters_weight_)
+unshard_whole_2: f32[4, 4] = unshard(local_5, 'zg0', 'fc2.weight')
+local_6: f32[4] = to_local(l_call_impl_self_modules_fc2_parameters_bias_)
+unshard_3: f32[4] = unshard(local_6, 'zg0', 'fc2.bias')
 tp_copy_default_2: f32[4] = zerograph.tp_copy(unshard_3, 'zg0')
 linear_1: f32[2, 8, 4] = linear(relu, unshard_whole_2, None)
 tp_seq_reduce_scatter_default: f32[2, 4, 4] = zerograph.tp_seq_reduce_scatter(linear_1, 'zg0', 1)
@@ -248,11 +255,16 @@ def test_sequence_parallel_pass_golden_attention(fake_world):
     region = zerograph.inspect(model).regions[0]
     lines = format_graph(region["graphs"]["dynamo"], canonical=True).splitlines()
     assert_expected_inline("\n".join(line for line in lines if "=" in line and " = unshard(" not in line), """\
+local: f32[4, 4] = to_local(l_call_impl_self_modules_inp_parameters_weight_)
 h: f32[2, 8, 4] = linear(l_args_0_, unshard, None)
 tp_seq_scatter_default: f32[2, 4, 4] = zerograph.tp_seq_scatter(h, 'zg0', 1)
+local_1: f32[4] = to_local(l_call_impl_self_modules_ln_parameters_weight_)
+local_2: f32[4] = to_local(l_call_impl_self_modules_ln_parameters_bias_)
 tp_copy_default: f32[4] = zerograph.tp_copy(unshard_1, 'zg0')
 tp_copy_default_1: f32[4] = zerograph.tp_copy(unshard_2, 'zg0')
 layer_norm: f32[2, 4, 4] = layer_norm(tp_seq_scatter_default, [4], tp_copy_default, tp_copy_default_1, 1e-05)
+local_3: f32[6, 4] = to_local(l_call_impl_self_modules_qkv_parameters_weight_)
+local_4: f32[6] = to_local(l_call_impl_self_modules_qkv_parameters_bias_)
 tp_seq_gather_default: f32[2, 8, 4] = zerograph.tp_seq_gather(layer_norm, 'zg0', 1)
 linear: f32[2, 8, 6] = linear(tp_seq_gather_default, unshard_whole, unshard_whole_1)
 split:  = split(linear, 2, dim=2)
@@ -268,6 +280,8 @@ v_1: f32[2, 1, 8, 2] = transpose(view_2, 1, 2)
 y: f32[2, 1, 8, 2] = scaled_dot_product_attention(q_1, k_1, v_1, is_causal=True)
 transpose: f32[2, 8, 1, 2] = transpose(y, 1, 2)
 reshape: f32[2, 8, 2] = reshape(transpose, 2, 8, 2)
+local_5: f32[4, 2] = to_local(l_call_impl_self_modules_proj_parameters_weight_)
+local_6: f32[4] = to_local(l_call_impl_self_modules_proj_parameters_bias_)
 tp_copy_default_2: f32[4] = zerograph.tp_copy(unshard_3, 'zg0')
 linear_1: f32[2, 8, 4] = linear(reshape, unshard_whole_2, None)
 tp_seq_reduce_scatter_default: f32[2, 4, 4] = zerograph.tp_seq_reduce_scatter(linear_1, 'zg0', 1)

@@ -153,13 +153,14 @@ def test_vocab_parallel_pass_golden(fake_world):
               "zerograph": {"verify_graphs": True, "device": "cpu", "tp_vocab_parallel": True}}
     model = zerograph.compile(TinyLM(), config, example_batch=(idx, targets))
     model(idx, targets).backward()
-    assert [tuple(p.shape) for p in model.parameters()] == [(4, 4)]  # rows 0-3 or 4-7 of the vocabulary
+    assert [_harness.tp_local_shape(p) for p in model.parameters()] == [(4, 4)]  # rows 0-3 or 4-7 of the vocabulary
     assert_expected_inline(format_graph(zerograph.inspect(model).regions[0]["graphs"]["dynamo"], canonical=True),
                            """\
-l_call_impl_self_modules_emb_parameters_weight_: f32[4, 4]
+l_call_impl_self_modules_emb_parameters_weight_: f32[8, 4]
 l_args_0_: i64[6]
 l_args_1_: i64[6]
-unshard_whole: f32[4, 4] = unshard(l_call_impl_self_modules_emb_parameters_weight_, 'zg0', 'emb.weight')
+local: f32[4, 4] = to_local(l_call_impl_self_modules_emb_parameters_weight_)
+unshard_whole: f32[4, 4] = unshard(local, 'zg0', 'emb.weight')
 sub: i64[6] = sub(l_args_0_, 0)
 lt: bool[6] = lt(sub, 0)
 ge: bool[6] = ge(sub, 4)

@@ -36,6 +36,8 @@ __all__ = [
     "process_groups",
     "size_hint",
     "dtensor_with_local",
+    "strided_shard",
+    "is_strided_shard",
     "tensor_version",
     "is_view_op",
     "is_inplace_op",
@@ -158,6 +160,23 @@ def dtensor_with_local(like, local: torch.Tensor, requires_grad: bool | None = N
     if local.dtype != like.dtype:
         spec = dataclasses.replace(spec, tensor_meta=spec.tensor_meta._replace(dtype=local.dtype))
     return DTensor(local, spec, requires_grad=like.requires_grad if requires_grad is None else requires_grad)
+
+
+def strided_shard(dim: int, split_factor: int):
+    """DTensor's ``_StridedShard(dim, split_factor=...)`` placement: ``dim``
+    cut into ``split_factor`` equal pieces, each sharded over the mesh
+    dimension, a rank holding its block of every piece (FSDP2 + TP uses it
+    for the dp placement of a tensor tp already shards on the same dim)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return _StridedShard(dim, split_factor=split_factor)
+
+
+def is_strided_shard(placement) -> bool:
+    """``placement`` is a ``_StridedShard`` (whose ``is_shard()`` is False)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return isinstance(placement, _StridedShard)
 
 
 def tensor_version(t: torch.Tensor) -> int:

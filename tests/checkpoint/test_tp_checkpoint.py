@@ -63,7 +63,7 @@ def tp_checkpoint_run(model_name: str, config: dict, path: str, phase: str, load
         assert zerograph.load_checkpoint(path, model, opt) == {"step": SAVE_AT}
         losses = _train(model, opt, range(SAVE_AT, END), rows)
     full = {k: v.detach().clone() for k, v in zerograph.full_state_dict(model).items()}
-    return losses, full, {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return losses, full, {n: _harness.tp_local_shape(p) for n, p in model.named_parameters()}
 
 
 def _assert_continues(result, ref_losses, ref_params, what):

@@ -16,6 +16,7 @@ from zerograph.runtime.dist import rank_and_world as _dist
 from zerograph.runtime.errors import naming_failed_ranks
 from zerograph.runtime.sharding import full_state_dict as _full_state_dict
 from zerograph.runtime.state import check_position, context_of
+from zerograph.runtime.tp_params import is_tp_dtensor, local_of_whole
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +52,24 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
                        f"{' ...' if len(missing) > 8 else ''}; pass strict=False to keep their current values")
     done: set[int] = set()
     ctx = context_of(model)
-    split = {}  # tensor parallelism: id(parameter) -> how it is cut over the tp ranks
+    specs = {}  # tensor parallelism: id(parameter) -> its spec (how it is cut over the tp and dp ranks)
     if ctx is not None and getattr(ctx, "tp", None) is not None:
-        split = {id(p): ctx.specs[n].tp for n, p in model.named_parameters() if n in ctx.specs and ctx.specs[n].tp}
+        specs = {id(p): ctx.specs[n] for n, p in model.named_parameters() if n in ctx.specs}
     with torch.no_grad():
         for key, target in own.items():
             source = next((state_dict[a] for a in by_id[id(target)] if a in state_dict), None)
             if source is None or id(target) in done:
                 continue
             done.add(id(target))
-            layout = split.get(id(target))
+            spec = specs.get(id(target))
+            if spec is not None and is_tp_dtensor(target):  # the (dp, tp) DTensor: this rank's rows of its tp slice
+                if tuple(source.shape) != tuple(target.shape):
+                    raise ValueError(f"zerograph.load_full_state_dict: {key} has shape {tuple(source.shape)} in the "
+                                     f"state dict but {tuple(target.shape)} in the model; is it the same model "
+                                     "configuration?")
+                target.to_local().copy_(local_of_whole(source.detach(), spec).to(target.device, target.dtype))
+                continue
+            layout = spec.tp if spec is not None else None
             if layout is not None:  # this rank's tensor-parallel slice of the whole tensor
                 if tuple(source.shape) != layout.whole_shape:
                     raise ValueError(f"zerograph.load_full_state_dict: {key} has shape {tuple(source.shape)} in the "

@@ -8,7 +8,9 @@ saved at tp=2 x dp=2 at any other (tp, dp, ZeRO stage).
 
 This rank's data of a split parameter is its tensor-parallel slice
 (:class:`~zerograph.runtime.tp_layout.TpLayout`), of which ZeRO may keep only
-rows (a DTensor ``Shard(0)`` over the data-parallel ranks). In the whole
+rows (the local tensor of a DTensor on the ``("dp", "tp")`` mesh,
+:mod:`zerograph.runtime.tp_params`; DCP's own chunks of it would be right for
+most placements, not for a fused weight, so the boxes are computed here). In the whole
 tensor's coordinates that is one box per fused part (q, k and v of a fused
 ``qkv`` are three): :class:`TpChunks` lists these boxes as DCP chunks of the
 whole tensor, with views of this rank's storage as their data. DCP plans
@@ -40,6 +42,7 @@ from torch import nn
 
 from zerograph.runtime.state import context_of
 from zerograph.runtime.tp_layout import TpLayout
+from zerograph.runtime.tp_params import is_tp_dtensor, tp_slice_offsets
 
 __all__ = ["TpChunks", "TpSavePlanner", "TpLoadPlanner", "tp_layouts", "whole_boxes", "wrap", "unwrap"]
 
@@ -92,7 +95,9 @@ class TpChunks:
 
     def __init__(self, target: torch.Tensor, layout: TpLayout):
         self.target = target
-        if isinstance(target, DTensor):
+        if is_tp_dtensor(target):  # the (dp, tp) DTensor: ZeRO's rows of this rank's tp slice
+            data, offsets = target.to_local(), tp_slice_offsets(target, layout.local_shape)
+        elif isinstance(target, DTensor):
             chunk = target.__create_chunk_list__()[0]  # this rank's rows of the tp slice
             data, offsets = target.to_local(), tuple(chunk.offsets)
         else:
@@ -125,7 +130,9 @@ class TpChunks:
 
 
 def _wrap_value(value: Any, layout: TpLayout | None) -> Any:
-    if layout is not None and isinstance(value, torch.Tensor) and tuple(value.shape) == layout.local_shape:
+    if layout is None or not isinstance(value, torch.Tensor):
+        return value
+    if (is_tp_dtensor(value) and tuple(value.shape) == layout.whole_shape) or tuple(value.shape) == layout.local_shape:
         return TpChunks(value, layout)
     return value
 

@@ -48,6 +48,7 @@ from zerograph.pipeline.simulate import simulate
 from zerograph.pipeline.split import PipelineSplit, StagePlan
 from zerograph.runtime.dist import PipelineGroups, RankMonitor
 from zerograph.runtime.errors import explain_collective_failure, is_collective_failure
+from zerograph.runtime.tp_params import dp_sharded
 from zerograph.runtime.offload import _local
 
 log = logging.getLogger(__name__)
@@ -450,7 +451,7 @@ class PipelineModel(nn.Module):
             grads.append(g)
             if id(p) in skip:
                 continue
-            sharded = isinstance(p.grad, DTensor) and p.grad.placements[0].is_shard()
+            sharded = isinstance(p.grad, DTensor) and dp_sharded(p.grad.placements[0])
             sq = g.detach().float().pow(2).sum()  # each element counted once over the dp and tp ranks
             total += (sq if sharded else sq / dp) / split.get(id(p), tp)
         if dist.is_initialized():

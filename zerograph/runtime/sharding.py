@@ -6,8 +6,10 @@ replicated (stage 0, a 0-dim parameter, or at stage 3 a parameter of at most
 ``stage3_param_persistence_threshold`` elements: it is never gathered, and
 its gradient is all-reduced). The optimizer, ``clip_grad_norm_``
 and ``torch.distributed.checkpoint`` see these. State-dict keys stay the
-original ones. With ``offload_param`` (stage 3) the local shard of every
-parameter that is not persistent is a tensor in host memory
+original ones. With tensor parallelism every parameter is instead a DTensor
+on the ``("dp", "tp")`` mesh (:mod:`zerograph.runtime.tp_params`). With
+``offload_param`` (stage 3) the local shard of every parameter that is not
+persistent is a tensor in host memory
 (:func:`zerograph.runtime.offload.host_shard`); the lowered graphs copy it to
 the compute device before its gather; with ``offload_param.device: "nvme"``
 that host tensor is a view of a memory-mapped file
@@ -32,6 +34,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from zerograph.runtime.state import ModelState, context_of
 from zerograph.runtime.tp_layout import TpLayout
+from zerograph.runtime.tp_params import as_dtensor, is_tp_dtensor, local_of_whole, param_mesh, placement_for, whole_tensor
 from zerograph.runtime.nvme_params import create_store
 from zerograph.runtime.offload import host_shard, pin_host_memory
 from zerograph.runtime.specs import ParamSpec
@@ -116,13 +119,19 @@ def _placed(param: nn.Parameter, spec: ParamSpec, ctx: ModelState) -> nn.Paramet
 
 def _placed_tensor_parallel(param: nn.Parameter, spec: ParamSpec, ctx: ModelState) -> nn.Parameter:
     """With tensor parallelism: every rank starts from global rank 0's values
-    (``seed_from_rank0``), keeps its tp slice of a split parameter, and
-    stores that as ZeRO would store a parameter over the data-parallel ranks."""
+    (``seed_from_rank0``), keeps ZeRO's rows of its tp slice of the parameter,
+    and stores that as a DTensor on the ``("dp", "tp")`` mesh with the
+    placements of :func:`zerograph.runtime.tp_params.placement_for`."""
     data = param.detach().to(ctx.dp.device)
     if ctx.config.zerograph.seed_from_rank0:
         dist.broadcast(data, src=0, group=ctx.model_group)
-    if spec.tp is not None:
-        data = spec.tp.local_part(data).clone()  # a copy: the whole tensor is not kept alive
+    placement = placement_for(spec.tp, spec.storage == "sharded")
+    if placement is not None:  # a copy: the whole tensor is not kept alive
+        local = local_of_whole(data, spec).clone()
+        return nn.Parameter(as_dtensor(local, param_mesh(ctx.tp), placement, tuple(param.shape)),
+                            requires_grad=param.requires_grad)
+    # key/value heads on some tp ranks (1 < replicas < tp): no placement says so; the tp slice as ZeRO stores it
+    data = spec.tp.local_part(data).clone()
     if ctx.world_size > 1 and spec.storage == "sharded":
         data = distribute_tensor(data, ctx.dp.mesh, [Shard(0)], src_data_rank=None)
     elif ctx.world_size > 1 and ctx.plan.zero.shards_parameters:
@@ -170,6 +179,12 @@ def shard_parameters(model: nn.Module, ctx: ModelState, tp_layouts: dict[str, Tp
             attrs.update(__module__=base.__module__, __qualname__=base.__qualname__, _zg_base_class=base)
             subclasses[key] = type(base.__name__, (base,), attrs)
         module.__class__ = subclasses[key]
+    if ctx.tp is not None:
+        local = [n for n, s in ctx.specs.items() if s.tp is not None and placement_for(s.tp, s.storage == "sharded") is None]
+        if local:
+            log.info("zerograph: %d parameter(s) stay tp-local, not (dp, tp) DTensors: their key/value heads sit on "
+                     "some but not all tp ranks (docs/tensor_parallel.md, \"What each rank holds\"); use "
+                     "gradient_clipping rather than torch's clip_grad_norm_: %s", len(local), ", ".join(local[:4]))
     log.info(
         "zerograph: %d parameters (%d sharded) on %d rank(s)",
         len(ctx.specs),
@@ -183,16 +198,19 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     call it on every rank). Keys are the original model's keys."""
     model = getattr(model, "_orig_mod", model)
     ctx = context_of(model)
-    split = {}  # id(parameter) -> its tensor-parallel layout
+    specs = {}  # id(parameter) -> its spec, with tensor parallelism
     if ctx is not None and ctx.tp is not None:
-        split = {id(p): ctx.specs[n].tp for n, p in model.named_parameters() if n in ctx.specs and ctx.specs[n].tp}
+        specs = {id(p): ctx.specs[n] for n, p in model.named_parameters() if n in ctx.specs}
     out = {}
     for key, value in model.state_dict(keep_vars=True).items():
+        spec = specs.get(id(value))
+        if spec is not None and is_tp_dtensor(value):  # the 2-D (dp, tp) DTensor
+            out[key] = whole_tensor(value.detach(), spec.tp, placement_for(spec.tp, spec.storage == "sharded"))
+            continue
         full = value.detach().full_tensor() if isinstance(value, DTensor) else value.detach()
-        layout = split.get(id(value))
-        if layout is not None:  # this rank's tp slice: gather the others' and reassemble
-            parts = [torch.empty_like(full) for _ in range(layout.size)]
+        if spec is not None and spec.tp is not None:  # this rank's tp slice: gather the others' and reassemble
+            parts = [torch.empty_like(full) for _ in range(spec.tp.size)]
             dist.all_gather(parts, full.contiguous(), group=ctx.tp.group)
-            full = layout.assemble(parts)
+            full = spec.tp.assemble(parts)
         out[key] = full
     return out

@@ -26,6 +26,7 @@ from zerograph.runtime.errors import (
 from zerograph.runtime.precision import LossScaler
 from zerograph.runtime.sequence import SequenceParallelError
 from zerograph.runtime.tp_layout import TensorParallelError
+from zerograph.runtime.tp_params import dp_sharded
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ class TrainingRuntime:
             if g is None:
                 continue
             local = g.to_local() if isinstance(g, DTensor) else g
-            sharded = isinstance(g, DTensor) and g.placements[0].is_shard()
+            sharded = isinstance(g, DTensor) and dp_sharded(g.placements[0])
             share = (1.0 if sharded else 1.0 / dp) / split.get(id(p), tp)
             out.append((local, share))
         return out
