@@ -70,10 +70,10 @@ class TpPlacement:
 
 def param_mesh(tp_group):
     """The 2-D ``("dp", "tp")`` mesh of ``tp_group``
-    (:class:`zerograph.runtime.dist.TensorParallelGroup`): its mesh, or with
-    pipeline stages the ``("dp", "tp")`` sub-mesh of this rank's stage."""
-    mesh = tp_group.mesh
-    return mesh if tuple(mesh.mesh_dim_names) == ("dp", "tp") else mesh["dp", "tp"]
+    (:class:`zerograph.runtime.dist.TensorParallelGroup`): this rank's stage's,
+    its "dp" being ZeRO's ranks (dp x sp) of each tp index
+    (:func:`zerograph.runtime.mesh.build_mesh`)."""
+    return tp_group.dp_tp_mesh
 
 
 def placement_for(layout: TpLayout | None, dp_sharded_storage: bool) -> TpPlacement | None:
