@@ -97,6 +97,7 @@ def compile_pipeline(model: nn.Module, cfg: Config, *, example_batch, loss_fn,
             gm.recompile()
     split = split_graph(gm, p * v, cfg.pipeline.split_points)
     if groups.tp is not None and cfg.zerograph.tp_sequence_parallel:  # Megatron-SP: the stream crosses as shards
+        tp = groups.tp.world_size
         shard_boundaries(split, sequence_sharded(gm, split, step_mod.flat_tensors(micro), tp), tp)
     log.info("pipeline split of %s:\n%s", type(model).__name__, split.describe())
     mine = schedule.stages_of(groups.stage)  # this rank's model stages
