@@ -23,6 +23,12 @@ garbage collector can reach (by owner: model states, other), to attribute
 what a rank holds beyond the model states. The report prints every number
 as MiB (max over ranks) and zerograph's over FSDP2's.
 
+``--prewarm`` first builds, steps once and frees a 1-layer model of the
+same system ("after prewarm" row): the cost of the first compile in a
+process (torch.compile's lazily imported modules and tables, paid once per
+process, not per model) then shows before "after build" and not in the
+model's growth.
+
 ``--malloc mmap128k`` sets ``MALLOC_MMAP_THRESHOLD_=131072`` in the ranks
 (freed large blocks go back to the OS, so RSS follows live memory rather
 than what glibc keeps for reuse); ``arenas2`` sets ``MALLOC_ARENA_MAX=2``.
@@ -136,7 +142,17 @@ def _python_heap(snapshot, limit: int = 25) -> list[tuple[str, int]]:
     return sorted(groups.items(), key=lambda kv: -kv[1])[:limit]
 
 
-def rank_main(name: str, spec: dict, steps: int, census: bool, trace: bool = False) -> dict:
+def _prewarm(name: str, spec: dict, rank: int, world: int) -> None:
+    """One step of a 1-layer, d=64 model of ``name``, then freed."""
+    small = dict(spec, n_layer=1, n_embd=64, n_head=2, vocab_size=128)
+    model, opt, *_ = _build(name, small)
+    (idx, targets), = _batches(small, 1, rank, world)
+    model(idx, targets).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def rank_main(name: str, spec: dict, steps: int, census: bool, trace: bool = False, prewarm: bool = False) -> dict:
     import torch
     import torch.distributed as dist
     import torch.distributed.fsdp  # noqa: F401  (both systems import the same modules)
@@ -150,6 +166,10 @@ def rank_main(name: str, spec: dict, steps: int, census: bool, trace: bool = Fal
     _trim()
     dist.barrier()
     out["rss_imports"] = _rss_bytes()
+    if prewarm:
+        _prewarm(name, spec, rank, world)
+        _trim()
+        out["rss_prewarm"] = _rss_bytes()
     if trace:
         import tracemalloc
 
@@ -196,6 +216,7 @@ def rank_main(name: str, spec: dict, steps: int, census: bool, trace: bool = Fal
 ROWS = [
     ("after import torch, torch.distributed.fsdp", "rss_torch"),
     ("after import zerograph", "rss_imports"),
+    ("after prewarm (1-layer model compiled, stepped, freed)", "rss_prewarm"),
     ("after build", "rss_built"),
     ("after warm-up", "rss_warmup"),
     ("after warm-up, trimmed", "rss_warmup_trimmed"),
@@ -224,12 +245,15 @@ def build_report(results: dict[str, list[dict]], spec: dict, world: int, steps: 
         return max(r[key] for r in results[name])
 
     for label, key in ROWS + [("model states after zero_grad (12Ψ/W)", "state_bytes")]:
+        if key not in first:
+            continue
         cells = [f"{val(n, key) / MiB:.1f}" for n in names]
         cells += [f"{(val(n, key) - val(base, key)) / MiB:+.1f}" for n in names if n != base]
         cells += [f"{val(n, key) / val(base, key):.3f}" for n in names if n != base]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for label, key in [("growth: warm-up − imports", ("rss_warmup", "rss_imports")),
-                       ("growth: peak − imports", ("rss_peak", "rss_imports"))]:
+                       ("growth: peak − imports", ("rss_peak", "rss_imports")),
+                       ("growth: warm-up trimmed − build", ("rss_warmup_trimmed", "rss_built"))]:
         vals = {n: max(r[key[0]] - r[key[1]] for r in results[n]) for n in names}
         cells = [f"{vals[n] / MiB:.1f}" for n in names]
         cells += [f"{(vals[n] - vals[base]) / MiB:+.1f}" for n in names if n != base]
@@ -261,6 +285,9 @@ def main(argv=None) -> int:
     ap.add_argument("--census", action="store_true", help="count reachable tensor storages after warm-up")
     ap.add_argument("--trace", action="store_true",
                     help="tracemalloc from after the imports to after warm-up (slow): live Python allocations")
+    ap.add_argument("--prewarm", action="store_true",
+                    help="compile, step and free a 1-layer model first: the first compile's one-time cost lands "
+                         "before 'after build'")
     ap.add_argument("--malloc", choices=sorted(MALLOC), default="default",
                     help="glibc malloc settings of the ranks: default; mmap128k (MALLOC_MMAP_THRESHOLD_=131072: "
                          "large blocks go back to the OS when freed, so RSS follows live memory, as bench_zero "
@@ -276,7 +303,8 @@ def main(argv=None) -> int:
     systems = [s.strip() for s in args.systems.split(",")]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    results = {name: spawn(rank_main, args.world, name, spec, args.steps, args.census, args.trace, timeout=args.timeout)
+    results = {name: spawn(rank_main, args.world, name, spec, args.steps, args.census, args.trace, args.prewarm,
+                            timeout=args.timeout)
                for name in systems}
     wall = time.perf_counter() - t0
     import torch

@@ -23,7 +23,7 @@ from zerograph.backend.lowering import lower
 from zerograph.backend.steps import CompileJob, CompileStep, StepRecord, run_steps
 from zerograph.config import Config
 from zerograph.graph.deterministic_rng import unwrap_deterministic_rng
-from zerograph.graph.trace_meta import drop_trace_meta
+from zerograph.graph.trace_meta import drop_compile_meta, drop_trace_meta
 from zerograph.graph.verify import verify_graph
 from zerograph.passes import PassContext, default_passes, run_passes
 from zerograph.passes.comm_analysis import comm_bytes, comm_bytes_by_scope
@@ -55,6 +55,9 @@ def _graph_passes(job: CompileJob) -> None:
 def _partition(job: CompileJob) -> None:
     job.forward, job.backward = default_partition(job.gm, job.joint_inputs, **job.partition_kwargs)
     drop_trace_meta(job.gm)  # the joint graph is done (forward and backward copied their nodes' meta)
+    if not job.backend.config.zerograph.debug:
+        # nothing reads it once partitioned: inspect shows it with zerograph.debug (docs/benchmarks.md)
+        job.region.graphs.pop("joint", None)
     if job.backward is not None:
         job.region.partitioned_backward = weakref.ref(job.backward)
 
@@ -92,7 +95,7 @@ def _lower(job: CompileJob) -> None:
 def _wrap_executor(job: CompileJob) -> None:
     b = job.backend
     job.executable = executors.wrap(job.executable, b.state, b.config, job.gm, job.phase, job.region, job.memory_plan)
-    drop_trace_meta(job.gm)  # the graph is compiled; what inspect and the planner read stays
+    drop_compile_meta(job.gm)  # the graph is compiled; what inspect and the planner read stays
     if job.phase == "backward" and job.region.partitioned_backward is not None:
         drop_trace_meta(job.region.partitioned_backward())  # AOTAutograd's own copy, kept for its lazy compile
 

@@ -52,7 +52,8 @@ class ZerographOptions(Section):
         "the largest consumer and the config keys that shrink it. null: no check (an out-of-memory error "
         "still gets the same advice).",
     )
-    debug: StrictBool = Field(False, description="Log per-pass timing and node diffs.")
+    debug: StrictBool = Field(False, description="Log per-pass timing and node diffs, and keep each region's joint "
+                                "forward+backward graph for zerograph.inspect (regions[i][\"graphs\"][\"joint\"]).")
     track_memory: StrictBool = Field(
         False,
         description="Run the compiled graphs through a measuring interpreter that records the live "

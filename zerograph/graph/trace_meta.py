@@ -7,12 +7,20 @@ function stacks, the node it was copied from (``from_node``, a chain of
 sequence number, the eager inputs of custom ops. zerograph reads the module
 stack once, when ``tag_nodes`` tags a graph; after that nothing does.
 
-A compiled model keeps four graphs per region for ``zerograph.inspect`` and
-the planner (Dynamo's, the joint graph, forward, backward). Once a graph's
-compile steps are done, :func:`drop_trace_meta` removes those records from
-it; what ``inspect``, the graph format and the planner read stays: ``val`` /
-``example_value`` (fake tensors: shapes and dtypes), ``tensor_meta``,
-zerograph's tags (``zerograph``), ``recompute`` and ``partitioner_tag``.
+A compiled model keeps three graphs per region for ``zerograph.inspect`` and
+the planner (Dynamo's, forward, backward; the joint graph only with
+``zerograph.debug``). Once a graph's compile steps are done,
+:func:`drop_trace_meta` removes those records from it; what ``inspect``, the
+graph format and the planner read stays: ``val`` / ``example_value`` (fake
+tensors: shapes and dtypes), zerograph's tags (``zerograph``), ``recompute``
+and ``partitioner_tag``.
+
+A partitioned graph that is compiled also loses what only AOTAutograd's
+partitioner and the lowering read (:data:`COMPILE_ONLY_KEYS`:
+``tensor_meta``, a second copy of each value's shape, dtype and strides;
+``autograd_backward``; the input/output descriptors ``desc``;
+``is_gradient_acc``): :func:`drop_compile_meta`. AOTAutograd's own copy of
+the backward graph (kept for compiled autograd) keeps them.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ TRACE_ONLY_KEYS = (
     "eager_input_vals",
 )
 
+COMPILE_ONLY_KEYS = ("tensor_meta", "autograd_backward", "desc", "is_gradient_acc")
+
 
 def drop_trace_meta(gm: fx.GraphModule | None) -> int:
     """Remove :data:`TRACE_ONLY_KEYS` from every node's meta; returns how many entries went."""
@@ -41,6 +51,21 @@ def drop_trace_meta(gm: fx.GraphModule | None) -> int:
     for node in gm.graph.nodes:
         meta = node.meta
         for key in TRACE_ONLY_KEYS:
+            if key in meta:
+                del meta[key]
+                dropped += 1
+    return dropped
+
+
+def drop_compile_meta(gm: fx.GraphModule | None) -> int:
+    """:func:`drop_trace_meta` plus :data:`COMPILE_ONLY_KEYS`, for a graph
+    that is lowered; returns how many entries went."""
+    if gm is None:
+        return 0
+    dropped = drop_trace_meta(gm)
+    for node in gm.graph.nodes:
+        meta = node.meta
+        for key in COMPILE_ONLY_KEYS:
             if key in meta:
                 del meta[key]
                 dropped += 1
