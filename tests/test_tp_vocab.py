@@ -216,6 +216,8 @@ def test_vocab_parallel_llama_with_megatron_sp_reduce_scatters_the_embedding():
     for rank_results in results:
         comm = {k: v for k, v in rank_results[0]["comm"].items() if k.startswith("tp_") and v}
         # 2 blocks x 4 of each; the embedding's reduce-scatter (backward: all-gather); the vocab-split head's
-        # gather of the stream (backward: reduce-scatter); 5 RMSNorm weights' gradient sums; the loss's 3
-        assert comm == {"tp_reduce_scatter": 10 * u, "tp_all_gather": 10 * u,
+        # gather of the stream (backward: reduce-scatter); the backward's re-gather of each column group's
+        # input (2 per block and the head's: zerograph.tp_sequence_parallel_regather); 5 RMSNorm weights'
+        # gradient sums; the loss's 3
+        assert comm == {"tp_reduce_scatter": 10 * u, "tp_all_gather": 15 * u,
                         "tp_all_reduce": 5 * vec + 3 * rows * 4}, comm

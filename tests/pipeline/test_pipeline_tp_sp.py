@@ -97,11 +97,12 @@ def test_pp2_tp2_megatron_sp_matches_eager():
     # LayerNorm weights and biases and the row layers' biases (6 per block; ln_f's 2) all-reduce their
     # gradients. Stage 0: the scatter where the stream enters all-gathers its gradient; stage 1: the head
     # reads the stream gathered (a whole head: tp_all_gather; a vocab-split one: tp_seq_gather, whose
-    # backward reduce-scatters)
-    sp = [{"tp_all_gather": M * 5 * U, "tp_reduce_scatter": M * 4 * U, "tp_all_reduce": M * 6 * VEC},
-          {"tp_all_gather": M * 5 * U, "tp_reduce_scatter": M * 4 * U, "tp_all_reduce": M * 8 * VEC}]
-    both = [{"tp_all_gather": M * 5 * U, "tp_reduce_scatter": M * 4 * U, "tp_all_reduce": M * (U + 6 * VEC)},
-            {"tp_all_gather": M * 5 * U, "tp_reduce_scatter": M * 5 * U,
+    # backward reduce-scatters); and the backward re-gathers each column group's input (2 per block, and a
+    # vocab-split head's: zerograph.tp_sequence_parallel_regather)
+    sp = [{"tp_all_gather": M * 7 * U, "tp_reduce_scatter": M * 4 * U, "tp_all_reduce": M * 6 * VEC},
+          {"tp_all_gather": M * 7 * U, "tp_reduce_scatter": M * 4 * U, "tp_all_reduce": M * 8 * VEC}]
+    both = [{"tp_all_gather": M * 7 * U, "tp_reduce_scatter": M * 4 * U, "tp_all_reduce": M * (U + 6 * VEC)},
+            {"tp_all_gather": M * 8 * U, "tp_reduce_scatter": M * 5 * U,
              "tp_all_reduce": M * (8 * VEC + 3 * N * F32)}]
     _assert_traffic(results, 0, sp, p2p=M * U // 2)
     _assert_traffic(results, 1, both, p2p=M * U // 2)
@@ -121,10 +122,13 @@ def test_pp2_tp2_llama_vocab_parallel_and_megatron_sp_match_eager():
     results = spawn(_run, 4, runs, timeout=TIMEOUT)
     _check(results, runs)
     u, vec = B * S * 32 * F32, 32 * F32  # hidden size 32; RMSNorm has no bias, the layers none either
-    stages = [{"tp_all_gather": M * 5 * u, "tp_reduce_scatter": M * 5 * u, "tp_all_reduce": M * 2 * vec},
-              {"tp_all_gather": M * 5 * u, "tp_reduce_scatter": M * 5 * u,
-               "tp_all_reduce": M * (3 * vec + 3 * N * F32)}]
     mask, rotary = B * S * S, S * 8 * F32  # bool [b, 1, s, s]; cos, sin [1, s, head_dim 8]
+    # the backward re-gathers each column group's input: 2 per block, and the vocab-split head's. Stage 1
+    # receives cos and sin as activations (they carry a gradient back to stage 0) and broadcasts them over
+    # its heads, so their gradients are summed over tp (tensor_parallel's tp_copy of a whole value)
+    stages = [{"tp_all_gather": M * 7 * u, "tp_reduce_scatter": M * 5 * u, "tp_all_reduce": M * 2 * vec},
+              {"tp_all_gather": M * 8 * u, "tp_reduce_scatter": M * 5 * u,
+               "tp_all_reduce": M * (3 * vec + 3 * N * F32 + 2 * rotary)}]
     for rank, rank_results in enumerate(results):
         got = {k: v for k, v in rank_results[0]["comm"].items() if k.startswith("tp_") and v}
         assert got == stages[rank // 2], (rank, got)
