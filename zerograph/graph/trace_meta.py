@@ -43,30 +43,25 @@ TRACE_ONLY_KEYS = (
 COMPILE_ONLY_KEYS = ("tensor_meta", "autograd_backward", "desc", "is_gradient_acc")
 
 
-def drop_trace_meta(gm: fx.GraphModule | None) -> int:
-    """Remove :data:`TRACE_ONLY_KEYS` from every node's meta; returns how many entries went."""
+def _drop(gm: fx.GraphModule | None, keys) -> int:
     if gm is None:
         return 0
     dropped = 0
     for node in gm.graph.nodes:
         meta = node.meta
-        for key in TRACE_ONLY_KEYS:
+        for key in keys:
             if key in meta:
                 del meta[key]
                 dropped += 1
     return dropped
+
+
+def drop_trace_meta(gm: fx.GraphModule | None) -> int:
+    """Remove :data:`TRACE_ONLY_KEYS` from every node's meta; returns how many entries went."""
+    return _drop(gm, TRACE_ONLY_KEYS)
 
 
 def drop_compile_meta(gm: fx.GraphModule | None) -> int:
     """:func:`drop_trace_meta` plus :data:`COMPILE_ONLY_KEYS`, for a graph
     that is lowered; returns how many entries went."""
-    if gm is None:
-        return 0
-    dropped = drop_trace_meta(gm)
-    for node in gm.graph.nodes:
-        meta = node.meta
-        for key in COMPILE_ONLY_KEYS:
-            if key in meta:
-                del meta[key]
-                dropped += 1
-    return dropped
+    return _drop(gm, (*TRACE_ONLY_KEYS, *COMPILE_ONLY_KEYS))
