@@ -128,7 +128,7 @@ def test_qwz_qgz_rewrite_only_the_data_parallel_collectives_under_tensor_paralle
     records = {(r.phase, r.name): r.details for r in info.passes if r.details.get("collectives")}
     gathers = records[("forward", "quantize_weight_gathers")]
     reductions = records[("backward", "quantize_grad_reduction")]
-    shards = {n: tuple(p.shape) for n, p in net.named_parameters()}  # this rank's tp slices (split over dp)
+    shards = dict(net.named_parameters())
     assert sorted(gathers["quantized"]) == sorted(reductions["quantized"]) == sorted(shards)
     collectives = [(get_tag(n).role, get_tag(n).mesh_dim, n.args[0].meta["val"].dtype)
                    for gm in (*info.forward, *info.backward) for n in gm.graph.nodes
@@ -138,6 +138,8 @@ def test_qwz_qgz_rewrite_only_the_data_parallel_collectives_under_tensor_paralle
                                                         ("all_to_all", "dp", torch.int8),
                                                         ("all_gather", "dp", torch.float32)}  # backward re-gather
     assert {c for c in collectives if c[1] == "tp"} == {("all_reduce", "tp", torch.float32)}
-    packed = sum(2 * (n + 4 * -(-n // 256)) for n in (_chunk(p, 2) for p in net.parameters()))
-    assert gathers["bytes_before"] == 4 * sum(2 * _chunk(p, 2) for p in net.parameters())
+    # each parameter's tp slice (the (dp, tp) DTensor has the whole shape), as a shape-only tensor
+    slices = [torch.empty(_harness.tp_local_shape(p), device="meta") for p in net.parameters()]
+    packed = sum(2 * (n + 4 * -(-n // 256)) for n in (_chunk(p, 2) for p in slices))
+    assert gathers["bytes_before"] == 4 * sum(2 * _chunk(p, 2) for p in slices)
     assert gathers["bytes_after"] == reductions["bytes_after"] == packed
