@@ -9,6 +9,7 @@ CUDA is available and gloo otherwise.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import logging
@@ -262,6 +263,13 @@ class RankMonitor:
             name=f"zerograph-heartbeat-{self.rank}", daemon=True,
         )
         self._thread.start()
+        # a daemon thread inside a store call while the interpreter finalizes can abort the process
+        # ("terminate called without an active exception"): end it before that
+        atexit.register(self._stop_and_join)
+
+    def _stop_and_join(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.deadline_s)
 
     @classmethod
     def for_group(cls, group, timeout_s: float) -> "RankMonitor":
@@ -270,6 +278,7 @@ class RankMonitor:
 
     def stop(self) -> None:
         self._stop.set()
+        atexit.unregister(self._stop_and_join)
 
     def _read(self, kind: str) -> dict[int, int]:
         return call_with_deadline(lambda: {r: int(self._store.add(f"{kind}/{r}", 0)) for r in self.ranks},
