@@ -296,7 +296,9 @@ def explain(model: nn.Module, config: Config | dict | str | os.PathLike | None =
         clone = copy.deepcopy(model)
         with warnings.catch_warnings():  # the fake group has no timeout to set
             warnings.filterwarnings("ignore", message="Set timeout is now only supported")
-            compiled = api.compile(clone, cfg)
+            # the example is also the batch tensor parallelism's graph rule traces (a dict: keywords)
+            batch = example_kwargs if not example_inputs else example_inputs if not example_kwargs else None
+            compiled = api.compile(clone, cfg, example_batch=batch)
         ctx = compiled._zg_runtime.ctx
         loss = _loss_of(compiled(*example_inputs, **example_kwargs))
         loss.backward()

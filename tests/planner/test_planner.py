@@ -176,6 +176,21 @@ def test_explain_reports_memory_and_communication_without_training(tmp_path):
     assert sum(ev["args"]["bytes"] for ev in comm) == sum(report.communication().values())
 
 
+def test_explain_with_tensor_parallelism_traces_the_graph_rule_on_the_example():
+    """``explain`` hands its example to compile as the batch tensor
+    parallelism's graph rule traces (nanoGPT has no layer specs or Hugging
+    Face plan); the tp traffic is Megatron's: per layer two all-reduces of
+    b*s*h forward and two backward."""
+    from zerograph.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, 97, (2, 16))
+    exp = zerograph.explain(model, {"zero_optimization": {"stage": 3}, "tensor_parallel": {"autotp_size": 2}},
+                            idx, idx, world_size=4)
+    assert exp.communication()["tp_all_reduce"] == 4 * 2 * (2 * 16 * 32) * 4
+
+
 def test_explain_rejects_missing_inputs():
     with pytest.raises(TypeError, match="pass at least one example input"):
         zerograph.explain(_gpt(), {"zero_optimization": {"stage": 3}})
