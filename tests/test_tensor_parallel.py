@@ -509,6 +509,35 @@ def test_layer_specs_hf_plan_and_graph_rule_agree_on_splits():
     assert plan["model.layers.0.self_attn.q_proj"].source == "base_model_tp_plan['layers.*.self_attn.q_proj']"
 
 
+def test_slices_of_whole_fused_parts_become_slices_of_this_ranks_blocks():
+    """Phi-3 cuts its fused ``qkv`` [q 32 | k 16 | v 16] by slices: as a Dynamo
+    ``getitem`` and, in a pipeline stage's ATen graph, as ``aten.slice``.
+    Both become the slice of this rank's blocks (tp=2: [16 | 8 | 8]); a slice
+    that cuts inside a part is an error."""
+    import operator
+
+    from zerograph.passes.tp_propagation import Propagator, Split
+    from zerograph.runtime.tp_layout import TensorParallelError
+
+    for target, args in ((operator.getitem, (Ellipsis, slice(32, 48))),
+                         (torch.ops.aten.slice.Tensor, (2, 32, 48)),
+                         (torch.ops.aten.slice.Tensor, (2, 40, 48))):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        k = g.call_function(target, (x, args) if target is operator.getitem else (x, *args))
+        g.output(k)
+        x.meta["val"], k.meta["val"] = torch.empty(2, 4, 64), torch.empty(2, 4, 16 if args[-2:] != (40, 48) else 8)
+        prop = Propagator(2)
+        prop.states[x] = Split(2, (32, 16, 16))
+        if args[-2:] == (40, 48):
+            with pytest.raises(TensorParallelError, match="only whole fused parts"):
+                prop.visit(k)
+            continue
+        prop.visit(k)
+        local = k.args[1][-1] if target is operator.getitem else slice(*k.args[2:4])
+        assert (local.start, local.stop) == (16, 24) and prop.get(k) == Split(2, (16,))
+
+
 def test_tp_layout_cuts_fused_parts_per_part_and_reassembles():
     from zerograph.runtime.tp_layout import TpLayout
 

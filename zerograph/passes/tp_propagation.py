@@ -353,7 +353,9 @@ class Propagator:
         if dim == split.dim:
             start, end, step = (list(node.args[2:]) + [None, None, 1])[:3]
             if start not in (None, 0) or step != 1 or (end is not None and end < full_shape(node.args[0])[dim]):
-                raise _error(node, f"slicing the tp-split dim {split.dim} with [{start}:{end}:{step}]")
+                # whole fused parts, as in _getitem (a pipeline stage's ATen graph of Phi-3's qkv slices)
+                local, split = self._slice_parts(node, split, start, end, step)
+                node.args = (node.args[0], node.args[1], local.start, local.stop, *node.args[4:])
         return split
 
     def _split(self, node: fx.Node, how: str):
