@@ -247,6 +247,16 @@ def assert_same_training(result, ref_losses, ref_params, *, rtol=1e-5, atol=1e-6
         torch.testing.assert_close(result["params"][key], ref, rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
+def assert_ranks_agree(results) -> None:
+    """Every rank ends with the same full parameters, bit for bit: ``results``
+    by rank, each one result dict or a list of them (one per config)."""
+    first = results[0] if isinstance(results[0], list) else [results[0]]
+    for other in results[1:]:
+        for mine, theirs in zip(first, other if isinstance(other, list) else [other]):
+            for key in mine["params"]:
+                assert torch.equal(mine["params"][key], theirs["params"][key]), key
+
+
 def step_mean_loss(loss: torch.Tensor, opt) -> float:
     """``loss.backward()``, one optimizer step and ``zero_grad``; returns the loss
     averaged over the ranks of the default group (every rank gets the same value)."""

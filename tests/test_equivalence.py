@@ -42,10 +42,7 @@ def test_stages_match_eager(model_name, world):
         except AssertionError as exc:
             raise AssertionError(f"stage {stage}, world {world}, {model_name}: {exc}") from None
     # every rank ends with the same full parameters
-    for other in results[1:]:
-        for mine, theirs in zip(results[0], other):
-            for key in mine["params"]:
-                assert torch.equal(mine["params"][key], theirs["params"][key]), key
+    _harness.assert_ranks_agree(results)  # every rank ends with the same full parameters
 
 
 def _padded_elements(model, world: int) -> int:

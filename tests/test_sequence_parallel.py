@@ -170,10 +170,7 @@ def _check(results, model_name: str, dp: int, masked: bool):
     ref_losses, ref_params = _reference(model_name, dp, masked)
     for result in results[0]:
         _harness.assert_same_training(result, ref_losses, ref_params)
-    for other in results[1:]:  # every rank ends with the same full parameters
-        for mine, theirs in zip(results[0], other):
-            for key in mine["params"]:
-                assert torch.equal(mine["params"][key], theirs["params"][key]), key
+    _harness.assert_ranks_agree(results)  # every rank ends with the same full parameters
 
 
 def _ulysses_bytes(rows: int, hidden: int, kv_width: int, sp: int) -> int:

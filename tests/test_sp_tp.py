@@ -96,10 +96,7 @@ def _check(results, model_name: str, masked: bool, dp: int = 1):
     ref_losses, ref_params = _reference(model_name, masked, dp)
     for result in results[0]:
         _harness.assert_same_training(result, ref_losses, ref_params)
-    for other in results[1:]:  # every rank ends with the same full parameters
-        for mine, theirs in zip(results[0], other):
-            for key in mine["params"]:
-                assert torch.equal(mine["params"][key], theirs["params"][key]), key
+    _harness.assert_ranks_agree(results)  # every rank ends with the same full parameters
 
 
 @pytest.mark.timeout(2 * _harness.TIMEOUT)

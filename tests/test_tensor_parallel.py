@@ -130,10 +130,7 @@ def _check(results, model_name, world, labels, clip: float = 0.0):
             assert result["params"].keys() == ref_params.keys()
             for key, ref in ref_params.items():
                 _assert_within_roundoff(result["params"][key], ref, exact[1][key], f"{where}: {key}")
-    for other in results[1:]:  # every rank ends with the same full parameters
-        for mine, theirs in zip(results[0], other):
-            for key in mine["params"]:
-                assert torch.equal(mine["params"][key], theirs["params"][key]), key
+    _harness.assert_ranks_agree(results)  # every rank ends with the same full parameters
 
 
 # Tensor parallelism sums the row-split products and the input gradients (Megatron's f) in another order

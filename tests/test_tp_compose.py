@@ -77,9 +77,7 @@ def compose_run(model_name: str, config: dict, lr: float, loss_scale: float = 1.
 
 def _run(config: dict, lr: float = _harness.LR, loss_scale: float = 1.0, model_name: str = "gpt"):
     results = _pool.run(compose_run, TP, model_name, config, lr, loss_scale, timeout=_harness.TIMEOUT)
-    for other in results[1:]:  # the ranks of one tp group end with the same full parameters
-        for key, value in results[0]["params"].items():
-            assert torch.equal(value, other["params"][key]), key
+    _harness.assert_ranks_agree(results)  # the ranks of one tp group end with the same full parameters
     return results[0]
 
 
