@@ -14,51 +14,16 @@ loss and every full parameter afterwards must match (fp32, rtol 1e-5).
 from __future__ import annotations
 
 import pytest
-import torch
 from expecttest import assert_expected_inline
 
 import zerograph
 from tests import _harness, _models
 from tests._harness import TIMEOUT
-from tests.pipeline.test_pipeline_tp import GLOBAL_ROWS, _batch, _rows  # the same global batches
+from tests.pipeline.test_pipeline_tp import _train  # the same global batches and training loop
 from tests.test_sequence_parallel import _ulysses_bytes
 from zerograph.graph.format import format_graph
 from zerograph.pipeline.build import trace
 from zerograph.runtime.launch import spawn
-
-
-def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
-    """On each rank: for each (model, config), train ``steps`` steps on this
-    rank's data-parallel rows (full sequences); losses, full parameters, the
-    plan's mesh and the last step's communication bytes."""
-    import torch.distributed as dist
-
-    out = []
-    for name, config in runs:
-        torch._dynamo.reset()
-        pp, sp = config["pipeline"]["stages"], config["sequence_parallel_size"]
-        tp = config.get("tensor_parallel", {}).get("autotp_size", 1)
-        dp = dist.get_world_size() // (pp * sp * tp)
-        dp_index = dist.get_rank() // (sp * tp) % dp
-        per = GLOBAL_ROWS // dp
-        example = _rows(_batch(name, 0, GLOBAL_ROWS), slice(dp_index * per, (dp_index + 1) * per))
-        model = zerograph.compile(_models.MODELS[name](), config, example_batch=example)
-        rows = zerograph.batch_rows(model, GLOBAL_ROWS)
-        assert rows == slice(dp_index * per, (dp_index + 1) * per), rows
-        opt = _harness._optimizer(model.parameters())
-        losses = []
-        for step in range(steps):
-            losses.append(model.train_step(_rows(_batch(name, step, GLOBAL_ROWS), rows)))
-            opt.step()
-            opt.zero_grad()
-        plan = model._zg_runtime.ctx.plan
-        out.append({
-            "losses": losses,
-            "params": {k: v.float().clone() for k, v in zerograph.full_state_dict(model).items()},
-            "mesh": {d: (plan.mesh.size(d), plan.mesh.index(d)) for d in ("pp", "dp", "sp", "tp")},
-            "comm": dict(zerograph.inspect(model).comm_bytes_last_step),
-        })
-    return out
 
 
 def _check(results, runs):

@@ -39,16 +39,19 @@ def _rows(batch, rows: slice):
 
 def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
     """On each rank: for each (model, config), train ``steps`` steps with
-    ``train_step`` on this rank's rows; the losses, the full parameters, this
-    rank's local parameter shapes and the mesh as the plan sees it."""
+    ``train_step`` on this rank's data-parallel rows (tp and sp ranks of one
+    dp index read the same rows); the losses, the full parameters, this
+    rank's local parameter shapes, the mesh as the plan sees it and the last
+    step's bytes. tests/pipeline/test_pipeline_sp.py trains with it too."""
     import torch.distributed as dist
 
     out = []
     for name, config in runs:
         torch._dynamo.reset()
-        pp, tp = config["pipeline"]["stages"], config["tensor_parallel"]["autotp_size"]
-        dp = dist.get_world_size() // (pp * tp)
-        dp_index = dist.get_rank() // tp % dp
+        pp, sp = config["pipeline"]["stages"], config.get("sequence_parallel_size", 1)
+        tp = config.get("tensor_parallel", {}).get("autotp_size", 1)
+        dp = dist.get_world_size() // (pp * sp * tp)
+        dp_index = dist.get_rank() // (sp * tp) % dp
         per = GLOBAL_ROWS // dp
         example = _rows(_batch(name, 0, GLOBAL_ROWS), slice(dp_index * per, (dp_index + 1) * per))
         model = zerograph.compile(_models.MODELS[name](), config, example_batch=example)
@@ -68,7 +71,7 @@ def _train(runs: list[tuple[str, dict]], steps: int = _harness.STEPS):
             "losses": losses,
             "params": {k: v.float().clone() for k, v in zerograph.full_state_dict(model).items()},
             "shapes": {n: tuple(_local(p).shape) for n, p in model.named_parameters()},
-            "mesh": {d: (plan.mesh.size(d), plan.mesh.index(d)) for d in ("pp", "dp", "tp")},
+            "mesh": {d: (plan.mesh.size(d), plan.mesh.index(d)) for d in ("pp", "dp", "sp", "tp")},
             "zero": plan.zero.stage,
             "grad_norm": model._zg_runtime.ctx.last_grad_norm,
             "comm": dict(zerograph.inspect(model).comm_bytes_last_step),
@@ -123,7 +126,7 @@ def _assert_split(results, pp: int, dp: int, tp: int, stage_of_block: dict[int, 
         stage, rest = divmod(rank, dp * tp)
         dp_index, tp_index = divmod(rest, tp)
         for result in rank_results:
-            assert result["mesh"] == {"pp": (pp, stage), "dp": (dp, dp_index), "tp": (tp, tp_index)}
+            assert result["mesh"] == {"pp": (pp, stage), "dp": (dp, dp_index), "sp": (1, 0), "tp": (tp, tp_index)}
             shapes = {n.split(".model.", 1)[1]: s for n, s in result["shapes"].items()}
             for block, st in stage_of_block.items():
                 held = f"h.{block}.attn.qkv.weight" in shapes
