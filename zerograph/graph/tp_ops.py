@@ -83,6 +83,12 @@ def full_shape(node) -> tuple[int, ...] | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def requires_grad(node) -> bool:
+    """Whether the value Dynamo recorded for ``node`` carries a gradient."""
+    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.requires_grad
+
+
 def module_of(node: fx.Node) -> str:
     """The module path of the user's code that made ``node``, for messages."""
     return module_path_from_meta(node) or "<top level>"

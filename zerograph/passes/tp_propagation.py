@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zerograph._torch_private import nn_binding
-from zerograph.graph.tp_ops import full_shape, module_of, torch_level
+from zerograph.graph.tp_ops import full_shape, module_of, requires_grad, torch_level
 from zerograph.runtime.tp_layout import TensorParallelError
 
 
@@ -182,8 +182,7 @@ class Propagator:
         if result.seq:
             return
         for t in wholes:
-            value = t.meta.get("example_value", t.meta.get("val"))
-            if self.get(t) is None and isinstance(value, torch.Tensor) and value.requires_grad:
+            if self.get(t) is None and requires_grad(t):
                 self.partial_grads.append((node, t))
 
     def _heads(self, node, size: int, shape_in, shape_out) -> TensorParallelError:

@@ -56,7 +56,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zerograph.graph.tp_markers import TP_ALL_GATHER, TP_COPY, UNSHARD_WHOLE
-from zerograph.graph.tp_ops import PARAM_READS, full_shape, linear_use, module_of, torch_level
+from zerograph.graph.tp_ops import PARAM_READS, full_shape, linear_use, module_of, requires_grad, torch_level
 from zerograph.graph.tp_seq_markers import TP_SEQ_GATHER, TP_SEQ_REDUCE_SCATTER, TP_SEQ_SCATTER
 from zerograph.passes.tp_propagation import _CAST_METHODS, _EW_FUNCTIONS, _EW_METHODS, Split
 from zerograph.runtime.tp_layout import TensorParallelError
@@ -78,11 +78,6 @@ def _emit(graph: fx.Graph, like: fx.Node, target, args) -> fx.Node:
         if key in args[0].meta:
             node.meta[key] = args[0].meta[key]
     return node
-
-
-def _requires_grad(node) -> bool:
-    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-    return isinstance(val, torch.Tensor) and val.requires_grad
 
 
 def _is_elementwise(node: fx.Node) -> bool:
@@ -297,7 +292,7 @@ class SequenceParallel:
     def grad_sum(self, value: fx.Node, before: fx.Node) -> fx.Node:
         """``value`` (whole, broadcast over this rank's positions) read through
         ``tp_copy``, whose backward sums the ranks' partial gradients."""
-        if not _requires_grad(value):
+        if not requires_grad(value):
             return value
         copy = self.grad_sums.get(value)
         if copy is None:
