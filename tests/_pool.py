@@ -189,7 +189,9 @@ def _freeze_survivors() -> None:
     gc.freeze()
 
 
-def _rank_main(rank: int, world: int, port: int, commands, results) -> None:
+def _rank_main(rank: int, world: int, port: int, commands, results, environ: dict[str, str]) -> None:
+    os.environ.clear()  # the test process's environment, as a spawned rank would inherit it
+    os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -250,11 +252,14 @@ class RankPool:
         return bool(self.procs) and all(p.is_alive() for p in self.procs)
 
     def _start(self, deadline: float) -> None:
-        ctx = mp.get_context("spawn")
+        from tests._harness import START_METHOD
+
+        ctx = mp.get_context(START_METHOD)
         self.results = ctx.Queue()
         self.commands = [ctx.SimpleQueue() for _ in range(self.world)]
         port = free_port()
-        self.procs = [ctx.Process(target=_rank_main, args=(r, self.world, port, self.commands[r], self.results),
+        self.procs = [ctx.Process(target=_rank_main, args=(r, self.world, port, self.commands[r], self.results,
+                                                                     dict(os.environ)),
                                   daemon=True, name=f"pool-{self.world}-rank{r}") for r in range(self.world)]
         for p in self.procs:
             p.start()

@@ -23,7 +23,8 @@ import torch
 import zerograph
 from tests import _harness, _models
 from zerograph.runtime.errors import CheckpointError, RankFailureError
-from zerograph.runtime.launch import RankFailed, spawn
+from tests._harness import spawn
+from zerograph.runtime.launch import RankFailed
 
 # one xdist worker runs this module: its module-scoped fixture saves and breaks checkpoints once (tests/_xdist.py)
 pytestmark = pytest.mark.xdist_group("hostile_checkpoint")

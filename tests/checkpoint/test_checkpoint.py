@@ -10,7 +10,7 @@ import torch
 
 import zerograph
 from tests import _harness, _models, _pool
-from zerograph.runtime.launch import spawn
+from tests._harness import spawn
 
 # one xdist worker runs this module: its module-scoped fixture trains and saves once (tests/_xdist.py)
 pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("checkpoint")]

@@ -16,7 +16,8 @@ import torch
 import zerograph
 from tests import _harness, _models
 from zerograph.runtime.errors import RankFailureError, is_collective_failure
-from zerograph.runtime.launch import RankFailed, spawn
+from tests._harness import spawn
+from zerograph.runtime.launch import RankFailed
 
 TIMEOUT_S = 10.0  # zerograph.collective_timeout_s in these runs
 
