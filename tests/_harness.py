@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import functools
 import gc
-import multiprocessing
 import os
 
 import torch
 
 import zerograph
 from tests import _models  # noqa: E402
-from zerograph.runtime import launch
 
 # Every distributed call's timeout (spawn, tests/_pool.py, subprocesses), and
 # with a margin the tests' own (pytest-timeout). ZEROGRAPH_TEST_TIMEOUT
@@ -27,24 +25,6 @@ LR = 1e-2
 # real gradient's update Adam-like.
 EPS = 1e-4
 PER_RANK_BATCH = 4
-
-# Test ranks (``spawn`` below and the pool's, tests/_pool.py) fork from one
-# server process per test process that imported these once, instead of each
-# starting a new interpreter that imports torch, zerograph and transformers
-# again (~3 s of CPU per rank). The list takes effect when the server starts,
-# at the first rank. A test that claims something about a new interpreter
-# uses ``zerograph.runtime.launch.spawn`` itself.
-START_METHOD = "forkserver"
-FORKSERVER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "zerograph", "zerograph.api", "transformers",
-                      "transformers.models.gpt2.modeling_gpt2", "transformers.models.llama.modeling_llama",
-                      "tests._models", "tests._harness"]
-multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
-
-
-def spawn(fn, world_size: int, *args, **kwargs):
-    """``zerograph.runtime.launch.spawn`` with ranks forked from the test
-    process's forkserver (see ``START_METHOD``)."""
-    return launch.spawn(fn, world_size, *args, start_method=START_METHOD, **kwargs)
 
 
 def _optimizer(params, lr=LR):

@@ -52,7 +52,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from zerograph.runtime.launch import RankFailed, free_port
+from zerograph.runtime.launch import RankFailed, default_start_method, free_port
 
 log = logging.getLogger("tests.pool")
 
@@ -252,9 +252,7 @@ class RankPool:
         return bool(self.procs) and all(p.is_alive() for p in self.procs)
 
     def _start(self, deadline: float) -> None:
-        from tests._harness import START_METHOD
-
-        ctx = mp.get_context(START_METHOD)
+        ctx = mp.get_context(default_start_method())  # forkserver where the platform has it, as launch.spawn
         self.results = ctx.Queue()
         self.commands = [ctx.SimpleQueue() for _ in range(self.world)]
         port = free_port()

@@ -1,4 +1,5 @@
 import gc
+import multiprocessing
 import os
 import sys
 
@@ -13,6 +14,16 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+# Ranks (zerograph.runtime.launch.spawn's and the pool's, tests/_pool.py) fork
+# from one server per test process that imported these once, instead of each
+# new interpreter importing torch, zerograph and transformers again (~3 s of
+# CPU per rank). The list takes effect when the server starts, at the first rank.
+multiprocessing.set_forkserver_preload([
+    "torch", "torch.distributed", "torch._dynamo", "zerograph", "zerograph.api", "transformers",
+    "transformers.models.gpt2.modeling_gpt2", "transformers.models.llama.modeling_llama",
+    "tests._models", "tests._harness",
+])
 
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402

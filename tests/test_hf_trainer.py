@@ -15,7 +15,7 @@ import torch
 
 from tests import _models
 from zerograph.config import Config, ConfigError
-from tests._harness import spawn
+from zerograph.runtime.launch import spawn
 
 TIMEOUT = 480
 PER_RANK = 2

@@ -21,8 +21,7 @@ import zerograph
 from tests import _harness, _models
 from zerograph.runtime.dist import detection_margin_s
 from zerograph.runtime.errors import RankFailureError, RankMismatchError
-from tests._harness import spawn
-from zerograph.runtime.launch import RankFailed
+from zerograph.runtime.launch import RankFailed, spawn
 
 TIMEOUT_S = 5.0  # zerograph.collective_timeout_s in these runs
 

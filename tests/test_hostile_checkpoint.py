@@ -23,8 +23,7 @@ import torch
 import zerograph
 from tests import _harness, _models
 from zerograph.runtime.errors import CheckpointError, RankFailureError
-from tests._harness import spawn
-from zerograph.runtime.launch import RankFailed
+from zerograph.runtime.launch import RankFailed, spawn
 
 # one xdist worker runs this module: its module-scoped fixture saves and breaks checkpoints once (tests/_xdist.py)
 pytestmark = pytest.mark.xdist_group("hostile_checkpoint")

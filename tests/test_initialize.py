@@ -19,7 +19,7 @@ from torch import nn
 
 import zerograph
 from zerograph.config import ConfigError
-from tests._harness import spawn
+from zerograph.runtime.launch import spawn
 
 TIMEOUT = 420
 WORLD = 2

@@ -23,9 +23,8 @@ import torch
 
 import zerograph
 from tests import _harness, _models
-from tests._harness import spawn
-from zerograph.runtime import launch
 from zerograph.runtime.aio import NvmeOffloadError, SwapDir
+from zerograph.runtime.launch import spawn
 from zerograph.runtime.nvme_optimizer import NvmeOptimizer
 from zerograph.runtime.optimizer import HostOptimizer, make_optimizer
 
@@ -284,8 +283,8 @@ def test_resident_memory_holds_no_swapped_states(tmp_path, monkeypatch):
     live memory (glibc's dynamic threshold would keep freed heap pages)."""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 << 10))
     # resident memory of new interpreters, not of ranks forked from the test's forkserver
-    cpu = launch.spawn(_rss_rank, 1, {"device": "cpu"}, 1_100_000, timeout=TIMEOUT)[0]
-    nvme = launch.spawn(_rss_rank, 1, _nvme(tmp_path), 1_100_000, timeout=TIMEOUT)[0]
+    cpu = spawn(_rss_rank, 1, {"device": "cpu"}, 1_100_000, timeout=TIMEOUT, start_method="spawn")[0]
+    nvme = spawn(_rss_rank, 1, _nvme(tmp_path), 1_100_000, timeout=TIMEOUT, start_method="spawn")[0]
     numel = nvme["numel"]
     states = 12 * numel  # masters + exp_avg + exp_avg_sq
     layer = 1024 * 1024 + 1024

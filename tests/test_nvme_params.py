@@ -560,7 +560,8 @@ def test_resident_memory_with_parameters_on_nvme(tmp_path, monkeypatch):
     (they count in the resident set then), so the peak is CPU offload's plus
     the slot: the shards' bytes move from anonymous memory to file pages."""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 << 10))
-    runs = {name: spawn(_rss_rank, 1, param, optimizer, str(tmp_path), timeout=TIMEOUT)[0]
+    runs = {name: spawn(_rss_rank, 1, param, optimizer, str(tmp_path), timeout=TIMEOUT,
+                             start_method="spawn")[0]
             for name, (param, optimizer) in RSS_CASES.items()}
     cpu, param, both = runs.values()
     shards = 4 * cpu["numel"]  # fp32

@@ -22,7 +22,7 @@ from tests import _harness, _models, _pool
 from tests.test_sequence_parallel import _batch, _ulysses_bytes
 from zerograph.config import ConfigError
 from zerograph.models import GPT, GPTConfig
-from tests._harness import spawn
+from zerograph.runtime.launch import spawn
 from zerograph.runtime.sequence import SequenceParallelError
 
 SP, TP, WORLD = 2, 2, 4

@@ -20,7 +20,7 @@ from torch import nn
 import zerograph
 from tests import _harness, _models, _pool
 from zerograph.graph.format import format_graph
-from tests._harness import spawn
+from zerograph.runtime.launch import spawn
 
 TIMEOUT = 420
 TP = 2

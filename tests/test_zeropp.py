@@ -15,7 +15,7 @@ import zerograph
 from tests import _harness, _models
 from tests._models import TinyMLP
 from zerograph.graph.format import format_graph
-from tests._harness import spawn
+from zerograph.runtime.launch import spawn
 
 TIMEOUT = 420
 WORLD, NODE = 4, 2

@@ -91,7 +91,7 @@ def test_qwz_qgz_with_tensor_parallelism_times_two_data_parallel():
     fp32 run's update per parameter, 5 steps); the tp all-reduce bytes equal
     the fp32 run's."""
     from tests.test_tensor_parallel import tp_run
-    from tests._harness import spawn
+    from zerograph.runtime.launch import spawn
 
     base = {"tensor_parallel": {"autotp_size": 2}, "zerograph": {"verify_graphs": True}}
     configs = [{**base, "zero_optimization": {"stage": 3}}, {**base, "zero_optimization": {"stage": 3, **QUANTIZED}}]

@@ -142,7 +142,7 @@ def test_200_steps_end_within_one_percent_of_fp32_zero3():
     2.3801 fp32, 2.3835 int8 all three, 2.3923 int4 with feedback;
     docs/benchmarks.md). New processes: ZeRO++ node groups at world 4."""
     from benchmarks.bench_zeropp import rank_main
-    from tests._harness import spawn
+    from zerograph.runtime.launch import spawn
 
     args = {"systems": ["zero3", "all three", "all three int4 EF"], "steps": 200, "warmup": 5, "n_layer": 2,
             "n_head": 4, "n_embd": 64, "block_size": 64, "batch": 16, "lr": 1e-3, "eval_batches": 32, "seed": 0,

@@ -10,7 +10,7 @@ import torch
 
 import zerograph
 from tests import _harness, _models, _pool
-from tests._harness import spawn
+from zerograph.runtime.launch import spawn
 
 # one xdist worker runs this module: its module-scoped fixture trains and saves once (tests/_xdist.py)
 pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("checkpoint")]

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 import zerograph
 from tests import _harness, _models, _pool
 from tests._harness import TIMEOUT
-from tests._harness import spawn
+from zerograph.runtime.launch import spawn
 from zerograph.runtime.optimizer import HostOptimizer, make_optimizer
 
 SAVE_AT, END = 2, 4

@@ -11,7 +11,7 @@ import torch
 import zerograph
 from tests import _harness, _models, _pool
 from zerograph.checkpoint.tp import whole_boxes
-from tests._harness import spawn
+from zerograph.runtime.launch import spawn
 from zerograph.runtime.tp_layout import TpLayout
 
 SAVE_AT, END = 3, 5

@@ -251,7 +251,7 @@ def test_pipeline_times_data_parallel_zero3_checkpoint_loads_on_two_ranks(tmp_pa
     stage's tensors sharded over its data-parallel pair); loaded into ZeRO-3
     without a pipeline on world 2 and into p=2 on world 2 (nightly: world 4
     on this 2-core machine is slow)."""
-    from tests._harness import spawn
+    from zerograph.runtime.launch import spawn
 
     path = str(tmp_path / "ckpt")
     config = {"pipeline": {"stages": 2, "micro_batches": 2}, "zero_optimization": {"stage": 3}}

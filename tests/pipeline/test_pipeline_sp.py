@@ -23,7 +23,7 @@ from tests.pipeline.test_pipeline_tp import _train  # the same global batches an
 from tests.test_sequence_parallel import _ulysses_bytes
 from zerograph.graph.format import format_graph
 from zerograph.pipeline.build import trace
-from tests._harness import spawn
+from zerograph.runtime.launch import spawn
 
 
 def _check(results, runs):

@@ -21,7 +21,7 @@ import zerograph
 from tests import _harness, _models
 from tests._harness import TIMEOUT
 from tests.test_tensor_parallel import _assert_within_roundoff, _reference64, fake_world4  # noqa: F401  (fixture)
-from tests._harness import spawn
+from zerograph.runtime.launch import spawn
 
 GLOBAL_ROWS = 8  # rows per step: _harness.reference_run(model, world=2)
 

@@ -24,7 +24,7 @@ from tests import _models
 from tests._harness import TIMEOUT
 from tests.pipeline.test_pipeline_tp import _check, _config, _train
 from zerograph.models import GPT, GPTConfig
-from tests._harness import spawn
+from zerograph.runtime.launch import spawn
 
 VOCAB = {"zerograph": {"tp_vocab_parallel": True}}
 SP = {"zerograph": {"tp_sequence_parallel": True}}

@@ -16,8 +16,7 @@ import torch
 import zerograph
 from tests import _harness, _models
 from zerograph.runtime.errors import RankFailureError, is_collective_failure
-from tests._harness import spawn
-from zerograph.runtime.launch import RankFailed
+from zerograph.runtime.launch import RankFailed, spawn
 
 TIMEOUT_S = 10.0  # zerograph.collective_timeout_s in these runs
 

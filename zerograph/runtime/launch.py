@@ -22,8 +22,13 @@ import torch
 import torch.multiprocessing as mp
 
 
-# How ranks start: a new interpreter each, or forked from a server that imported torch once.
-START_METHODS = ("spawn", "forkserver")
+# How ranks start: forked from a server that imported torch once (where the
+# platform has it; Python 3.14's default on Linux), or a new interpreter each.
+START_METHODS = ("forkserver", "spawn")
+
+
+def default_start_method() -> str:
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
 class RankFailed(RuntimeError):
@@ -76,7 +81,7 @@ def spawn(
     timeout: float = 300.0,
     backend: str | None = None,
     raise_on_failure: bool = True,
-    start_method: str = "spawn",
+    start_method: str | None = None,
 ) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` fresh local processes; return each rank's result.
 
@@ -86,13 +91,17 @@ def spawn(
     ``rank``, ``exitcode`` and the rank's traceback text), and spawn waits
     for the remaining ranks (fault-injection tests use this).
 
-    ``start_method="forkserver"`` forks each rank from a server process that
-    imported the modules named by ``multiprocessing.set_forkserver_preload``
-    once (by default the caller's ``__main__``), instead of starting a new
-    interpreter that imports torch again (seconds of CPU per rank); the ranks
-    see the caller's ``os.environ`` as spawned ones do."""
+    The ranks fork from a server process (``start_method="forkserver"``, the
+    default where the platform has it) that imported the modules named by
+    ``multiprocessing.set_forkserver_preload`` once (by default the caller's
+    ``__main__``), instead of each starting a new interpreter that imports
+    torch again (seconds of CPU per rank); they see the caller's
+    ``os.environ`` as spawned ones do. ``start_method="spawn"`` starts new
+    interpreters (what the environment sets at process start, e.g. glibc's
+    ``MALLOC_*``, then applies)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    start_method = start_method or default_start_method()
     if start_method not in START_METHODS:
         raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
     backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo")
