@@ -82,7 +82,13 @@ _EMBEDDINGS = {"gpt_v98": ("wte.weight", 30), "hf_gpt2_v98": ("transformer.wte.w
 
 
 @pytest.mark.timeout(_harness.TIMEOUT + 30)
-@pytest.mark.parametrize("model_name", ["gpt_v98", "hf_gpt2_v98", "llama_v98"])
+@pytest.mark.parametrize("model_name", [
+    "gpt_v98",
+    # nightly: CI trains Hugging Face GPT-2 at tp=2 (test_tensor_parallel) and the vocab-parallel
+    # Hugging Face loss with Llama's untied head (Megatron-SP test below)
+    pytest.param("hf_gpt2_v98", marks=pytest.mark.slow),
+    pytest.param("llama_v98", marks=pytest.mark.slow),
+])
 def test_vocab_parallel_tp2_matches_eager(model_name):
     """zerograph's GPT and Hugging Face GPT-2 (heads tied to the embedding),
     Llama (untied head): the loss (Hugging Face's ForCausalLMLoss: labels
