@@ -252,7 +252,7 @@ class RankPool:
         return bool(self.procs) and all(p.is_alive() for p in self.procs)
 
     def _start(self, deadline: float) -> None:
-        ctx = mp.get_context(default_start_method())  # forkserver where the platform has it, as launch.spawn
+        ctx = mp.get_context(default_start_method())  # as launch.spawn (the tests set forkserver: conftest.py)
         self.results = ctx.Queue()
         self.commands = [ctx.SimpleQueue() for _ in range(self.world)]
         port = free_port()

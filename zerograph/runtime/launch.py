@@ -22,13 +22,18 @@ import torch
 import torch.multiprocessing as mp
 
 
-# How ranks start: forked from a server that imported torch once (where the
-# platform has it; Python 3.14's default on Linux), or a new interpreter each.
-START_METHODS = ("forkserver", "spawn")
+# How ranks start: a new interpreter each, or forked from a server that imported torch once.
+START_METHODS = ("spawn", "forkserver")
+# Environment variable naming spawn's default start method (the tests set forkserver).
+START_METHOD_ENV = "ZEROGRAPH_START_METHOD"
 
 
 def default_start_method() -> str:
-    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    """``$ZEROGRAPH_START_METHOD`` if set, else ``"spawn"``."""
+    method = os.environ.get(START_METHOD_ENV) or "spawn"
+    if method not in START_METHODS:
+        raise ValueError(f"{START_METHOD_ENV}={method!r}: must be one of {START_METHODS}")
+    return method
 
 
 class RankFailed(RuntimeError):
@@ -91,14 +96,13 @@ def spawn(
     ``rank``, ``exitcode`` and the rank's traceback text), and spawn waits
     for the remaining ranks (fault-injection tests use this).
 
-    The ranks fork from a server process (``start_method="forkserver"``, the
-    default where the platform has it) that imported the modules named by
+    ``start_method``: ``"spawn"`` (the default, or ``$ZEROGRAPH_START_METHOD``)
+    starts a new interpreter per rank. ``"forkserver"`` forks each rank from a
+    server process that imported the modules named by
     ``multiprocessing.set_forkserver_preload`` once (by default the caller's
-    ``__main__``), instead of each starting a new interpreter that imports
-    torch again (seconds of CPU per rank); they see the caller's
-    ``os.environ`` as spawned ones do. ``start_method="spawn"`` starts new
-    interpreters (what the environment sets at process start, e.g. glibc's
-    ``MALLOC_*``, then applies)."""
+    ``__main__``) instead of importing torch again in each (seconds of CPU per
+    rank); the ranks see the caller's ``os.environ`` as spawned ones do, but
+    what only takes effect at process start (glibc's ``MALLOC_*``) does not."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     start_method = start_method or default_start_method()
