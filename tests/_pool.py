@@ -52,7 +52,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from zerograph.runtime.launch import RankFailed, default_start_method, free_port
+from zerograph.runtime.launch import RankFailed, free_port
 
 log = logging.getLogger("tests.pool")
 
@@ -189,9 +189,7 @@ def _freeze_survivors() -> None:
     gc.freeze()
 
 
-def _rank_main(rank: int, world: int, port: int, commands, results, environ: dict[str, str]) -> None:
-    os.environ.clear()  # the test process's environment, as a spawned rank would inherit it
-    os.environ.update(environ)
+def _rank_main(rank: int, world: int, port: int, commands, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -252,12 +250,13 @@ class RankPool:
         return bool(self.procs) and all(p.is_alive() for p in self.procs)
 
     def _start(self, deadline: float) -> None:
-        ctx = mp.get_context(default_start_method())  # as launch.spawn (the tests set forkserver: conftest.py)
+        # New interpreters, not forkserver children (docs/testing.md): a pool's ranks live for
+        # many bodies, and its ~10 starts per session cost little next to spawn()'s ~100 ranks.
+        ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.SimpleQueue() for _ in range(self.world)]
         port = free_port()
-        self.procs = [ctx.Process(target=_rank_main, args=(r, self.world, port, self.commands[r], self.results,
-                                                                     dict(os.environ)),
+        self.procs = [ctx.Process(target=_rank_main, args=(r, self.world, port, self.commands[r], self.results),
                                   daemon=True, name=f"pool-{self.world}-rank{r}") for r in range(self.world)]
         for p in self.procs:
             p.start()
