@@ -250,8 +250,9 @@ class RankPool:
         return bool(self.procs) and all(p.is_alive() for p in self.procs)
 
     def _start(self, deadline: float) -> None:
-        # New interpreters, not forkserver children (docs/testing.md): a pool's ranks live for
-        # many bodies, and its ~10 starts per session cost little next to spawn()'s ~100 ranks.
+        # New interpreters, not forkserver children: one forked pool rank (alive for many bodies)
+        # died of a glibc heap-corruption abort, cause unknown (docs/testing.md). Forking the pool's
+        # ~10 starts per session would save about 45 s of CI.
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.SimpleQueue() for _ in range(self.world)]

@@ -41,7 +41,6 @@ def test_stages_match_eager(model_name, world):
             _harness.assert_same_training(result, ref_losses, ref_params)
         except AssertionError as exc:
             raise AssertionError(f"stage {stage}, world {world}, {model_name}: {exc}") from None
-    # every rank ends with the same full parameters
     _harness.assert_ranks_agree(results)  # every rank ends with the same full parameters
 
 
