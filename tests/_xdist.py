@@ -1,39 +1,48 @@
 """Running the suite in several pytest-xdist workers (``-n``, set in pyproject's addopts).
 
-A world-2 test keeps both cores of a 2-core machine busy only part of the time:
-the test process traces and compares alone, a fault test waits out a timeout,
-a subprocess starts. Two workers fill those gaps. Each worker is an ordinary
-pytest process with its own rank pools (tests/_pool.py) on its own ports and
-process-group stores, its own ``tmp_path`` folder and its own reference-run
-cache, so the tests need nothing else from each other, except:
+A world-2 test keeps both cores of a 2-core machine busy only part of the
+time: the test process traces and compares alone, a fault test waits out a
+timeout, a subprocess starts. Two workers fill those gaps. Each worker is an
+ordinary pytest process with its own rank pools (tests/_pool.py) on its own
+ports and process-group stores, its own ``tmp_path`` folder and its own
+reference-run cache, so the tests need nothing else from each other, except
+what the scheduler below (``--dist loadgroup``, pyproject's addopts) keeps apart:
 
-- ``@pytest.mark.alone``: a test whose assertions bound wall-clock time
-  (a rank declared dead within the documented margin after a timeout) runs
-  while no other worker runs a test: a readers-writer lock on a file shared by
-  the session's workers (every test holds it shared; an ``alone`` test
-  exclusively, and once it waits, no new test starts beside it). Every
-  nightly (``slow``) test is ``alone`` too: world 8 and large models, two at a
-  time, would not fit the memory of a CI machine; ``-m slow`` runs in one
-  process (``-n auto`` gives no workers for it).
-- ``@pytest.mark.xdist_group(name)`` (``--dist loadgroup``): the tests of a
-  module whose module-scoped fixture trains or saves once for several tests run
-  in one worker, so that fixture runs once.
+- ``@pytest.mark.timing``: a test whose assertions bound wall-clock time on
+  both sides (a hung or frozen rank reported after ``collective_timeout_s``
+  and within the documented margin). These tests run first, spread over the
+  workers, beside each other only: what they time is waiting (a collective's
+  timeout, a heartbeat watch), not computing, and no other test starts until
+  the last of them has ended.
+- ``@pytest.mark.alone``: the test runs while no other worker runs a test.
+  Every nightly (``slow``) test is ``alone``: world 8 and large models, two at
+  a time, would not fit the memory of a CI machine (``-m slow`` runs in one
+  process anyway: ``-n auto`` gives no workers for it).
+- ``@pytest.mark.xdist_group(name)``: the tests of a module whose
+  module-scoped fixture trains or saves once for several tests run in one
+  worker, so that fixture runs once.
 
-Without xdist (``-p no:xdist``, ``-n 0``) all of this does nothing.
+The scheduler is xdist's ``loadgroup`` with those two rules; workers mark the
+``timing`` and ``alone`` tests by a group of their own each (the controller
+sees only node ids). Under another ``--dist`` mode the rules do not apply (a
+warning says so). Without xdist (``-p no:xdist``, ``-n 0``) all of this does nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import logging
 import os
 
 import pytest
+
+log = logging.getLogger("tests.xdist")
 
 # A worker holds up to tests/_pool.py's MAX_LIVE_RANKS ranks (~0.5-1 GiB each)
 # and its own test process (~1-2 GiB): about 8 GiB at most.
 _GIB_PER_WORKER = 8
 _MAX_WORKERS = 4
+# the xdist_group of a `timing` / `alone` test: this prefix, then the test's index
+_TIMING, _ALONE = "zerograph-timing-", "zerograph-alone-"
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -58,48 +67,108 @@ def threads_per_worker() -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup hook turns xdist_group marks into node ids
 def collection_modifyitems(config, items) -> None:
-    """Every nightly (``slow``) test runs alone (see the module docstring)."""
-    for item in items:
+    """Every nightly (``slow``) test runs ``alone``; a ``timing`` or ``alone``
+    test gets a group of its own, which names its kind to the scheduler."""
+    for index, item in enumerate(items):
         if item.get_closest_marker("slow") is not None and item.get_closest_marker("alone") is None:
             item.add_marker(pytest.mark.alone)
+        for marker, prefix in (("alone", _ALONE), ("timing", _TIMING)):
+            if item.get_closest_marker(marker) is not None:
+                if item.get_closest_marker("xdist_group") is not None:
+                    raise pytest.UsageError(f"{item.nodeid}: a `{marker}` test cannot also be in an xdist_group")
+                item.add_marker(pytest.mark.xdist_group(f"{prefix}{index}"))
+                break
 
 
-@contextlib.contextmanager
-def _flock(path, mode):
-    with open(path, "a+") as f:
-        fcntl.flock(f, mode)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _kind(scope: str) -> str:
+    return "timing" if scope.startswith(_TIMING) else "alone" if scope.startswith(_ALONE) else "other"
 
 
-@contextlib.contextmanager
-def turn(node, tmp_path_factory):
-    """Hold this test's turn: shared, or exclusive for an ``alone`` test.
+@pytest.hookimpl(optionalhook=True)
+def make_scheduler(config, log):
+    """``--dist loadgroup`` with the ``timing`` and ``alone`` rules (module docstring)."""
+    dist = config.getoption("dist", "no")
+    if dist != "loadgroup":
+        if dist != "no":
+            log_ = logging.getLogger("tests.xdist")
+            log_.warning("--dist %s: `timing` and `alone` tests may run beside others (--dist loadgroup keeps "
+                         "them apart: tests/_xdist.py)", dist)
+        return None
+    from xdist.scheduler import LoadGroupScheduling
 
-    Two files: ``gate`` (taken exclusively by an ``alone`` test while it waits
-    and runs, briefly shared by every other test on its way in) and ``run``
-    (shared by every running test, exclusive for an ``alone`` one). A waiting
-    ``alone`` test holds the gate, so tests that come after it wait instead of
-    overtaking it."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    folder = tmp_path_factory.getbasetemp().parent  # shared by this session's workers
-    gate, run = folder / "zerograph-xdist.gate", folder / "zerograph-xdist.run"
-    if node.get_closest_marker("alone") is not None:
-        with _flock(gate, fcntl.LOCK_EX), _flock(run, fcntl.LOCK_EX):
-            yield
-        return
-    with _flock(gate, fcntl.LOCK_SH):
-        held = _flock(run, fcntl.LOCK_SH)
-        held.__enter__()
-    try:
-        yield
-    finally:
-        held.__exit__(None, None, None)
+    class Scheduling(LoadGroupScheduling):
+        """xdist's loadgroup, with the ``timing`` units moved to the front of
+        the queue and every hand-out checked against the rules.
+
+        An xdist worker runs a test only once it has been sent the next one (or
+        told to stop): it needs the next item to tear down fixtures. So every
+        test sent to a worker starts when the following test (or the stop) is
+        sent; the last one waits ("parked"). Sending a worker more work, or
+        stopping it, releases its parked test, and is allowed only if what it
+        releases may run now:
+
+        - a ``timing`` test while no other kind of test is released anywhere;
+        - an ``alone`` test while nothing else is released anywhere;
+        - any other test while no ``timing`` or ``alone`` test is sent and unfinished anywhere
+          (so a waiting ``alone`` test is not overtaken).
+        Each finished test lets every worker ask again."""
+
+        _ordered = False
+
+        def _released_and_parked(self, node) -> tuple[list[str], str | None]:
+            kinds = [_kind(scope) for scope, unit in self.assigned_work.get(node, {}).items()
+                     for done in unit.values() if not done]
+            if node.shutting_down or not kinds:
+                return kinds, None
+            return kinds[:-1], kinds[-1]
+
+        def _allowed(self, releasing: list[str]) -> bool:
+            released, sent = set(), set()
+            for node in self.nodes:
+                r, parked = self._released_and_parked(node)
+                released.update(r)
+                sent.update(r + ([parked] if parked else []))
+            for kind in releasing:
+                if kind == "timing" and released - {"timing"}:
+                    return False
+                if kind == "alone" and released:
+                    return False
+                if kind == "other" and sent & {"timing", "alone"}:
+                    return False
+            return True
+
+        def _assign_work_unit(self, node) -> None:
+            if not self._ordered:  # the queue is complete at the first hand-out
+                self._ordered = True
+                for scope in reversed([s for s in self.workqueue if _kind(s) == "timing"]):
+                    self.workqueue.move_to_end(scope, last=False)
+            scope, unit = next(iter(self.workqueue.items()))
+            _, parked = self._released_and_parked(node)
+            # sending `unit` releases the parked test and every test of `unit` but its last
+            releasing = [parked] * (parked is not None) + [_kind(scope)] * (len(unit) - 1)
+            if self._allowed(releasing):
+                super()._assign_work_unit(node)
+
+        def _reschedule(self, node) -> None:
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                _, parked = self._released_and_parked(node)
+                if parked is None or self._allowed([parked]):  # stopping releases the parked test
+                    node.shutdown()
+                return
+            if self._pending_of(self.assigned_work[node]) <= 2:  # loadgroup's heuristic
+                self._assign_work_unit(node)
+
+        def mark_test_complete(self, node, item_index: int, duration: float = 0) -> None:
+            super().mark_test_complete(node, item_index, duration)
+            for other in self.nodes:  # a worker held back may go on now
+                if other is not node:
+                    self._reschedule(other)
+
+    return Scheduling(config, log)
 
 
 # -- the rank pools' summary line, from each worker to the terminal ------------------

@@ -37,18 +37,11 @@ pytest_xdist_auto_num_workers = _xdist.auto_num_workers
 pytest_collection_modifyitems = _xdist.collection_modifyitems
 pytest_sessionfinish = _xdist.sessionfinish
 pytest_testnodedown = _xdist.testnodedown
+pytest_xdist_make_scheduler = _xdist.make_scheduler
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one of several test processes on this machine: a fair share of its cores
     torch.set_num_threads(_xdist.threads_per_worker())
-
-
-@pytest.fixture(autouse=True)
-def _alone_under_xdist(request, tmp_path_factory):
-    """Under pytest-xdist: a test marked ``alone`` runs while no other worker
-    runs a test (its assertions bound wall-clock time); see tests/_xdist.py."""
-    with _xdist.turn(request.node, tmp_path_factory):
-        yield
 
 
 @pytest.fixture(autouse=True)

@@ -87,7 +87,7 @@ def _freeze_run(victim: int, how: str, workdir: str):
     return {"finished": True}
 
 
-@pytest.mark.alone  # bounds the time to the error on both sides: no other test beside it under xdist
+@pytest.mark.timing  # bounds the time to the error on both sides (tests/_xdist.py)
 @pytest.mark.timeout(130)
 @pytest.mark.parametrize("victim, how", [
     (0, "freeze"),  # the store's host: the dead-rank check's store calls must not block
@@ -222,7 +222,7 @@ def _disagreeing_run(workdir: str):
     return out
 
 
-@pytest.mark.alone  # bounds the lone compile's time to the error on both sides (see above)
+@pytest.mark.timing  # bounds the lone compile's time to the error on both sides (see above)
 @pytest.mark.timeout(150)
 def test_ranks_that_disagree_raise_naming_the_rank_and_the_difference(tmp_path):
     results = spawn(_disagreeing_run, 2, str(tmp_path), timeout=140, raise_on_failure=False)

@@ -127,7 +127,7 @@ def test_dead_rank_at_world_size_4_is_named_by_every_survivor(tmp_path):
     _check_survivors(results, 2, "backward", str(tmp_path), 4)
 
 
-@pytest.mark.alone  # bounds the time to the error on both sides: no other test beside it under xdist
+@pytest.mark.timing  # bounds the time to the error on both sides (tests/_xdist.py)
 @pytest.mark.timeout(60)
 def test_hung_rank_times_out_at_the_configured_timeout(tmp_path):
     """Rank 1 stops (sleeps) in step 3 without dying: rank 0's collective
@@ -206,7 +206,7 @@ def test_dead_rank_outside_compiled_graphs_is_named(tmp_path, where, phase):
     assert res["at"] - died_at < TIMEOUT_S, res["at"] - died_at  # within the configured timeout, never a hang
 
 
-@pytest.mark.alone  # bounds the time to the error on both sides: no other test beside it under xdist
+@pytest.mark.timing  # bounds the time to the error on both sides (tests/_xdist.py)
 @pytest.mark.timeout(60)
 def test_hung_rank_in_save_checkpoint_times_out_at_the_configured_timeout(tmp_path):
     """Rank 1 freezes instead of saving: rank 0's checkpoint collectives
@@ -306,8 +306,8 @@ def _pipeline_crash_run(workdir: str, timeout_s: float, freeze_s: float):
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("freeze_s", [
     pytest.param(0.0, id="dead"),
-    # bounds the time to the error on both sides: no other test beside it under xdist
-    pytest.param(30.0, id="hung", marks=pytest.mark.alone),
+    # bounds the time to the error on both sides (tests/_xdist.py)
+    pytest.param(30.0, id="hung", marks=pytest.mark.timing),
 ])
 def test_dead_or_hung_pipeline_stage_is_named_within_the_timeout(tmp_path, freeze_s):
     """A stage's receive from a dead rank raises RankFailureError naming it;
