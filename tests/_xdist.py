@@ -67,18 +67,26 @@ def threads_per_worker() -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup hook turns xdist_group marks into node ids
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselected, and after xdist's own loadgroup suffixes
 def collection_modifyitems(config, items) -> None:
-    """Every nightly (``slow``) test runs ``alone``; a ``timing`` or ``alone``
-    test gets a group of its own, which names its kind to the scheduler."""
+    """Every nightly (``slow``) test runs ``alone``. In an xdist worker under
+    ``--dist loadgroup``, each selected ``timing`` or ``alone`` test gets a
+    group of its own, which names its kind to the scheduler: the suffix
+    ``@zerograph-timing-N`` on its node id, as xdist writes ``xdist_group``
+    names (pytest < 9 keeps a node id in ``_nodeid``); one in an
+    ``xdist_group`` gets the group's name with the prefix."""
+    grouping = hasattr(config, "workerinput") and config.getvalue("loadgroup")
     for index, item in enumerate(items):
         if item.get_closest_marker("slow") is not None and item.get_closest_marker("alone") is None:
             item.add_marker(pytest.mark.alone)
+        if not grouping:
+            continue
         for marker, prefix in (("alone", _ALONE), ("timing", _TIMING)):
             if item.get_closest_marker(marker) is not None:
-                if item.get_closest_marker("xdist_group") is not None:
-                    raise pytest.UsageError(f"{item.nodeid}: a `{marker}` test cannot also be in an xdist_group")
-                item.add_marker(pytest.mark.xdist_group(f"{prefix}{index}"))
+                nodeid, group = item.nodeid, str(index)
+                if nodeid.rfind("@") > nodeid.rfind("]"):  # in an xdist_group: its tests of this kind stay together
+                    nodeid, group = nodeid.rsplit("@", 1)
+                item._nodeid = f"{nodeid}@{prefix}{group}"
                 break
 
 
