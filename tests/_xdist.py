@@ -113,15 +113,22 @@ def make_scheduler(config, log):
         An xdist worker runs a test only once it has been sent the next one (or
         told to stop): it needs the next item to tear down fixtures. So every
         test sent to a worker starts when the following test (or the stop) is
-        sent; the last one waits ("parked"). Sending a worker more work, or
-        stopping it, releases its parked test, and is allowed only if what it
-        releases may run now:
+        sent; the last one waits ("parked"). Sending a worker a unit releases its
+        parked test and every test of the unit but its last; stopping it releases
+        the parked test. A worker runs what it was released in order, so only
+        the other workers matter; a release is allowed when, on every other worker:
 
-        - a ``timing`` test while no other kind of test is released anywhere;
-        - an ``alone`` test while nothing else is released anywhere;
-        - any other test while no ``timing`` or ``alone`` test is sent and unfinished anywhere
-          (so a waiting ``alone`` test is not overtaken).
-        Each finished test lets every worker ask again."""
+        - for a ``timing`` test: no test of another kind is released;
+        - for an ``alone`` test: no test is released;
+        - for any other test: no ``timing`` or ``alone`` test is sent and unfinished
+          (so a waiting one is not overtaken).
+
+        When the queue's head is a group of several tests, a worker whose parked
+        test is ``timing`` or ``alone`` gets the first single test behind it
+        instead (it releases only the parked test). When no worker has a test
+        released, any hand-out is allowed (nothing can run beside it; waiting
+        would never end). Each finished test lets every other worker ask again,
+        then its own."""
 
         _ordered = False
 
@@ -132,12 +139,15 @@ def make_scheduler(config, log):
                 return kinds, None
             return kinds[:-1], kinds[-1]
 
-        def _allowed(self, releasing: list[str]) -> bool:
+        def _allowed(self, node, releasing: list[str]) -> bool:
+            states = [(other, *self._released_and_parked(other)) for other in self.nodes]
+            if not any(released for _, released, _ in states):
+                return True  # nothing runs anywhere
             released, sent = set(), set()
-            for node in self.nodes:
-                r, parked = self._released_and_parked(node)
-                released.update(r)
-                sent.update(r + ([parked] if parked else []))
+            for other, r, parked in states:
+                if other is not node:
+                    released.update(r)
+                    sent.update(r + [parked] * (parked is not None))
             for kind in releasing:
                 if kind == "timing" and released - {"timing"}:
                     return False
@@ -147,16 +157,28 @@ def make_scheduler(config, log):
                     return False
             return True
 
-        def _assign_work_unit(self, node) -> None:
+        def _next_unit(self, node) -> str | None:
+            """The unit to send ``node`` now, or None."""
             if not self._ordered:  # the queue is complete at the first hand-out
                 self._ordered = True
                 for scope in reversed([s for s in self.workqueue if _kind(s) == "timing"]):
                     self.workqueue.move_to_end(scope, last=False)
-            scope, unit = next(iter(self.workqueue.items()))
             _, parked = self._released_and_parked(node)
-            # sending `unit` releases the parked test and every test of `unit` but its last
-            releasing = [parked] * (parked is not None) + [_kind(scope)] * (len(unit) - 1)
-            if self._allowed(releasing):
+            head, unit = next(iter(self.workqueue.items()))
+            candidates = [head]
+            if _kind(head) == "other" and len(unit) > 1 and parked in ("timing", "alone"):
+                candidates.append(next((s for s, u in self.workqueue.items() if len(u) == 1 and _kind(s) == "other"),
+                                       head))
+            for scope in candidates[::-1]:
+                releasing = [parked] * (parked is not None) + [_kind(scope)] * (len(self.workqueue[scope]) - 1)
+                if self._allowed(node, releasing):
+                    return scope
+            return None
+
+        def _assign_work_unit(self, node) -> None:
+            scope = self._next_unit(node)
+            if scope is not None:
+                self.workqueue.move_to_end(scope, last=False)  # loadgroup sends the queue's first unit
                 super()._assign_work_unit(node)
 
         def _reschedule(self, node) -> None:
@@ -164,17 +186,19 @@ def make_scheduler(config, log):
                 return
             if not self.workqueue:
                 _, parked = self._released_and_parked(node)
-                if parked is None or self._allowed([parked]):  # stopping releases the parked test
+                if parked is None or self._allowed(node, [parked]):  # stopping releases the parked test
                     node.shutdown()
                 return
             if self._pending_of(self.assigned_work[node]) <= 2:  # loadgroup's heuristic
                 self._assign_work_unit(node)
 
         def mark_test_complete(self, node, item_index: int, duration: float = 0) -> None:
-            super().mark_test_complete(node, item_index, duration)
-            for other in self.nodes:  # a worker held back may go on now
+            nodeid = self.registered_collections[node][item_index]
+            self.assigned_work[node][self._split_scope(nodeid)][nodeid] = True
+            for other in self.nodes:  # the workers held back first (a waiting test is not overtaken), then this one
                 if other is not node:
                     self._reschedule(other)
+            self._reschedule(node)
 
     return Scheduling(config, log)
 

@@ -53,6 +53,12 @@ def test_lonely():
 @pytest.mark.parametrize("i", range(6))
 def test_other_after(i):
     time.sleep(0.2)
+
+# a group of several tests: first in loadgroup's queue after the timing tests
+@pytest.mark.xdist_group("trio")
+@pytest.mark.parametrize("i", range(3))
+def test_grouped(i):
+    time.sleep(0.2)
 """
 
 
@@ -74,9 +80,9 @@ def test_timing_tests_run_first_beside_each_other_and_alone_tests_beside_nothing
                                                timeout=90)  # a scheduler that deadlocks: killed, not orphaned
     finally:
         del os.environ["SPANS"]
-    result.assert_outcomes(passed=17)
+    result.assert_outcomes(passed=20)
     spans = {p.stem: json.loads(p.read_text()) for p in spans_dir.glob("*.json")}
-    assert len(spans) == 17, sorted(spans)
+    assert len(spans) == 20, sorted(spans)
     timing = [s for s in spans.values() if s["kind"] == "timing"]
     alone = [s for s in spans.values() if s["kind"] == "alone"]
     others = [s for s in spans.values() if s["kind"] == "other"]
