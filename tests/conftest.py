@@ -15,12 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# zerograph.runtime.launch.spawn's ranks fork from one server per test process
-# that imported these once, instead of each new interpreter importing torch,
-# zerograph and transformers again (~3 s of CPU per rank); the rank pool
-# (tests/_pool.py) starts new interpreters (docs/testing.md). The list takes
-# effect when the server starts, at the first rank. Subprocesses (doc
-# examples, the CLI) inherit the start method; their servers import their __main__.
+# zerograph.runtime.launch.spawn's ranks and the rank pool's (tests/_pool.py)
+# fork from one server per test process that imported these once, instead of
+# each new interpreter importing torch, zerograph and transformers again (~3-4 s
+# of CPU per rank; docs/testing.md). The list takes effect when the server
+# starts, at the first rank. Subprocesses (doc examples, the CLI) inherit the
+# start method; their servers import their __main__.
 os.environ.setdefault("ZEROGRAPH_START_METHOD", "forkserver")
 multiprocessing.set_forkserver_preload([
     "torch", "torch.distributed", "torch._dynamo", "zerograph", "zerograph.api", "transformers",

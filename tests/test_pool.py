@@ -85,6 +85,36 @@ def test_a_call_past_its_timeout_is_killed_and_the_pool_restarts():
     assert after[:2] == (0, 1) and after[2] != before
 
 
+def _abort_once(marker: str):
+    """Abort (SIGABRT, as glibc's heap checks do) unless ``marker`` exists; create it first."""
+    import sys
+
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.abort()
+    return " ".join(sys.orig_argv)
+
+
+def test_a_forked_rank_that_crashes_runs_the_call_again_in_new_interpreters_and_a_new_one_fails(tmp_path):
+    """A forked rank that dies of a signal: the call runs again once, in new
+    interpreters, and the pool stays on them (the summary says so); such a
+    crash in a new interpreter fails the call."""
+    import signal
+
+    pool = _pool.RankPool(1, start_method="forkserver")
+    try:
+        argv = pool.run(_abort_once, (str(tmp_path / "crashed"),), timeout=TIMEOUT)[0]
+        assert "spawn_main" in argv, argv  # the rerun ran in a new interpreter
+        assert pool.start_method == "spawn" and pool.starts == 2
+        assert pool.stops[-1] == (f"_abort_once: rank 0 (forked) died of signal {signal.SIGABRT}; "
+                                  "the call ran again in new interpreters"), pool.stops
+        with pytest.raises(RankFailed, match="rank 0 died with exit code -6") as info:
+            pool.run(_abort_once, (str(tmp_path / "crashed-again"),), timeout=TIMEOUT)
+        assert info.value.exitcode == -signal.SIGABRT
+    finally:
+        pool.close()
+
+
 def test_nothing_a_body_changes_reaches_the_next_body():
     key = "ZEROGRAPH_TEST_POOL_LEAK"
     before = _pool.run(_state, 2, key, timeout=TIMEOUT)
