@@ -35,7 +35,7 @@ import os
 
 import pytest
 
-log = logging.getLogger("tests.xdist")
+_log = logging.getLogger("tests.xdist")
 
 # A worker holds up to tests/_pool.py's MAX_LIVE_RANKS ranks (~0.5-1 GiB each)
 # and its own test process (~1-2 GiB): about 8 GiB at most.
@@ -100,8 +100,7 @@ def make_scheduler(config, log):
     dist = config.getoption("dist", "no")
     if dist != "loadgroup":
         if dist != "no":
-            log_ = logging.getLogger("tests.xdist")
-            log_.warning("--dist %s: `timing` and `alone` tests may run beside others (--dist loadgroup keeps "
+            _log.warning("--dist %s: `timing` and `alone` tests may run beside others (--dist loadgroup keeps "
                          "them apart: tests/_xdist.py)", dist)
         return None
     from xdist.scheduler import LoadGroupScheduling
