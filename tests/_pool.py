@@ -180,7 +180,10 @@ def _between_bodies(world_group) -> str:
             for r in range(dist.get_world_size()):
                 store.delete_key(f"{mark}/{r}")
     dist.barrier()
-    beating = [t.name for t in threading.enumerate() if t.name.startswith("zerograph-heartbeat")]
+    beating = [t for t in threading.enumerate() if t.name.startswith("zerograph-heartbeat")]
+    for thread in beating:  # a stopped monitor's thread may still be ending its last beat (RankMonitor.stop)
+        thread.join(timeout=2.0)
+    beating = [t.name for t in beating if t.is_alive()]
     if beating:
         return f"zerograph heartbeat threads still running after the body: {beating} (a model outlived its test)"
     if _rss_bytes() > MAX_RSS_BYTES:
