@@ -67,19 +67,16 @@ def _overlap(a, b) -> bool:
 
 
 @pytest.mark.timeout(120)
-def test_timing_tests_run_first_beside_each_other_and_alone_tests_beside_nothing(pytester, tmp_path):
+def test_timing_tests_run_first_beside_each_other_and_alone_tests_beside_nothing(pytester, tmp_path, monkeypatch):
     pytest.importorskip("xdist")
     pytester.makeconftest(_CONFTEST)
     pytester.makepyfile(test_sleepers=_TESTS)
     pytester.makeini("[pytest]\nmarkers =\n    timing: t\n    alone: a\n")
     spans_dir = tmp_path / "spans"
     spans_dir.mkdir()
-    os.environ["SPANS"] = str(spans_dir)  # the workers inherit it
-    try:
-        result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
-                                               timeout=90)  # a scheduler that deadlocks: killed, not orphaned
-    finally:
-        del os.environ["SPANS"]
+    monkeypatch.setenv("SPANS", str(spans_dir))  # the workers inherit it
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
+                                           timeout=90)  # a scheduler that deadlocks: killed, not orphaned
     result.assert_outcomes(passed=20)
     spans = {p.stem: json.loads(p.read_text()) for p in spans_dir.glob("*.json")}
     assert len(spans) == 20, sorted(spans)
